@@ -1,0 +1,1 @@
+"""The gateway: API dialects, sessions, rendering, engines, recording, metrics."""

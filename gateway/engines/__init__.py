@@ -1,0 +1,1 @@
+"""Inference engines behind the gateway (DESIGN section 3)."""

@@ -1,0 +1,144 @@
+"""The engine interface every backend implements (DESIGN section 3).
+
+An engine turns prompt token ids into a stream of sampled tokens. Each token carries the
+logprob under the distribution it was sampled from and the policy version whose weights
+produced it, so the gateway can record exactly what the policy did.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class TokenizerLike(Protocol):
+    """The part of a Hugging Face tokenizer the gateway relies on."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+    def convert_ids_to_tokens(self, ids: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one completion.
+
+    ``temperature == 0`` is greedy decoding. Otherwise tokens are drawn from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and then
+    to the smallest set whose mass reaches ``top_p`` (renormalised). The reported logprob of
+    every sampled token is its log-probability under exactly that distribution; for greedy
+    decoding, where the sampling distribution is a point mass, it is the logprob under the
+    untempered (temperature 1) distribution, as vLLM and SGLang report it.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """One generated token, as the engine produced it."""
+
+    token_id: int
+    logprob: float
+    version: int
+    # The text this token adds to the visible output. It can be "" while a multi-byte
+    # character or a possible stop string is still incomplete.
+    text: str
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation. ``matched_stop`` is the stop string or token id that ended it."""
+
+    reason: FinishReason
+    matched_stop: str | int | None = None
+    # Text held back while it could have been the start of a stop string, released at the end.
+    text: str = ""
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+GenerationEvent = SampledToken | Finished
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for /metrics and /readyz."""
+
+    waiting: int = 0
+    running: int = 0
+    cached_tokens: int = 0
+    cache_capacity_tokens: int = 0
+    policy_version: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class EngineError(Exception):
+    """The engine cannot serve a request for a reason that is not the client's fault."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit in the model's context window."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, but the prompt has "
+            f"{prompt_tokens} tokens. Shorten the conversation."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class Engine(abc.ABC):
+    """A backend that samples tokens for prompt ids."""
+
+    model_name: str
+    tokenizer: TokenizerLike
+    context_length: int
+
+    @abc.abstractmethod
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, cache_key: str | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        """Stream sampled tokens, then one ``Finished``.
+
+        ``cache_key`` names the session so its KV cache can be kept for the next call.
+        Closing the iterator early cancels the generation and frees its slot.
+        Raises ``PromptTooLong`` before generating if the prompt does not fit.
+        """
+
+    @abc.abstractmethod
+    async def prefill_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        """Logprob of every token after the first under the current policy (temperature 1)."""
+
+    @abc.abstractmethod
+    async def load_weights(self, state_dict_or_path: object, version: int) -> None:
+        """Swap in new weights between two decode steps; later tokens carry ``version``."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @property
+    @abc.abstractmethod
+    def healthy(self) -> bool: ...
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (the scheduler); called once by the app on startup."""
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work; in-flight generations finish with reason ``abort``."""

@@ -1,0 +1,446 @@
+"""The ``embedded`` engine: a transformers model served from the gateway process.
+
+The model's own transformers code runs every forward pass; only attention is swapped, through
+``AttentionInterface``, for a function that reads and writes this engine's KV buffers. That
+lets one forward pass carry a *flattened batch*: the new tokens of every scheduled sequence
+laid end to end as ``[1, total_tokens]``, each with its own positions and its own KV. A
+scheduler thread builds those batches continuously:
+
+    every step = one decode token for each running sequence
+               + a chunk of prompt tokens for sequences still prefilling (chunked prefill,
+                 so a long prompt never stalls the others' decoding)
+
+Weight-heavy matmuls are shared by the whole batch; attention is computed per sequence
+against its own cache. Weight swaps run between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .base import (
+    Engine,
+    EngineError,
+    EngineStats,
+    Finished,
+    GenerationEvent,
+    PromptTooLong,
+    SampledToken,
+    SamplingParams,
+)
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import KVLayout, PrefixCache, SequenceKV
+from .sampling import sample_token
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "arborl_kv"
+
+
+class EngineObserver(Protocol):
+    """Receives per-step figures (implemented by the gateway's metrics)."""
+
+    def observe_step(self, batch_size: int, new_tokens: int, seconds: float) -> None: ...
+    def observe_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
+    def observe_swap(self, version: int, seconds: float) -> None: ...
+
+
+@dataclass
+class _Segment:
+    """The tokens one sequence contributes to a flattened forward pass."""
+
+    kv: SequenceKV
+    start: int  # position of the first new token (= tokens already in the cache)
+    length: int
+
+
+def _flattened_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over a flattened batch; ``kwargs['arborl_segments']`` says whose tokens are where.
+
+    query: [1, heads, T, dim]; key/value: [1, kv_heads, T, dim] for the T new tokens.
+    Each segment's keys/values are written into its sequence's buffers, then its queries
+    attend causally to everything that sequence has cached.
+    """
+    segments: list[_Segment] = kwargs["arborl_segments"]
+    layer = module.layer_idx
+    outputs = []
+    offset = 0
+    for seg in segments:
+        q = query[:, :, offset : offset + seg.length]
+        seg.kv.write(layer, seg.start, key[:, :, offset : offset + seg.length], value[:, :, offset : offset + seg.length])
+        total = seg.start + seg.length
+        k, v = seg.kv.view(layer, total)
+        if seg.length == 1:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
+        elif seg.start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            mask = torch.ones(seg.length, total, dtype=torch.bool, device=q.device).tril(seg.start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        outputs.append(out)
+        offset += seg.length
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _flattened_attention)
+    # Masks are built per segment inside the attention function; skip the model's mask.
+    AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache_key: str | None
+    emit: Callable[[GenerationEvent], None]
+    max_new_tokens: int
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer
+    kv: SequenceKV | None = None
+    cached_prompt_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.kv is not None and self.kv.length < len(self.prompt_ids)
+
+    def next_input(self, budget: int) -> list[int]:
+        """The tokens to feed next: a prompt chunk, or the last sampled token."""
+        assert self.kv is not None
+        if self.prefilling:
+            return self.prompt_ids[self.kv.length : self.kv.length + budget]
+        return self.output_ids[-1:]
+
+
+@dataclass
+class _Command:
+    """Work run on the scheduler thread between steps (weight swaps, scoring)."""
+
+    run: Callable[[], object]
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class EmbeddedEngine(Engine):
+    """Serve a transformers causal LM on the CPU or one CUDA device."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        model_name: str | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        max_running: int = 16,
+        prefill_chunk: int = 512,
+        cache_capacity_tokens: int | None = None,
+        cache_memory_bytes: int = 2 << 30,
+        observer: EngineObserver | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _register_attention()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        model_dir = Path(model_dir)
+        self.model_name = model_name or model_dir.name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model.config._attn_implementation = ATTENTION_NAME
+        config = self.model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", 4096))
+        self.layout = KVLayout(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", config.num_attention_heads),
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            dtype=dtype,
+            device=self.device,
+        )
+        self.eos_token_ids = self._eos_ids()
+        capacity = cache_capacity_tokens or max(cache_memory_bytes // self.layout.bytes_per_token, 1)
+        self.prefix_cache = PrefixCache(capacity)
+        self.max_running = max_running
+        self.prefill_chunk = prefill_chunk
+        self.observer = observer
+        self.version = 0
+        self._inbox: queue.Queue[_Request | _Command | None] = queue.Queue()
+        self._waiting: list[_Request] = []
+        self._running: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._failed: BaseException | None = None
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.model.config, getattr(self.model, "generation_config", None)):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # -- public interface -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="arborl-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._failed is None and (self._thread is None or self._thread.is_alive())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            waiting=len(self._waiting) + self._inbox.qsize(),
+            running=len(self._running),
+            cached_tokens=self.prefix_cache.cached_tokens,
+            cache_capacity_tokens=self.prefix_cache.capacity_tokens,
+            policy_version=self.version,
+        )
+
+    def check_prompt(self, prompt_tokens: int) -> None:
+        if prompt_tokens < 1 or prompt_tokens >= self.context_length:
+            raise PromptTooLong(prompt_tokens, self.context_length)
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, cache_key: str | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        self.check_prompt(len(prompt_ids))
+        if not self.healthy:
+            raise EngineError(f"engine stopped: {self._failed!r}")
+        return self._stream(list(prompt_ids), params, cache_key)
+
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None
+    ) -> AsyncIterator[GenerationEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        request = _Request(
+            prompt_ids=prompt_ids,
+            params=params,
+            cache_key=cache_key,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            max_new_tokens=max(0, min(params.max_tokens, self.context_length - len(prompt_ids))),
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+        )
+        self._inbox.put(request)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise EngineError(str(event)) from event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            request.cancelled = True  # the scheduler frees the slot at its next step
+
+    async def prefill_logprobs(self, token_ids: Sequence[int]) -> list[float]:
+        ids = list(token_ids)
+        self.check_prompt(len(ids))
+        return await self._run_command(lambda: self._score(ids))
+
+    async def load_weights(self, state_dict_or_path: object, version: int) -> None:
+        if isinstance(state_dict_or_path, (str, Path)):
+            from safetensors.torch import load_file
+
+            folder = Path(state_dict_or_path)
+            state: dict[str, torch.Tensor] = {}
+            for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]:
+                state.update(load_file(str(file)))
+        else:
+            state = dict(state_dict_or_path)  # type: ignore[call-overload]
+        await self._run_command(lambda: self._swap(state, version))
+
+    async def _run_command(self, fn: Callable[[], object]):
+        command = _Command(fn)
+        if self._thread is None:  # not started (tests, offline scoring): run inline
+            return fn()
+        self._inbox.put(command)
+        return await asyncio.wrap_future(command.future)
+
+    # -- scheduler thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._admit(block=not (self._running or self._waiting)):
+                    self._step()
+        except BaseException as exc:  # noqa: BLE001 - report to every waiter, then stop
+            log.exception("engine scheduler failed")
+            self._failed = exc
+            for request in self._running + self._waiting:
+                request.emit(exc)
+
+    def _admit(self, block: bool) -> bool:
+        """Move new requests and commands off the inbox. False when asked to stop."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:
+                for request in self._running + self._waiting:
+                    self._finish(request, Finished("abort"))
+                return False
+            if isinstance(item, _Command):
+                try:
+                    item.future.set_result(item.run())
+                except Exception as exc:  # noqa: BLE001 - delivered to the caller
+                    item.future.set_exception(exc)
+            else:
+                self._waiting.append(item)
+
+    def _start_sequence(self, request: _Request) -> None:
+        """Give a waiting request its KV, reusing the longest cached prefix."""
+        request.kv = SequenceKV(self.layout, capacity=len(request.prompt_ids) + min(request.max_new_tokens, 256))
+        entry, hit = self.prefix_cache.lookup(request.prompt_ids, request.cache_key)
+        if entry is not None:
+            request.kv.copy_prefix_from(entry.kv, hit)
+            request.cached_prompt_tokens = hit
+        if self.observer:
+            self.observer.observe_prefix_lookup(len(request.prompt_ids), hit)
+
+    def _step(self) -> None:
+        for request in [r for r in self._running + self._waiting if r.cancelled and not r.done]:
+            self._finish(request, Finished("abort"))
+        self._running = [r for r in self._running if not r.done]
+        self._waiting = [r for r in self._waiting if not r.done]
+        while self._waiting and len(self._running) < self.max_running:
+            request = self._waiting.pop(0)
+            self._start_sequence(request)
+            self._running.append(request)
+        if not self._running:
+            return
+
+        batch: list[tuple[_Request, list[int]]] = []
+        prefill_budget = self.prefill_chunk
+        for request in self._running:
+            if request.prefilling:
+                if prefill_budget <= 0:
+                    continue
+                tokens = request.next_input(prefill_budget)
+                prefill_budget -= len(tokens)
+            else:
+                tokens = request.next_input(1)
+            batch.append((request, tokens))
+
+        started = time.perf_counter()
+        logits = self._forward(batch)
+        for (request, _), row in zip(batch, logits, strict=True):
+            if request.prefilling:
+                continue  # the prompt is not finished: nothing to sample yet
+            self._sample(request, row)
+        if self.observer:
+            new_tokens = sum(len(tokens) for _, tokens in batch)
+            self.observer.observe_step(len(batch), new_tokens, time.perf_counter() - started)
+
+    def _forward(self, batch: list[tuple[_Request, list[int]]]) -> torch.Tensor:
+        """One forward pass over the flattened batch; the logits at each sequence's last new token."""
+        segments, ids, positions, last = [], [], [], []
+        for request, tokens in batch:
+            kv = request.kv
+            assert kv is not None
+            kv.reserve(len(tokens))
+            segments.append(_Segment(kv, kv.length, len(tokens)))
+            ids.extend(tokens)
+            positions.extend(range(kv.length, kv.length + len(tokens)))
+            last.append(len(ids) - 1)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            position_ids=torch.tensor([positions], device=self.device),
+            logits_to_keep=torch.tensor(last, device=self.device),
+            use_cache=False,
+            arborl_segments=segments,
+        )
+        for segment in segments:
+            segment.kv.length += segment.length
+        return out.logits[0].float()
+
+    def _sample(self, request: _Request, logits: torch.Tensor) -> None:
+        params = request.params
+        if request.max_new_tokens == 0:
+            self._finish(request, Finished("length"))
+            return
+        token, logprob, top = sample_token(logits, params, request.generator)
+        request.output_ids.append(token)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if token in stop_ids:
+            request.emit(SampledToken(token, logprob, self.version, "", top))
+            self._finish(request, Finished("stop", matched_stop=token, text=request.detokenizer.flush()))
+            return
+        text = request.detokenizer.add(token)
+        request.emit(SampledToken(token, logprob, self.version, text, top))
+        if request.detokenizer.matched_stop is not None:
+            self._finish(request, Finished("stop", matched_stop=request.detokenizer.matched_stop))
+        elif len(request.output_ids) >= request.max_new_tokens:
+            self._finish(request, Finished("length", text=request.detokenizer.flush()))
+
+    def _finish(self, request: _Request, event: Finished) -> None:
+        if request.done:
+            return
+        request.done = True
+        if request.kv is not None and request.cache_key and event.reason != "abort":
+            self.prefix_cache.store(request.cache_key, request.prompt_ids + request.output_ids, request.kv)
+        request.emit(
+            Finished(
+                event.reason,
+                matched_stop=event.matched_stop,
+                text=event.text,
+                prompt_tokens=len(request.prompt_ids),
+                cached_prompt_tokens=request.cached_prompt_tokens,
+            )
+        )
+
+    def _score(self, ids: list[int]) -> list[float]:
+        kv = SequenceKV(self.layout, capacity=len(ids))
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.arange(len(ids), device=self.device)[None],
+                use_cache=False,
+                arborl_segments=[_Segment(kv, 0, len(ids))],
+            )
+        logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+        targets = torch.tensor(ids[1:], device=logprobs.device)
+        return logprobs.gather(1, targets[:, None])[:, 0].tolist()
+
+    def _swap(self, state: dict[str, torch.Tensor], version: int) -> None:
+        started = time.perf_counter()
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise EngineError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # KV computed by the old weights must not seed prompts of the new policy.
+        self.prefix_cache.clear()
+        self.version = version
+        if self.observer:
+            self.observer.observe_swap(version, time.perf_counter() - started)
+

@@ -1,0 +1,1 @@
+"""arborl.kernels (see DESIGN.md section 1)."""

@@ -1,0 +1,1 @@
+"""arborl.learner (see DESIGN.md section 1)."""

@@ -1,0 +1,1 @@
+"""The arborl CLI and configuration."""

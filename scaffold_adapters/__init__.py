@@ -1,0 +1,1 @@
+"""arborl.scaffold_adapters (see DESIGN.md section 1)."""
