@@ -377,8 +377,7 @@ class Qwen3Coder(_TaggedBlockParser):
             return None
         rest = m.group(2).rstrip()
         # The block already ends at </tool_call>, so a forgotten </function> loses nothing.
-        if rest.endswith(_FUNCTION_CLOSE):
-            rest = rest[: -len(_FUNCTION_CLOSE)]
+        rest = rest.removesuffix(_FUNCTION_CLOSE)
         arguments: dict[str, Any] = {}
         pos = 0
         while True:
@@ -414,10 +413,8 @@ class Qwen3Coder(_TaggedBlockParser):
 
 def _guess_value(raw: str) -> Any:
     """A Qwen3-Coder parameter value: one newline each side is layout, not value."""
-    if raw.startswith("\n"):
-        raw = raw[1:]
-    if raw.endswith("\n"):
-        raw = raw[:-1]
+    raw = raw.removeprefix("\n")
+    raw = raw.removesuffix("\n")
     try:
         value = _loads(raw)
     except ValueError:
@@ -509,7 +506,7 @@ class _Llama3Streamer(ToolCallStreamer):
         head = self._buf.lstrip()
         if not head or (len(head) < len(_PYTHON_TAG) and _PYTHON_TAG.startswith(head)):
             return []  # whitespace (dropped if a call follows) or a partial python tag
-        if head.startswith("{") or head.startswith(_PYTHON_TAG):
+        if head.startswith(("{", _PYTHON_TAG)):
             self._mode = "calls"
             return []
         self._mode = "text"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
-
 from arborl.gateway.reasoning import ReasoningStreamer, SplitText, split_reasoning
 
 
@@ -117,7 +117,7 @@ def _random_split(rng: random.Random, text: str) -> list[str]:
         return [text]
     cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, len(text) - 1)))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _stream(fragments: list[str], starts_in_reasoning: bool) -> tuple[str, str, bool]:

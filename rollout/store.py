@@ -1,0 +1,279 @@
+"""The trajectory store: sessions, calls and their tries in one SQLite file (WAL).
+
+Recording a call is one transaction: the trie nodes it adds or splits and the call row commit
+together, so after ``record_call`` returns the call survives a ``kill -9`` of the process
+(WAL with ``synchronous=NORMAL`` is durable against process crashes; pass
+``synchronous="FULL"`` to also survive a power cut, at an fsync per call).
+
+Token ids are stored as little-endian int32 blobs, logprobs as float32 blobs: compact, and
+cheap to turn back into arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .records import CallRecord, StoredCall
+from .trie import InsertResult, Trie, TrieNode
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    identified_by TEXT,
+    scaffold TEXT,
+    meta TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    id INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    parent_id INTEGER,
+    start INTEGER NOT NULL,
+    tokens BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nodes_by_session ON nodes(session_id);
+CREATE TABLE IF NOT EXISTS calls (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    dialect TEXT NOT NULL,
+    model TEXT,
+    status TEXT NOT NULL,
+    finish_reason TEXT,
+    node_id INTEGER NOT NULL,
+    prompt_len INTEGER NOT NULL,
+    completion_len INTEGER NOT NULL,
+    completion_logprobs BLOB NOT NULL,
+    completion_versions BLOB NOT NULL,
+    token_exact INTEGER NOT NULL,
+    stitched_from TEXT,
+    branch_reason TEXT,
+    messages TEXT,
+    response_message TEXT,
+    tools TEXT,
+    tool_calls TEXT,
+    request_body TEXT,
+    response_body TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    first_token_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS calls_by_session ON calls(session_id, seq);
+CREATE TABLE IF NOT EXISTS session_keys (
+    key_hash TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def _ids_blob(ids: list[int]) -> bytes:
+    return array("i", ids).tobytes()
+
+
+def _blob_ids(blob: bytes) -> list[int]:
+    out = array("i")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+def _floats_blob(values: list[float]) -> bytes:
+    return array("f", values).tobytes()
+
+
+def _blob_floats(blob: bytes) -> list[float]:
+    out = array("f")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+def _key_hash(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class TrajectoryStore:
+    """One run's store. Safe to share between threads; one writer process at a time."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._tries: dict[str, Trie] = {}
+        self._next_seq: dict[str, int] = {}
+        row = self._db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(LENGTH(tokens)), 0) FROM nodes")
+        max_id, self.total_nodes, token_bytes = row.fetchone()
+        self.total_tokens = token_bytes // 4
+        self._node_ids = iter(range(max_id + 1, 1 << 62))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def ensure_session(self, session_id: str, *, identified_by: str = "", scaffold: str | None = None) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO sessions(id, created_at, identified_by, scaffold) VALUES (?, ?, ?, ?)",
+                (session_id, time.time(), identified_by, scaffold),
+            )
+
+    def sessions(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.id, s.created_at, s.identified_by, s.scaffold, COUNT(c.id) "
+                "FROM sessions s LEFT JOIN calls c ON c.session_id = s.id GROUP BY s.id ORDER BY s.created_at"
+            ).fetchall()
+        keys = ("id", "created_at", "identified_by", "scaffold", "calls")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def issue_session_key(self, session_id: str) -> str:
+        """A new API key that identifies ``session_id`` (for orchestrated rollouts)."""
+        key = "sk-arborl-" + secrets.token_urlsafe(24)
+        self.ensure_session(session_id, identified_by="session_key")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO session_keys(key_hash, session_id, created_at) VALUES (?, ?, ?)",
+                (_key_hash(key), session_id, time.time()),
+            )
+        return key
+
+    def session_for_key(self, api_key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT session_id FROM session_keys WHERE key_hash = ?", (_key_hash(api_key),)
+            ).fetchone()
+        return row[0] if row else None
+
+    # -- tries and calls ---------------------------------------------------------------------
+
+    def trie(self, session_id: str) -> Trie:
+        """The session's trie, loaded from disk the first time (so a restart continues it)."""
+        with self._lock:
+            trie = self._tries.get(session_id)
+            if trie is None:
+                rows = self._db.execute(
+                    "SELECT id, parent_id, start, tokens FROM nodes WHERE session_id = ? ORDER BY id",
+                    (session_id,),
+                ).fetchall()
+                nodes = [TrieNode(nid, parent, start, _blob_ids(blob)) for nid, parent, start, blob in rows]
+                trie = Trie(nodes, next_id=lambda: next(self._node_ids))
+                self._tries[session_id] = trie
+            return trie
+
+    def record_call(self, call: CallRecord) -> InsertResult:
+        """Insert the call's path into its session trie and store the call, durably."""
+        if len(call.completion_logprobs) != len(call.completion_ids) or len(call.completion_versions) != len(
+            call.completion_ids
+        ):
+            raise ValueError("completion ids, logprobs and versions must have the same length")
+        with self._lock:
+            self.ensure_session(call.session_id)
+            trie = self.trie(call.session_id)
+            inserted = trie.insert(call.prompt_ids + call.completion_ids)
+            seq = self._seq(call.session_id)
+            try:
+                with self._transaction() as db:
+                    db.executemany(
+                        "INSERT INTO nodes(id, session_id, parent_id, start, tokens) VALUES (?, ?, ?, ?, ?)",
+                        [(n.id, call.session_id, n.parent, n.start, _ids_blob(n.tokens)) for n in inserted.created],
+                    )
+                    db.executemany(
+                        "UPDATE nodes SET parent_id = ?, start = ?, tokens = ? WHERE id = ?",
+                        [(n.parent, n.start, _ids_blob(n.tokens), n.id) for n in inserted.changed],
+                    )
+                    db.execute(
+                        "INSERT INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            call.id, call.session_id, seq, call.dialect, call.model, call.status,
+                            call.finish_reason, inserted.leaf, len(call.prompt_ids), len(call.completion_ids),
+                            _floats_blob(call.completion_logprobs), _ids_blob(call.completion_versions),
+                            int(call.token_exact), call.stitched_from, call.branch_reason,
+                            json.dumps(call.messages), json.dumps(call.response_message),
+                            json.dumps(call.tools) if call.tools is not None else None,
+                            json.dumps(call.tool_calls) if call.tool_calls is not None else None,
+                            call.request_body, call.response_body, call.error,
+                            call.created_at, call.first_token_at, call.finished_at,
+                        ),
+                    )
+            except BaseException:
+                # The in-memory trie already changed: drop it so it is reloaded from what committed.
+                self._tries.pop(call.session_id, None)
+                self._next_seq.pop(call.session_id, None)
+                raise
+            self._next_seq[call.session_id] = seq + 1
+            self.total_nodes += len(inserted.created)
+            self.total_tokens += len(call.prompt_ids) + len(call.completion_ids) - inserted.shared
+            return inserted
+
+    def _seq(self, session_id: str) -> int:
+        if session_id not in self._next_seq:
+            row = self._db.execute("SELECT COALESCE(MAX(seq), -1) FROM calls WHERE session_id = ?", (session_id,))
+            self._next_seq[session_id] = row.fetchone()[0] + 1
+        return self._next_seq[session_id]
+
+    def calls(self, session_id: str) -> list[StoredCall]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, session_id, seq, dialect, status, finish_reason, node_id, prompt_len, completion_len, "
+                "completion_logprobs, completion_versions, messages, response_message, token_exact, "
+                "stitched_from, branch_reason, created_at, finished_at FROM calls WHERE session_id = ? ORDER BY seq",
+                (session_id,),
+            ).fetchall()
+        return [
+            StoredCall(
+                id=r[0], session_id=r[1], seq=r[2], dialect=r[3], status=r[4], finish_reason=r[5], node_id=r[6],
+                prompt_len=r[7], completion_len=r[8], completion_logprobs=_blob_floats(r[9]),
+                completion_versions=_blob_ids(r[10]), messages=json.loads(r[11] or "[]"),
+                response_message=json.loads(r[12]) if r[12] else None, token_exact=bool(r[13]),
+                stitched_from=r[14], branch_reason=r[15], created_at=r[16], finished_at=r[17],
+            )
+            for r in rows
+        ]
+
+    def call_tokens(self, call: StoredCall) -> tuple[list[int], list[int]]:
+        """The exact (prompt ids, completion ids) of a stored call, read from its trie path."""
+        path = self.trie(call.session_id).path(call.node_id)
+        assert len(path) == call.prompt_len + call.completion_len
+        return path[: call.prompt_len], path[call.prompt_len :]
+
+    def call_bodies(self, call_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT request_body, response_body, tools, tool_calls, error FROM calls WHERE id = ?", (call_id,)
+            ).fetchone()
+        if row is None:
+            raise KeyError(call_id)
+        return {
+            "request_body": row[0],
+            "response_body": row[1],
+            "tools": json.loads(row[2]) if row[2] else None,
+            "tool_calls": json.loads(row[3]) if row[3] else None,
+            "error": row[4],
+        }
