@@ -1,0 +1,237 @@
+"""The FastAPI application: routes, error handling, limits, metrics, lifecycle.
+
+``create_app(engine, store, settings)`` is the whole public surface; the CLI and the tests
+both build the gateway through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from arborl.rollout.store import TrajectoryStore
+
+from . import openai_chat
+from .completions import CompletionRequest, CompletionService
+from .engines.base import Engine, SamplingParams
+from .errors import GatewayError, ModelNotFound, PayloadTooLarge, Unauthorized
+from .metrics import GatewayMetrics
+from .rendering import ChatRenderer
+from .sessions import identify_session
+from .settings import GatewaySettings
+from .tool_parsers import get_parser
+
+log = logging.getLogger(__name__)
+
+
+def default_tool_parser(engine: Engine) -> str:
+    """The tool-call syntax a model family was trained on."""
+    model_type = getattr(getattr(getattr(engine, "model", None), "config", None), "model_type", "")
+    vocab = getattr(engine.tokenizer, "get_vocab", dict)()
+    if "coder" in engine.model_name.lower() and model_type.startswith("qwen3"):
+        return "qwen3_coder"
+    if "<|python_tag|>" in vocab:
+        return "llama3_json"
+    return "hermes"
+
+
+class Gateway:
+    """What the routes share: the engine, the store, rendering, metrics and settings."""
+
+    def __init__(self, engine: Engine, store: TrajectoryStore, settings: GatewaySettings):
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        if hasattr(engine, "observer"):
+            engine.observer = self.metrics  # type: ignore[attr-defined]
+        parser = get_parser(settings.tool_parser or default_tool_parser(engine))
+        self.renderer = ChatRenderer(engine.tokenizer, parser)
+        self.completions = CompletionService(engine, self.renderer, store, self.metrics)
+        self.model_names = {engine.model_name, *settings.model_aliases}
+
+    def api_key(self, request: Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip() or None
+        return request.headers.get("x-api-key") or None
+
+    def completion_request(self, request: Request, body: Any, *, dialect: str) -> CompletionRequest:
+        key = self.api_key(request)
+        if self.settings.api_keys and key not in self.settings.api_keys and not (
+            key and self.store.session_for_key(key)
+        ):
+            raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+        if body.model not in self.model_names:
+            raise ModelNotFound(
+                f"The model {body.model!r} does not exist; this gateway serves {sorted(self.model_names)}",
+                param="model",
+            )
+        raw = request.scope.get("arborl.raw_body", b"")
+        session = identify_session(
+            path_session=request.path_params.get("session_id"),
+            headers=request.headers,
+            api_key=key,
+            body=body.model_dump(include={"metadata", "client_metadata"}),
+            session_for_key=self.store.session_for_key,
+        )
+        return CompletionRequest(
+            session=session,
+            dialect=dialect,
+            model=body.model,
+            messages=[],
+            sampling=SamplingParams(),
+            request_body=raw.decode("utf-8", "replace"),
+        )
+
+    def refresh_gauges(self) -> None:
+        stats = self.engine.stats()
+        self.metrics.queue_depth.set(stats.waiting)
+        self.metrics.running.set(stats.running)
+        self.metrics.policy_version.set(stats.policy_version)
+        self.metrics.trie_nodes.set(self.store.total_nodes)
+        self.metrics.trie_tokens.set(self.store.total_tokens)
+
+
+class BodyLimit:
+    """Refuse bodies over the limit (413) and keep the raw bytes for the call record."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _too_large(self.max_bytes, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await _too_large(self.max_bytes, send)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        scope["arborl.raw_body"] = body
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    error = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    response = JSONResponse(error.openai_body(), status_code=error.status_code)
+    await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    gateway = Gateway(engine, store, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="arborl gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        location = ".".join(str(part) for part in first.get("loc", ())[1:])
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif location:
+            message = f"{location}: {message}"
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": location or None,
+                          "code": None}}
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        body = {"error": {"message": "internal error in arborl", "type": "server_error", "param": None,
+                          "code": None}}
+        return JSONResponse(body, status_code=500)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        gateway.metrics.requests.labels(name, str(response.status_code)).inc()
+        gateway.metrics.request_duration.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    app.include_router(openai_chat.router)
+    app.include_router(openai_chat.router, prefix="/s/{session_id}")
+
+    meta = APIRouter()
+
+    @meta.get("/v1/models", tags=["openai"])
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "arborl"}
+                for name in sorted(gateway.model_names)
+            ],
+        }
+
+    app.include_router(meta)
+    app.include_router(meta, prefix="/s/{session_id}")
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        stats = engine.stats()
+        ready = engine.healthy
+        return JSONResponse(
+            {"ready": ready, "model": engine.model_name, "policy_version": stats.policy_version,
+             "waiting": stats.waiting, "running": stats.running},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(gateway.refresh_gauges), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,175 @@
+"""Messages -> the model's chat template -> prompt text and ids (DESIGN section 3).
+
+Every dialect is first normalised to one chat form (``ChatMessage`` dicts below); this module
+turns that form into the prompt the model was trained on. When the model's template knows
+tools, it gets them natively. When it does not (SmolLM2's plain ChatML, for one), the tools are
+described in the system block in the Hermes style and earlier tool calls and results are
+written into the conversation the way the model's tool-call parser reads them.
+
+Normalised messages (plain dicts, JSON-serialisable, stored with every call):
+    {"role": "system" | "user" | "assistant" | "tool",
+     "content": str,
+     "tool_calls": [{"id": str, "name": str, "arguments": str}],   # assistant, optional
+     "reasoning": str,                                              # assistant, optional
+     "tool_call_id": str}                                           # tool
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from .engines.base import TokenizerLike
+from .tool_parsers import ToolCallParser
+
+ChatMessage = dict[str, Any]
+
+HERMES_TOOL_PROMPT = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return the call in this format:
+{example}"""
+
+# The start of an assistant turn that commits the model to a tool call (tool_choice
+# "required" / a named function): the text is put into the prompt, the model continues it.
+_FORCED_CALL_PREFIX = {
+    "hermes": ('<tool_call>\n{"name": "', '<tool_call>\n{{"name": "{name}", "arguments": '),
+    "qwen3_coder": ("<tool_call>\n<function=", "<tool_call>\n<function={name}>\n"),
+    "llama3_json": ('{"name": "', '{{"name": "{name}", "parameters": '),
+}
+
+_SENTINEL = "\x00arborl-turn-end\x00"
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    # Text already in the prompt that the model's output continues (a forced tool call, or an
+    # opened <think>); the parsers see it in front of the generated text.
+    forced_prefix: str = ""
+    starts_in_reasoning: bool = False
+
+
+class ChatRenderer:
+    def __init__(self, tokenizer: TokenizerLike, tool_parser: ToolCallParser):
+        self.tokenizer = tokenizer
+        self.tool_parser = tool_parser
+        template = getattr(tokenizer, "chat_template", None) or ""
+        if not template:
+            raise ValueError("the tokenizer has no chat template")
+        self.native_tools = "tools" in template
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def render(
+        self,
+        messages: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        tool_choice: str | dict[str, Any] | None = None,
+    ) -> RenderedPrompt:
+        """The prompt text for ``messages``; ``tools`` are OpenAI function schemas."""
+        if tool_choice == "none":
+            tools = None
+        if self.native_tools:
+            text = self._apply(self._native_messages(messages), tools, add_generation_prompt)
+        else:
+            text = self._apply(self._hermes_messages(messages, tools), None, add_generation_prompt)
+        forced = ""
+        if add_generation_prompt and tools:
+            forced = self._forced_prefix(tool_choice)
+        starts_in_reasoning = add_generation_prompt and text.rstrip().endswith("<think>")
+        return RenderedPrompt(text + forced, forced, starts_in_reasoning)
+
+    @cached_property
+    def turn_suffix(self) -> str:
+        """What the template writes after an assistant message's content (``<|im_end|>\\n``)."""
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+        text = self._apply(probe, None, add_generation_prompt=False)
+        return text[text.index(_SENTINEL) + len(_SENTINEL) :]
+
+    def _apply(self, messages: list[ChatMessage], tools, add_generation_prompt: bool) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            kwargs["tools"] = tools
+        return self.tokenizer.apply_chat_template(messages, **kwargs)  # type: ignore[attr-defined]
+
+    def _forced_prefix(self, tool_choice: str | dict[str, Any] | None) -> str:
+        required, named = _FORCED_CALL_PREFIX.get(self.tool_parser.name, _FORCED_CALL_PREFIX["hermes"])
+        if tool_choice == "required":
+            return required
+        if isinstance(tool_choice, dict):
+            return named.format(name=tool_choice["function"]["name"])
+        return ""
+
+    @staticmethod
+    def _native_messages(messages: list[ChatMessage]) -> list[ChatMessage]:
+        out = []
+        for message in messages:
+            item: dict[str, Any] = {"role": message["role"], "content": message.get("content", "")}
+            if message.get("tool_calls"):
+                item["tool_calls"] = [
+                    {
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": _arguments_object(call["arguments"])},
+                    }
+                    for call in message["tool_calls"]
+                ]
+            if message.get("reasoning"):
+                item["reasoning_content"] = message["reasoning"]
+            if message.get("tool_call_id"):
+                item["tool_call_id"] = message["tool_call_id"]
+            out.append(item)
+        return out
+
+    def _hermes_messages(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None) -> list[ChatMessage]:
+        """Tools described in the system block; calls and results written as the model writes them."""
+        out: list[ChatMessage] = []
+        for message in messages:
+            role, content = message["role"], message.get("content", "")
+            if role == "assistant" and message.get("tool_calls"):
+                calls = [
+                    self.tool_parser.format_call(call["name"], _arguments_object(call["arguments"]))
+                    for call in message["tool_calls"]
+                ]
+                content = "\n".join(([content] if content else []) + calls)
+                out.append({"role": "assistant", "content": content})
+            elif role == "tool":
+                response = f"<tool_response>\n{content}\n</tool_response>"
+                if out and out[-1]["role"] == "user" and out[-1].get("_tool_results"):
+                    out[-1]["content"] += "\n" + response
+                else:
+                    out.append({"role": "user", "content": response, "_tool_results": True})
+            else:
+                out.append({"role": role, "content": content})
+        if tools:
+            example = self.tool_parser.format_call("function_name", {"argument": "value"})
+            block = HERMES_TOOL_PROMPT.format(
+                tools="\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools), example=example
+            )
+            if out and out[0]["role"] == "system":
+                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + block}
+            else:
+                out.insert(0, {"role": "system", "content": block})
+        return [{k: v for k, v in m.items() if not k.startswith("_")} for m in out]
+
+
+def _arguments_object(arguments: str | dict[str, Any]) -> dict[str, Any] | str:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = json.loads(arguments)
+    except (TypeError, ValueError):
+        return arguments
+    return value if isinstance(value, dict) else arguments

@@ -1,0 +1,57 @@
+"""Which session a request belongs to (DESIGN section 2).
+
+In order: the ``/s/{session_id}/`` path prefix, the ``x-arborl-session`` header, an API key
+arborl issued for a session, the scaffold's own session id (Claude Code's
+``X-Claude-Code-Session-Id`` header, Codex's ``client_metadata.session_id``), and otherwise
+one anonymous session per API key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequest
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class SessionIdentity:
+    id: str
+    identified_by: str  # path | header | session_key | claude_code | codex | metadata | anonymous
+
+
+def _checked(session_id: str, where: str) -> str:
+    if not _VALID_ID.match(session_id):
+        raise InvalidRequest(
+            f"invalid session id in {where}: use 1-128 characters from A-Z a-z 0-9 . _ : -", param="session"
+        )
+    return session_id
+
+
+def identify_session(
+    *,
+    path_session: str | None,
+    headers: Mapping[str, str],
+    api_key: str | None,
+    body: Mapping[str, Any] | None,
+    session_for_key: Callable[[str], str | None],
+) -> SessionIdentity:
+    if path_session:
+        return SessionIdentity(_checked(path_session, "the path"), "path")
+    if header := headers.get("x-arborl-session"):
+        return SessionIdentity(_checked(header, "x-arborl-session"), "header")
+    if api_key and (keyed := session_for_key(api_key)):
+        return SessionIdentity(keyed, "session_key")
+    if header := headers.get("x-claude-code-session-id"):
+        return SessionIdentity("claude-" + _checked(header, "X-Claude-Code-Session-Id"), "claude_code")
+    for field, source in (("client_metadata", "codex"), ("metadata", "metadata")):
+        meta = (body or {}).get(field)
+        if isinstance(meta, Mapping) and isinstance(meta.get("session_id"), str):
+            return SessionIdentity(_checked(meta["session_id"], f"{field}.session_id"), source)
+    digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
+    return SessionIdentity(f"anon-{digest}", "anonymous")

@@ -1,0 +1,107 @@
+"""Shared fixtures: the tiny random model and a real gateway served on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from arborl.gateway.app import create_app
+from arborl.gateway.engines.embedded import EmbeddedEngine
+from arborl.gateway.engines.model_source import TINY_MODEL, resolve_model
+from arborl.gateway.settings import GatewaySettings
+from arborl.rollout.store import TrajectoryStore
+
+
+def pytest_collection_modifyitems(config, items):
+    import shutil
+
+    import torch
+
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        cli = item.get_closest_marker("e2e")
+        if cli and cli.args and shutil.which(cli.args[0]) is None:
+            item.add_marker(pytest.mark.skip(reason=f"{cli.args[0]} is not installed"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    return resolve_model(TINY_MODEL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveGateway:
+    url: str
+    store: TrajectoryStore
+    engine: EmbeddedEngine
+    app: object
+    run_dir: Path
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics").text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        return out
+
+
+class ServerThread:
+    """uvicorn serving an app from a background thread, on a free loopback port."""
+
+    def __init__(self, app, port: int | None = None):
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_gateway(model_dir: Path, run_dir: Path, **settings) -> tuple[ServerThread, LiveGateway]:
+    engine = EmbeddedEngine(model_dir, model_name="tiny")
+    store = TrajectoryStore(run_dir / "store.sqlite")
+    app = create_app(engine, store, GatewaySettings(**settings))
+    server = ServerThread(app)
+    return server, LiveGateway("", store, engine, app, run_dir)
+
+
+@pytest.fixture
+def gateway(tiny_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
+    server, live = start_gateway(tiny_model_dir, tmp_path)
+    with server as url:
+        live.url = url
+        yield live
+    live.store.close()
