@@ -16,7 +16,7 @@ import jsonschema
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .completions import CompletionRequest, CompletionResult, ReasoningDelta, TokenLogprob
+from .completions import CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
 from .errors import InvalidRequest
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
@@ -96,12 +96,11 @@ def validate_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     names = {tool.function.name for tool in body.tools}
     if len(names) != len(body.tools):
         raise InvalidRequest("tool names must be unique", param="tools")
-    if body.tool_choice is not None and not isinstance(body.tool_choice, str):
-        if body.tool_choice.function.name not in names:
-            raise InvalidRequest(
-                f"tool_choice names {body.tool_choice.function.name!r}, which is not among the tools",
-                param="tool_choice",
-            )
+    named = body.tool_choice if body.tool_choice is not None and not isinstance(body.tool_choice, str) else None
+    if named is not None and named.function.name not in names:
+        raise InvalidRequest(
+            f"tool_choice names {named.function.name!r}, which is not among the tools", param="tool_choice"
+        )
     return tools
 
 

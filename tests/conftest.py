@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import TINY_MODEL, resolve_model
@@ -101,6 +100,22 @@ def start_gateway(model_dir: Path, run_dir: Path, **settings) -> tuple[ServerThr
 @pytest.fixture
 def gateway(tiny_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
     server, live = start_gateway(tiny_model_dir, tmp_path)
+    with server as url:
+        live.url = url
+        yield live
+    live.store.close()
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    from tool_caller import train_tool_caller
+
+    return train_tool_caller(tiny_model_dir, tmp_path_factory.mktemp("tool-caller"))
+
+
+@pytest.fixture
+def tool_gateway(tool_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
+    server, live = start_gateway(tool_model_dir, tmp_path)
     with server as url:
         live.url = url
         yield live

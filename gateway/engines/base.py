@@ -137,8 +137,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool: ...
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
+    async def start(self) -> None:
         """Start background work (the scheduler); called once by the app on startup."""
 
-    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+    async def shutdown(self) -> None:
         """Stop background work; in-flight generations finish with reason ``abort``."""

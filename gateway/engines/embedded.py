@@ -292,7 +292,7 @@ class EmbeddedEngine(Engine):
             with torch.inference_mode():
                 while self._admit(block=not (self._running or self._waiting)):
                     self._step()
-        except BaseException as exc:  # noqa: BLE001 - report to every waiter, then stop
+        except BaseException as exc:
             log.exception("engine scheduler failed")
             self._failed = exc
             for request in self._running + self._waiting:

@@ -1,0 +1,158 @@
+"""The ``arborl`` command line.
+
+    arborl up                      serve the default model on 127.0.0.1:8000 and record into runs/default
+    arborl serve [--model M ...]   the same, with every engine and gateway setting as a flag
+    arborl trie list [--run DIR]   the sessions recorded in a run
+    arborl trie show SESSION       one session's prefix tree (--html FILE for a picture)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import ArborlConfig, load_config
+
+log = logging.getLogger("arborl")
+
+
+def _serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or TOML configuration file")
+    parser.add_argument("--run-dir", help="folder for the store and logs (default runs/default)")
+    parser.add_argument("--model", help="SmolLM2-135M-Instruct (default), tiny-random-llama, or a model folder")
+    parser.add_argument("--served-name", help="model name clients use (default: the model's name)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--max-running", type=int, help="sequences decoded together (default 16)")
+    parser.add_argument("--max-tokens-cap", type=int, help="cap on every request's max_tokens")
+    parser.add_argument("--tool-parser", choices=["hermes", "qwen3_coder", "llama3_json"])
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {
+        ("run_dir",): args.run_dir,
+        ("engine", "model"): args.model,
+        ("engine", "served_name"): args.served_name,
+        ("engine", "device"): args.device,
+        ("engine", "max_running"): args.max_running,
+        ("gateway", "host"): args.host,
+        ("gateway", "port"): args.port,
+        ("gateway", "max_tokens_cap"): args.max_tokens_cap,
+        ("gateway", "tool_parser"): args.tool_parser,
+    }
+    out: dict[str, Any] = {}
+    for path, value in pairs.items():
+        if value is None:
+            continue
+        target = out
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return out
+
+
+def serve(config: ArborlConfig) -> None:
+    import uvicorn
+    from arborl.gateway.app import create_app
+    from arborl.gateway.engines.embedded import EmbeddedEngine
+    from arborl.gateway.engines.model_source import resolve_model
+    from arborl.rollout.store import TrajectoryStore
+
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
+    model_dir = resolve_model(config.engine.model)
+    engine = EmbeddedEngine(
+        model_dir,
+        model_name=config.engine.served_name,
+        device=config.engine.device,
+        max_running=config.engine.max_running,
+        prefill_chunk=config.engine.prefill_chunk,
+        cache_memory_bytes=int(config.engine.cache_memory_gb * (1 << 30)),
+    )
+    store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+    (run_dir / "run.json").write_text(json.dumps({"model_dir": str(model_dir), "model": engine.model_name}))
+    app = create_app(engine, store, config.gateway)
+    host, port = config.gateway.host, config.gateway.port
+    print(
+        f"arborl: serving {engine.model_name!r} on http://{host}:{port}/v1 "
+        f"(device {engine.device}, context {engine.context_length}); recording into {run_dir}/store.sqlite",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def _open_store(run_dir: Path):
+    from arborl.rollout.store import TrajectoryStore
+
+    path = run_dir / "store.sqlite"
+    if not path.is_file():
+        raise SystemExit(f"arborl: no store at {path} (use --run DIR)")
+    return TrajectoryStore(path)
+
+
+def _tokenizer(run_dir: Path):
+    info = run_dir / "run.json"
+    if not info.is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(json.loads(info.read_text())["model_dir"])
+
+
+def trie_list(run_dir: Path) -> None:
+    store = _open_store(run_dir)
+    sessions = store.sessions()
+    if not sessions:
+        print("no sessions recorded yet")
+    for session in sessions:
+        print(f"{session['id']}\t{session['calls']} calls\tidentified by {session['identified_by'] or '-'}")
+
+
+def trie_show(run_dir: Path, session: str, html: Path | None, show_tokens: int) -> None:
+    from .trie_view import render_trie_html, render_trie_text
+
+    store = _open_store(run_dir)
+    tokenizer = _tokenizer(run_dir)
+    try:
+        if html is not None:
+            html.write_text(render_trie_html(store, session, tokenizer=tokenizer))
+            print(f"wrote {html}")
+        else:
+            print(render_trie_text(store, session, tokenizer=tokenizer, show_tokens=show_tokens))
+    except KeyError as exc:
+        raise SystemExit(f"arborl: {exc.args[0]}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="arborl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_flags(commands.add_parser("up", help="serve the default model and record (the main job)"))
+    _serve_flags(commands.add_parser("serve", help="run the gateway with an engine"))
+    trie = commands.add_parser("trie", help="inspect recorded prefix trees").add_subparsers(dest="trie_command",
+                                                                                               required=True)
+    listing = trie.add_parser("list", help="sessions in a run")
+    listing.add_argument("--run", type=Path, default=Path("runs/default"))
+    show = trie.add_parser("show", help="one session's trie")
+    show.add_argument("session")
+    show.add_argument("--run", type=Path, default=Path("runs/default"))
+    show.add_argument("--html", type=Path, help="write an HTML picture of the tree to this file")
+    show.add_argument("--tokens", type=int, default=8, help="token ids to show per node")
+    args = parser.parse_args(argv)
+
+    if args.command in ("up", "serve"):
+        serve(load_config(args.config, _overrides(args)))
+    elif args.trie_command == "list":
+        trie_list(args.run)
+    else:
+        trie_show(args.run, args.session, args.html, args.tokens)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""arborl's configuration: typed, loadable from YAML or TOML, overridable by env vars and flags.
+
+Precedence, lowest first: defaults < config file < ``ARBORL_<SECTION>__<FIELD>`` environment
+variables (for example ``ARBORL_ENGINE__MODEL=/models/qwen``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from arborl.gateway.engines.model_source import DEFAULT_MODEL
+from arborl.gateway.settings import GatewaySettings
+from pydantic import BaseModel, Field
+
+
+class EngineConfig(BaseModel):
+    kind: Literal["embedded"] = "embedded"
+    model: str = DEFAULT_MODEL  # the default, "tiny-random-llama", or a Hugging Face model folder
+    served_name: str | None = None  # the name clients use; defaults to the model folder's name
+    device: str | None = None  # cpu | cuda | cuda:N; default: cuda when available
+    max_running: int = 16
+    prefill_chunk: int = 512
+    cache_memory_gb: float = 2.0
+
+
+class StoreConfig(BaseModel):
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+class ArborlConfig(BaseModel):
+    run_dir: Path = Path("runs/default")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith("ARBORL_") or "__" not in name:
+            continue
+        path = name[len("ARBORL_") :].lower().split("__")
+        target = out
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = yaml.safe_load(value) if value else value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> ArborlConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+    data = _merge(data, overrides or {})
+    return ArborlConfig.model_validate(data)

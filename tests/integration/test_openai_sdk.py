@@ -1,0 +1,145 @@
+"""The official openai SDK against a live gateway on loopback: sync, async, streaming, tools."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from tool_caller import CALL_ARGUMENTS, WEATHER_TOOL, conversation
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_sync_non_streaming_with_logprobs(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    response = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=12, seed=7, logprobs=True, top_logprobs=3
+    )
+    choice = response.choices[0]
+    assert response.object == "chat.completion"
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.completion_tokens == len(choice.logprobs.content) > 0
+    for item in choice.logprobs.content:
+        assert item.logprob <= 0
+        assert len(item.top_logprobs) == 3
+        # The sampled token's logprob can't exceed the best alternative's.
+        assert item.logprob <= item.top_logprobs[0].logprob + 1e-6
+    # The recorded call holds exactly those tokens and logprobs.
+    (session,) = gateway.store.sessions()
+    (call,) = gateway.store.calls(session["id"])
+    assert call.completion_len == response.usage.completion_tokens
+    assert call.completion_logprobs == pytest.approx([i.logprob for i in choice.logprobs.content], abs=1e-5)
+    assert call.versions == [0]
+
+
+def test_same_seed_same_output(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    first, second = (
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16, seed=123, temperature=1.0)
+        for _ in range(2)
+    )
+    other = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16, seed=124, temperature=1.0)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert other.choices[0].message.content != first.choices[0].message.content
+
+
+def test_streaming_with_usage_matches_non_streaming(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    kwargs = dict(model="tiny", messages=HELLO, max_tokens=20, seed=5)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+
+
+def test_n_choices_and_stop(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    response = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, n=3, seed=1)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert response.usage.completion_tokens == sum(
+        len(gateway.store.call_tokens(c)[1]) for c in gateway.store.calls(gateway.store.sessions()[0]["id"])
+    )
+    # A stop string cuts the text before it; the finish reason says stop.
+    base = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30, seed=9)
+    text = base.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), "need a non-blank stop string"
+    cut = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=30, seed=9, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].message.content
+    assert text.startswith(cut.choices[0].message.content)
+
+
+def test_tool_call_non_streaming_and_streaming(tool_gateway):
+    client = openai.OpenAI(base_url=tool_gateway.v1, api_key="test")
+    messages = conversation(0)
+    response = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=60
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == CALL_ARGUMENTS
+    assert call.id.startswith("call_")
+
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=60, stream=True
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    tool_deltas = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert tool_deltas[0].id and tool_deltas[0].function.name == "get_weather"
+    assert all(d.index == 0 for d in tool_deltas)
+    assert all(d.id is None and d.function.name is None for d in tool_deltas[1:])
+    arguments = "".join(d.function.arguments or "" for d in tool_deltas)
+    assert json.loads(arguments) == CALL_ARGUMENTS
+    assert "".join(d.content or "" for d in deltas) == ""
+
+
+def test_tool_choice_none_hides_tools(tool_gateway):
+    client = openai.OpenAI(base_url=tool_gateway.v1, api_key="test")
+    response = client.chat.completions.create(
+        model="tiny", messages=conversation(0), tools=[WEATHER_TOOL], tool_choice="none", temperature=0, max_tokens=30
+    )
+    assert response.choices[0].message.tool_calls is None
+
+
+async def test_async_client_concurrent_streams(gateway):
+    import asyncio
+
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key="test")
+
+    async def one(i: int) -> str:
+        stream = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"count to {i}"}], max_tokens=16, seed=i, stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    texts = await asyncio.gather(*(one(i) for i in range(6)))
+    assert len(texts) == 6
+    # Batching is exercised: some engine step ran more than one sequence.
+    metrics = gateway.metrics()
+    multi = metrics["arborl_engine_batch_size_count"] - metrics["arborl_engine_batch_size_bucket{le=1.0}"]
+    assert multi > 0
+    await client.close()
+
+
+def test_models_health_and_metrics(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    import httpx
+
+    assert httpx.get(gateway.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+    metrics = gateway.metrics()
+    assert metrics["arborl_requests_total{route=/v1/chat/completions,status=200}"] == 1
+    assert metrics["arborl_completion_tokens_total"] >= 1
+    assert metrics["arborl_policy_version"] == 0
+    assert metrics["arborl_trie_nodes"] >= 1
+    assert metrics["arborl_time_to_first_token_seconds_count"] == 1
