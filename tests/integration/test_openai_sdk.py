@@ -46,7 +46,7 @@ def test_same_seed_same_output(gateway):
 
 def test_streaming_with_usage_matches_non_streaming(gateway):
     client = openai.OpenAI(base_url=gateway.v1, api_key="test")
-    kwargs = dict(model="tiny", messages=HELLO, max_tokens=20, seed=5)
+    kwargs = {"model": "tiny", "messages": HELLO, "max_tokens": 20, "seed": 5}
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

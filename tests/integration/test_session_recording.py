@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import httpx
 import openai
 from tool_caller import TOOL_RESULT, WEATHER_TOOL
@@ -55,7 +57,7 @@ def test_ten_turn_tool_conversation_is_one_path(tool_gateway):
         assert call.node_id in chain
         assert final_path[: len(prompt) + len(completion)] == prompt + completion
         assert call.branch_reason is None
-    assert all(c.stitched_from == p.id for p, c in zip(calls, calls[1:], strict=False))
+    assert all(c.stitched_from == p.id for p, c in itertools.pairwise(calls))
     # stored once: the trie holds the final path, not the sum of the calls
     assert trie.num_tokens == len(final_path)
     assert sum(c.prompt_len + c.completion_len for c in calls) > 5 * trie.num_tokens
@@ -75,7 +77,7 @@ def test_sampled_ids_are_reused_not_retokenised(gateway):
         messages += [{"role": "assistant", "content": reply.choices[0].message.content},
                      {"role": "user", "content": f"Go on ({turn})."}]
     calls = gateway.store.calls("chat-1")
-    for earlier, later in zip(calls, calls[1:], strict=False):
+    for earlier, later in itertools.pairwise(calls):
         prompt_a, completion_a = gateway.store.call_tokens(earlier)
         prompt_b, _ = gateway.store.call_tokens(later)
         assert prompt_b[: len(prompt_a) + len(completion_a)] == prompt_a + completion_a

@@ -1,0 +1,97 @@
+"""The trie's invariants and the store's durability and reload."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from arborl.rollout.records import CallRecord
+from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.trie import Trie
+
+
+def _check_invariants(trie: Trie, paths: list[list[int]], leaves: list[int]) -> None:
+    for path, leaf in zip(paths, leaves, strict=True):
+        assert trie.path(leaf) == path
+    for node in trie.nodes.values():
+        children = [trie.nodes[c] for c in node.children.values()]
+        assert len({c.tokens[0] for c in children}) == len(children)
+        for child in children:
+            assert child.parent == node.id and child.start == node.end
+    distinct_prefixes = {tuple(p[:k]) for p in paths for k in range(1, len(p) + 1)}
+    assert trie.num_tokens == len(distinct_prefixes)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_inserts_keep_invariants(seed):
+    rng = random.Random(seed)
+    trie = Trie()
+    paths, leaves = [], []
+    for _ in range(30):
+        if paths and rng.random() < 0.7:  # extend or branch off an earlier path
+            base = rng.choice(paths)
+            cut = rng.randint(1, len(base))
+            path = base[:cut] + [rng.randint(0, 5) for _ in range(rng.randint(0, 6))]
+        else:
+            path = [rng.randint(0, 5) for _ in range(rng.randint(1, 8))]
+        paths.append(path)
+        leaves.append(trie.insert(path).leaf)
+        _check_invariants(trie, paths, leaves)
+    assert trie.match(paths[0]) == len(paths[0])
+
+
+def test_worked_split_example():
+    trie = Trie()
+    first = trie.insert([1, 2, 3, 4])
+    second = trie.insert([1, 2, 5])
+    assert second.shared == 2
+    assert len(second.created) == 2 and second.changed[0].id == first.leaf
+    assert trie.path(first.leaf) == [1, 2, 3, 4]
+    prefix = trie.insert([1, 2])  # a path ending inside no node now ends at the split head
+    assert prefix.created == [] and trie.path(prefix.leaf) == [1, 2]
+    assert trie.match([1, 2, 3, 9]) == 3
+
+
+def _call(i: int, session: str, prompt: list[int], completion: list[int], **kw) -> CallRecord:
+    return CallRecord(
+        id=f"c{i}", session_id=session, dialect="openai_chat", model="m", prompt_ids=prompt,
+        completion_ids=completion, completion_logprobs=[-0.5] * len(completion),
+        completion_versions=[3] * len(completion), **kw,
+    )
+
+
+def test_store_records_reloads_and_continues(tmp_path):
+    store = TrajectoryStore(tmp_path / "s.sqlite")
+    store.record_call(_call(0, "s", [1, 2, 3], [4, 5]))
+    store.record_call(_call(1, "s", [1, 2, 3, 4, 5, 6], [7]))
+    store.record_call(_call(2, "s", [1, 2, 9], [8], branch_reason="history_edited"))
+    nodes, tokens = store.total_nodes, store.total_tokens
+    store.close()
+
+    reopened = TrajectoryStore(tmp_path / "s.sqlite")
+    assert (reopened.total_nodes, reopened.total_tokens) == (nodes, tokens)
+    calls = reopened.calls("s")
+    assert [reopened.call_tokens(c) for c in calls] == [([1, 2, 3], [4, 5]), ([1, 2, 3, 4, 5, 6], [7]), ([1, 2, 9], [8])]
+    assert calls[0].completion_versions == [3, 3] and calls[0].versions == [3]
+    assert calls[2].branch_reason == "history_edited"
+    # node ids keep increasing after a restart, and the trie keeps growing from disk
+    reopened.record_call(_call(3, "s", [1, 2, 3, 4, 5, 6, 7], [10]))
+    assert reopened.call_tokens(reopened.calls("s")[3]) == ([1, 2, 3, 4, 5, 6, 7], [10])
+    assert reopened.trie("s").num_tokens == 10  # 1..7, 10, 9, 8
+
+
+def test_store_refuses_inconsistent_call(tmp_path):
+    store = TrajectoryStore(tmp_path / "s.sqlite")
+    bad = _call(0, "s", [1], [2, 3])
+    bad.completion_logprobs = [-1.0]
+    with pytest.raises(ValueError):
+        store.record_call(bad)
+    assert store.calls("s") == []
+
+
+def test_session_keys(tmp_path):
+    store = TrajectoryStore(tmp_path / "s.sqlite")
+    key = store.issue_session_key("rollout-1")
+    assert store.session_for_key(key) == "rollout-1"
+    assert store.session_for_key("sk-other") is None
