@@ -71,7 +71,7 @@ class CompletionResult:
     matched_stop: str | int | None = None
 
 
-CompletionEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta | CompletionResult
+CompletionEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta | TokenLogprob | CompletionResult
 
 
 @dataclass
@@ -148,6 +148,7 @@ class CompletionService:
                 call.completion_versions.append(event.version)
                 if want_logprobs:
                     logprobs.append(self._token_logprob(event))
+                    yield logprobs[-1]
                 for item in parse.feed(event.text):
                     yield item
             assert finished is not None, "the engine stream ended without Finished"

@@ -258,11 +258,21 @@ async def _sse_chunks(
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
     results: list[CompletionResult] = []
+    # Logprobs ride on the next chunk of their choice (the parser may hold text back a while).
+    pending: dict[int, list[TokenLogprob]] = {i: [] for i in range(len(streams))}
+
+    def logprobs_of(index: int) -> dict[str, Any] | None:
+        items, pending[index] = pending[index], []
+        return {"content": _logprob_items(items)} if want_logprobs else None
+
     for index in range(len(streams)):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
     async for index, event in _merged(streams):
         delta: dict[str, Any]
+        if isinstance(event, TokenLogprob):
+            pending[index].append(event)
+            continue
         if isinstance(event, TextDelta):
             delta = {"content": event.text}
         elif isinstance(event, ReasoningDelta):
@@ -274,12 +284,12 @@ async def _sse_chunks(
             delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
         elif isinstance(event, CompletionResult):
             results.append(event)
-            logprobs = {"content": _logprob_items(event.logprobs)} if want_logprobs else None
-            yield chunk([{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": event.finish_reason}])
+            yield chunk([{"index": index, "delta": {}, "logprobs": logprobs_of(index),
+                          "finish_reason": event.finish_reason}])
             continue
         else:
             continue
-        yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+        yield chunk([{"index": index, "delta": delta, "logprobs": logprobs_of(index), "finish_reason": None}])
     if include_usage:
         yield chunk([], _usage(results))
     yield b"data: [DONE]\n\n"

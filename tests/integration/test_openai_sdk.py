@@ -143,3 +143,27 @@ def test_models_health_and_metrics(gateway):
     assert metrics["arborl_policy_version"] == 0
     assert metrics["arborl_trie_nodes"] >= 1
     assert metrics["arborl_time_to_first_token_seconds_count"] == 1
+
+
+def test_malformed_tool_call_comes_back_as_text_and_is_counted(gateway):
+    """The random model continues a forced call with garbage: text, not a 500, and counted."""
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    response = client.chat.completions.create(
+        model="tiny", messages=conversation(0), tools=[WEATHER_TOOL], tool_choice=named, max_tokens=12, seed=3
+    )
+    message = response.choices[0].message
+    assert message.tool_calls is None
+    assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    assert gateway.metrics()["arborl_tool_call_parse_failures_total{parser=hermes}"] == 1
+
+
+def test_streamed_logprobs_arrive_with_the_content(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    kwargs = {"model": "tiny", "messages": HELLO, "max_tokens": 16, "seed": 11, "logprobs": True}
+    whole = client.chat.completions.create(**kwargs)
+    chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
+    streamed = [item.logprob for c in chunks if c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([i.logprob for i in whole.choices[0].logprobs.content], abs=1e-6)
+    with_content = [c for c in chunks if c.choices[0].delta.content]
+    assert with_content and all(c.choices[0].logprobs.content for c in with_content)
