@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import start_gateway
 
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
+from conftest import start_gateway
 
 pytestmark = pytest.mark.slow
 

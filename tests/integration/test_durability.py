@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import openai
-from conftest import free_port
 
 from arborl.rollout.store import TrajectoryStore
+from conftest import free_port
 
 
 def _start(run_dir: Path, port: int) -> subprocess.Popen:

@@ -88,7 +88,7 @@ async def test_cancelled_generation_frees_its_slot(engine):
             break
         await asyncio.sleep(0.01)
     assert engine.stats().running == 0
-    tokens, done = await _run(engine, _prompt(engine, "next"), SamplingParams(max_tokens=3))
+    _, done = await _run(engine, _prompt(engine, "next"), SamplingParams(max_tokens=3))
     assert done.reason in ("stop", "length")
 
 

@@ -6,6 +6,7 @@ import json
 
 import openai
 import pytest
+
 from tool_caller import CALL_ARGUMENTS, WEATHER_TOOL, conversation
 
 HELLO = [{"role": "user", "content": "Say hello."}]

@@ -6,6 +6,7 @@ import itertools
 
 import httpx
 import openai
+
 from tool_caller import TOOL_RESULT, WEATHER_TOOL
 
 

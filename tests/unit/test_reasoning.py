@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+
 from arborl.gateway.reasoning import ReasoningStreamer, SplitText, split_reasoning
 
 

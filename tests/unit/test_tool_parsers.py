@@ -9,6 +9,7 @@ import random
 import re
 
 import pytest
+
 from arborl.gateway.tool_parsers import (
     PARSERS,
     MalformedToolCall,

@@ -6,6 +6,7 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+
 from arborl.ops.trie_view import render_trie_html, render_trie_text
 from arborl.rollout.records import CallRecord
 from arborl.rollout.store import TrajectoryStore
