@@ -11,11 +11,12 @@ import logging
 import time
 from typing import Any
 
-from arborl.rollout.store import TrajectoryStore
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from arborl.rollout.store import TrajectoryStore
 
 from . import openai_chat
 from .completions import CompletionRequest, CompletionService

@@ -58,6 +58,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve(config: ArborlConfig) -> None:
     import uvicorn
+
     from arborl.gateway.app import create_app
     from arborl.gateway.engines.embedded import EmbeddedEngine
     from arborl.gateway.engines.model_source import resolve_model

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, Field
+
 from arborl.gateway.engines.model_source import DEFAULT_MODEL
 from arborl.gateway.settings import GatewaySettings
-from pydantic import BaseModel, Field
 
 
 class EngineConfig(BaseModel):

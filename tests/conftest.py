@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import TINY_MODEL, resolve_model

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from arborl.gateway.rendering import ChatRenderer
 from arborl.gateway.tool_parsers import get_parser
 
