@@ -130,7 +130,7 @@ class CompletionService:
                 raise ContextLengthExceeded(str(exc), param="messages") from exc
             except EngineError as exc:
                 raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
-            async for event in tokens:
+            async for event in _engine_errors_as_unavailable(tokens):
                 now = time.time()
                 if isinstance(event, Finished):
                     finished = event
@@ -184,6 +184,14 @@ class CompletionService:
         decode = self.renderer.tokenizer.decode
         top = tuple((decode([tid]), lp) for tid, lp in event.top_logprobs)
         return TokenLogprob(event.token_id, decode([event.token_id]), event.logprob, top)
+
+
+async def _engine_errors_as_unavailable(tokens):
+    try:
+        async for event in tokens:
+            yield event
+    except EngineError as exc:
+        raise EngineUnavailable(f"the engine failed this request: {exc}") from exc
 
 
 def result_message(result: CompletionResult) -> ChatMessage:

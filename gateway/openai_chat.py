@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .completions import CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
-from .errors import InvalidRequest
+from .errors import GatewayError, InvalidRequest
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
@@ -268,28 +268,36 @@ async def _sse_chunks(
     for index in range(len(streams)):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    async for index, event in _merged(streams):
-        delta: dict[str, Any]
-        if isinstance(event, TokenLogprob):
-            pending[index].append(event)
-            continue
-        if isinstance(event, TextDelta):
-            delta = {"content": event.text}
-        elif isinstance(event, ReasoningDelta):
-            delta = {"reasoning_content": event.text}
-        elif isinstance(event, ToolCallStart):
-            delta = {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
-                                     "function": {"name": event.name, "arguments": ""}}]}
-        elif isinstance(event, ToolCallArgsDelta):
-            delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
-        elif isinstance(event, CompletionResult):
-            results.append(event)
-            yield chunk([{"index": index, "delta": {}, "logprobs": logprobs_of(index),
-                          "finish_reason": event.finish_reason}])
-            continue
-        else:
-            continue
-        yield chunk([{"index": index, "delta": delta, "logprobs": logprobs_of(index), "finish_reason": None}])
+    try:
+        async for index, event in _merged(streams):
+            delta = _delta(event)
+            if isinstance(event, TokenLogprob):
+                pending[index].append(event)
+            elif isinstance(event, CompletionResult):
+                results.append(event)
+                yield chunk([{"index": index, "delta": {}, "logprobs": logprobs_of(index),
+                              "finish_reason": event.finish_reason}])
+            elif delta is not None:
+                yield chunk([{"index": index, "delta": delta, "logprobs": logprobs_of(index),
+                              "finish_reason": None}])
+    except GatewayError as exc:
+        # Headers are gone: report the failure in the stream, the way OpenAI does.
+        yield b"data: " + json.dumps(exc.openai_body()).encode() + b"\n\n"
+        return
     if include_usage:
         yield chunk([], _usage(results))
     yield b"data: [DONE]\n\n"
+
+
+def _delta(event: Any) -> dict[str, Any] | None:
+    """The Chat Completions delta for a content or tool-call event."""
+    if isinstance(event, TextDelta):
+        return {"content": event.text}
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    if isinstance(event, ToolCallStart):
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                "function": {"name": event.name, "arguments": ""}}]}
+    if isinstance(event, ToolCallArgsDelta):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
+    return None

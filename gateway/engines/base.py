@@ -29,7 +29,7 @@ class TokenizerLike(Protocol):
 class SamplingParams:
     """How to sample one completion.
 
-    ``temperature == 0`` is greedy decoding. Otherwise tokens are drawn from
+    ``temperature == 0`` (in practice, below 1e-4) is greedy decoding. Otherwise tokens are drawn from
     ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens and then
     to the smallest set whose mass reaches ``top_p`` (renormalised). The reported logprob of
     every sampled token is its log-probability under exactly that distribution; for greedy

@@ -239,7 +239,8 @@ class EmbeddedEngine(Engine):
     ) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        # torch seeds are 64-bit; any integer a client sends maps onto that range.
+        seed = params.seed % (1 << 63) if params.seed is not None else secrets.randbits(63)
         request = _Request(
             prompt_ids=prompt_ids,
             params=params,
@@ -353,11 +354,21 @@ class EmbeddedEngine(Engine):
             batch.append((request, tokens))
 
         started = time.perf_counter()
-        logits = self._forward(batch)
+        try:
+            logits = self._forward(batch)
+        except Exception as exc:
+            log.exception("engine forward failed for a batch of %d", len(batch))
+            for request, _ in batch:
+                self._fail(request, exc)
+            return
         for (request, _), row in zip(batch, logits, strict=True):
             if request.prefilling:
                 continue  # the prompt is not finished: nothing to sample yet
-            self._sample(request, row)
+            try:
+                self._sample(request, row)
+            except Exception as exc:
+                log.exception("sampling failed for one request")
+                self._fail(request, exc)
         if self.observer:
             new_tokens = sum(len(tokens) for _, tokens in batch)
             self.observer.observe_step(len(batch), new_tokens, time.perf_counter() - started)
@@ -402,6 +413,10 @@ class EmbeddedEngine(Engine):
             self._finish(request, Finished("stop", matched_stop=request.detokenizer.matched_stop))
         elif len(request.output_ids) >= request.max_new_tokens:
             self._finish(request, Finished("length", text=request.detokenizer.flush()))
+
+    def _fail(self, request: _Request, exc: Exception) -> None:
+        request.done = True
+        request.emit(exc)
 
     def _finish(self, request: _Request, event: Finished) -> None:
         if request.done:

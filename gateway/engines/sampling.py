@@ -10,6 +10,13 @@ import torch
 
 from .base import SamplingParams
 
+# Below this temperature, logits / T overflows float32 for ordinary logit gaps: sample greedily.
+MIN_TEMPERATURE = 1e-4
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < MIN_TEMPERATURE
+
 
 def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Log-probabilities of the distribution a token is drawn from, for a [vocab] float row.
@@ -17,7 +24,7 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     Tokens removed by top-k / top-p get ``-inf``.
     """
     logits = logits.float()
-    if params.temperature <= 0:
+    if is_greedy(params):
         return torch.log_softmax(logits, dim=-1)
     scaled = logits / params.temperature
     if 0 < params.top_k < scaled.shape[-1]:
@@ -29,6 +36,7 @@ def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         cumulative = torch.cumsum(sorted_lp.exp(), dim=-1)
         # Keep a token if the mass before it is below top_p: the smallest set reaching top_p.
         drop_sorted = (cumulative - sorted_lp.exp()) >= params.top_p
+        drop_sorted[0] = False  # the most likely token always stays, whatever the rounding
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
     return logprobs
@@ -39,7 +47,7 @@ def sample_token(
 ) -> tuple[int, float, tuple[tuple[int, float], ...]]:
     """Sample from one [vocab] row: (token id, its logprob, the top ``params.top_logprobs``)."""
     logprobs = sampling_logprobs(logits, params)
-    if params.temperature <= 0:
+    if is_greedy(params):
         token = int(torch.argmax(logprobs))
     else:
         token = int(torch.multinomial(logprobs.exp(), 1, generator=generator))

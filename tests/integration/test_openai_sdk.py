@@ -168,3 +168,19 @@ def test_streamed_logprobs_arrive_with_the_content(gateway):
     assert streamed == pytest.approx([i.logprob for i in whole.choices[0].logprobs.content], abs=1e-6)
     with_content = [c for c in chunks if c.choices[0].delta.content]
     assert with_content and all(c.choices[0].logprobs.content for c in with_content)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"seed": 2**80}, {"seed": -5}, {"temperature": 1e-300}, {"temperature": 1e-300, "stream": True},
+     {"top_p": 1e-300}],
+    ids=["huge-seed", "negative-seed", "tiny-temperature", "tiny-temperature-stream", "tiny-top-p"],
+)
+def test_extreme_sampling_parameters_are_served(gateway, extra):
+    import httpx
+
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 3, **extra}
+    response = httpx.post(gateway.v1 + "/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert "error" not in response.text
+    assert gateway.engine.healthy

@@ -85,3 +85,11 @@ def test_prefix_cache_longest_match_and_eviction():
     cache.store("c", [5] * 10, _kv(10))  # 30 > 25 tokens: evict the least recently used (a)
     assert cache.cached_tokens == 20
     assert cache.lookup(list(range(6)), key=None)[1] == 3  # only b's [0,1,2] is left
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_p=1e-300), SamplingParams(temperature=1e-300),
+                                    SamplingParams(temperature=2.0, top_k=1)])
+def test_extreme_parameters_still_sample_the_top_token(params):
+    logits = torch.tensor([0.1, 3.0, 0.2, -50.0])
+    token, logprob, _ = sample_token(logits, params, torch.Generator().manual_seed(0))
+    assert token == 1 and math.isfinite(logprob)
