@@ -19,12 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from arborl.rollout.store import TrajectoryStore
 
 from . import openai_chat
-from .completions import CompletionRequest, CompletionService
-from .engines.base import Engine, SamplingParams
+from .completions import CompletionService
+from .engines.base import Engine
 from .errors import GatewayError, ModelNotFound, PayloadTooLarge, Unauthorized
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
-from .sessions import identify_session
+from .sessions import SessionIdentity, identify_session
 from .settings import GatewaySettings
 from .tool_parsers import get_parser
 
@@ -63,7 +63,8 @@ class Gateway:
             return auth[7:].strip() or None
         return request.headers.get("x-api-key") or None
 
-    def completion_request(self, request: Request, body: Any, *, dialect: str) -> CompletionRequest:
+    def identify(self, request: Request, body: Any) -> SessionIdentity:
+        """Check the key and the model name; say which session the request belongs to."""
         key = self.api_key(request)
         if self.settings.api_keys and key not in self.settings.api_keys and not (
             key and self.store.session_for_key(key)
@@ -74,22 +75,17 @@ class Gateway:
                 f"The model {body.model!r} does not exist; this gateway serves {sorted(self.model_names)}",
                 param="model",
             )
-        raw = request.scope.get("arborl.raw_body", b"")
-        session = identify_session(
+        return identify_session(
             path_session=request.path_params.get("session_id"),
             headers=request.headers,
             api_key=key,
             body=body.model_dump(include={"metadata", "client_metadata"}),
             session_for_key=self.store.session_for_key,
         )
-        return CompletionRequest(
-            session=session,
-            dialect=dialect,
-            model=body.model,
-            messages=[],
-            sampling=SamplingParams(),
-            request_body=raw.decode("utf-8", "replace"),
-        )
+
+    @staticmethod
+    def raw_body(request: Request) -> str:
+        return request.scope.get("arborl.raw_body", b"").decode("utf-8", "replace")
 
     def refresh_gauges(self) -> None:
         stats = self.engine.stats()
@@ -98,6 +94,33 @@ class Gateway:
         self.metrics.policy_version.set(stats.policy_version)
         self.metrics.trie_nodes.set(self.store.total_nodes)
         self.metrics.trie_tokens.set(self.store.total_tokens)
+
+
+class RequestMetrics:
+    """Count requests by route and status and time them to their last byte (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
 
 
 class BodyLimit:
@@ -186,17 +209,8 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
                           "code": None}}
         return JSONResponse(body, status_code=500)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        gateway.metrics.requests.labels(name, str(response.status_code)).inc()
-        gateway.metrics.request_duration.labels(name).observe(time.perf_counter() - started)
-        return response
-
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=gateway.metrics)
 
     app.include_router(openai_chat.router)
     app.include_router(openai_chat.router, prefix="/s/{session_id}")

@@ -16,7 +16,7 @@ import jsonschema
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .completions import CompletionResult, ReasoningDelta, TokenLogprob
+from .completions import CompletionRequest, CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
 from .errors import GatewayError, InvalidRequest
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
@@ -165,14 +165,16 @@ def _message(result: CompletionResult) -> dict[str, Any]:
 @router.post("/v1/chat/completions", tags=["openai"])
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gateway = request.app.state.gateway
-    completion = gateway.completion_request(request, body, dialect="openai_chat")
-    completion.messages = normalise_messages(body.messages)
-    completion.tools = validate_tools(body)
-    completion.tool_choice = (
-        body.tool_choice if isinstance(body.tool_choice, str) or body.tool_choice is None
-        else body.tool_choice.model_dump()
+    completion = CompletionRequest(
+        session=gateway.identify(request, body),
+        dialect="openai_chat",
+        model=body.model,
+        messages=normalise_messages(body.messages),
+        sampling=sampling_params(body, gateway.settings.max_tokens_cap),
+        tools=validate_tools(body),
+        tool_choice=body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
+        request_body=gateway.raw_body(request),
     )
-    completion.sampling = sampling_params(body, gateway.settings.max_tokens_cap)
     prepared = gateway.completions.prepare(completion)
     n = body.n or 1
     want_logprobs = bool(body.logprobs)
