@@ -98,13 +98,17 @@ def start_gateway(model_dir: Path, run_dir: Path, **settings) -> tuple[ServerThr
     return server, LiveGateway("", store, engine, app, run_dir)
 
 
-@pytest.fixture
-def gateway(tiny_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
-    server, live = start_gateway(tiny_model_dir, tmp_path)
+def serve_live(model_dir: Path, run_dir: Path, **settings) -> Iterator[LiveGateway]:
+    server, live = start_gateway(model_dir, run_dir, **settings)
     with server as url:
         live.url = url
         yield live
     live.store.close()
+
+
+@pytest.fixture
+def gateway(tiny_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
+    yield from serve_live(tiny_model_dir, tmp_path)
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +120,4 @@ def tool_model_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tool_gateway(tool_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
-    server, live = start_gateway(tool_model_dir, tmp_path)
-    with server as url:
-        live.url = url
-        yield live
-    live.store.close()
+    yield from serve_live(tool_model_dir, tmp_path)
