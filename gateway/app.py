@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from arborl.rollout.store import TrajectoryStore
@@ -24,7 +25,7 @@ from .engines.base import Engine
 from .errors import GatewayError, ModelNotFound, PayloadTooLarge, Unauthorized
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
-from .sessions import SessionIdentity, identify_session
+from .sessions import SessionIdentity, check_session_id, identify_session
 from .settings import GatewaySettings
 from .tool_parsers import get_parser
 
@@ -195,12 +196,24 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
         location = ".".join(str(part) for part in first.get("loc", ())[1:])
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            message, location = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})", ""
         elif location:
             message = f"{location}: {message}"
+        elif first.get("type") == "missing":
+            message = "a JSON request body is required"
         body = {"error": {"message": message, "type": "invalid_request_error", "param": location or None,
                           "code": None}}
         return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (unknown route, wrong method, unreadable body), in OpenAI's format."""
+        detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the request body is not valid UTF-8 JSON"
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        body = {"error": {"message": detail, "type": error_type, "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -218,7 +231,9 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
     meta = APIRouter()
 
     @meta.get("/v1/models", tags=["openai"])
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> dict[str, Any]:
+        if session_id := request.path_params.get("session_id"):
+            check_session_id(session_id, "the path")
         return {
             "object": "list",
             "data": [

@@ -51,6 +51,7 @@ class NotFound(GatewayError):
 
 
 class ModelNotFound(NotFound):
+    error_type = "invalid_request_error"  # what OpenAI answers for an unknown model
     code = "model_not_found"
 
 

@@ -92,6 +92,10 @@ def validate_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
             raise InvalidRequest(
                 f"tools[{i}].function.parameters is not a valid JSON schema: {exc.message}", param=f"tools[{i}]"
             ) from exc
+        except (TypeError, ValueError, LookupError) as exc:  # e.g. a "$schema" that is not a string
+            raise InvalidRequest(
+                f"tools[{i}].function.parameters is not a valid JSON schema: {exc}", param=f"tools[{i}]"
+            ) from exc
         tools.append(tool.model_dump(exclude_none=True))
     names = {tool.function.name for tool in body.tools}
     if len(names) != len(body.tools):

@@ -68,6 +68,8 @@ class ChatRenderer:
         self.native_tools = "tools" in template
 
     def encode(self, text: str) -> list[int]:
+        # JSON can carry lone UTF-16 surrogates ("\ud800") that no tokenizer accepts: make them U+FFFD.
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def render(

@@ -25,7 +25,7 @@ class SessionIdentity:
     identified_by: str  # path | header | session_key | claude_code | codex | metadata | anonymous
 
 
-def _checked(session_id: str, where: str) -> str:
+def check_session_id(session_id: str, where: str) -> str:
     if not _VALID_ID.match(session_id):
         raise InvalidRequest(
             f"invalid session id in {where}: use 1-128 characters from A-Z a-z 0-9 . _ : -", param="session"
@@ -42,16 +42,16 @@ def identify_session(
     session_for_key: Callable[[str], str | None],
 ) -> SessionIdentity:
     if path_session:
-        return SessionIdentity(_checked(path_session, "the path"), "path")
+        return SessionIdentity(check_session_id(path_session, "the path"), "path")
     if header := headers.get("x-arborl-session"):
-        return SessionIdentity(_checked(header, "x-arborl-session"), "header")
+        return SessionIdentity(check_session_id(header, "x-arborl-session"), "header")
     if api_key and (keyed := session_for_key(api_key)):
         return SessionIdentity(keyed, "session_key")
     if header := headers.get("x-claude-code-session-id"):
-        return SessionIdentity("claude-" + _checked(header, "X-Claude-Code-Session-Id"), "claude_code")
+        return SessionIdentity("claude-" + check_session_id(header, "X-Claude-Code-Session-Id"), "claude_code")
     for field, source in (("client_metadata", "codex"), ("metadata", "metadata")):
         meta = (body or {}).get(field)
         if isinstance(meta, Mapping) and isinstance(meta.get("session_id"), str):
-            return SessionIdentity(_checked(meta["session_id"], f"{field}.session_id"), source)
+            return SessionIdentity(check_session_id(meta["session_id"], f"{field}.session_id"), source)
     digest = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
     return SessionIdentity(f"anon-{digest}", "anonymous")

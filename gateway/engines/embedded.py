@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import queue
 import secrets
@@ -102,6 +103,11 @@ def _register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, _flattened_attention)
     # Masks are built per segment inside the attention function; skip the model's mask.
     AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
+
+
+def _seed_bits(seed: int) -> int:
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 @dataclass
@@ -239,8 +245,9 @@ class EmbeddedEngine(Engine):
     ) -> AsyncIterator[GenerationEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
-        # torch seeds are 64-bit; any integer a client sends maps onto that range.
-        seed = params.seed % (1 << 63) if params.seed is not None else secrets.randbits(63)
+        # torch's CPU generator keeps 32 bits of its seed: hash any client integer onto them,
+        # so seeds that differ only in their high bits still give different samples.
+        seed = _seed_bits(params.seed) if params.seed is not None else secrets.randbits(32)
         request = _Request(
             prompt_ids=prompt_ids,
             params=params,
@@ -356,22 +363,25 @@ class EmbeddedEngine(Engine):
         started = time.perf_counter()
         try:
             logits = self._forward(batch)
-        except Exception as exc:
+        except Exception as exc:  # fail this batch's requests, keep serving the others
             log.exception("engine forward failed for a batch of %d", len(batch))
             for request, _ in batch:
                 self._fail(request, exc)
+            self._running = [r for r in self._running if not r.done]
             return
         for (request, _), row in zip(batch, logits, strict=True):
             if request.prefilling:
                 continue  # the prompt is not finished: nothing to sample yet
             try:
                 self._sample(request, row)
-            except Exception as exc:
+            except Exception as exc:  # one request's failure is its own
                 log.exception("sampling failed for one request")
                 self._fail(request, exc)
         if self.observer:
             new_tokens = sum(len(tokens) for _, tokens in batch)
             self.observer.observe_step(len(batch), new_tokens, time.perf_counter() - started)
+        # Drop finished sequences now: when the engine goes idle there is no next step to do it.
+        self._running = [r for r in self._running if not r.done]
 
     def _forward(self, batch: list[tuple[_Request, list[int]]]) -> torch.Tensor:
         """One forward pass over the flattened batch; the logits at each sequence's last new token."""

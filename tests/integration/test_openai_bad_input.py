@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
 from conftest import LiveGateway, start_gateway
 
 MODEL = "tiny"
@@ -52,7 +53,8 @@ def chat(**fields: Any) -> dict[str, Any]:
 def long_prompt(chars: int = 30_000) -> str:
     """Varied words, so the tokenizer cannot merge them: ~30k characters is ~11k tokens of the tiny model."""
     rng = random.Random(1234)
-    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "quantum", "purple", "seven", "lantern", "orchard", "velvet", "cobalt", "meadow"]
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "quantum", "purple", "seven", "lantern",
+             "orchard", "velvet", "cobalt", "meadow"]
     text = " ".join(f"{rng.choice(words)}{rng.randint(0, 999)}" for _ in range(chars // 6))
     return text[:chars]
 
@@ -88,7 +90,9 @@ ANSWERED_TOOL_CALL = [
     {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        ],
     },
 ]
 OVERSIZED = json.dumps(chat(messages=[{"role": "user", "content": "x" * 20_000}])).encode()
@@ -101,7 +105,8 @@ CASES = [
     Case("json-number", b"42", 400, mentions=("object",)),
     Case("json-string", b'"hello"', 400, mentions=("object",)),
     Case("messages-is-a-string", chat(messages="Say hi."), 400, param="messages", mentions=("messages",)),
-    Case("temperature-is-a-string", chat(temperature="hot"), 400, param="temperature", mentions=("temperature",)),
+    Case("temperature-is-a-string", chat(temperature="hot"), 400, param="temperature",
+         mentions=("temperature",)),
     Case("temperature-too-high", chat(temperature=3.5), 400, param="temperature", mentions=("temperature",)),
     Case("max-tokens-negative", chat(max_tokens=-5), 400, param="max_tokens", mentions=("max_tokens",)),
     Case("max-tokens-float", chat(max_tokens=2.5), 400, param="max_tokens", mentions=("max_tokens",)),
@@ -124,21 +129,26 @@ CASES = [
     Case("unknown-model", chat(model="gpt-nonexistent"), 404, param="model", code="model_not_found",
          mentions=("gpt-nonexistent",)),
     Case("tool-parameters-invalid-schema",
-         chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]),
+         chat(tools=[{"type": "function",
+                      "function": {"name": "f", "parameters": {"type": "no-such-type"}}}]),
+         400, param_prefix="tools", mentions=("schema",)),
+    Case("tool-parameters-schema-keyword-not-a-string",
+         chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"$schema": []}}}]),
          400, param_prefix="tools", mentions=("schema",)),
     Case("tool-name-invalid", chat(tools=[{"type": "function", "function": {"name": "has spaces"}}]),
          400, param_prefix="tools"),
-    Case("tool-names-duplicate", chat(tools=[GET_WEATHER, GET_WEATHER]), 400, param="tools", mentions=("unique",)),
+    Case("tool-names-duplicate", chat(tools=[GET_WEATHER, GET_WEATHER]), 400, param="tools",
+         mentions=("unique",)),
     Case("tool-choice-unknown-function",
          chat(tools=[GET_WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}),
          400, param="tool_choice", mentions=("get_time",)),
     Case("tool-choice-required-without-tools", chat(tool_choice="required"), 400, param="tool_choice",
          mentions=("tool",)),
-    Case("tool-message-orphan-tool-call-id", chat(messages=ORPHAN_TOOL_MESSAGES), 400, param_prefix="messages",
-         mentions=("call_nowhere",)),
+    Case("tool-message-orphan-tool-call-id", chat(messages=ORPHAN_TOOL_MESSAGES), 400,
+         param_prefix="messages", mentions=("call_nowhere",)),
     Case("tool-message-without-tool-call-id",
-         chat(messages=[*ANSWERED_TOOL_CALL, {"role": "tool", "content": "18C"}]), 400, param_prefix="messages",
-         mentions=("tool_call_id",)),
+         chat(messages=[*ANSWERED_TOOL_CALL, {"role": "tool", "content": "18C"}]), 400,
+         param_prefix="messages", mentions=("tool_call_id",)),
     Case("tool-calls-on-user-message",
          chat(messages=[{**USER, "tool_calls": ANSWERED_TOOL_CALL[1]["tool_calls"]}]), 400,
          param_prefix="messages", mentions=("tool_calls",)),
@@ -146,7 +156,8 @@ CASES = [
          mentions=("logprobs",)),
     Case("empty-stop-string", chat(stop=""), 400, param="stop", mentions=("stop",)),
     Case("invalid-utf8-in-string",
-         b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xe9 \xff\xfe"}]}', 400, param=None),
+         b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xe9 \xff\xfe"}]}', 400,
+         param=None),
     Case("invalid-utf8-outside-strings", b'{"model": "tiny", \xc3\x28 "messages": []}', 400, param=None),
     Case("invalid-session-header", chat(), 400, param="session", mentions=("session",),
          headers={"x-arborl-session": "has spaces/and slashes"}),
@@ -173,7 +184,9 @@ ACCEPTED = [
 
 
 @pytest.fixture(scope="module")
-def gateways(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LiveGateway]]:
+def gateways(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, LiveGateway]]:
     """One gateway with default settings and one refusing bodies over 10 kB, shared by the table."""
     started: dict[str, LiveGateway] = {}
     servers = []
@@ -190,7 +203,9 @@ def gateways(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             live.store.close()
 
 
-def post(live: LiveGateway, content: bytes | Iterator[bytes], headers: dict[str, str] | None = None) -> httpx.Response:
+def post(
+    live: LiveGateway, content: bytes | Iterator[bytes], headers: dict[str, str] | None = None
+) -> httpx.Response:
     SENT[live.url] += 1
     return httpx.post(
         live.v1 + "/chat/completions",
@@ -219,7 +234,8 @@ def test_bad_request_is_refused_in_openai_format(gateways: dict[str, LiveGateway
     response = post(gateways[case.gateway], case.content(), case.headers)
     assert response.status_code == case.status, (response.status_code, response.text[:500])
     error = assert_openai_error(response)
-    assert error["type"] == ("invalid_request_error" if case.status == 400 else error["type"])
+    if case.status == 400:
+        assert error["type"] == "invalid_request_error", error
     if case.param is not ...:
         assert error["param"] == case.param, error
     if case.param_prefix is not None:
@@ -262,7 +278,55 @@ def test_gateway_is_healthy_after_the_table(gateways: dict[str, LiveGateway]):
         value for key, value in live.metrics().items()
         if key.startswith("arborl_requests_total{") and f"route={CHAT_ROUTE}," in key
     )
-    assert counted == SENT[live.url], (counted, SENT[live.url])
+    assert counted == SENT[live.url], (
+        f"{SENT[live.url]} requests sent, {counted} counted in arborl_requests_total:"
+        " an answer (a 500 from an unhandled exception, say) escaped the metrics"
+    )
+
+
+# -- extreme but well-typed values: a 4xx or an answer, never a 5xx or a dead engine ----------------------
+
+
+EXTREMES = [
+    pytest.param({"temperature": 1e-300}, id="temperature-1e-300"),
+    pytest.param({"temperature": 5e-324}, id="temperature-smallest-subnormal"),
+    pytest.param({"top_p": 1e-300}, id="top-p-1e-300"),
+    pytest.param({"top_p": 5e-324, "temperature": 2.0}, id="top-p-smallest-subnormal"),
+    pytest.param({"seed": 2**64}, id="seed-above-uint64"),
+    pytest.param({"seed": -(2**63) - 1}, id="seed-below-int64"),
+    pytest.param({"top_k": 10**20, "stop_token_ids": [10**20]}, id="huge-top-k-and-stop-token-id"),
+    pytest.param({"messages": [{"role": "user", "content": "a\ud800b"}]}, id="lone-surrogate-in-content"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("fields", EXTREMES)
+def test_extreme_values_get_an_answer_or_a_4xx(gateway: LiveGateway, fields: dict[str, Any], stream: bool):
+    """Either a 4xx in OpenAI's format before anything is generated, or a complete answer; then the engine
+    still serves the next request. (A 200 stream that dies midway, or an engine killed for everyone, is
+    the bug.)"""
+    body = json.dumps(chat(max_tokens=3, stream=stream, **fields)).encode()
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", gateway.v1 + "/chat/completions", content=body,
+                         headers={"content-type": "application/json"}) as response:
+            response.read()
+        if response.status_code != 200:
+            assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+            assert_openai_error(response)
+        elif stream:
+            events = [line.removeprefix("data: ") for line in response.text.splitlines()
+                      if line.startswith("data: ")]
+            # An in-band error event here is the streaming form of a 5xx: the input was known before the 200.
+            assert events and events[-1] == "[DONE]", f"stream ended without [DONE]: {response.text[-500:]!r}"
+            chunks = [json.loads(event) for event in events[:-1]]
+            finishes = [choice["finish_reason"] for chunk in chunks for choice in chunk["choices"]
+                        if choice["finish_reason"]]
+            assert finishes, response.text[-500:]
+        else:
+            assert response.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        after = http.post(gateway.v1 + "/chat/completions", json=chat(max_tokens=2))
+    assert after.status_code == 200, f"the next request failed: {after.status_code} {after.text[:300]}"
+    assert gateway.engine.healthy
 
 
 # -- the official SDK sees the refusals as typed exceptions --------------------------------------------
@@ -317,17 +381,19 @@ def test_client_disconnect_mid_stream_cancels_the_call(gateway: LiveGateway):
     max_tokens = 2000
     request = chat(max_tokens=max_tokens, ignore_eos=True, stream=True, temperature=1.0)
     data_lines = 0
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", gateway.v1 + "/chat/completions", json=request) as response:
-            assert response.status_code == 200
-            session_id = response.headers["x-arborl-session"]
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    assert line != "data: [DONE]", "the whole completion arrived before the client hung up"
-                    data_lines += 1
-                    if data_lines >= 3:  # the role chunk and two tokens
-                        break
-            # leaving the block closes the response (and the connection) mid-stream
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", gateway.v1 + "/chat/completions", json=request) as response,
+    ):
+        assert response.status_code == 200
+        session_id = response.headers["x-arborl-session"]
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                assert line != "data: [DONE]", "the whole completion arrived before the client hung up"
+                data_lines += 1
+                if data_lines >= 3:  # the role chunk and two tokens
+                    break
+        # leaving the block closes the response (and the connection) mid-stream
     assert data_lines >= 3
 
     deadline = time.time() + 30
