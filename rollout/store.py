@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,7 +106,7 @@ def _key_hash(api_key: str) -> str:
 class TrajectoryStore:
     """One run's store. Safe to share between threads; one writer process at a time."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL"):
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", cached_tries: int = 256):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -113,7 +114,10 @@ class TrajectoryStore:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
-        self._tries: dict[str, Trie] = {}
+        # Tries of recently active sessions, kept in memory (about 40 bytes a token); the rest
+        # are reloaded from disk when their session comes back.
+        self._tries: OrderedDict[str, Trie] = OrderedDict()
+        self._cached_tries = cached_tries
         self._next_seq: dict[str, int] = {}
         row = self._db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(LENGTH(tokens)), 0) FROM nodes")
         max_id, self.total_nodes, token_bytes = row.fetchone()
@@ -177,7 +181,9 @@ class TrajectoryStore:
         """The session's trie, loaded from disk the first time (so a restart continues it)."""
         with self._lock:
             trie = self._tries.get(session_id)
-            if trie is None:
+            if trie is not None:
+                self._tries.move_to_end(session_id)
+            else:
                 rows = self._db.execute(
                     "SELECT id, parent_id, start, tokens FROM nodes WHERE session_id = ? ORDER BY id",
                     (session_id,),
@@ -185,6 +191,8 @@ class TrajectoryStore:
                 nodes = [TrieNode(nid, parent, start, _blob_ids(blob)) for nid, parent, start, blob in rows]
                 trie = Trie(nodes, next_id=lambda: next(self._node_ids))
                 self._tries[session_id] = trie
+                while len(self._tries) > self._cached_tries:
+                    self._tries.popitem(last=False)
             return trie
 
     def record_call(self, call: CallRecord) -> InsertResult:
@@ -194,12 +202,15 @@ class TrajectoryStore:
         ):
             raise ValueError("completion ids, logprobs and versions must have the same length")
         with self._lock:
-            self.ensure_session(call.session_id)
             trie = self.trie(call.session_id)
             inserted = trie.insert(call.prompt_ids + call.completion_ids)
             seq = self._seq(call.session_id)
             try:
                 with self._transaction() as db:
+                    db.execute(
+                        "INSERT OR IGNORE INTO sessions(id, created_at, identified_by) VALUES (?, ?, '')",
+                        (call.session_id, call.created_at),
+                    )
                     db.executemany(
                         "INSERT INTO nodes(id, session_id, parent_id, start, tokens) VALUES (?, ?, ?, ?, ?)",
                         [(n.id, call.session_id, n.parent, n.start, _ids_blob(n.tokens)) for n in inserted.created],

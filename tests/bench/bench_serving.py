@@ -26,6 +26,9 @@ with ``--quick``, which uses tiny sizes only to check that the script works).
    ``synchronous=NORMAL``, one transaction per call). Target: p50 < 2 ms for the 8k calls.
    For the 20-turn sessions, also the stored tokens (trie) divided by the sum of every call's
    prompt + completion length.
+
+The machine is small and may be shared: each table ends with the cores other processes kept
+busy while the figure ran (from /proc/stat), and the script warns when that could skew it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sqlite3
 import statistics
 import sys
@@ -44,18 +48,22 @@ import time
 import uuid
 from array import array
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Self
 
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
 from arborl.gateway.engines.base import Finished, SampledToken, SamplingParams
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
 from arborl.rollout.records import CallRecord
 from arborl.rollout.store import TrajectoryStore
-from transformers import AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+VOCAB = 49152  # the default model's vocabulary: the range of the random token ids of figure 3
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -95,17 +103,70 @@ class Sizes:
 
 
 FULL = Sizes(
-    requests=8, decode_tokens=128, session_tokens=2000, ttft_reps=3, record_calls=200,
-    record_prompt=7000, record_completion=1192, growing_sessions=10, growing_turns=20,
+    requests=8,
+    decode_tokens=128,
+    session_tokens=2000,
+    ttft_reps=3,
+    record_calls=200,
+    record_prompt=7000,
+    record_completion=1192,
+    growing_sessions=10,
+    growing_turns=20,
 )
 QUICK = Sizes(
-    requests=2, decode_tokens=16, session_tokens=300, ttft_reps=1, record_calls=20,
-    record_prompt=700, record_completion=124, growing_sessions=2, growing_turns=10,
+    requests=2,
+    decode_tokens=16,
+    session_tokens=300,
+    ttft_reps=1,
+    record_calls=20,
+    record_prompt=700,
+    record_completion=124,
+    growing_sessions=2,
+    growing_turns=10,
 )
 
 
 def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a figure ran (None where /proc/stat is absent).
+
+    The machine is small and may be shared: any other work skews every figure, so each records this.
+    """
+
+    cores: float | None = None
+    seconds = 0.0
+
+    def __enter__(self) -> Self:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (machine0, own0, wall0), (machine1, own1, wall1) = self._start, self._sample()
+        self.seconds = wall1 - wall0
+        if machine0 is not None and machine1 is not None:
+            self.cores = max(0.0, (machine1 - machine0) - (own1 - own0)) / self.seconds
+
+    @staticmethod
+    def _sample() -> tuple[float | None, float, float]:
+        try:
+            ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            machine = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+        except (OSError, ValueError, IndexError):
+            machine = None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return machine, usage.ru_utime + usage.ru_stime, time.perf_counter()
+
+
+def measured(name: str, figure: dict, load: OtherLoad) -> None:
+    """Attach the other processes' load to a figure, and warn when it was high enough to matter."""
+    figure["other_processes_cpu_cores"] = load.cores
+    figure["figure_seconds"] = load.seconds
+    # CPU time comes in 10 ms ticks: over less than a couple of seconds the figure is only noise.
+    if load.cores is not None and load.cores > 0.1 and load.seconds >= 2:
+        progress(f"warning: other processes kept {load.cores:.2f} cores busy during {name}: it is skewed")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -132,9 +193,12 @@ async def engine_generate(engine: EmbeddedEngine, prompt: list[int], params: Sam
 
 async def engine_batch(engine: EmbeddedEngine, prompts: list[list[int]], tokens: int) -> tuple[int, float]:
     """Submit every prompt at once; (completion tokens, wall seconds)."""
-    params = [SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    params = [
+        SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     started = time.perf_counter()
-    counts = await asyncio.gather(*(engine_generate(engine, p, sp) for p, sp in zip(prompts, params, strict=True)))
+    counts = await asyncio.gather(*map(partial(engine_generate, engine), prompts, params))
     return sum(counts), time.perf_counter() - started
 
 
@@ -147,8 +211,15 @@ def hf_sequential(model, prompts: list[list[int]], tokens: int) -> tuple[int, fl
             torch.manual_seed(i)
             ids = torch.tensor([prompt])
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), use_cache=True, do_sample=True, temperature=1.0,
-                top_k=0, top_p=1.0, max_new_tokens=tokens, min_new_tokens=tokens,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                use_cache=True,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
                 pad_token_id=model.generation_config.pad_token_id,
             )
             produced += out.shape[1] - len(prompt)
@@ -165,14 +236,15 @@ async def figure_decode(engine: EmbeddedEngine, model_dir: Path, sizes: Sizes) -
     engine_tokens, engine_seconds = await engine_batch(engine, prompts, tokens)
 
     progress(f"figure 1: Hugging Face generate warm-up, then {n} sequential requests x {tokens} tokens")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
     hf_sequential(model, prompts[:1], 4)
     hf_tokens, hf_seconds = hf_sequential(model, prompts, tokens)
     del model
 
     expected = n * tokens
     if engine_tokens != expected or hf_tokens != expected:
-        raise RuntimeError(f"expected {expected} tokens, engine gave {engine_tokens}, generate gave {hf_tokens}")
+        raise RuntimeError(f"expected {expected} tokens; engine: {engine_tokens}, generate: {hf_tokens}")
     engine_rate, hf_rate = engine_tokens / engine_seconds, hf_tokens / hf_seconds
     return {
         "requests": n,
@@ -215,13 +287,15 @@ def next_user_turn(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """The tokens that close the assistant turn and add a new user turn plus the generation prompt."""
     history = messages + [{"role": "assistant", "content": "x"}]
     base = tokenizer.apply_chat_template(history, tokenize=False)
-    user = {"role": "user", "content": "Thanks. Could you now compare the last two topics in one short paragraph?"}
+    user = {"role": "user", "content": "Thanks. Now compare the last two topics in one short paragraph."}
     full = tokenizer.apply_chat_template(history + [user], tokenize=False, add_generation_prompt=True)
     suffix = "<|im_end|>\n"  # the turn end the template writes after the (truncated) completion
     return tokenizer.encode(suffix + full[len(base) :], add_special_tokens=False)
 
 
-async def run_request(engine: EmbeddedEngine, prompt: list[int], params: SamplingParams) -> tuple[float, list, Finished]:
+async def run_request(
+    engine: EmbeddedEngine, prompt: list[int], params: SamplingParams
+) -> tuple[float, list[SampledToken], Finished]:
     """(seconds to the first SampledToken, sampled tokens, the Finished event)."""
     started = time.perf_counter()
     first = None
@@ -237,6 +311,8 @@ async def run_request(engine: EmbeddedEngine, prompt: list[int], params: Samplin
 
 async def figure_prefix_ttft(engine: EmbeddedEngine, sizes: Sizes) -> dict:
     messages, turn1 = long_session(engine.tokenizer, sizes.session_tokens)
+    if not sizes.session_tokens <= len(turn1) < sizes.session_tokens + 150:  # at most one turn over
+        raise RuntimeError(f"the session prompt has {len(turn1)} tokens, not about {sizes.session_tokens}")
     progress(f"figure 2: session prompt of {len(turn1)} tokens, {sizes.ttft_reps} warm/cold repetitions")
     turn1_params = SamplingParams(max_tokens=8, temperature=1.0, seed=0, ignore_eos=True)
     turn2_params = SamplingParams(max_tokens=1, temperature=1.0, seed=1, ignore_eos=True)
@@ -257,14 +333,17 @@ async def figure_prefix_ttft(engine: EmbeddedEngine, sizes: Sizes) -> dict:
         if finished.cached_prompt_tokens:
             raise RuntimeError("the cold run hit the prefix cache")
         cold.append(seconds)
-        progress(f"figure 2: repetition {rep + 1}: cached {warm[-1] * 1e3:.1f} ms, cold {cold[-1] * 1e3:.1f} ms")
+        progress(
+            f"figure 2: repetition {rep + 1}: cached {warm[-1] * 1e3:.0f} ms, cold {cold[-1] * 1e3:.0f} ms"
+        )
     engine.prefix_cache.clear()
 
     warm_ms, cold_ms = statistics.median(warm) * 1e3, statistics.median(cold) * 1e3
     return {
         "turn1_prompt_tokens": len(turn1),
         "turn2_prompt_tokens": turn2_len,
-        "new_tokens_in_turn2": turn2_len - len(turn1),
+        "turn1_completion_tokens": turn1_params.max_tokens,
+        "new_user_turn_tokens": len(suffix),
         "cached_prompt_tokens": cached,
         "cached_ttft_ms": [s * 1e3 for s in warm],
         "cold_ttft_ms": [s * 1e3 for s in cold],
@@ -304,11 +383,21 @@ class PlainStore:
         self._db.execute(
             "INSERT INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
-                call.id, call.session_id, seq, call.dialect, call.model, call.status, call.finish_reason,
-                len(call.prompt_ids), len(call.completion_ids),
+                call.id,
+                call.session_id,
+                seq,
+                call.dialect,
+                call.model,
+                call.status,
+                call.finish_reason,
+                len(call.prompt_ids),
+                len(call.completion_ids),
                 array("i", call.prompt_ids + call.completion_ids).tobytes(),
-                array("f", call.completion_logprobs).tobytes(), array("i", call.completion_versions).tobytes(),
-                json.dumps(call.messages), json.dumps(call.response_message), call.created_at,
+                array("f", call.completion_logprobs).tobytes(),
+                array("i", call.completion_versions).tobytes(),
+                json.dumps(call.messages),
+                json.dumps(call.response_message),
+                call.created_at,
             ),
         )
         self._db.execute("COMMIT")
@@ -318,6 +407,10 @@ class PlainStore:
         self._db.close()
 
 
+def random_ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
 def make_call(rng: random.Random, session_id: str, prompt: list[int], completion_len: int) -> CallRecord:
     return CallRecord(
         id=uuid.uuid4().hex,
@@ -325,7 +418,7 @@ def make_call(rng: random.Random, session_id: str, prompt: list[int], completion
         dialect="openai_chat",
         model=DEFAULT_MODEL,
         prompt_ids=prompt,
-        completion_ids=[rng.randrange(49152) for _ in range(completion_len)],
+        completion_ids=random_ids(rng, completion_len),
         completion_logprobs=[-rng.random() * 5 for _ in range(completion_len)],
         completion_versions=[0] * completion_len,
         finish_reason="length",
@@ -335,7 +428,7 @@ def make_call(rng: random.Random, session_id: str, prompt: list[int], completion
 def fresh_calls(rng: random.Random, sizes: Sizes) -> list[CallRecord]:
     """Each call the first of its own session."""
     return [
-        make_call(rng, f"fresh-{i}", [rng.randrange(49152) for _ in range(sizes.record_prompt)], sizes.record_completion)
+        make_call(rng, f"fresh-{i}", random_ids(rng, sizes.record_prompt), sizes.record_completion)
         for i in range(sizes.record_calls)
     ]
 
@@ -349,7 +442,7 @@ def growing_calls(rng: random.Random, sizes: Sizes) -> list[list[CallRecord]]:
         path: list[int] = []
         calls = []
         for _ in range(sizes.growing_turns):
-            prompt = path + [rng.randrange(49152) for _ in range(growth - completion)]
+            prompt = path + random_ids(rng, growth - completion)
             call = make_call(rng, f"grow-{s}", prompt, completion)
             calls.append(call)
             path = call.prompt_ids + call.completion_ids
@@ -366,7 +459,30 @@ def timed(record, calls: list[CallRecord]) -> list[float]:
     return seconds
 
 
-def latency_summary(store_s: list[float], plain_s: list[float]) -> dict:
+def record_both(sessions: list[list[CallRecord]], folder: Path) -> dict:
+    """Record every call in a fresh store and a fresh plain database, alternating session by session."""
+    store, plain = TrajectoryStore(folder / "store.sqlite"), PlainStore(folder / "plain.sqlite")
+    store_s, plain_s = [], []
+    for calls in sessions:
+        store_s += timed(store.record_call, calls)
+        plain_s += timed(plain.record, calls)
+    stored = sum(store.trie(calls[0].session_id).num_tokens for calls in sessions)
+    store.close()
+    plain.close()  # closing checkpoints the WAL into the database file, so the file sizes compare
+    return {
+        "store_s": store_s,
+        "plain_s": plain_s,
+        "stored_tokens": stored,
+        "store_bytes": (folder / "store.sqlite").stat().st_size,
+        "plain_bytes": (folder / "plain.sqlite").stat().st_size,
+    }
+
+
+def latency_summary(run: dict, picks: list[int] | None = None) -> dict:
+    """p50/p90 of the store and the plain baseline (over the calls at ``picks`` only, if given)."""
+    store_s, plain_s = run["store_s"], run["plain_s"]
+    if picks is not None:
+        store_s, plain_s = [store_s[i] for i in picks], [plain_s[i] for i in picks]
     store_p50, plain_p50 = percentile(store_s, 50) * 1e3, percentile(plain_s, 50) * 1e3
     return {
         "calls": len(store_s),
@@ -375,6 +491,8 @@ def latency_summary(store_s: list[float], plain_s: list[float]) -> dict:
         "plain_p50_ms": plain_p50,
         "plain_p90_ms": percentile(plain_s, 90) * 1e3,
         "ratio_p50": store_p50 / plain_p50,
+        "database_bytes_store": run["store_bytes"],
+        "database_bytes_plain": run["plain_bytes"],
     }
 
 
@@ -382,45 +500,30 @@ def figure_recording(sizes: Sizes) -> dict:
     rng = random.Random(0)
     fresh = fresh_calls(rng, sizes)
     sessions = growing_calls(rng, sizes)
-    growing = [call for calls in sessions for call in calls]
     progress(
         f"figure 3: recording {len(fresh)} fresh-session calls of {fresh[0].path_length} tokens and "
         f"{len(sessions)} sessions x {sizes.growing_turns} growing turns, store and plain baseline"
     )
     with tempfile.TemporaryDirectory(prefix="arborl-bench-") as tmp:
-        store = TrajectoryStore(Path(tmp) / "store.sqlite")
-        plain = PlainStore(Path(tmp) / "plain.sqlite")
-        # Interleave the two so drift in the machine affects both alike.
-        fresh_store, fresh_plain = [], []
-        for call in fresh:
-            fresh_store += timed(store.record_call, [call])
-            fresh_plain += timed(plain.record, [call])
-        grow_store, grow_plain = [], []
-        for calls in sessions:
-            grow_store += timed(store.record_call, calls)
-            grow_plain += timed(plain.record, calls)
-        stored = sum(store.trie(calls[0].session_id).num_tokens for calls in sessions)
-        store_bytes = sum(f.stat().st_size for f in Path(tmp).glob("store.sqlite*"))
-        plain_bytes = sum(f.stat().st_size for f in Path(tmp).glob("plain.sqlite*"))
-        store.close()
-        plain.close()
+        (Path(tmp) / "fresh").mkdir()
+        (Path(tmp) / "growing").mkdir()
+        fresh_run = record_both([[call] for call in fresh], Path(tmp) / "fresh")
+        growing_run = record_both(sessions, Path(tmp) / "growing")
 
-    sent = sum(call.path_length for call in growing)
-    last_index = [(s + 1) * sizes.growing_turns - 1 for s in range(len(sessions))]
+    sent = sum(call.path_length for calls in sessions for call in calls)
+    last_turns = [(s + 1) * sizes.growing_turns - 1 for s in range(len(sessions))]
     return {
-        "fresh_8k": {"path_tokens": fresh[0].path_length, **latency_summary(fresh_store, fresh_plain)},
+        "fresh_8k": {"path_tokens": fresh[0].path_length, **latency_summary(fresh_run)},
         "growing_session": {
             "turns": sizes.growing_turns,
             "sessions": len(sessions),
             "last_path_tokens": sessions[0][-1].path_length,
-            **latency_summary(grow_store, grow_plain),
-            "last_turn_store_p50_ms": percentile([grow_store[i] for i in last_index], 50) * 1e3,
-            "last_turn_plain_p50_ms": percentile([grow_plain[i] for i in last_index], 50) * 1e3,
-            "stored_tokens": stored,
+            **latency_summary(growing_run),
+            "last_turn": latency_summary(growing_run, last_turns),
+            "stored_tokens": growing_run["stored_tokens"],
             "sum_call_tokens": sent,
-            "stored_over_sum": stored / sent,
+            "stored_over_sum": growing_run["stored_tokens"] / sent,
         },
-        "database_bytes": {"store": store_bytes, "plain": plain_bytes},
         "target_p50_ms": 2.0,
     }
 
@@ -428,64 +531,76 @@ def figure_recording(sizes: Sizes) -> dict:
 # -- output ---------------------------------------------------------------------------------------
 
 
-def table(title: str, rows: list[tuple[str, str]]) -> str:
+def table(title: str, rows: list[tuple[str, str]], figure: dict) -> str:
+    other = figure["other_processes_cpu_cores"]
+    load = "unknown" if other is None else f"{other:.2f} cores over {figure['figure_seconds']:.1f} s"
+    rows = rows + [("other processes' CPU meanwhile", load)]
     lines = [f"### {title}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     return "\n".join(lines) + "\n"
+
+
+def pair(a: float, b: float, unit: str = "ms") -> str:
+    return f"{a:.2f} / {b:.2f} {unit}"
+
+
+def mib_pair(figure: dict) -> str:
+    return pair(figure["database_bytes_store"] / 2**20, figure["database_bytes_plain"] / 2**20, "MiB")
 
 
 def render(results: dict) -> str:
     d, p, r = results["batched_decode"], results["prefix_cache_ttft"], results["recording"]
     f, g = r["fresh_8k"], r["growing_session"]
     n, k = d["requests"], d["completion_tokens_each"]
-    out = [
-        table(
-            f"1. Batched decode throughput ({n} requests x {k} tokens, CPU fp32, {results['threads']} threads)",
-            [
-                (f"EmbeddedEngine, {n} concurrent", f"{d['engine_tokens_per_s']:.1f} tok/s ({d['engine_seconds']:.2f} s)"),
-                (
-                    f"HF generate, {n} sequential (baseline)",
-                    f"{d['hf_generate_tokens_per_s']:.1f} tok/s ({d['hf_generate_seconds']:.2f} s)",
-                ),
-                ("speedup (target >= 3x)", f"{d['speedup']:.2f}x"),
-            ],
+    decode = [
+        (
+            f"EmbeddedEngine, {n} concurrent",
+            f"{d['engine_tokens_per_s']:.1f} tok/s ({d['engine_seconds']:.2f} s)",
         ),
-        table(
-            f"2. Prefix-cache TTFT (turn 2: {p['turn2_prompt_tokens']} tokens, "
-            f"{p['new_tokens_in_turn2']} new; median of {len(p['cold_ttft_ms'])})",
-            [
-                ("cached TTFT", f"{p['cached_ttft_ms_median']:.1f} ms"),
-                ("cold TTFT (baseline)", f"{p['cold_ttft_ms_median']:.1f} ms"),
-                ("speedup (target >= 5x)", f"{p['speedup']:.1f}x"),
-                ("Finished.cached_prompt_tokens", ", ".join(str(c) for c in p["cached_prompt_tokens"])),
-            ],
+        (
+            f"HF generate, {n} sequential (baseline)",
+            f"{d['hf_generate_tokens_per_s']:.1f} tok/s ({d['hf_generate_seconds']:.2f} s)",
         ),
-        table(
+        ("speedup (target >= 3x)", f"{d['speedup']:.2f}x"),
+    ]
+    ttft = [
+        ("cached TTFT", f"{p['cached_ttft_ms_median']:.1f} ms"),
+        ("cold TTFT (baseline)", f"{p['cold_ttft_ms_median']:.1f} ms"),
+        ("speedup (target >= 5x)", f"{p['speedup']:.1f}x"),
+        ("Finished.cached_prompt_tokens", ", ".join(str(c) for c in p["cached_prompt_tokens"])),
+    ]
+    last = g["last_turn"]
+    recording = [
+        ("fresh call: record_call p50 / p90 (target p50 < 2 ms)", pair(f["store_p50_ms"], f["store_p90_ms"])),
+        ("fresh call: plain insert p50 / p90 (baseline)", pair(f["plain_p50_ms"], f["plain_p90_ms"])),
+        ("fresh call: store / plain (p50)", f"{f['ratio_p50']:.2f}x"),
+        ("growing turn: record_call p50 / p90", pair(g["store_p50_ms"], g["store_p90_ms"])),
+        ("growing turn: plain insert p50 / p90 (baseline)", pair(g["plain_p50_ms"], g["plain_p90_ms"])),
+        ("growing turn: store / plain (p50)", f"{g['ratio_p50']:.2f}x"),
+        (
+            f"last turn ({g['last_path_tokens']} tokens): record_call / plain p50",
+            pair(last["store_p50_ms"], last["plain_p50_ms"]),
+        ),
+        (
+            "stored tokens / sum of call tokens (growing sessions)",
+            f"{g['stored_tokens']} / {g['sum_call_tokens']} = {g['stored_over_sum']:.3f}",
+        ),
+        ("database size, store / plain (fresh calls)", mib_pair(f)),
+        ("database size, store / plain (growing sessions)", mib_pair(g)),
+    ]
+    titles = [
+        f"1. Batched decode throughput ({n} requests x {k} tokens, CPU fp32, {results['threads']} threads)",
+        (
+            f"2. Prefix-cache TTFT (turn 2 = {p['turn1_prompt_tokens']} + {p['turn1_completion_tokens']} "
+            f"completion + {p['new_user_turn_tokens']} new tokens; median of {len(p['cold_ttft_ms'])})"
+        ),
+        (
             f"3. Recording cost ({f['calls']} fresh {f['path_tokens']}-token calls; "
-            f"{g['sessions']} sessions x {g['turns']} growing turns up to {g['last_path_tokens']} tokens)",
-            [
-                ("fresh call: record_call p50 / p90 (target p50 < 2 ms)", f"{f['store_p50_ms']:.2f} / {f['store_p90_ms']:.2f} ms"),
-                ("fresh call: plain insert p50 / p90 (baseline)", f"{f['plain_p50_ms']:.2f} / {f['plain_p90_ms']:.2f} ms"),
-                ("fresh call: store / plain (p50)", f"{f['ratio_p50']:.2f}x"),
-                ("growing turn: record_call p50 / p90", f"{g['store_p50_ms']:.2f} / {g['store_p90_ms']:.2f} ms"),
-                ("growing turn: plain insert p50 / p90 (baseline)", f"{g['plain_p50_ms']:.2f} / {g['plain_p90_ms']:.2f} ms"),
-                ("growing turn: store / plain (p50)", f"{g['ratio_p50']:.2f}x"),
-                (
-                    f"last turn ({g['last_path_tokens']} tokens): record_call / plain p50",
-                    f"{g['last_turn_store_p50_ms']:.2f} / {g['last_turn_plain_p50_ms']:.2f} ms",
-                ),
-                (
-                    "stored tokens / sum of call tokens (growing sessions)",
-                    f"{g['stored_tokens']} / {g['sum_call_tokens']} = {g['stored_over_sum']:.3f}",
-                ),
-                (
-                    "database size, store / plain (all calls)",
-                    f"{r['database_bytes']['store'] / 2**20:.1f} / {r['database_bytes']['plain'] / 2**20:.1f} MiB",
-                ),
-            ],
+            f"{g['sessions']} sessions x {g['turns']} growing turns up to {g['last_path_tokens']} tokens)"
         ),
     ]
-    return "\n".join(out)
+    tables = zip(titles, (decode, ttft, recording), (d, p, r), strict=True)
+    return "\n".join(table(title, rows, figure) for title, rows, figure in tables)
 
 
 async def serving_figures(sizes: Sizes) -> dict:
@@ -494,8 +609,12 @@ async def serving_figures(sizes: Sizes) -> dict:
     engine = EmbeddedEngine(model_dir, device="cpu", dtype=torch.float32)
     await engine.start()
     try:
-        decode = await figure_decode(engine, model_dir, sizes)
-        ttft = await figure_prefix_ttft(engine, sizes)
+        with OtherLoad() as load:
+            decode = await figure_decode(engine, model_dir, sizes)
+        measured("figure 1", decode, load)
+        with OtherLoad() as load:
+            ttft = await figure_prefix_ttft(engine, sizes)
+        measured("figure 2", ttft, load)
     finally:
         await engine.shutdown()
     return {"batched_decode": decode, "prefix_cache_ttft": ttft}
@@ -511,24 +630,21 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
-    load = os.getloadavg()
-    progress(
-        f"{'quick' if args.quick else 'full'} run, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {load[0]:.2f} (other busy processes skew every figure)"
-    )
+    mode = "quick" if args.quick else "full"
+    progress(f"{mode} run, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     results = {
-        "mode": "quick" if args.quick else "full",
+        "mode": mode,
         "model": DEFAULT_MODEL,
         "device": "cpu",
         "dtype": "float32",
         "threads": torch.get_num_threads(),
-        "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "loadavg_start": load,
-        },
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         **asyncio.run(serving_figures(sizes)),
-        "recording": figure_recording(sizes),
     }
+    with OtherLoad() as load:
+        results["recording"] = figure_recording(sizes)
+    measured("figure 3", results["recording"], load)
     results["elapsed_s"] = time.perf_counter() - started
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

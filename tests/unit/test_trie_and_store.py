@@ -95,3 +95,13 @@ def test_session_keys(tmp_path):
     key = store.issue_session_key("rollout-1")
     assert store.session_for_key(key) == "rollout-1"
     assert store.session_for_key("sk-other") is None
+
+
+def test_trie_cache_is_bounded_and_reloads(tmp_path):
+    store = TrajectoryStore(tmp_path / "s.sqlite", cached_tries=2)
+    for i in range(5):
+        store.record_call(_call(i, f"s{i}", [i, 1, 2], [3]))
+    assert len(store._tries) == 2
+    store.record_call(_call(9, "s0", [0, 1, 2, 3, 4], [5]))  # s0 was evicted: reloaded, then extended
+    assert store.trie("s0").num_tokens == 6
+    assert store.call_tokens(store.calls("s0")[1]) == ([0, 1, 2, 3, 4], [5])
