@@ -9,6 +9,7 @@ a response delivered to a client is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -128,29 +129,29 @@ class CompletionService:
                 tokens = self.engine.generate(plan.prompt_ids, request.sampling, cache_key=request.session.id)
             except PromptTooLong as exc:
                 raise ContextLengthExceeded(str(exc), param="messages") from exc
-            except EngineError as exc:
-                raise EngineUnavailable(f"the engine is unavailable: {exc}") from exc
-            async for event in _engine_errors_as_unavailable(tokens):
-                now = time.time()
-                if isinstance(event, Finished):
-                    finished = event
-                    for item in parse.feed(event.text) + parse.finish():
+            # aclosing: a client that goes away closes this stream, which cancels the generation now.
+            async with contextlib.aclosing(tokens):
+                async for event in tokens:
+                    now = time.time()
+                    if isinstance(event, Finished):
+                        finished = event
+                        for item in parse.feed(event.text) + parse.finish():
+                            yield item
+                        break
+                    if last_token_at is None:
+                        call.first_token_at = now
+                        self.metrics.ttft.observe(now - call.created_at)
+                    else:
+                        self.metrics.itl.observe(now - last_token_at)
+                    last_token_at = now
+                    call.completion_ids.append(event.token_id)
+                    call.completion_logprobs.append(event.logprob)
+                    call.completion_versions.append(event.version)
+                    if want_logprobs:
+                        logprobs.append(self._token_logprob(event))
+                        yield logprobs[-1]
+                    for item in parse.feed(event.text):
                         yield item
-                    break
-                if last_token_at is None:
-                    call.first_token_at = now
-                    self.metrics.ttft.observe(now - call.created_at)
-                else:
-                    self.metrics.itl.observe(now - last_token_at)
-                last_token_at = now
-                call.completion_ids.append(event.token_id)
-                call.completion_logprobs.append(event.logprob)
-                call.completion_versions.append(event.version)
-                if want_logprobs:
-                    logprobs.append(self._token_logprob(event))
-                    yield logprobs[-1]
-                for item in parse.feed(event.text):
-                    yield item
             assert finished is not None, "the engine stream ended without Finished"
             result = parse.result(call.id, finished, len(call.completion_ids), logprobs, call.completion_versions)
             call.status, call.finish_reason = "ok", finished.reason
@@ -162,6 +163,9 @@ class CompletionService:
             self.metrics.prompt_tokens.inc(len(call.prompt_ids))
             self.metrics.completion_tokens.inc(len(call.completion_ids))
             yield result
+        except EngineError as exc:
+            call.error = f"EngineError: {exc}"
+            raise EngineUnavailable(f"the engine failed this request: {exc}") from exc
         except Exception as exc:
             call.error = f"{type(exc).__name__}: {exc}"
             raise
@@ -184,14 +188,6 @@ class CompletionService:
         decode = self.renderer.tokenizer.decode
         top = tuple((decode([tid]), lp) for tid, lp in event.top_logprobs)
         return TokenLogprob(event.token_id, decode([event.token_id]), event.logprob, top)
-
-
-async def _engine_errors_as_unavailable(tokens):
-    try:
-        async for event in tokens:
-            yield event
-    except EngineError as exc:
-        raise EngineUnavailable(f"the engine failed this request: {exc}") from exc
 
 
 def result_message(result: CompletionResult) -> ChatMessage:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..rollout.records import StoredCall
-from ..rollout.store import TrajectoryStore
-from ..rollout.trie import Trie, TrieNode
+from arborl.rollout.records import StoredCall
+from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.trie import Trie, TrieNode
 
 
 class Decoder(Protocol):
