@@ -12,6 +12,7 @@ from .base import SamplingParams
 
 # Below this temperature, logits / T overflows float32 for ordinary logit gaps: sample greedily.
 MIN_TEMPERATURE = 1e-4
+IMPOSSIBLE_LOGPROB = -9999.0
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -54,5 +55,6 @@ def sample_token(
     top: tuple[tuple[int, float], ...] = ()
     if params.top_logprobs > 0:
         values, ids = torch.topk(logprobs, min(params.top_logprobs, logprobs.shape[-1]))
-        top = tuple((int(i), float(v)) for i, v in zip(ids, values, strict=True))
+        # Tokens cut by top-k/top-p have probability 0; report OpenAI's -9999.0, not -inf (not JSON).
+        top = tuple((int(i), max(float(v), IMPOSSIBLE_LOGPROB)) for i, v in zip(ids, values, strict=True))
     return token, float(logprobs[token]), top

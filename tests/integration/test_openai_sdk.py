@@ -184,3 +184,12 @@ def test_extreme_sampling_parameters_are_served(gateway, extra):
     assert response.status_code == 200, response.text
     assert "error" not in response.text
     assert gateway.engine.healthy
+
+
+def test_top_logprobs_wider_than_top_k(gateway):
+    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
+    response = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=2, logprobs=True, top_logprobs=2, extra_body={"top_k": 1}
+    )
+    items = response.choices[0].logprobs.content
+    assert all(len(i.top_logprobs) == 2 and i.top_logprobs[1].logprob == -9999.0 for i in items)

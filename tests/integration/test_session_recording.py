@@ -90,8 +90,9 @@ def test_edited_history_and_new_root_branch_with_reasons(gateway):
     first = [{"role": "user", "content": "Write a haiku."}]
     reply = client.chat.completions.create(model="tiny", messages=first, max_tokens=10, seed=1)
     content = reply.choices[0].message.content
-    # the scaffold rewrote the assistant turn (compaction-style edit)
-    edited = first + [{"role": "assistant", "content": content + " (edited)"}, {"role": "user", "content": "More."}]
+    # the scaffold rewrote the assistant turn from its start (compaction-style edit); an edit that
+    # only appends after the sampled tokens would still extend them, and is rightly no break
+    edited = first + [{"role": "assistant", "content": "Summary: " + content}, {"role": "user", "content": "More."}]
     client.chat.completions.create(model="tiny", messages=edited, max_tokens=5, seed=2)
     # a side call with another system prompt shares nothing but the template's start
     client.chat.completions.create(
