@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import jsonschema
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
@@ -26,6 +26,10 @@ from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
 router = APIRouter()
 
 DEFAULT_MAX_TOKENS = 1024
+DISCONNECT_POLL_SECONDS = 0.25
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+
+T = TypeVar("T")
 
 
 def normalise_messages(messages: list[Message]) -> list[ChatMessage]:
@@ -188,7 +192,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     header = {"id": response_id, "created": created, "model": completion.model, "system_fingerprint": None}
 
     if not body.stream:
-        results = await asyncio.gather(*(_last(s) for s in streams))
+        results = await until_disconnected(request, asyncio.gather(*(_last(s) for s in streams)))
+        if results is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
             {
                 "index": i,
@@ -209,6 +215,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         chunks, media_type="text/event-stream", headers={"x-arborl-session": completion.session.id,
                                                          "cache-control": "no-cache"},
     )
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work``, cancelling it if the client goes away first (then None).
+
+    Cancelling closes the engine streams, which frees their slots and records the calls as
+    cancelled with what was sampled so far.
+    """
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
 
 
 async def _last(stream: AsyncIterator) -> CompletionResult:

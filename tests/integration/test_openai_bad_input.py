@@ -421,3 +421,20 @@ def test_client_disconnect_mid_stream_cancels_the_call(gateway: LiveGateway):
     assert gateway.engine.stats().running == 0
     statuses = [c.status for c in gateway.store.calls(session_id)]
     assert statuses == ["cancelled", "ok"], statuses
+
+
+def test_client_disconnect_during_non_streaming_request_cancels_the_call(gateway: LiveGateway):
+    max_tokens = 2000
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/s/gone-1/v1/chat/completions", json=chat(max_tokens=max_tokens, ignore_eos=True),
+                   timeout=httpx.Timeout(60, read=1.5))
+    deadline = time.time() + 30
+    while not gateway.store.calls("gone-1"):
+        assert time.time() < deadline, "the abandoned call was never recorded"
+        time.sleep(0.05)
+    (call,) = gateway.store.calls("gone-1")
+    assert call.status == "cancelled" and 1 <= call.completion_len < max_tokens
+    deadline = time.time() + 10
+    while gateway.engine.stats().running:
+        assert time.time() < deadline, gateway.engine.stats()
+        time.sleep(0.05)
