@@ -19,10 +19,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from arborl.rollout.store import TrajectoryStore
 
-from . import openai_chat
+from . import anthropic_messages, openai_chat
 from .completions import CompletionService
 from .engines.base import Engine
-from .errors import GatewayError, ModelNotFound, PayloadTooLarge, Unauthorized
+from .errors import (
+    GatewayError,
+    HTTPRefusal,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
 from .sessions import SessionIdentity, check_session_id, identify_session
@@ -97,6 +105,18 @@ class Gateway:
         self.metrics.trie_tokens.set(self.store.total_tokens)
 
 
+def is_anthropic(request: Request) -> bool:
+    """Messages routes answer errors in Anthropic's format; everything else in OpenAI's."""
+    return request.url.path.endswith(("/v1/messages", "/v1/messages/count_tokens"))
+
+
+def error_response(request: Request, exc: GatewayError) -> JSONResponse:
+    """The error in the format of the dialect the client speaks."""
+    if is_anthropic(request):
+        return JSONResponse(exc.anthropic_body(), status_code=exc.anthropic_status, headers=exc.headers)
+    return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=exc.headers)
+
+
 class RequestMetrics:
     """Count requests by route and status and time them to their last byte (streams included)."""
 
@@ -136,7 +156,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _too_large(self.max_bytes, send)
+            return await _too_large(scope, self.max_bytes, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -145,7 +165,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await _too_large(self.max_bytes, send)
+                return await _too_large(scope, self.max_bytes, send)
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
@@ -163,10 +183,10 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(limit: int, send: Send) -> None:
+async def _too_large(scope: Scope, limit: int, send: Send) -> None:
     error = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    response = JSONResponse(error.openai_body(), status_code=error.status_code)
-    await response({"type": "http"}, _no_receive, send)
+    response = error_response(Request(scope), error)
+    await response(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:
@@ -188,7 +208,7 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -201,32 +221,30 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
             message = f"{location}: {message}"
         elif first.get("type") == "missing":
             message = "a JSON request body is required"
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": location or None,
-                          "code": None}}
-        return JSONResponse(body, status_code=400)
+        return error_response(request, InvalidRequest(message, param=location or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        """Starlette's own refusals (unknown route, wrong method, unreadable body), in OpenAI's format."""
+        """Starlette's own refusals (unknown route, wrong method, unreadable body)."""
         detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
         if exc.status_code == 400 and "parsing the body" in detail:
             detail = "the request body is not valid UTF-8 JSON"
-        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        body = {"error": {"message": detail, "type": error_type, "param": None, "code": None}}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        error = HTTPRefusal(detail, headers=getattr(exc, "headers", None) or {})
+        error.status_code = exc.status_code
+        error.error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(request, error)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        body = {"error": {"message": "internal error in arborl", "type": "server_error", "param": None,
-                          "code": None}}
-        return JSONResponse(body, status_code=500)
+        return error_response(request, InternalError("internal error in arborl"))
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=gateway.metrics)
 
-    app.include_router(openai_chat.router)
-    app.include_router(openai_chat.router, prefix="/s/{session_id}")
+    for dialect in (openai_chat.router, anthropic_messages.router):
+        app.include_router(dialect)
+        app.include_router(dialect, prefix="/s/{session_id}")
 
     meta = APIRouter()
 

@@ -42,6 +42,7 @@ class CompletionRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: ToolChoice = None
     request_body: str = ""
+    enable_thinking: bool | None = None  # None: the template's default
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,16 @@ class CompletionService:
     def prepare(self, request: CompletionRequest) -> PreparedPrompt:
         """Render and stitch the prompt; refuse it if it does not fit the context window."""
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
-        rendered = self.renderer.render(request.messages, request.tools, tool_choice=request.tool_choice)
-        plan = self.stitcher.plan(request.session.id, request.messages, rendered.text, tools=request.tools)
+        rendered = self.renderer.render(
+            request.messages, request.tools, tool_choice=request.tool_choice, enable_thinking=request.enable_thinking
+        )
+        plan = self.stitcher.plan(
+            request.session.id, request.messages, rendered.text, tools=request.tools,
+            enable_thinking=request.enable_thinking,
+        )
         context = self.engine.context_length
         if len(plan.prompt_ids) >= context:
-            raise ContextLengthExceeded(str(PromptTooLong(len(plan.prompt_ids), context)), param="messages")
+            raise ContextLengthExceeded(len(plan.prompt_ids), context)
         return PreparedPrompt(request, plan, rendered.forced_prefix, rendered.starts_in_reasoning)
 
     async def stream(self, prepared: PreparedPrompt, *, want_logprobs: bool = False) -> AsyncIterator[CompletionEvent]:
@@ -128,7 +134,7 @@ class CompletionService:
             try:
                 tokens = self.engine.generate(plan.prompt_ids, request.sampling, cache_key=request.session.id)
             except PromptTooLong as exc:
-                raise ContextLengthExceeded(str(exc), param="messages") from exc
+                raise ContextLengthExceeded(exc.prompt_tokens, exc.context_length) from exc
             # aclosing: a client that goes away closes this stream, which cancels the generation now.
             async with contextlib.aclosing(tokens):
                 async for event in tokens:

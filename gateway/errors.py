@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+# Anthropic's error type for each status it uses.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
 
 class GatewayError(Exception):
     status_code: int = 400
     error_type: str = "invalid_request_error"
     code: str | None = None
+    # Anthropic says 529 where OpenAI says 429/503 (overloaded or unavailable).
+    anthropic_status_code: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None, headers=None):
         super().__init__(message)
@@ -25,6 +39,19 @@ class GatewayError(Exception):
     def openai_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
+    @property
+    def anthropic_status(self) -> int:
+        return self.anthropic_status_code or self.status_code
+
+    @property
+    def anthropic_message(self) -> str:
+        return self.message
+
+    def anthropic_body(self) -> dict[str, Any]:
+        status = self.anthropic_status
+        error_type = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return {"type": "error", "error": {"type": error_type, "message": self.anthropic_message}}
+
 
 class InvalidRequest(GatewayError):
     pass
@@ -32,6 +59,20 @@ class InvalidRequest(GatewayError):
 
 class ContextLengthExceeded(GatewayError):
     code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, context_length: int, *, param: str | None = "messages"):
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, but the prompt has "
+            f"{prompt_tokens} tokens. Shorten the conversation.",
+            param=param,
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+    @property
+    def anthropic_message(self) -> str:
+        # Claude Code recognises this wording and compacts the conversation.
+        return f"prompt is too long: {self.prompt_tokens} tokens > {self.context_length - 1} maximum"
 
 
 class PayloadTooLarge(GatewayError):
@@ -57,11 +98,24 @@ class ModelNotFound(NotFound):
 
 class Overloaded(GatewayError):
     status_code = 429
+    anthropic_status_code = 529
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
 
 class EngineUnavailable(GatewayError):
     status_code = 503
+    anthropic_status_code = 529
     error_type = "server_error"
     code = "engine_unavailable"
+
+
+class HTTPRefusal(GatewayError):
+    """A refusal by the HTTP layer itself (unknown route, wrong method); status set per instance."""
+
+
+class InternalError(GatewayError):
+    """A bug in arborl: the only path to a 500."""
+
+    status_code = 500
+    error_type = "server_error"

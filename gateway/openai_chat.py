@@ -9,27 +9,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import jsonschema
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
 from .errors import GatewayError, InvalidRequest
+from .http_streams import CLIENT_CLOSED_REQUEST, last_result, until_disconnected
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
+from .tool_schemas import check_function_tools
 
 router = APIRouter()
 
 DEFAULT_MAX_TOKENS = 1024
-DISCONNECT_POLL_SECONDS = 0.25
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
-
-T = TypeVar("T")
 
 
 def normalise_messages(messages: list[Message]) -> list[ChatMessage]:
@@ -87,25 +84,10 @@ def validate_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
         if body.tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("tool_choice requires tools", param="tool_choice")
         return None
-    tools = []
-    for i, tool in enumerate(body.tools):
-        parameters = tool.function.parameters or {"type": "object", "properties": {}}
-        try:
-            jsonschema.validators.validator_for(parameters).check_schema(parameters)
-        except jsonschema.SchemaError as exc:
-            raise InvalidRequest(
-                f"tools[{i}].function.parameters is not a valid JSON schema: {exc.message}", param=f"tools[{i}]"
-            ) from exc
-        except (TypeError, ValueError, LookupError) as exc:  # e.g. a "$schema" that is not a string
-            raise InvalidRequest(
-                f"tools[{i}].function.parameters is not a valid JSON schema: {exc}", param=f"tools[{i}]"
-            ) from exc
-        tools.append(tool.model_dump(exclude_none=True))
-    names = {tool.function.name for tool in body.tools}
-    if len(names) != len(body.tools):
-        raise InvalidRequest("tool names must be unique", param="tools")
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    check_function_tools(tools)
     named = body.tool_choice if body.tool_choice is not None and not isinstance(body.tool_choice, str) else None
-    if named is not None and named.function.name not in names:
+    if named is not None and named.function.name not in {tool.function.name for tool in body.tools}:
         raise InvalidRequest(
             f"tool_choice names {named.function.name!r}, which is not among the tools", param="tool_choice"
         )
@@ -192,7 +174,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     header = {"id": response_id, "created": created, "model": completion.model, "system_fingerprint": None}
 
     if not body.stream:
-        results = await until_disconnected(request, asyncio.gather(*(_last(s) for s in streams)))
+        results = await until_disconnected(request, asyncio.gather(*(last_result(s) for s in streams)))
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         choices = [
@@ -215,31 +197,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         chunks, media_type="text/event-stream", headers={"x-arborl-session": completion.session.id,
                                                          "cache-control": "no-cache"},
     )
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Await ``work``, cancelling it if the client goes away first (then None).
-
-    Cancelling closes the engine streams, which frees their slots and records the calls as
-    cancelled with what was sampled so far.
-    """
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return None
-
-
-async def _last(stream: AsyncIterator) -> CompletionResult:
-    result = None
-    async for event in stream:
-        result = event
-    assert isinstance(result, CompletionResult)
-    return result
 
 
 async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:

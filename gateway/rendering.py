@@ -79,14 +79,20 @@ class ChatRenderer:
         *,
         add_generation_prompt: bool = True,
         tool_choice: str | dict[str, Any] | None = None,
+        enable_thinking: bool | None = None,
     ) -> RenderedPrompt:
-        """The prompt text for ``messages``; ``tools`` are OpenAI function schemas."""
+        """The prompt text for ``messages``; ``tools`` are OpenAI function schemas.
+
+        ``enable_thinking`` is passed to templates that switch reasoning on and off (Qwen3);
+        None leaves the template's default.
+        """
         if tool_choice == "none":
             tools = None
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         if self.native_tools:
-            text = self._apply(self._native_messages(messages), tools, add_generation_prompt)
+            text = self._apply(self._native_messages(messages), tools, add_generation_prompt, **extra)
         else:
-            text = self._apply(self._hermes_messages(messages, tools), None, add_generation_prompt)
+            text = self._apply(self._hermes_messages(messages, tools), None, add_generation_prompt, **extra)
         forced = ""
         if add_generation_prompt and tools:
             forced = self._forced_prefix(tool_choice)
@@ -100,8 +106,8 @@ class ChatRenderer:
         text = self._apply(probe, None, add_generation_prompt=False)
         return text[text.index(_SENTINEL) + len(_SENTINEL) :]
 
-    def _apply(self, messages: list[ChatMessage], tools, add_generation_prompt: bool) -> str:
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+    def _apply(self, messages: list[ChatMessage], tools, add_generation_prompt: bool, **extra: Any) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt, **extra}
         if tools:
             kwargs["tools"] = tools
         return self.tokenizer.apply_chat_template(messages, **kwargs)  # type: ignore[attr-defined]

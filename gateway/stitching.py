@@ -76,6 +76,7 @@ class Stitcher:
         prompt_text: str,
         *,
         tools: list[dict[str, Any]] | None = None,
+        enable_thinking: bool | None = None,
     ) -> PromptPlan:
         """The prompt ids for ``messages`` (rendered as ``prompt_text``) in this session."""
         calls = [c for c in self.store.calls(session_id) if c.status == "ok" and c.response_message is not None]
@@ -95,7 +96,7 @@ class Stitcher:
                 ):
                     reason = "reasoning_dropped"
                 continue
-            plan = self._extend(call, messages[: k + 1], prompt_text, tools)
+            plan = self._extend(call, messages[: k + 1], prompt_text, tools, enable_thinking)
             if plan is not None:
                 return plan
             reason = "template_unstable"
@@ -104,10 +105,12 @@ class Stitcher:
         return PromptPlan(ids, branch_reason=self._classify(session_id, calls, ids, reason))
 
     def _extend(
-        self, call: StoredCall, through_reply: list[ChatMessage], prompt_text: str, tools
+        self, call: StoredCall, through_reply: list[ChatMessage], prompt_text: str, tools, enable_thinking
     ) -> PromptPlan | None:
         """Ids of ``call``'s path followed by the template text after its reply, if consistent."""
-        rendered = self.renderer.render(through_reply, tools, add_generation_prompt=False).text
+        rendered = self.renderer.render(
+            through_reply, tools, add_generation_prompt=False, enable_thinking=enable_thinking
+        ).text
         suffix = self.renderer.turn_suffix
         if not prompt_text.startswith(rendered) or not rendered.endswith(suffix):
             return None
