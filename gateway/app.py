@@ -7,6 +7,7 @@ both build the gateway through it.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -63,8 +64,16 @@ class Gateway:
             engine.observer = self.metrics  # type: ignore[attr-defined]
         parser = get_parser(settings.tool_parser or default_tool_parser(engine))
         self.renderer = ChatRenderer(engine.tokenizer, parser)
-        self.completions = CompletionService(engine, self.renderer, store, self.metrics)
+        self.completions = CompletionService(
+            engine, self.renderer, store, self.metrics, max_waiting=settings.max_waiting
+        )
         self.model_names = {engine.model_name, *settings.model_aliases}
+        # On loopback only local processes can reach the gateway; anywhere else a key is required
+        # (with no keys configured, nothing gets in but session keys arborl issued).
+        self.keys_required = bool(settings.api_keys) or not _is_loopback(settings.host)
+        if self.keys_required and not settings.api_keys:
+            log.warning("gateway binds to %s with no api_keys configured: only session keys are accepted",
+                        settings.host)
 
     def api_key(self, request: Request) -> str | None:
         auth = request.headers.get("authorization", "")
@@ -75,10 +84,8 @@ class Gateway:
     def identify(self, request: Request, body: Any) -> SessionIdentity:
         """Check the key and the model name; say which session the request belongs to."""
         key = self.api_key(request)
-        if self.settings.api_keys and key not in self.settings.api_keys and not (
-            key and self.store.session_for_key(key)
-        ):
-            raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+        if self.keys_required and key not in self.settings.api_keys and not (key and self.store.session_for_key(key)):
+            raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or x-api-key: KEY)")
         if body.model not in self.model_names:
             raise ModelNotFound(
                 f"The model {body.model!r} does not exist; this gateway serves {sorted(self.model_names)}",
@@ -103,6 +110,15 @@ class Gateway:
         self.metrics.policy_version.set(stats.policy_version)
         self.metrics.trie_nodes.set(self.store.total_nodes)
         self.metrics.trie_tokens.set(self.store.total_tokens)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_anthropic(request: Request) -> bool:

@@ -21,13 +21,15 @@ from arborl.rollout.records import CallRecord
 from arborl.rollout.store import TrajectoryStore
 
 from .engines.base import Engine, EngineError, Finished, PromptTooLong, SampledToken, SamplingParams
-from .errors import ContextLengthExceeded, EngineUnavailable
+from .errors import ContextLengthExceeded, EngineUnavailable, Overloaded
 from .metrics import GatewayMetrics
 from .reasoning import ReasoningStreamer
 from .rendering import ChatMessage, ChatRenderer
 from .sessions import SessionIdentity
 from .stitching import PromptPlan, Stitcher
 from .tool_parsers import MalformedToolCall, TextDelta, ToolCall, ToolCallArgsDelta, ToolCallStart
+
+RETRY_AFTER_SECONDS = 1
 
 ToolChoice = Literal["none", "auto", "required"] | dict[str, Any] | None
 
@@ -85,15 +87,34 @@ class PreparedPrompt:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, renderer: ChatRenderer, store: TrajectoryStore, metrics: GatewayMetrics):
+    def __init__(
+        self,
+        engine: Engine,
+        renderer: ChatRenderer,
+        store: TrajectoryStore,
+        metrics: GatewayMetrics,
+        *,
+        max_waiting: int = 256,
+    ):
         self.engine = engine
         self.renderer = renderer
         self.store = store
         self.stitcher = Stitcher(store, renderer)
         self.metrics = metrics
+        self.max_waiting = max_waiting
 
     def prepare(self, request: CompletionRequest) -> PreparedPrompt:
-        """Render and stitch the prompt; refuse it if it does not fit the context window."""
+        """Render and stitch the prompt; refuse it if the engine's queue is full or it does not fit.
+
+        Backpressure: when ``max_waiting`` requests already wait for an engine slot, new ones are
+        refused at once (429 / 529 with Retry-After) instead of piling up without bound.
+        """
+        if self.engine.stats().waiting >= self.max_waiting:
+            self.metrics.rejected.inc()
+            raise Overloaded(
+                f"the engine's queue is full ({self.max_waiting} requests waiting); retry shortly",
+                headers={"retry-after": str(RETRY_AFTER_SECONDS)},
+            )
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
         rendered = self.renderer.render(
             request.messages, request.tools, tool_choice=request.tool_choice, enable_thinking=request.enable_thinking

@@ -64,6 +64,9 @@ class GatewayMetrics:
             "arborl_weight_swap_seconds", "Time to swap new weights into the engine", buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.rejected = Counter(
+            "arborl_requests_rejected_total", "Requests refused because the engine queue was full", registry=r
+        )
         self.queue_depth = Gauge("arborl_engine_queue_depth", "Requests waiting for an engine slot", registry=r)
         self.running = Gauge("arborl_engine_running_requests", "Requests being generated", registry=r)
         self.policy_version = Gauge("arborl_policy_version", "Policy version being served", registry=r)

@@ -14,6 +14,8 @@ class GatewaySettings(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     admin_token: str | None = None
     max_body_bytes: int = 32 << 20
+    # Requests allowed to wait for an engine slot; beyond it, 429 (OpenAI) / 529 (Anthropic).
+    max_waiting: int = 256
     # An operator's cap on completion length, applied to every request's max_tokens.
     max_tokens_cap: int | None = None
     tool_parser: str | None = None  # hermes | qwen3_coder | llama3_json; None picks by model family
