@@ -9,12 +9,12 @@ import anthropic
 import httpx
 import openai
 import pytest
-from conftest import ServerThread
 
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.settings import GatewaySettings
 from arborl.rollout.store import TrajectoryStore
+from conftest import ServerThread
 
 LONG = {"model": "tiny", "max_tokens": 1500, "ignore_eos": True, "stream": True,
         "messages": [{"role": "user", "content": "go on"}]}
