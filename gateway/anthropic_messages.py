@@ -151,7 +151,7 @@ async def messages(body: MessagesRequest, request: Request):
         model=body.model,
         messages=normalise_messages(body),
         sampling=SamplingParams(
-            max_tokens=min(body.max_tokens, gateway.settings.max_tokens_cap or body.max_tokens),
+            max_tokens=gateway.settings.capped_max_tokens(body.max_tokens),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=body.top_k or 0,

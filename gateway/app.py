@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from arborl.rollout.store import TrajectoryStore
 
-from . import anthropic_messages, openai_chat
+from . import anthropic_messages, openai_chat, responses_api
 from .completions import CompletionService
 from .engines.base import Engine
 from .errors import (
@@ -258,7 +258,7 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=gateway.metrics)
 
-    for dialect in (openai_chat.router, anthropic_messages.router):
+    for dialect in (openai_chat.router, anthropic_messages.router, responses_api.router):
         app.include_router(dialect)
         app.include_router(dialect, prefix="/s/{session_id}")
 

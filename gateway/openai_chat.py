@@ -21,6 +21,7 @@ from .errors import GatewayError, InvalidRequest
 from .http_streams import CLIENT_CLOSED_REQUEST, last_result, until_disconnected
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
+from .settings import GatewaySettings
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
 from .tool_schemas import check_function_tools
 
@@ -94,10 +95,8 @@ def validate_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     return tools
 
 
-def sampling_params(body: ChatCompletionRequest, max_tokens_cap: int | None) -> SamplingParams:
-    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-    if max_tokens_cap:
-        max_tokens = min(max_tokens, max_tokens_cap)
+def sampling_params(body: ChatCompletionRequest, settings: GatewaySettings) -> SamplingParams:
+    max_tokens = settings.capped_max_tokens(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     top_logprobs = body.top_logprobs or 0
     if top_logprobs and not body.logprobs:
@@ -160,7 +159,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         dialect="openai_chat",
         model=body.model,
         messages=normalise_messages(body.messages),
-        sampling=sampling_params(body, gateway.settings.max_tokens_cap),
+        sampling=sampling_params(body, gateway.settings),
         tools=validate_tools(body),
         tool_choice=body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
         request_body=gateway.raw_body(request),

@@ -19,3 +19,7 @@ class GatewaySettings(BaseModel):
     # An operator's cap on completion length, applied to every request's max_tokens.
     max_tokens_cap: int | None = None
     tool_parser: str | None = None  # hermes | qwen3_coder | llama3_json; None picks by model family
+
+    def capped_max_tokens(self, requested: int) -> int:
+        """A request's max_tokens after the operator's cap."""
+        return min(requested, self.max_tokens_cap) if self.max_tokens_cap else requested
