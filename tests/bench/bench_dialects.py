@@ -22,9 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import start_gateway  # noqa: E402
-
-from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model  # noqa: E402
+from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
+from conftest import start_gateway
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
