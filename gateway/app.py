@@ -127,10 +127,15 @@ def is_anthropic(request: Request) -> bool:
 
 
 def error_response(request: Request, exc: GatewayError) -> JSONResponse:
-    """The error in the format of the dialect the client speaks."""
+    """The error in the format of the dialect the client speaks.
+
+    ``x-should-retry`` tells the official SDKs (and Claude Code) whether retrying can help:
+    only for an overloaded or unavailable engine, never for a request that is wrong.
+    """
+    headers = {**exc.headers, "x-should-retry": "true" if exc.status_code in (429, 503) else "false"}
     if is_anthropic(request):
-        return JSONResponse(exc.anthropic_body(), status_code=exc.anthropic_status, headers=exc.headers)
-    return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(exc.anthropic_body(), status_code=exc.anthropic_status, headers=headers)
+    return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=headers)
 
 
 class RequestMetrics:
@@ -278,6 +283,11 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
 
     app.include_router(meta)
     app.include_router(meta, prefix="/s/{session_id}")
+
+    @app.api_route("/", methods=["GET", "HEAD"], tags=["ops"])
+    async def root() -> dict[str, str]:
+        """Agents probe the base URL on start (Claude Code sends HEAD /)."""
+        return {"service": "arborl", "model": engine.model_name}
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

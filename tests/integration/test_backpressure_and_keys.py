@@ -45,7 +45,7 @@ def test_full_queue_is_refused_with_retry_after(tiny_model_dir, tmp_path):
 
         refused = httpx.post(url + "/v1/chat/completions", json={**LONG, "stream": False}, timeout=30)
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "1" and refused.headers["x-should-retry"] == "true"
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
         overloaded = httpx.post(url + "/v1/messages", json={"model": "tiny", "max_tokens": 5,
                                                              "messages": [{"role": "user", "content": "x"}]})
@@ -85,3 +85,10 @@ def test_no_keys_needed_on_loopback_unless_configured(tiny_model_dir, tmp_path):
         response = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
                                                                     "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 200
+
+
+def test_retry_hints_and_root_probe(gateway):
+    wrong = httpx.post(gateway.v1 + "/chat/completions", json={"model": "nope", "messages": [{"role": "user",
+                                                                                              "content": "x"}]})
+    assert wrong.status_code == 404 and wrong.headers["x-should-retry"] == "false"
+    assert httpx.head(gateway.url + "/").status_code == 200
