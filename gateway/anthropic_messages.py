@@ -37,7 +37,7 @@ from .errors import GatewayError, InvalidRequest
 from .http_streams import CLIENT_CLOSED_REQUEST, last_result, until_disconnected
 from .rendering import ChatMessage
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
-from .tool_schemas import check_function_tools
+from .tool_schemas import check_chosen_tool, check_function_tools
 
 router = APIRouter()
 
@@ -119,8 +119,7 @@ def tools_and_choice(body: CountTokensRequest) -> tuple[list[dict[str, Any]] | N
         raise InvalidRequest(f"tool_choice {choice.type!r} requires tools")
     if choice.type == "any":
         return tools, "required"
-    if not choice.name or choice.name not in {t["function"]["name"] for t in tools}:
-        raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not among the tools")
+    check_chosen_tool(tools, choice.name or "")
     return tools, {"type": "function", "function": {"name": choice.name}}
 
 

@@ -284,7 +284,7 @@ def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings
     app.include_router(meta)
     app.include_router(meta, prefix="/s/{session_id}")
 
-    @app.api_route("/", methods=["GET", "HEAD"], tags=["ops"])
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root() -> dict[str, str]:
         """Agents probe the base URL on start (Claude Code sends HEAD /)."""
         return {"service": "arborl", "model": engine.model_name}

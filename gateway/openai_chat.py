@@ -23,7 +23,7 @@ from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
 from .settings import GatewaySettings
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
-from .tool_schemas import check_function_tools
+from .tool_schemas import check_chosen_tool, check_function_tools
 
 router = APIRouter()
 
@@ -87,11 +87,8 @@ def validate_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
         return None
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
     check_function_tools(tools)
-    named = body.tool_choice if body.tool_choice is not None and not isinstance(body.tool_choice, str) else None
-    if named is not None and named.function.name not in {tool.function.name for tool in body.tools}:
-        raise InvalidRequest(
-            f"tool_choice names {named.function.name!r}, which is not among the tools", param="tool_choice"
-        )
+    if body.tool_choice is not None and not isinstance(body.tool_choice, str):
+        check_chosen_tool(tools, body.tool_choice.function.name)
     return tools
 
 

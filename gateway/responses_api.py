@@ -35,7 +35,7 @@ from .openai_chat import DEFAULT_MAX_TOKENS
 from .rendering import ChatMessage
 from .responses_schema import ResponsesRequest
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
-from .tool_schemas import check_function_tools
+from .tool_schemas import check_chosen_tool, check_function_tools
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -140,9 +140,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         log.info("ignoring tools of types %s (only function tools are served)", ignored)
     choice: Any = body.tool_choice
     if hasattr(choice, "name"):
-        if not tools or choice.name not in {t["function"]["name"] for t in tools}:
-            raise InvalidRequest(f"tool_choice names {choice.name!r}, which is not among the tools",
-                                 param="tool_choice")
+        check_chosen_tool(tools, choice.name)
         choice = {"type": "function", "function": {"name": choice.name}}
     elif choice == "required" and not tools:
         raise InvalidRequest("tool_choice requires tools", param="tool_choice")

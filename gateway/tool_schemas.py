@@ -29,3 +29,9 @@ def check_function_tools(tools: list[dict[str, Any]], *, field: str = "tools") -
             continue
         raise InvalidRequest(f"{field}[{i}] has parameters that are not a valid JSON schema: {problem}",
                              param=f"{field}[{i}]")
+
+
+def check_chosen_tool(tools: list[dict[str, Any]] | None, name: str, *, field: str = "tool_choice") -> None:
+    """A tool_choice that names a function must name one of the declared tools."""
+    if name not in {tool["function"]["name"] for tool in tools or ()}:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not among the tools", param=field)
