@@ -118,6 +118,7 @@ class TrajectoryStore:
         # are reloaded from disk when their session comes back.
         self._tries: OrderedDict[str, Trie] = OrderedDict()
         self._cached_tries = cached_tries
+        self._known_sessions: set[str] = set()  # rows already written by this process
         self._next_seq: dict[str, int] = {}
         row = self._db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(LENGTH(tokens)), 0) FROM nodes")
         max_id, self.total_nodes, token_bytes = row.fetchone()
@@ -142,11 +143,15 @@ class TrajectoryStore:
     # -- sessions --------------------------------------------------------------------------
 
     def ensure_session(self, session_id: str, *, identified_by: str = "", scaffold: str | None = None) -> None:
+        """Create the session row once; later calls of a known session write nothing."""
+        if session_id in self._known_sessions:
+            return
         with self._lock:
             self._db.execute(
                 "INSERT OR IGNORE INTO sessions(id, created_at, identified_by, scaffold) VALUES (?, ?, ?, ?)",
                 (session_id, time.time(), identified_by, scaffold),
             )
+            self._known_sessions.add(session_id)
 
     def sessions(self) -> list[dict[str, Any]]:
         with self._lock:

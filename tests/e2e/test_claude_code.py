@@ -17,13 +17,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from scripted_engine import ScriptedEngine
 
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
 from arborl.gateway.tool_parsers import get_parser
 from arborl.rollout.store import TrajectoryStore
 from conftest import ServerThread
+from scripted_engine import ScriptedEngine
 
 HERMES = get_parser("hermes")
 FINAL = "Done: hello.txt contains hi."

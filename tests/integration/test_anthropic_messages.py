@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import anthropic
 import httpx
 import pytest
 
+from sse import sse_events
 from tool_caller import CALL_ARGUMENTS, TOOL_RESULT
 
 WEATHER = {
@@ -65,25 +64,13 @@ def test_streaming_tool_use_with_the_sdk(tool_gateway):
     assert final.stop_reason == "tool_use"
 
 
-def _sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            data = json.loads(line[6:])
-            assert data["type"] == name, (name, data)
-            events.append((name, data))
-    return events
-
-
 def test_stream_event_order_conforms(tool_gateway):
     """message_start, ping, then whole content blocks, message_delta, message_stop: nothing else."""
     body = {"model": "tiny", "max_tokens": 60, "temperature": 0, "tools": [WEATHER], "messages": ASK, "stream": True}
     with httpx.stream("POST", tool_gateway.url + "/v1/messages?beta=true", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = _sse_events(response)
+        events = sse_events(response)
     names = [n for n, _ in events if n != "ping"]
     assert names[0] == "message_start" and events[1][0] == "ping"
     assert names[-2:] == ["message_delta", "message_stop"]

@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from sse import sse_events
 from tool_caller import CALL_ARGUMENTS, TOOL_RESULT
 
 WEATHER = {
@@ -45,25 +46,13 @@ def test_codex_style_tool_loop_is_one_path(tool_gateway):
     assert all(c.stitched_from for c in calls[1:])
 
 
-def _events(response: httpx.Response) -> list[dict]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            data = json.loads(line[6:])
-            assert data["type"] == name
-            events.append(data)
-    return events
-
-
 def test_stream_event_order_conforms(tool_gateway):
     body = {"model": "tiny", "input": ASK, "tools": [WEATHER, {"type": "web_search"}], "temperature": 0,
             "max_output_tokens": 60, "stream": True, "store": False}
     with httpx.stream("POST", tool_gateway.v1 + "/responses", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["x-arborl-ignored-tools"] == "web_search"
-        events = _events(response)
+        events = [data for _, data in sse_events(response)]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     names = [e["type"] for e in events]
     assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "response.completed"
@@ -109,7 +98,7 @@ def test_context_overflow_fails_in_stream_and_in_json(gateway):
     long_input = "word " * 6000
     with httpx.stream("POST", gateway.v1 + "/responses", timeout=60,
                       json={"model": "tiny", "input": long_input, "stream": True}) as response:
-        events = _events(response)
+        events = [data for _, data in sse_events(response)]
     assert [e["type"] for e in events] == ["response.created", "response.failed"]
     assert events[-1]["response"]["error"]["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="context length"):
