@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -19,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from arborl.rollout.store import TrajectoryStore
+from arborl.scaffold_adapters.registry import call_purpose
 
 from . import anthropic_messages, openai_chat, responses_api
 from .completions import CompletionService
@@ -91,13 +94,15 @@ class Gateway:
                 f"The model {body.model!r} does not exist; this gateway serves {sorted(self.model_names)}",
                 param="model",
             )
-        return identify_session(
+        session = identify_session(
             path_session=request.path_params.get("session_id"),
             headers=request.headers,
             api_key=key,
             body=body.model_dump(include={"metadata", "client_metadata"}),
             session_for_key=self.store.session_for_key,
         )
+        purpose = call_purpose(request.headers, _LazyJson(request.scope.get("arborl.raw_body", b"")))
+        return session.for_purpose(purpose.kind, purpose.branch)
 
     @staticmethod
     def raw_body(request: Request) -> str:
@@ -110,6 +115,32 @@ class Gateway:
         self.metrics.policy_version.set(stats.policy_version)
         self.metrics.trie_nodes.set(self.store.total_nodes)
         self.metrics.trie_tokens.set(self.store.total_tokens)
+
+
+class _LazyJson(Mapping[str, Any]):
+    """A request body parsed only if a scaffold adapter looks past the headers."""
+
+    def __init__(self, raw: bytes):
+        self._raw = raw
+        self._parsed: dict[str, Any] | None = None
+
+    def _data(self) -> dict[str, Any]:
+        if self._parsed is None:
+            try:
+                parsed = json.loads(self._raw or b"{}")
+            except ValueError:
+                parsed = None
+            self._parsed = parsed if isinstance(parsed, dict) else {}
+        return self._parsed
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
 
 
 def _is_loopback(host: str) -> bool:

@@ -145,6 +145,7 @@ class CompletionService:
             token_exact=True,
             stitched_from=plan.stitched_from,
             branch_reason=plan.branch_reason,
+            purpose=request.session.purpose,
         )
         parse = _OutputParser(self.renderer, prepared, self.metrics)
         logprobs: list[TokenLogprob] = []
@@ -208,6 +209,8 @@ class CompletionService:
         self.store.record_call(call)
         self.metrics.record_duration.observe(time.perf_counter() - started)
         self.metrics.calls_recorded.labels(call.status).inc()
+        if call.purpose != "main":
+            self.metrics.auxiliary_calls.labels(call.purpose).inc()
         if call.branch_reason:
             self.metrics.prefix_breaks.labels(call.branch_reason).inc()
 

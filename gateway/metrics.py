@@ -56,6 +56,10 @@ class GatewayMetrics:
         self.calls_recorded = Counter(
             "arborl_calls_recorded_total", "Calls written to the store", ["status"], registry=r
         )
+        self.auxiliary_calls = Counter(
+            "arborl_auxiliary_calls_total", "Calls recorded in their own trie, out of the main agent's path",
+            ["purpose"], registry=r,
+        )
         self.record_duration = Histogram(
             "arborl_record_duration_seconds", "Trie insert plus durable commit of one call",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1), registry=r,

@@ -17,12 +17,22 @@ from typing import Any
 from .errors import InvalidRequest
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BRANCH_CHARS = re.compile(r"[^A-Za-z0-9._\-]")
 
 
 @dataclass(frozen=True)
 class SessionIdentity:
     id: str
     identified_by: str  # path | header | session_key | claude_code | codex | metadata | anonymous
+    # Why the call was made (scaffold_adapters.base.Purpose). Auxiliary calls and sub-agents get
+    # their own trie, ``{session}:{branch}``, so the main agent's path stays one unbroken line.
+    purpose: str = "main"
+
+    def for_purpose(self, kind: str, branch: str | None) -> SessionIdentity:
+        if branch is None:
+            return SessionIdentity(self.id, self.identified_by, kind)
+        branch = _BRANCH_CHARS.sub("_", branch)
+        return SessionIdentity(f"{self.id}:{branch}"[:128], self.identified_by, kind)
 
 
 def check_session_id(session_id: str, where: str) -> str:

@@ -4,6 +4,7 @@
     arborl serve [--model M ...]   the same, with every engine and gateway setting as a flag
     arborl trie list [--run DIR]   the sessions recorded in a run
     arborl trie show SESSION       one session's prefix tree (--html FILE for a picture)
+    arborl connect SCAFFOLD        how to point claude-code, codex, opencode or cline at the gateway
 """
 
 from __future__ import annotations
@@ -130,6 +131,23 @@ def trie_show(run_dir: Path, session: str, html: Path | None, show_tokens: int) 
         raise SystemExit(f"arborl: {exc.args[0]}") from None
 
 
+def connect(args: argparse.Namespace) -> None:
+    from arborl.scaffold_adapters.base import GatewayTarget
+
+    from .connect import connect_text, served_model
+
+    config = load_config(args.config)
+    url = args.url or f"http://{config.gateway.host}:{config.gateway.port}"
+    key = args.key or (config.gateway.api_keys[0] if config.gateway.api_keys else "arborl")
+    model = args.model or config.engine.served_name or served_model(url, key)
+    if model is None:
+        raise SystemExit(f"arborl: no gateway answers at {url}; start one (`arborl up`) or pass --model NAME")
+    try:
+        print(connect_text(args.scaffold, GatewayTarget(url, key, model, args.session), args.write_home))
+    except KeyError as exc:
+        raise SystemExit(f"arborl: {exc.args[0]}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="arborl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -145,10 +163,20 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--run", type=Path, default=Path("runs/default"))
     show.add_argument("--html", type=Path, help="write an HTML picture of the tree to this file")
     show.add_argument("--tokens", type=int, default=8, help="token ids to show per node")
+    link = commands.add_parser("connect", help="configuration that points an agent CLI at the gateway")
+    link.add_argument("scaffold", help="claude-code, codex, opencode or cline")
+    link.add_argument("--config", help="the gateway's configuration file (for its address and keys)")
+    link.add_argument("--url", help="gateway root URL (default http://HOST:PORT from the configuration)")
+    link.add_argument("--key", help="API key the agent sends (default: the first configured key)")
+    link.add_argument("--model", help="model name (default: what the running gateway serves)")
+    link.add_argument("--session", help="file every call of this agent under this session id")
+    link.add_argument("--write-home", type=Path, help="write the configuration files into this HOME folder")
     args = parser.parse_args(argv)
 
     if args.command in ("up", "serve"):
         serve(load_config(args.config, _overrides(args)))
+    elif args.command == "connect":
+        connect(args)
     elif args.trie_command == "list":
         trie_list(args.run)
     else:

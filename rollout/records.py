@@ -39,6 +39,7 @@ class CallRecord:
     stitched_from: str | None = None
     branch_reason: str | None = None
     error: str | None = None
+    purpose: str = "main"  # main | subagent | title | side; only main and subagent calls are trained on
     created_at: float = field(default_factory=time.time)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -70,6 +71,7 @@ class StoredCall:
     branch_reason: str | None
     created_at: float
     finished_at: float | None
+    purpose: str = "main"
 
     @property
     def versions(self) -> list[int]:

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS calls (
     error TEXT,
     created_at REAL NOT NULL,
     first_token_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    purpose TEXT NOT NULL DEFAULT 'main'
 );
 CREATE INDEX IF NOT EXISTS calls_by_session ON calls(session_id, seq);
 CREATE TABLE IF NOT EXISTS session_keys (
@@ -77,6 +78,14 @@ CREATE TABLE IF NOT EXISTS session_keys (
     created_at REAL NOT NULL
 );
 """
+
+_CALL_COLUMNS = (
+    "id, session_id, seq, dialect, model, status, finish_reason, node_id, prompt_len, completion_len, "
+    "completion_logprobs, completion_versions, token_exact, stitched_from, branch_reason, messages, "
+    "response_message, tools, tool_calls, request_body, response_body, error, created_at, first_token_at, "
+    "finished_at, purpose"
+)
+_INSERT_CALL = f"INSERT INTO calls({_CALL_COLUMNS}) VALUES ({', '.join('?' for _ in _CALL_COLUMNS.split(','))})"
 
 
 def _ids_blob(ids: list[int]) -> bytes:
@@ -113,6 +122,7 @@ class TrajectoryStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._lock = threading.RLock()
         # Tries of recently active sessions, kept in memory (about 40 bytes a token); the rest
         # are reloaded from disk when their session comes back.
@@ -128,6 +138,12 @@ class TrajectoryStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older arborl up to this schema (columns only ever added)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
+        if "purpose" not in columns:
+            self._db.execute("ALTER TABLE calls ADD COLUMN purpose TEXT NOT NULL DEFAULT 'main'")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -225,7 +241,7 @@ class TrajectoryStore:
                         [(n.parent, n.start, _ids_blob(n.tokens), n.id) for n in inserted.changed],
                     )
                     db.execute(
-                        "INSERT INTO calls VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        _INSERT_CALL,
                         (
                             call.id, call.session_id, seq, call.dialect, call.model, call.status,
                             call.finish_reason, inserted.leaf, len(call.prompt_ids), len(call.completion_ids),
@@ -235,7 +251,7 @@ class TrajectoryStore:
                             json.dumps(call.tools) if call.tools is not None else None,
                             json.dumps(call.tool_calls) if call.tool_calls is not None else None,
                             call.request_body, call.response_body, call.error,
-                            call.created_at, call.first_token_at, call.finished_at,
+                            call.created_at, call.first_token_at, call.finished_at, call.purpose,
                         ),
                     )
             except BaseException:
@@ -259,7 +275,7 @@ class TrajectoryStore:
             rows = self._db.execute(
                 "SELECT id, session_id, seq, dialect, status, finish_reason, node_id, prompt_len, completion_len, "
                 "completion_logprobs, completion_versions, messages, response_message, token_exact, "
-                "stitched_from, branch_reason, created_at, finished_at FROM calls WHERE session_id = ? ORDER BY seq",
+                "stitched_from, branch_reason, created_at, finished_at, purpose FROM calls WHERE session_id = ? ORDER BY seq",
                 (session_id,),
             ).fetchall()
         return [
@@ -269,6 +285,7 @@ class TrajectoryStore:
                 completion_versions=_blob_ids(r[10]), messages=json.loads(r[11] or "[]"),
                 response_message=json.loads(r[12]) if r[12] else None, token_exact=bool(r[13]),
                 stitched_from=r[14], branch_reason=r[15], created_at=r[16], finished_at=r[17],
+                purpose=r[18],
             )
             for r in rows
         ]

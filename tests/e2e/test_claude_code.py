@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -22,6 +21,8 @@ from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
 from arborl.gateway.tool_parsers import get_parser
 from arborl.rollout.store import TrajectoryStore
+from arborl.scaffold_adapters.base import GatewayTarget
+from arborl.scaffold_adapters.claude_code import ClaudeCodeAdapter
 from conftest import ServerThread
 from scripted_engine import ScriptedEngine
 
@@ -57,21 +58,19 @@ def test_claude_code_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: P
     for folder in (work, home, scratch):
         folder.mkdir()
     session = str(uuid.uuid4())
+    adapter = ClaudeCodeAdapter()
     with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
+        setup = adapter.setup(GatewayTarget(url, "test", "tiny"))
         env = {
             "PATH": os.environ["PATH"], "HOME": str(home), "CLAUDE_CODE_TMPDIR": str(scratch),
             "IS_SANDBOX": "1",  # allows --dangerously-skip-permissions as root (CI runs as root)
-            "ANTHROPIC_BASE_URL": url, "ANTHROPIC_AUTH_TOKEN": "test",
-            "ANTHROPIC_MODEL": "tiny", "ANTHROPIC_SMALL_FAST_MODEL": "tiny", "ANTHROPIC_DEFAULT_HAIKU_MODEL": "tiny",
-            "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1", "DISABLE_AUTOUPDATER": "1",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_RETRIES": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "1", **setup.env,
         }
-        done = subprocess.run(
-            [shutil.which("claude"), "-p", "create a file hello.txt containing hi", "--output-format", "json",
-             "--dangerously-skip-permissions", "--tools", "Write,Bash", "--session-id", session,
-             "--no-session-persistence", "--setting-sources", "", "--strict-mcp-config"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False,
-        )
+        command = adapter.command("create a file hello.txt containing hi") + [
+            "--tools", "Write,Bash", "--session-id", session, "--no-session-persistence",
+            "--setting-sources", "", "--strict-mcp-config",
+        ]
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert result["is_error"] is False and result["result"] == FINAL and result["num_turns"] == 3

@@ -37,3 +37,20 @@ def test_config_precedence(tmp_path):
     toml = tmp_path / "arborl.toml"
     toml.write_text('[gateway]\nhost = "0.0.0.0"\n')
     assert load_config(toml, environ={}).gateway.host == "0.0.0.0"
+
+
+def test_connect_asks_the_running_gateway_for_its_model(gateway, capsys, tmp_path):
+    main(["connect", "claude-code", "--url", gateway.url, "--session", "work-1"])
+    out = capsys.readouterr().out
+    served = openai.OpenAI(base_url=gateway.v1, api_key="k").models.list().data[0].id
+    assert f"export ANTHROPIC_BASE_URL={gateway.url}/s/work-1" in out
+    assert f"export ANTHROPIC_MODEL={served}" in out and "claude -p" in out
+
+
+def test_connect_refuses_unknown_scaffolds_and_absent_gateways(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="known: claude-code"):
+        main(["connect", "vim", "--model", "m"])
+    with pytest.raises(SystemExit, match="no gateway answers"):
+        main(["connect", "claude-code", "--url", "http://127.0.0.1:9"])

@@ -81,6 +81,23 @@ def test_store_records_reloads_and_continues(tmp_path):
     assert reopened.trie("s").num_tokens == 10  # 1..7, 10, 9, 8
 
 
+def test_store_from_before_call_purposes_opens_and_keeps_its_calls(tmp_path):
+    import sqlite3
+
+    from arborl.rollout import store as store_module
+
+    old_schema = store_module.SCHEMA.replace(",\n    purpose TEXT NOT NULL DEFAULT 'main'", "")
+    assert "purpose" not in old_schema
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO calls(id, session_id, seq, dialect, status, node_id, prompt_len, completion_len, "
+                   "completion_logprobs, completion_versions, token_exact, created_at) "
+                   "VALUES ('c0', 's', 0, 'x', 'ok', 0, 0, 0, x'', x'', 1, 0)")
+    store = TrajectoryStore(tmp_path / "old.sqlite")
+    store.record_call(_call(1, "s", [1, 2], [3], purpose="title"))
+    assert [c.purpose for c in store.calls("s")] == ["main", "title"]
+
+
 def test_store_refuses_inconsistent_call(tmp_path):
     store = TrajectoryStore(tmp_path / "s.sqlite")
     bad = _call(0, "s", [1], [2, 3])

@@ -1,0 +1,27 @@
+"""The known scaffolds, by the name `arborl connect` takes, and which call is which."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import MAIN, CallPurpose, ScaffoldAdapter
+from .claude_code import ClaudeCodeAdapter
+
+ADAPTERS: dict[str, ScaffoldAdapter] = {adapter.name: adapter for adapter in (ClaudeCodeAdapter(),)}
+
+
+def get_adapter(name: str) -> ScaffoldAdapter:
+    try:
+        return ADAPTERS[name]
+    except KeyError:
+        raise KeyError(f"unknown scaffold {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
+
+
+def call_purpose(headers: Mapping[str, str], body: Mapping[str, Any]) -> CallPurpose:
+    """Why a call was made, as the first scaffold that recognises it says; a main call otherwise."""
+    for adapter in ADAPTERS.values():
+        purpose = adapter.call_purpose(headers, body)
+        if purpose is not None:
+            return purpose
+    return MAIN

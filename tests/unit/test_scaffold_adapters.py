@@ -1,0 +1,53 @@
+"""What each scaffold adapter tells its agent, and how it sorts the agent's calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from arborl.scaffold_adapters.base import GatewayTarget, ScaffoldSetup
+from arborl.scaffold_adapters.registry import ADAPTERS, call_purpose, get_adapter
+
+TARGET = GatewayTarget("http://127.0.0.1:8000/", "sk-test", "policy", session_id="run-7")
+
+
+def test_target_routes_through_the_session_prefix():
+    assert TARGET.root == "http://127.0.0.1:8000/s/run-7"
+    assert TARGET.openai_base_url == "http://127.0.0.1:8000/s/run-7/v1"
+    assert GatewayTarget("http://h:1", "k", "m").openai_base_url == "http://h:1/v1"
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_every_adapter_points_its_agent_at_the_gateway(name: str, tmp_path: Path):
+    adapter = get_adapter(name)
+    setup = adapter.setup(TARGET)
+    written = setup.write(tmp_path)
+    text = "\n".join(setup.env.values()) + "\n".join(p.read_text() for p in written)
+    assert TARGET.root in text and "sk-test" in text and "policy" in text
+    assert adapter.command("fix the bug")[0] == adapter.executable
+    assert "fix the bug" in adapter.command("fix the bug")
+
+
+def test_claude_code_names_the_policy_in_every_model_slot():
+    env = get_adapter("claude-code").setup(TARGET).env
+    assert env["ANTHROPIC_BASE_URL"] == TARGET.root and env["ANTHROPIC_AUTH_TOKEN"] == "sk-test"
+    assert {env[k] for k in env if k.endswith("_MODEL")} == {"policy"}
+
+
+def test_shell_exports_quote_values():
+    assert ScaffoldSetup(env={"A": "x y'z"}).shell_exports() == "export A='x y'\"'\"'z'"
+
+
+def test_unknown_scaffold_names_the_known_ones():
+    with pytest.raises(KeyError, match="claude-code"):
+        get_adapter("emacs")
+
+
+def test_claude_code_calls_are_sorted_by_purpose():
+    headers = {"x-claude-code-session-id": "s"}
+    title = {"output_config": {"format": {"type": "json_schema", "schema": {"properties": {"title": {}}}}}}
+    assert call_purpose(headers, title).kind == "title"
+    assert call_purpose({**headers, "x-claude-code-agent-id": "a/1"}, {"tools": [{}]}).branch == "agent-a/1"
+    assert call_purpose(headers, {"tools": [{"name": "Bash"}], **title}).kind == "main"  # tools: the main loop
+    assert call_purpose({}, title).kind == "main"  # not Claude Code's
