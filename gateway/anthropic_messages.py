@@ -133,6 +133,9 @@ def _enable_thinking(body: CountTokensRequest) -> bool | None:
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     gateway = request.app.state.gateway
     gateway.identify(request, body)
+    if gateway.renderer is None:
+        raise InvalidRequest("count_tokens needs a tokenizer: this gateway forwards to an upstream without one "
+                             "(set engine.tokenizer)")
     tools, choice = tools_and_choice(body)
     rendered = gateway.renderer.render(
         normalise_messages(body), tools, tool_choice=choice, enable_thinking=_enable_thinking(body)

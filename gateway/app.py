@@ -40,11 +40,12 @@ from .rendering import ChatRenderer
 from .sessions import SessionIdentity, check_session_id, identify_session
 from .settings import GatewaySettings
 from .tool_parsers import get_parser
+from .upstream import UpstreamCompletions, UpstreamEngine
 
 log = logging.getLogger(__name__)
 
 
-def default_tool_parser(engine: Engine) -> str:
+def default_tool_parser(engine: Engine | UpstreamEngine) -> str:
     """The tool-call syntax a model family was trained on."""
     model_type = getattr(getattr(getattr(engine, "model", None), "config", None), "model_type", "")
     vocab = getattr(engine.tokenizer, "get_vocab", dict)()
@@ -58,7 +59,7 @@ def default_tool_parser(engine: Engine) -> str:
 class Gateway:
     """What the routes share: the engine, the store, rendering, metrics and settings."""
 
-    def __init__(self, engine: Engine, store: TrajectoryStore, settings: GatewaySettings):
+    def __init__(self, engine: Engine | UpstreamEngine, store: TrajectoryStore, settings: GatewaySettings):
         self.engine = engine
         self.store = store
         self.settings = settings
@@ -66,10 +67,18 @@ class Gateway:
         if hasattr(engine, "observer"):
             engine.observer = self.metrics  # type: ignore[attr-defined]
         parser = get_parser(settings.tool_parser or default_tool_parser(engine))
-        self.renderer = ChatRenderer(engine.tokenizer, parser)
-        self.completions = CompletionService(
-            engine, self.renderer, store, self.metrics, max_waiting=settings.max_waiting
-        )
+        self.completions: CompletionService | UpstreamCompletions
+        if isinstance(engine, UpstreamEngine):
+            # Without a tokenizer an upstream's calls are recorded as text only.
+            self.renderer = ChatRenderer(engine.tokenizer, parser) if engine.tokenizer is not None else None
+            self.completions = UpstreamCompletions(
+                engine, self.renderer, store, self.metrics, max_waiting=settings.max_waiting
+            )
+        else:
+            self.renderer = ChatRenderer(engine.tokenizer, parser)
+            self.completions = CompletionService(
+                engine, self.renderer, store, self.metrics, max_waiting=settings.max_waiting
+            )
         self.model_names = {engine.model_name, *settings.model_aliases}
         # On loopback only local processes can reach the gateway; anywhere else a key is required
         # (with no keys configured, nothing gets in but session keys arborl issued).
@@ -157,13 +166,16 @@ def is_anthropic(request: Request) -> bool:
     return request.url.path.endswith(("/v1/messages", "/v1/messages/count_tokens"))
 
 
+_RETRYABLE = frozenset({429, 502, 503, 504})
+
+
 def error_response(request: Request, exc: GatewayError) -> JSONResponse:
     """The error in the format of the dialect the client speaks.
 
     ``x-should-retry`` tells the official SDKs (and Claude Code) whether retrying can help:
-    only for an overloaded or unavailable engine, never for a request that is wrong.
+    only for an overloaded, unavailable or failing engine, never for a request that is wrong.
     """
-    headers = {**exc.headers, "x-should-retry": "true" if exc.status_code in (429, 503) else "false"}
+    headers = {**exc.headers, "x-should-retry": "true" if exc.status_code in _RETRYABLE else "false"}
     if is_anthropic(request):
         return JSONResponse(exc.anthropic_body(), status_code=exc.anthropic_status, headers=headers)
     return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=headers)
@@ -245,7 +257,9 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(engine: Engine, store: TrajectoryStore, settings: GatewaySettings | None = None) -> FastAPI:
+def create_app(
+    engine: Engine | UpstreamEngine, store: TrajectoryStore, settings: GatewaySettings | None = None
+) -> FastAPI:
     settings = settings or GatewaySettings()
     gateway = Gateway(engine, store, settings)
 

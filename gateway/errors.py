@@ -110,6 +110,22 @@ class EngineUnavailable(GatewayError):
     code = "engine_unavailable"
 
 
+class UpstreamFailed(GatewayError):
+    """The upstream server (``upstream`` engine) refused, failed or broke off the call."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    """The upstream server did not answer in time."""
+
+    status_code = 504
+    error_type = "api_error"
+    code = "upstream_timeout"
+
+
 class HTTPRefusal(GatewayError):
     """A refusal by the HTTP layer itself (unknown route, wrong method); status set per instance."""
 

@@ -32,6 +32,11 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running", type=int, help="sequences decoded together (default 16)")
     parser.add_argument("--max-tokens-cap", type=int, help="cap on every request's max_tokens")
     parser.add_argument("--tool-parser", choices=["hermes", "qwen3_coder", "llama3_json"])
+    parser.add_argument("--engine", choices=["embedded", "upstream"], help="run a model here (default) or forward")
+    parser.add_argument("--upstream-url", help="upstream base URL (OpenAI: http://host/v1; Anthropic: https://host)")
+    parser.add_argument("--upstream-api", choices=["openai", "anthropic"], help="the upstream's API (default openai)")
+    parser.add_argument("--upstream-model", help="model name at the upstream (default: --served-name)")
+    parser.add_argument("--upstream-api-key", help="key for the upstream (or ARBORL_ENGINE__UPSTREAM_API_KEY)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +46,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("engine", "served_name"): args.served_name,
         ("engine", "device"): args.device,
         ("engine", "max_running"): args.max_running,
+        ("engine", "kind"): args.engine,
+        ("engine", "upstream_url"): args.upstream_url,
+        ("engine", "upstream_api"): args.upstream_api,
+        ("engine", "upstream_model"): args.upstream_model,
+        ("engine", "upstream_api_key"): args.upstream_api_key,
         ("gateway", "host"): args.host,
         ("gateway", "port"): args.port,
         ("gateway", "max_tokens_cap"): args.max_tokens_cap,
@@ -67,26 +77,54 @@ def serve(config: ArborlConfig) -> None:
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
-    model_dir = resolve_model(config.engine.model)
-    engine = EmbeddedEngine(
-        model_dir,
-        model_name=config.engine.served_name,
-        device=config.engine.device,
-        max_running=config.engine.max_running,
-        prefill_chunk=config.engine.prefill_chunk,
-        cache_memory_bytes=int(config.engine.cache_memory_gb * (1 << 30)),
-    )
+    if config.engine.kind == "upstream":
+        engine, model_dir, where = _upstream_engine(config)
+    else:
+        print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
+        model_dir = resolve_model(config.engine.model)
+        engine = EmbeddedEngine(
+            model_dir,
+            model_name=config.engine.served_name,
+            device=config.engine.device,
+            max_running=config.engine.max_running,
+            prefill_chunk=config.engine.prefill_chunk,
+            cache_memory_bytes=int(config.engine.cache_memory_gb * (1 << 30)),
+        )
+        where = f"device {engine.device}, context {engine.context_length}"
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
-    (run_dir / "run.json").write_text(json.dumps({"model_dir": str(model_dir), "model": engine.model_name}))
+    (run_dir / "run.json").write_text(json.dumps({"model_dir": str(model_dir) if model_dir else None,
+                                                  "model": engine.model_name}))
     app = create_app(engine, store, config.gateway)
     host, port = config.gateway.host, config.gateway.port
     print(
-        f"arborl: serving {engine.model_name!r} on http://{host}:{port}/v1 "
-        f"(device {engine.device}, context {engine.context_length}); recording into {run_dir}/store.sqlite",
+        f"arborl: serving {engine.model_name!r} on http://{host}:{port}/v1 ({where}); "
+        f"recording into {run_dir}/store.sqlite",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+def _upstream_engine(config: ArborlConfig):
+    from arborl.gateway.engines.model_source import resolve_model
+    from arborl.gateway.upstream import UpstreamEngine
+
+    settings = config.engine
+    if not settings.upstream_url:
+        raise SystemExit("arborl: the upstream engine needs --upstream-url (or engine.upstream_url)")
+    model = settings.upstream_model or settings.served_name
+    if not model:
+        raise SystemExit("arborl: the upstream engine needs --upstream-model or --served-name")
+    tokenizer, model_dir = None, None
+    if settings.tokenizer:
+        from transformers import AutoTokenizer
+
+        model_dir = resolve_model(settings.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = UpstreamEngine(
+        settings.upstream_url, model=model, api=settings.upstream_api, api_key=settings.upstream_api_key,
+        served_name=settings.served_name, tokenizer=tokenizer, timeout_s=settings.upstream_timeout_s,
+    )
+    return engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}"
 
 
 def _open_store(run_dir: Path):

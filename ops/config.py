@@ -19,13 +19,20 @@ from arborl.gateway.settings import GatewaySettings
 
 
 class EngineConfig(BaseModel):
-    kind: Literal["embedded"] = "embedded"
+    kind: Literal["embedded", "upstream"] = "embedded"
     model: str = DEFAULT_MODEL  # the default, "tiny-random-llama", or a Hugging Face model folder
     served_name: str | None = None  # the name clients use; defaults to the model folder's name
     device: str | None = None  # cpu | cuda | cuda:N; default: cuda when available
     max_running: int = 16
     prefill_chunk: int = 512
     cache_memory_gb: float = 2.0
+    # kind "upstream": forward to another server instead of running a model.
+    upstream_url: str | None = None  # OpenAI: http://host/v1; Anthropic: https://host
+    upstream_api: Literal["openai", "anthropic"] = "openai"
+    upstream_model: str | None = None  # the model name the upstream knows; default: served_name
+    upstream_api_key: str | None = None
+    upstream_timeout_s: float = 600.0
+    tokenizer: str | None = None  # a model folder (or the default's name) to record upstream calls as ids
 
 
 class StoreConfig(BaseModel):

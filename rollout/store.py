@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS session_keys (
     created_at REAL NOT NULL
 );
 """
+NO_PATH = 0  # node_id of a call without token ids (real node ids start at 1)
 
 _CALL_COLUMNS = (
     "id, session_id, seq, dialect, model, status, finish_reason, node_id, prompt_len, completion_len, "
@@ -224,7 +225,9 @@ class TrajectoryStore:
             raise ValueError("completion ids, logprobs and versions must have the same length")
         with self._lock:
             trie = self.trie(call.session_id)
-            inserted = trie.insert(call.prompt_ids + call.completion_ids)
+            # A call with no token ids (an upstream engine without a tokenizer) has no trie path.
+            path = call.prompt_ids + call.completion_ids
+            inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
             seq = self._seq(call.session_id)
             try:
                 with self._transaction() as db:
@@ -292,6 +295,8 @@ class TrajectoryStore:
 
     def call_tokens(self, call: StoredCall) -> tuple[list[int], list[int]]:
         """The exact (prompt ids, completion ids) of a stored call, read from its trie path."""
+        if call.node_id == NO_PATH:
+            return [], []
         path = self.trie(call.session_id).path(call.node_id)
         assert len(path) == call.prompt_len + call.completion_len
         return path[: call.prompt_len], path[call.prompt_len :]
