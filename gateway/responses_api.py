@@ -85,8 +85,15 @@ def normalise_input(body: ResponsesRequest) -> list[ChatMessage]:
             if role not in ("user", "system", "developer", "assistant"):
                 raise InvalidRequest(f"{where}: unknown role {role!r}", param="input")
             if role == "assistant":
-                message = {"role": "assistant", "content": _text(item.get("content"), where)}
-                out.append(message)
+                text = _text(item.get("content"), where)
+                last = out[-1] if out else {}
+                if last.get("role") == "assistant" and last.get("tool_calls") and not pending_reasoning:
+                    # Text the model wrote between or after its tool calls: the stream carried it in
+                    # its own message item, but it belongs to the same turn (and the same sampled
+                    # reply, which stitching compares this message with).
+                    last["content"] += text
+                else:
+                    out.append({"role": "assistant", "content": text})
                 assistant()
             else:
                 out.append({"role": "system" if role == "developer" else role,
@@ -228,6 +235,7 @@ class _ResponseShell:
         yield self.event("response.in_progress", response=self.response("in_progress", []))
         items: list[dict[str, Any]] = []
         current: dict[str, Any] | None = None
+        held = ""
 
         def close() -> list[bytes]:
             if current is None:
@@ -282,12 +290,19 @@ class _ResponseShell:
                     chunks.append(self.event("response.reasoning_text.delta", item_id=current["id"],
                                              output_index=index, content_index=0, delta=event.text))
                 elif isinstance(event, TextDelta):
+                    text = event.text
                     if current is None or current["type"] != "message":
+                        # Whitespace between tool calls (or after the reasoning) opens no message
+                        # item of its own; it goes out in front of the next text, if any comes.
+                        held += text
+                        if not held.strip():
+                            continue
+                        text, held = held, ""
                         chunks += open_item(_message_item(""))
                         index = len(items) - 1
-                    current["content"][0]["text"] += event.text
+                    current["content"][0]["text"] += text
                     chunks.append(self.event("response.output_text.delta", item_id=current["id"],
-                                             output_index=index, content_index=0, delta=event.text))
+                                             output_index=index, content_index=0, delta=text))
                 elif isinstance(event, ToolCallStart):
                     chunks += open_item(_call_item(event.id, event.name, ""))
                 elif isinstance(event, ToolCallArgsDelta):
@@ -325,7 +340,7 @@ def _output_items(result: CompletionResult) -> list[dict[str, Any]]:
     items = []
     if result.reasoning:
         items.append(_reasoning_item(result.reasoning))
-    if result.content:
+    if result.content.strip():
         items.append(_message_item(result.content))
     items += [_call_item(c.id, c.name, c.arguments) for c in result.tool_calls]
     return items

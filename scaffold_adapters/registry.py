@@ -7,8 +7,11 @@ from typing import Any
 
 from .base import MAIN, CallPurpose, ScaffoldAdapter
 from .claude_code import ClaudeCodeAdapter
+from .codex import CodexAdapter
 
-ADAPTERS: dict[str, ScaffoldAdapter] = {adapter.name: adapter for adapter in (ClaudeCodeAdapter(),)}
+ADAPTERS: dict[str, ScaffoldAdapter] = {
+    adapter.name: adapter for adapter in (ClaudeCodeAdapter(), CodexAdapter())
+}
 
 
 def get_adapter(name: str) -> ScaffoldAdapter:

@@ -8,6 +8,12 @@ import httpx
 import openai
 import pytest
 
+from arborl.gateway.app import create_app
+from arborl.gateway.settings import GatewaySettings
+from arborl.gateway.tool_parsers import get_parser
+from arborl.rollout.store import TrajectoryStore
+from conftest import ServerThread
+from scripted_engine import ScriptedEngine
 from sse import sse_events
 from tool_caller import CALL_ARGUMENTS, TOOL_RESULT
 
@@ -124,3 +130,39 @@ def test_bad_input_in_openai_format(gateway, body, words):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and words in error["message"]
+
+
+def test_parallel_calls_resent_item_by_item_stay_one_path(tiny_model_dir, tmp_path):
+    """Codex re-sends a turn as the items it was streamed: the text, each call, then the outputs.
+
+    Text the model writes between and after its calls comes in message items of its own; they
+    must rejoin the calls' turn so the next request extends the sampled tokens. Whitespace
+    alone between two calls opens no message item: it goes out in front of the next text.
+    """
+    from transformers import AutoTokenizer
+
+    hermes = get_parser("hermes")
+    first = "".join(["Checking them.\n", hermes.format_call("get_weather", {"city": "Paris"}), "\n",
+                     hermes.format_call("get_weather", {"city": "Rome"}), "\nthen ",
+                     hermes.format_call("get_weather", {"city": "Oslo"})])
+    replies = iter([first, "Sunny everywhere."])
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: next(replies))
+    store = TrajectoryStore(tmp_path / "store.sqlite")
+    items: list[dict] = list(ASK)
+    with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
+        for _ in range(2):
+            body = {"model": "tiny", "input": items, "tools": [WEATHER], "stream": True, "store": False}
+            with httpx.stream("POST", url + "/s/par/v1/responses", json=body, timeout=30) as response:
+                events = sse_events(response)
+            done = [data["item"] for name, data in events if name == "response.output_item.done"]
+            items += done
+            items += [{"type": "function_call_output", "call_id": item["call_id"], "output": TOOL_RESULT}
+                      for item in done if item["type"] == "function_call"]
+    kinds = [(item["type"], item.get("content", [{}])[0].get("text")) for item in items[1:6]]
+    assert kinds == [("message", "Checking them.\n"), ("function_call", None), ("function_call", None),
+                     ("message", "\n\nthen "), ("function_call", None)]
+    calls = store.calls("par")
+    assert [c.branch_reason for c in calls] == [None, None] and calls[1].stitched_from == calls[0].id
+    turn = calls[1].messages[1]
+    assert turn["content"] == calls[0].response_message["content"] and len(turn["tool_calls"]) == 3
+    store.close()

@@ -1,0 +1,117 @@
+"""The real OpenAI Codex CLI (`codex exec`) against a live arborl gateway.
+
+A scripted engine plays the policy: in its first turn it writes two files with two parallel
+``exec_command`` calls (text before the calls, whitespace between them, as a model writes
+them), then reads one back with ``cat``, then answers. Codex must run the commands for real (the
+files appear on disk, the command's output comes back in the next request), finish its turn
+cleanly, and its calls must form one stitched path in the session's trie: Codex re-sends every
+output item it was streamed, and each request must extend the previous call's exact tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from arborl.gateway.app import create_app
+from arborl.gateway.settings import GatewaySettings
+from arborl.gateway.tool_parsers import get_parser
+from arborl.rollout.store import TrajectoryStore
+from arborl.scaffold_adapters.base import GatewayTarget
+from arborl.scaffold_adapters.codex import CodexAdapter
+from conftest import ServerThread
+from scripted_engine import ScriptedEngine
+
+HERMES = get_parser("hermes")
+FINAL = "Done: hello.txt contains hi."
+
+
+def write_then_cat(prompt: str) -> str:
+    """Codex's environment context names the working directory; tool results count the steps."""
+    if "<tools>" not in prompt:
+        return "ok"  # a side call without tools (compaction)
+    cwd = re.search(r"<cwd>([^<]+)</cwd>", prompt)
+    step = prompt.count("<tool_response>")
+    if cwd is None:
+        return "no working directory in the prompt"
+    if step == 0:
+        return "I will create the files.\n" + "\n".join(
+            HERMES.format_call("exec_command", {"cmd": cmd, "workdir": cwd.group(1)})
+            for cmd in ("printf 'hi\\n' > hello.txt", "printf 'yo\\n' > other.txt")
+        )
+    last_result = prompt.rsplit("<tool_response>", 1)[-1]
+    if step == 2:
+        return HERMES.format_call("exec_command", {"cmd": "cat hello.txt"})
+    # The answer is only right if the command's output really came back to the model.
+    return FINAL if "hi" in last_result else f"the command's output did not come back: {last_result[:200]!r}"
+
+
+def run(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Like subprocess.run, but a timeout kills the whole process group: `codex` is a node
+    launcher whose native child would outlive it."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"codex did not finish in {timeout}s:\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.e2e("codex")
+def test_codex_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), write_then_cat)
+    store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
+    work, home = tmp_path / "work", tmp_path / "home"
+    for folder in (work, home):
+        folder.mkdir()
+    session = str(uuid.uuid4())
+    adapter = CodexAdapter()
+    with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
+        setup = adapter.setup(GatewayTarget(url, "test", "tiny", session_id=session))
+        setup.write(home)
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home / ".codex"), **setup.env}
+        command = adapter.command("create a file hello.txt containing hi")
+        command[2:2] = ["--strict-config", "--ephemeral"]  # options go before the `--` that ends them
+        done = run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    messages = [
+        e["item"]["text"]
+        for e in events
+        if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"
+    ]
+    assert messages[-1] == FINAL and events[-1]["type"] == "turn.completed", done.stdout
+    commands = [
+        e["item"]
+        for e in events
+        if e["type"] == "item.completed" and e["item"]["type"] == "command_execution"
+    ]
+    assert [c["exit_code"] for c in commands] == [0, 0, 0] and commands[-1]["aggregated_output"] == "hi\n"
+    assert (work / "hello.txt").read_text() == "hi\n" and (work / "other.txt").read_text() == "yo\n"
+
+    calls = store.calls(session)
+    assert [c.status for c in calls] == ["ok"] * 3 and all(c.token_exact for c in calls)
+    assert [c.purpose for c in calls] == ["main"] * 3
+    assert [c.branch_reason for c in calls] == [None] * 3
+    assert calls[1].stitched_from == calls[0].id and calls[2].stitched_from == calls[1].id
+    tool_calls = [store.call_bodies(c.id)["tool_calls"] for c in calls]
+    assert [[t["name"] for t in turn] for turn in tool_calls[:2]] == [["exec_command"] * 2, ["exec_command"]]
+    assert tool_calls[2] is None
+    request = json.loads(store.call_bodies(calls[0].id)["request_body"])
+    assert request["client_metadata"]["session_id"] and request["stream"] is True
+    trie = store.trie(session)
+    assert trie.num_tokens == calls[-1].prompt_len + calls[-1].completion_len  # one path
+    store.close()
