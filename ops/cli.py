@@ -71,8 +71,6 @@ def serve(config: ArborlConfig) -> None:
     import uvicorn
 
     from arborl.gateway.app import create_app
-    from arborl.gateway.engines.embedded import EmbeddedEngine
-    from arborl.gateway.engines.model_source import resolve_model
     from arborl.rollout.store import TrajectoryStore
 
     run_dir = config.run_dir
@@ -80,6 +78,9 @@ def serve(config: ArborlConfig) -> None:
     if config.engine.kind == "upstream":
         engine, model_dir, where = _upstream_engine(config)
     else:
+        from arborl.gateway.engines.embedded import EmbeddedEngine  # torch: only when running a model here
+        from arborl.gateway.engines.model_source import resolve_model
+
         print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
         model_dir = resolve_model(config.engine.model)
         engine = EmbeddedEngine(
