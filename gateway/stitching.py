@@ -23,7 +23,7 @@ recorded and counted:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from arborl.rollout.records import StoredCall
@@ -84,6 +84,9 @@ class Stitcher:
             return PromptPlan(self.renderer.encode(prompt_text))
         canonical = [_canonical_message(m) for m in messages]
         reason = "history_edited"
+        # The longest earlier call whose messages this conversation repeats but whose reply it
+        # changes (OpenCode rewrites a call to an unknown tool, say), and why it differs.
+        diverged: tuple[StoredCall, str] | None = None
         for call in sorted(calls, key=lambda c: (len(c.messages), c.seq), reverse=True):
             k = len(call.messages)
             if len(messages) <= k or canonical[:k] != [_canonical_message(m) for m in call.messages]:
@@ -95,9 +98,16 @@ class Stitcher:
                     reply, ignore_reasoning=True
                 ):
                     reason = "reasoning_dropped"
+                diverged = diverged or (call, reason)
                 continue
             plan = self._extend(call, messages[: k + 1], prompt_text, tools, enable_thinking)
             if plan is not None:
+                if diverged is not None and len(diverged[0].messages) > k:
+                    # Stitched onto an earlier turn, the changed later reply tokenised afresh:
+                    # unless that reproduces its sampled ids, the prompt leaves that call's path.
+                    prompt, completion = self.store.call_tokens(diverged[0])
+                    if plan.prompt_ids[: len(prompt) + len(completion)] != prompt + completion:
+                        plan = replace(plan, branch_reason=diverged[1])
                 return plan
             reason = "template_unstable"
             break

@@ -8,9 +8,10 @@ from typing import Any
 from .base import MAIN, CallPurpose, ScaffoldAdapter
 from .claude_code import ClaudeCodeAdapter
 from .codex import CodexAdapter
+from .opencode import OpenCodeAdapter
 
 ADAPTERS: dict[str, ScaffoldAdapter] = {
-    adapter.name: adapter for adapter in (ClaudeCodeAdapter(), CodexAdapter())
+    adapter.name: adapter for adapter in (ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter())
 }
 
 

@@ -125,3 +125,21 @@ def test_session_identification_order(gateway):
     assert anon_a.startswith("anon-") and anon_a != anon_b
     bad = httpx.post(gateway.url + "/s/bad%20id/v1/chat/completions", json=body)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "session"
+
+
+def test_an_edit_behind_a_later_turn_is_a_break_even_when_an_earlier_turn_stitches(gateway):
+    """OpenCode rewrites a call to an unknown tool before sending it back: the turns before it
+    still stitch, but the rewritten turn leaves the path the policy sampled, and that is a break."""
+    client = openai.OpenAI(base_url=gateway.url + "/s/edit-2/v1", api_key="test")
+    messages = [{"role": "user", "content": "Write a haiku."}]
+    for turn in range(2):
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=turn)
+        messages += [
+            {"role": "assistant", "content": reply.choices[0].message.content},
+            {"role": "user", "content": f"Another ({turn})."},
+        ]
+    messages[3] = {"role": "assistant", "content": "Rewritten: " + messages[3]["content"]}
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, seed=9)
+    calls = gateway.store.calls("edit-2")
+    assert [c.stitched_from for c in calls] == [None, calls[0].id, calls[0].id]
+    assert [c.branch_reason for c in calls] == [None, None, "history_edited"]
