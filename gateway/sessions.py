@@ -2,7 +2,8 @@
 
 In order: the ``/s/{session_id}/`` path prefix, the ``x-arborl-session`` header, an API key
 arborl issued for a session, the scaffold's own session id (Claude Code's
-``X-Claude-Code-Session-Id`` header, Codex's ``client_metadata.session_id``), and otherwise
+``X-Claude-Code-Session-Id`` header, OpenCode's ``X-Session-Id`` or, for its sub-agents,
+``x-parent-session-id``, Codex's ``client_metadata.session_id``), and otherwise
 one anonymous session per API key.
 """
 
@@ -23,7 +24,7 @@ _BRANCH_CHARS = re.compile(r"[^A-Za-z0-9._\-]")
 @dataclass(frozen=True)
 class SessionIdentity:
     id: str
-    identified_by: str  # path | header | session_key | claude_code | codex | metadata | anonymous
+    identified_by: str  # path | header | session_key | claude_code | session_header | codex | metadata | anonymous
     # Why the call was made (scaffold_adapters.base.Purpose). Auxiliary calls and sub-agents get
     # their own trie, ``{session}:{branch}``, so the main agent's path stays one unbroken line.
     purpose: str = "main"
@@ -59,6 +60,11 @@ def identify_session(
         return SessionIdentity(keyed, "session_key")
     if header := headers.get("x-claude-code-session-id"):
         return SessionIdentity("claude-" + check_session_id(header, "X-Claude-Code-Session-Id"), "claude_code")
+    # OpenCode: a sub-agent's calls name their parent, so they file under the parent's session
+    # (the scaffold adapter then puts them in their own ``:agent-<id>`` trie).
+    for name in ("x-parent-session-id", "x-session-id"):
+        if header := headers.get(name):
+            return SessionIdentity(check_session_id(header, name), "session_header")
     for field, source in (("client_metadata", "codex"), ("metadata", "metadata")):
         meta = (body or {}).get(field)
         if isinstance(meta, Mapping) and isinstance(meta.get("session_id"), str):

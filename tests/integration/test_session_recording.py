@@ -117,6 +117,11 @@ def test_session_identification_order(gateway):
     assert by_path.headers["x-arborl-session"] == "from-path"
     claude = httpx.post(url, json=body, headers={"X-Claude-Code-Session-Id": "abc-123"})
     assert claude.headers["x-arborl-session"] == "claude-abc-123"
+    opencode = httpx.post(url, json=body, headers={"X-Session-Id": "ses_1"})
+    assert opencode.headers["x-arborl-session"] == "ses_1"
+    child = httpx.post(url, json=body, headers={"X-Session-Id": "ses_2", "x-parent-session-id": "ses_1",
+                                                "user-agent": "opencode/1.18.33"})
+    assert child.headers["x-arborl-session"] == "ses_1:agent-ses_2"  # a sub-agent, in its own trie
     key = gateway.store.issue_session_key("rollout-7")
     keyed = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
     assert keyed.headers["x-arborl-session"] == "rollout-7"
