@@ -23,7 +23,7 @@ from arborl.rollout.store import TrajectoryStore
 from .engines.base import Engine, EngineError, Finished, PromptTooLong, SampledToken, SamplingParams
 from .errors import ContextLengthExceeded, EngineUnavailable, Overloaded
 from .metrics import GatewayMetrics
-from .reasoning import ReasoningStreamer
+from .reasoning import ReasoningStreamer, reasoning_token_count
 from .rendering import ChatMessage, ChatRenderer
 from .sessions import SessionIdentity
 from .stitching import PromptPlan, Stitcher
@@ -73,6 +73,7 @@ class CompletionResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     matched_stop: str | int | None = None
+    reasoning_tokens: int = 0  # of completion_tokens, those spent on reasoning
 
 
 CompletionEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallArgsDelta | TokenLogprob | CompletionResult
@@ -182,6 +183,8 @@ class CompletionService:
                         yield item
             assert finished is not None, "the engine stream ended without Finished"
             result = parse.result(call.id, finished, len(call.completion_ids), logprobs, call.completion_versions)
+            if result.reasoning is not None:
+                result.reasoning_tokens = reasoning_token_count(self.renderer.tokenizer.decode, call.completion_ids)
             call.status, call.finish_reason = "ok", finished.reason
             call.response_message = result_message(result)
             call.tool_calls = call.response_message.get("tool_calls")

@@ -131,6 +131,7 @@ def _usage(results: list[CompletionResult]) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": results[0].cached_prompt_tokens if results else 0},
+        "completion_tokens_details": {"reasoning_tokens": sum(r.reasoning_tokens for r in results)},
     }
 
 

@@ -16,9 +16,10 @@ pieces concatenate to ``reasoning`` (or "" when it is ``None``) and the content 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["THINK_CLOSE", "THINK_OPEN", "ReasoningStreamer", "SplitText", "split_reasoning"]
+__all__ = ["THINK_CLOSE", "THINK_OPEN", "ReasoningStreamer", "SplitText", "reasoning_token_count", "split_reasoning"]
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -30,6 +31,24 @@ class SplitText:
 
     reasoning: str | None
     content: str
+
+
+def reasoning_token_count(decode: Callable[[Sequence[int]], str], completion_ids: Sequence[int]) -> int:
+    """How many completion tokens were reasoning: up to the one that completes ``</think>``.
+
+    For usage reports (``reasoning_tokens``). A block that never closed is all reasoning. Found by
+    bisection over decoded prefixes, so a long completion costs a few decodes, not one per token.
+    """
+    if THINK_CLOSE not in decode(completion_ids):
+        return len(completion_ids)
+    low, high = 1, len(completion_ids)
+    while low < high:
+        middle = (low + high) // 2
+        if THINK_CLOSE in decode(completion_ids[:middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def split_reasoning(text: str, *, starts_in_reasoning: bool = False) -> SplitText:

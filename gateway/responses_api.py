@@ -347,11 +347,10 @@ def _output_items(result: CompletionResult) -> list[dict[str, Any]]:
 
 
 def _usage(result: CompletionResult) -> dict[str, Any]:
-    reasoning = 0  # reasoning tokens are not split out of the completion count yet
     return {
         "input_tokens": result.prompt_tokens,
         "input_tokens_details": {"cached_tokens": result.cached_prompt_tokens},
         "output_tokens": result.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "output_tokens_details": {"reasoning_tokens": result.reasoning_tokens},
         "total_tokens": result.prompt_tokens + result.completion_tokens,
     }

@@ -212,7 +212,7 @@ class UpstreamCompletions:
                 call_id=call.id, content="".join(state.content), reasoning="".join(state.reasoning) or None,
                 tool_calls=state.calls(), finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
                 cached_prompt_tokens=done.cached_prompt_tokens, completion_tokens=done.completion_tokens,
-                matched_stop=done.matched_stop,
+                matched_stop=done.matched_stop, reasoning_tokens=done.reasoning_tokens,
             )
             call.status, call.finish_reason = "ok", done.finish_reason
             call.response_message = result_message(result)

@@ -32,6 +32,7 @@ class UpstreamDone:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
     matched_stop: str | None = None
 
 
@@ -116,6 +117,7 @@ def openai_events(payload: dict[str, Any], state: StreamState) -> Iterator[Any]:
         state.done.prompt_tokens = usage.get("prompt_tokens", 0)
         state.done.completion_tokens = usage.get("completion_tokens", 0)
         state.done.cached_prompt_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        state.done.reasoning_tokens = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
 
 
 # -- Anthropic Messages -------------------------------------------------------------------------

@@ -157,3 +157,15 @@ def test_feed_after_finish_is_an_error():
     s.finish()
     with pytest.raises(RuntimeError):
         s.feed("x")
+
+
+def test_reasoning_token_count_stops_at_the_token_that_closes_the_block(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from arborl.gateway.reasoning import reasoning_token_count
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    thinking = tokenizer.encode("<think>\nTwo plus two.\n</think>", add_special_tokens=False)
+    answer = tokenizer.encode("\n\nThe answer is 4.", add_special_tokens=False)
+    assert reasoning_token_count(tokenizer.decode, thinking + answer) == len(thinking)
+    assert reasoning_token_count(tokenizer.decode, thinking[:-2]) == len(thinking) - 2  # never closed
