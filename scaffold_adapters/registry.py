@@ -7,11 +7,13 @@ from typing import Any
 
 from .base import MAIN, CallPurpose, ScaffoldAdapter
 from .claude_code import ClaudeCodeAdapter
+from .cline import ClineAdapter
 from .codex import CodexAdapter
 from .opencode import OpenCodeAdapter
 
 ADAPTERS: dict[str, ScaffoldAdapter] = {
-    adapter.name: adapter for adapter in (ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter())
+    adapter.name: adapter
+    for adapter in (ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter())
 }
 
 
