@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -193,3 +194,27 @@ def test_top_logprobs_wider_than_top_k(gateway):
     )
     items = response.choices[0].logprobs.content
     assert all(len(i.top_logprobs) == 2 and i.top_logprobs[1].logprob == -9999.0 for i in items)
+
+
+def test_stream_chunk_order_conforms(tool_gateway):
+    """Role chunk, tool-call deltas (id, type and name first, then argument pieces), the finish
+    chunk, the usage chunk with no choices, then [DONE]: one id and one shape throughout."""
+    body = {"model": "tiny", "max_tokens": 60, "temperature": 0, "tools": [WEATHER_TOOL], "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    with httpx.stream("POST", tool_gateway.v1 + "/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert all(set(c) >= {"id", "object", "created", "model", "choices", "usage"} for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    *deltas, finish, usage = chunks[1:]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    assert finish["choices"][0]["finish_reason"] == "tool_calls" and finish["choices"][0]["delta"] == {}
+    calls = [d["choices"][0]["delta"]["tool_calls"][0] for d in deltas if d["choices"][0]["delta"].get("tool_calls")]
+    assert calls[0]["id"] and calls[0]["type"] == "function" and calls[0]["function"]["name"] == "get_weather"
+    assert all("id" not in c and set(c["function"]) == {"arguments"} for c in calls[1:])
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == CALL_ARGUMENTS
+    assert all(d["choices"][0]["finish_reason"] is None and d["usage"] is None for d in deltas)
