@@ -4,8 +4,9 @@ What it sends (version 2.1.x, observed against arborl): every call is
 ``POST /v1/messages?beta=true`` with ``x-claude-code-session-id`` and a ``claude-cli/...``
 user agent. The main loop carries its tools; a sub-agent (the Agent tool) sends the same
 session id plus ``x-claude-code-agent-id``; the title call has no tools and asks for a
-``{"title": ...}`` JSON object through ``output_config.format``. With
-``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC`` set, ``-p`` makes no title call at all.
+``{"title": ...}`` JSON object through ``output_config.format``; the small/fast model's side
+calls (a one-token ``quota`` probe, topic and command checks) have neither tools nor an agent
+history. With ``CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC`` set, ``-p`` makes no title call.
 """
 
 from __future__ import annotations
@@ -65,8 +66,15 @@ class ClaudeCodeAdapter(ScaffoldAdapter):
             return None
         if agent := headers.get("x-claude-code-agent-id"):
             return CallPurpose("subagent", branch=f"agent-{agent}")
-        if not body.get("tools") and (_asks_for_title(body) or _TITLE_PROMPT in _system_text(body)):
+        if body.get("tools"):
+            return MAIN
+        if _asks_for_title(body) or _TITLE_PROMPT in _system_text(body):
             return CallPurpose("title", branch="title")
+        if not _has_tool_turns(body):
+            # The small/fast model's side calls (quota probe, topic and command-prefix checks) carry no
+            # tools and no agent history. A main loop run with no tools at all (--tools "") looks
+            # the same and is filed here too; a compaction call carries the history and stays main.
+            return CallPurpose("side", branch="side")
         return MAIN
 
 
@@ -74,6 +82,16 @@ def _asks_for_title(body: Mapping[str, Any]) -> bool:
     output_format = (body.get("output_config") or {}).get("format") or {}
     properties = (output_format.get("schema") or {}).get("properties") or {}
     return "title" in properties
+
+
+def _has_tool_turns(body: Mapping[str, Any]) -> bool:
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list) and any(
+            isinstance(block, Mapping) and block.get("type") in ("tool_use", "tool_result") for block in content
+        ):
+            return True
+    return False
 
 
 def _system_text(body: Mapping[str, Any]) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from arborl.scaffold_adapters.base import GatewayTarget, ScaffoldSetup
+from arborl.scaffold_adapters.base import CallPurpose, GatewayTarget, ScaffoldSetup
 from arborl.scaffold_adapters.registry import ADAPTERS, call_purpose, get_adapter
 
 TARGET = GatewayTarget("http://127.0.0.1:8000/", "sk-test", "policy", session_id="run-7")
@@ -51,3 +51,8 @@ def test_claude_code_calls_are_sorted_by_purpose():
     assert call_purpose({**headers, "x-claude-code-agent-id": "a/1"}, {"tools": [{}]}).branch == "agent-a/1"
     assert call_purpose(headers, {"tools": [{"name": "Bash"}], **title}).kind == "main"  # tools: the main loop
     assert call_purpose({}, title).kind == "main"  # not Claude Code's
+    quota = {"max_tokens": 1, "messages": [{"role": "user", "content": "quota"}]}
+    assert call_purpose(headers, quota) == CallPurpose("side", branch="side")
+    history = {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash",
+                                                               "input": {}}]}]}
+    assert call_purpose(headers, history).kind == "main"  # a compaction of the agent's history
