@@ -164,7 +164,7 @@ async def messages(body: MessagesRequest, request: Request):
         request_body=gateway.raw_body(request),
         enable_thinking=_enable_thinking(body),
     )
-    prepared = gateway.completions.prepare(completion)
+    prepared = await gateway.completions.prepare(completion)
     message_id = "msg_" + uuid.uuid4().hex[:24]
     stream = gateway.completions.stream(prepared)
     headers = {"x-arborl-session": completion.session.id}

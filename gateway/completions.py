@@ -85,6 +85,7 @@ class PreparedPrompt:
     plan: PromptPlan
     forced_prefix: str
     starts_in_reasoning: bool
+    opened: list[Any] = field(default_factory=list)  # engine calls already under way, one per stream
 
 
 class CompletionService:
@@ -104,8 +105,11 @@ class CompletionService:
         self.metrics = metrics
         self.max_waiting = max_waiting
 
-    def prepare(self, request: CompletionRequest) -> PreparedPrompt:
+    async def prepare(self, request: CompletionRequest, *, streams: int = 1) -> PreparedPrompt:
         """Render and stitch the prompt; refuse it if the engine's queue is full or it does not fit.
+
+        Everything that can refuse a request happens here, before the client's response starts,
+        so a refusal is an HTTP status even for a streaming request.
 
         Backpressure: when ``max_waiting`` requests already wait for an engine slot, new ones are
         refused at once (429 / 529 with Retry-After) instead of piling up without bound.

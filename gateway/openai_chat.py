@@ -162,8 +162,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         tool_choice=body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
         request_body=gateway.raw_body(request),
     )
-    prepared = gateway.completions.prepare(completion)
     n = body.n or 1
+    prepared = await gateway.completions.prepare(completion, streams=n)
     want_logprobs = bool(body.logprobs)
     created = int(time.time())
     response_id = "chatcmpl-" + completion.session.id[-8:] + format(time.time_ns() % 16**12, "x")

@@ -170,7 +170,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         headers["x-arborl-ignored-tools"] = ",".join(ignored)
     shell = _ResponseShell(body)
     try:
-        prepared = gateway.completions.prepare(completion)
+        prepared = await gateway.completions.prepare(completion)
     except _FAILED_IN_STREAM as exc:
         if not body.stream:
             raise

@@ -14,6 +14,7 @@ never a hang: connect, read and write each have a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -102,40 +103,69 @@ class UpstreamEngine:
     def healthy(self) -> bool:
         return self._client is not None
 
-    async def events(self, request: CompletionRequest, state: StreamState) -> AsyncIterator[Any]:
-        """The upstream's completion as gateway events; ``state`` gathers it for the record."""
+    async def open(self, request: CompletionRequest) -> httpx.Response:
+        """Send the request and wait for the upstream's status; the body is left to ``events``.
+
+        Called before the client's response starts, so an unreachable, refusing or silent
+        upstream becomes the client's 4xx/502/504 status, streaming or not.
+        """
         if self._client is None:
             raise UpstreamFailed("the upstream engine is not started")
-        build, parse = (openai_request, openai_events) if self.api == "openai" else (anthropic_request, anthropic_events)
-        body = build(request, self.model)
+        build = openai_request if self.api == "openai" else anthropic_request
+        upstream_request = self._client.build_request("POST", self._path, json=build(request, self.model))
         self.in_flight += 1
         try:
-            async with self._client.stream("POST", self._path, json=body) as response:
-                if response.status_code >= 400:
+            response = await self._client.send(upstream_request, stream=True)
+            if response.status_code >= 400:
+                try:
                     await response.aread()
-                    raise _refusal(response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    try:
-                        payload = json.loads(data)
-                    except ValueError:
-                        raise UpstreamFailed(f"the upstream sent an unreadable event: {data[:200]!r}") from None
-                    for event in parse(payload, state):
-                        yield event
+                finally:
+                    await response.aclose()
+                raise _refusal(response)
+        except httpx.HTTPError as exc:
+            self.in_flight -= 1
+            raise _transport_error(exc, self.url) from exc
+        except BaseException:
+            self.in_flight -= 1
+            raise
+        return response
+
+    async def discard(self, response: httpx.Response) -> None:
+        """Give back a call ``open`` started that will not be read."""
+        self.in_flight -= 1
+        await response.aclose()
+
+    async def events(self, response: httpx.Response, state: StreamState) -> AsyncIterator[Any]:
+        """The opened completion as gateway events; ``state`` gathers it for the record."""
+        parse = openai_events if self.api == "openai" else anthropic_events
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    raise UpstreamFailed(f"the upstream sent an unreadable event: {data[:200]!r}") from None
+                for event in parse(payload, state):
+                    yield event
         except UpstreamStreamError as exc:
             raise UpstreamFailed(f"the upstream failed the completion: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"the upstream at {self.url} did not answer in time ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise UpstreamFailed(f"could not complete the call to the upstream at {self.url}: {exc!r}") from exc
+            raise _transport_error(exc, self.url) from exc
         finally:
             self.in_flight -= 1
+            await response.aclose()
         if not state.complete:
             raise UpstreamFailed("the upstream closed the stream before the completion ended")
+
+
+def _transport_error(exc: httpx.HTTPError, url: str) -> GatewayError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"the upstream at {url} did not answer in time ({type(exc).__name__})")
+    return UpstreamFailed(f"could not complete the call to the upstream at {url}: {exc!r}")
 
 
 def _refusal(response: httpx.Response) -> GatewayError:
@@ -173,7 +203,8 @@ class UpstreamCompletions:
         self.metrics = metrics
         self.max_waiting = max_waiting
 
-    def prepare(self, request: CompletionRequest) -> PreparedPrompt:
+    async def prepare(self, request: CompletionRequest, *, streams: int = 1) -> PreparedPrompt:
+        """Check the queue, then open the upstream calls (one per stream) so their failures are statuses."""
         if self.engine.stats().waiting >= self.max_waiting:
             self.metrics.rejected.inc()
             raise Overloaded(
@@ -186,7 +217,29 @@ class UpstreamCompletions:
             rendered = self.renderer.render(request.messages, request.tools, tool_choice=request.tool_choice,
                                             enable_thinking=request.enable_thinking)
             prompt_ids = self.renderer.encode(rendered.text)
-        return PreparedPrompt(request, PromptPlan(prompt_ids), "", False)
+        prepared = PreparedPrompt(request, PromptPlan(prompt_ids), "", False)
+        created = time.time()
+        opened = await asyncio.gather(*(self.engine.open(request) for _ in range(streams)), return_exceptions=True)
+        failure = next((r for r in opened if isinstance(r, BaseException)), None)
+        if failure is not None:
+            for response in opened:
+                if isinstance(response, httpx.Response):
+                    await self.engine.discard(response)
+            self._record_refused(request, prompt_ids, created, failure)
+            raise failure
+        prepared.opened = list(opened)
+        return prepared
+
+    def _record_refused(self, request: CompletionRequest, prompt_ids: list[int], created: float,
+                        failure: BaseException) -> None:
+        """A call the upstream refused is recorded too: what was asked, and why it failed."""
+        self._record(CallRecord(
+            id="call-" + uuid.uuid4().hex, session_id=request.session.id, dialect=request.dialect,
+            model=request.model, prompt_ids=prompt_ids, completion_ids=[], completion_logprobs=[],
+            completion_versions=[], messages=request.messages, tools=request.tools,
+            request_body=request.request_body, token_exact=False, purpose=request.session.purpose,
+            status="error", finish_reason="abort", error=f"{type(failure).__name__}: {failure}", created_at=created,
+        ))
 
     async def stream(self, prepared: PreparedPrompt, *, want_logprobs: bool = False) -> AsyncIterator[CompletionEvent]:
         """The upstream's events, then the result once the call is recorded (logprobs: none to give)."""
@@ -200,7 +253,8 @@ class UpstreamCompletions:
         state = StreamState()
         self.metrics.touch_session(request.session.id)
         try:
-            async with contextlib.aclosing(self.engine.events(request, state)) as events:
+            response = prepared.opened.pop() if prepared.opened else await self.engine.open(request)
+            async with contextlib.aclosing(self.engine.events(response, state)) as events:
                 async for event in events:
                     if call.first_token_at is None:
                         call.first_token_at = time.time()

@@ -115,8 +115,11 @@ def test_session_identification_order(gateway):
     by_path = httpx.post(gateway.url + "/s/from-path/v1/chat/completions", json=body,
                          headers={"x-arborl-session": "ignored"})
     assert by_path.headers["x-arborl-session"] == "from-path"
-    claude = httpx.post(url, json=body, headers={"X-Claude-Code-Session-Id": "abc-123"})
+    tools = [{"type": "function", "function": {"name": "Bash", "parameters": {"type": "object"}}}]
+    claude = httpx.post(url, json={**body, "tools": tools}, headers={"X-Claude-Code-Session-Id": "abc-123"})
     assert claude.headers["x-arborl-session"] == "claude-abc-123"
+    side = httpx.post(url, json=body, headers={"X-Claude-Code-Session-Id": "abc-123"})  # no tools: a side call
+    assert side.headers["x-arborl-session"] == "claude-abc-123:side"
     opencode = httpx.post(url, json=body, headers={"X-Session-Id": "ses_1"})
     assert opencode.headers["x-arborl-session"] == "ses_1"
     child = httpx.post(url, json=body, headers={"X-Session-Id": "ses_2", "x-parent-session-id": "ses_1",

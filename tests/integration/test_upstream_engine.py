@@ -168,10 +168,13 @@ def _forward_once(upstream_url: str, tmp_path: Path, *, api: str = "openai", dia
     return response, store
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("dialect,status,error_type", [
     ("chat", 502, "api_error"), ("messages", 502, "api_error"), ("responses", 502, "api_error")])
-def test_unreachable_upstream_is_a_502_in_each_dialect(dialect, status, error_type, tmp_path):
-    response, store = _forward_once(f"http://127.0.0.1:{free_port()}/v1", tmp_path, dialect=dialect)
+def test_unreachable_upstream_is_a_502_in_each_dialect(dialect, status, error_type, stream, tmp_path):
+    """Streaming or not: the upstream is reached before the client's response starts."""
+    response, store = _forward_once(f"http://127.0.0.1:{free_port()}/v1", tmp_path, dialect=dialect,
+                                    stream=stream)
     assert response.status_code == status
     body = response.json()
     error = body["error"]
@@ -185,9 +188,10 @@ def test_unreachable_upstream_is_a_502_in_each_dialect(dialect, status, error_ty
     assert call.status == "error"  # the failed call is recorded too
 
 
-def test_hanging_upstream_is_a_504_not_a_hang(tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_hanging_upstream_is_a_504_not_a_hang(stream, tmp_path):
     with _SilentServer() as url:
-        response, store = _forward_once(url + "/v1", tmp_path, timeout_s=0.5)
+        response, store = _forward_once(url + "/v1", tmp_path, timeout_s=0.5, stream=stream)
     assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
     assert store.calls("f")[0].status == "error"
 
@@ -233,3 +237,11 @@ def test_many_concurrent_forwarded_calls_are_all_recorded(upstream, tmp_path):
     with server as url:
         asyncio.run(run(url))
     assert [c.status for c in store.calls("many")] == ["ok"] * 16
+
+
+def test_n_choices_are_n_upstream_calls(forwarder):
+    url, store, _ = forwarder
+    reply = openai.OpenAI(base_url=url + "/s/n/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="policy", messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=2)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.status for c in store.calls("n")] == ["ok", "ok"]
