@@ -11,20 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from arborl.gateway.app import create_app
-from arborl.gateway.settings import GatewaySettings
+from agent_cli import run_cli, scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
-from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.base import GatewayTarget
 from arborl.scaffold_adapters.claude_code import ClaudeCodeAdapter
-from conftest import ServerThread
-from scripted_engine import ScriptedEngine
 
 HERMES = get_parser("hermes")
 FINAL = "Done: hello.txt contains hi."
@@ -50,19 +45,13 @@ def write_then_cat(prompt: str) -> str:
 
 @pytest.mark.e2e("claude")
 def test_claude_code_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
-    from transformers import AutoTokenizer
-
-    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), write_then_cat)
-    store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
-    work, home, scratch = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
-    for folder in (work, home, scratch):
-        folder.mkdir()
     session = str(uuid.uuid4())
     adapter = ClaudeCodeAdapter()
-    with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
-        setup = adapter.setup(GatewayTarget(url, "test", "tiny"))
+    with scripted_gateway(tiny_model_dir, tmp_path, write_then_cat) as gateway:
+        store, work, home = gateway.store, gateway.work, gateway.home
+        setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny"))
         env = {
-            "PATH": os.environ["PATH"], "HOME": str(home), "CLAUDE_CODE_TMPDIR": str(scratch),
+            "PATH": os.environ["PATH"], "HOME": str(home), "CLAUDE_CODE_TMPDIR": str(tmp_path),
             "IS_SANDBOX": "1",  # allows --dangerously-skip-permissions as root (CI runs as root)
             "CLAUDE_CODE_MAX_RETRIES": "1", **setup.env,
         }
@@ -70,7 +59,7 @@ def test_claude_code_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: P
             "--tools", "Write,Bash", "--session-id", session, "--no-session-persistence",
             "--setting-sources", "", "--strict-mcp-config",
         ]
-        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=120, check=False)
+        done = run_cli(command, cwd=work, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert result["is_error"] is False and result["result"] == FINAL and result["num_turns"] == 3

@@ -11,21 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from arborl.gateway.app import create_app
-from arborl.gateway.settings import GatewaySettings
+from agent_cli import run_cli, scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
-from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.base import MAIN, GatewayTarget
 from arborl.scaffold_adapters.cline import ClineAdapter
-from conftest import ServerThread
-from scripted_engine import ScriptedEngine
 
 HERMES = get_parser("hermes")
 FINAL = "Done: hello.txt contains hi."
@@ -50,58 +44,16 @@ def write_then_cat(prompt: str) -> str:
     return FINAL if "hi" in last_result else f"the command's output did not come back: {last_result[:200]!r}"
 
 
-class RecordHeaders:
-    """The app, remembering each chat request's headers (the store keeps bodies, not headers)."""
-
-    def __init__(self, app):
-        self.app = app
-        self.headers: list[dict[str, str]] = []
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
-            self.headers.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
-        await self.app(scope, receive, send)
-
-
-def run_in_own_group(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run ``command`` in a new process group and kill the whole group afterwards, whatever happens."""
-    process = subprocess.Popen(command, start_new_session=True, **kwargs)
-    try:
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 @pytest.mark.e2e("cline")
 def test_cline_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
-    from transformers import AutoTokenizer
-
-    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), write_then_cat)
-    store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
-    work, home = tmp_path / "work", tmp_path / "home"
-    for folder in (work, home):
-        folder.mkdir()
     session = str(uuid.uuid4())
     adapter = ClineAdapter()
-    app = RecordHeaders(create_app(engine, store, GatewaySettings(tool_parser="hermes")))
-    with ServerThread(app) as url:
-        setup = adapter.setup(GatewayTarget(url, "test", "tiny", session_id=session))
-        setup.write(home)
-        env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp_path), **setup.env}
-        done = run_in_own_group(
-            adapter.command("create a file hello.txt containing hi"),
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,  # cline waits for a piped stdin to end and appends it to the task
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    with scripted_gateway(tiny_model_dir, tmp_path, write_then_cat) as gateway:
+        setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
+        setup.write(gateway.home)
+        env = {"PATH": os.environ["PATH"], "HOME": str(gateway.home), "TMPDIR": str(tmp_path), **setup.env}
+        done = run_cli(adapter.command("create a file hello.txt containing hi"), cwd=gateway.work, env=env)
+        store, work, home, app = gateway.store, gateway.work, gateway.home, gateway.app
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     result = events[-1]

@@ -13,21 +13,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from arborl.gateway.app import create_app
-from arborl.gateway.settings import GatewaySettings
+from agent_cli import run_cli, scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
-from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.base import GatewayTarget
 from arborl.scaffold_adapters.codex import CodexAdapter
-from conftest import ServerThread
-from scripted_engine import ScriptedEngine
 
 HERMES = get_parser("hermes")
 FINAL = "Done: hello.txt contains hi."
@@ -53,39 +47,18 @@ def write_then_cat(prompt: str) -> str:
     return FINAL if "hi" in last_result else f"the command's output did not come back: {last_result[:200]!r}"
 
 
-def run(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """Like subprocess.run, but a timeout kills the whole process group: `codex` is a node
-    launcher whose native child would outlive it."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"codex did not finish in {timeout}s:\n{stdout}\n{stderr}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
 @pytest.mark.e2e("codex")
 def test_codex_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
-    from transformers import AutoTokenizer
-
-    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), write_then_cat)
-    store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
-    work, home = tmp_path / "work", tmp_path / "home"
-    for folder in (work, home):
-        folder.mkdir()
     session = str(uuid.uuid4())
     adapter = CodexAdapter()
-    with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
-        setup = adapter.setup(GatewayTarget(url, "test", "tiny", session_id=session))
+    with scripted_gateway(tiny_model_dir, tmp_path, write_then_cat) as gateway:
+        store, work, home = gateway.store, gateway.work, gateway.home
+        setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
         setup.write(home)
         env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home / ".codex"), **setup.env}
         command = adapter.command("create a file hello.txt containing hi")
         command[2:2] = ["--strict-config", "--ephemeral"]  # options go before the `--` that ends them
-        done = run(command, cwd=work, env=env, stdin=subprocess.DEVNULL, timeout=120)
+        done = run_cli(command, cwd=work, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     messages = [

@@ -11,20 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from arborl.gateway.app import create_app
-from arborl.gateway.settings import GatewaySettings
+from agent_cli import run_cli, scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
-from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.base import MAIN, CallPurpose, GatewayTarget
 from arborl.scaffold_adapters.opencode import OpenCodeAdapter
-from conftest import ServerThread
-from scripted_engine import ScriptedEngine
 
 HERMES = get_parser("hermes")
 FINAL = "Done: hello.txt contains hi."
@@ -50,33 +45,13 @@ def write_then_cat(prompt: str) -> str:
     return FINAL if "hi" in last_result else f"the command's output did not come back: {last_result[:200]!r}"
 
 
-class RecordHeaders:
-    """The app, remembering each chat request's headers (the store keeps bodies, not headers)."""
-
-    def __init__(self, app):
-        self.app = app
-        self.headers: list[dict[str, str]] = []
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
-            self.headers.append({k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]})
-        await self.app(scope, receive, send)
-
-
 @pytest.mark.e2e("opencode")
 def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
-    from transformers import AutoTokenizer
-
-    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), write_then_cat)
-    store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
-    work, home = tmp_path / "work", tmp_path / "home"
-    for folder in (work, home):
-        folder.mkdir()
     session = str(uuid.uuid4())
     adapter = OpenCodeAdapter()
-    app = RecordHeaders(create_app(engine, store, GatewaySettings(tool_parser="hermes")))
-    with ServerThread(app) as url:
-        setup = adapter.setup(GatewayTarget(url, "test", "tiny", session_id=session))
+    with scripted_gateway(tiny_model_dir, tmp_path, write_then_cat) as gateway:
+        store, work, home, app = gateway.store, gateway.work, gateway.home, gateway.app
+        setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
         setup.write(home)
         env = {
             "PATH": os.environ["PATH"],
@@ -87,16 +62,7 @@ def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path
             "XDG_STATE_HOME": str(home / ".local/state"),
             **setup.env,
         }
-        done = subprocess.run(
-            adapter.command("create a file hello.txt containing hi"),
-            cwd=work,
-            env=env,
-            stdin=subprocess.DEVNULL,  # `opencode run` reads a stdin that is not a terminal into the task
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = run_cli(adapter.command("create a file hello.txt containing hi"), cwd=work, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert not [e for e in events if e["type"] == "error"], done.stdout
