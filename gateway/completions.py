@@ -211,20 +211,25 @@ class CompletionService:
                 self._record(call)
 
     def _record(self, call: CallRecord) -> None:
-        call.finished_at = time.time()
-        started = time.perf_counter()
-        self.store.record_call(call)
-        self.metrics.record_duration.observe(time.perf_counter() - started)
-        self.metrics.calls_recorded.labels(call.status).inc()
-        if call.purpose != "main":
-            self.metrics.auxiliary_calls.labels(call.purpose).inc()
-        if call.branch_reason:
-            self.metrics.prefix_breaks.labels(call.branch_reason).inc()
+        record_call(self.store, self.metrics, call)
 
     def _token_logprob(self, event: SampledToken) -> TokenLogprob:
         decode = self.renderer.tokenizer.decode
         top = tuple((decode([tid]), lp) for tid, lp in event.top_logprobs)
         return TokenLogprob(event.token_id, decode([event.token_id]), event.logprob, top)
+
+
+def record_call(store: TrajectoryStore, metrics: GatewayMetrics, call: CallRecord) -> None:
+    """Finish the call's record, commit it durably, and count it (every engine records this way)."""
+    call.finished_at = time.time()
+    started = time.perf_counter()
+    store.record_call(call)
+    metrics.record_duration.observe(time.perf_counter() - started)
+    metrics.calls_recorded.labels(call.status).inc()
+    if call.purpose != "main":
+        metrics.auxiliary_calls.labels(call.purpose).inc()
+    if call.branch_reason:
+        metrics.prefix_breaks.labels(call.branch_reason).inc()
 
 
 def result_message(result: CompletionResult) -> ChatMessage:

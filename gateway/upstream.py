@@ -28,7 +28,14 @@ import httpx
 from arborl.rollout.records import CallRecord
 from arborl.rollout.store import TrajectoryStore
 
-from .completions import CompletionEvent, CompletionRequest, CompletionResult, PreparedPrompt, result_message
+from .completions import (
+    CompletionEvent,
+    CompletionRequest,
+    CompletionResult,
+    PreparedPrompt,
+    record_call,
+    result_message,
+)
 from .engines.base import EngineStats, TokenizerLike
 from .errors import GatewayError, InvalidRequest, Overloaded, UpstreamFailed, UpstreamTimeout
 from .metrics import GatewayMetrics
@@ -298,11 +305,7 @@ class UpstreamCompletions:
         call.completion_versions = [-1] * len(call.completion_ids)  # not a policy version
 
     def _record(self, call: CallRecord) -> None:
-        call.finished_at = time.time()
-        started = time.perf_counter()
-        self.store.record_call(call)
-        self.metrics.record_duration.observe(time.perf_counter() - started)
-        self.metrics.calls_recorded.labels(call.status).inc()
+        record_call(self.store, self.metrics, call)
 
 
 def _arguments(text: str) -> dict[str, Any]:
