@@ -1,0 +1,174 @@
+"""Tries -> DFS-flattened micro-batches for training (DESIGN section 4).
+
+A trie holds every call of a session (or group) once per shared prefix. Flattened in DFS
+pre-order, every subtree is contiguous, so one forward pass over the flat tokens, with
+
+- ``position_ids[t]`` = depth of t on its own path,
+- attention from query q to key k iff ``k <= q <= end[k]`` (k is q or one of its ancestors),
+- the logprob of token t read from the logits at ``parent[t]`` (not t - 1),
+
+gives every token exactly the logits a separate forward of its own path would give. Each
+call lists the flat indices of its completion tokens, so a per-call loss reads them directly.
+
+Worked example (tested): tokens a, b, then branches (c, d) and (e): order [a, b, c, d, e],
+parent [-1, 0, 1, 2, 1], position [0, 1, 2, 3, 2], end [4, 4, 3, 3, 4].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from arborl.rollout.trie import Trie
+
+
+@dataclass(frozen=True)
+class CallSpan:
+    """A call to train on: the trie node its path ends at, and how many of its last tokens it sampled."""
+
+    key: Hashable
+    node_id: int
+    completion_len: int
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [N] long
+    position_ids: torch.Tensor  # [N] long: depth on the token's own path
+    parent: torch.Tensor  # [N] long: flat index of the previous token on the path, -1 at a root
+    end: torch.Tensor  # [N] long: flat index of the last token of the token's subtree
+    completion_index: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # call -> flat indices
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def _chain(trie: Trie, node_id: int) -> list[int]:
+    """Node ids from the root to ``node_id``."""
+    chain = []
+    current: int | None = node_id
+    while current is not None:
+        chain.append(current)
+        current = trie.nodes[current].parent
+    return chain[::-1]
+
+
+def pack(pieces: Sequence[tuple[Trie, Sequence[CallSpan]]]) -> PackedBatch:
+    """Flatten the nodes that the given calls' paths use, trie after trie, into one batch.
+
+    Nodes no selected call passes through are left out; separate tries (and separate roots)
+    are separate subtrees, so their tokens never attend to each other.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    parents: list[int] = []
+    ends: list[int] = []
+    completion_index: dict[Hashable, torch.Tensor] = {}
+    for trie, calls in pieces:
+        used: set[int] = set()
+        for call in calls:
+            used.update(_chain(trie, call.node_id))
+        children: dict[int | None, list[int]] = {}
+        for node_id in sorted(used):
+            children.setdefault(trie.nodes[node_id].parent, []).append(node_id)
+        span: dict[int, tuple[int, int]] = {}  # node -> (first flat index, one past its last token)
+        # Iterative DFS: (node, parent's last flat index); the subtree end is set when it closes.
+        stack: list[tuple[int, int, bool]] = [(n, -1, False) for n in reversed(children.get(None, []))]
+        open_tokens: dict[int, range] = {}
+        while stack:
+            node_id, parent_index, closing = stack.pop()
+            if closing:
+                last = len(ids) - 1
+                for t in open_tokens.pop(node_id):
+                    ends[t] = last
+                continue
+            node = trie.nodes[node_id]
+            first = len(ids)
+            for i, token in enumerate(node.tokens):
+                ids.append(token)
+                positions.append(node.start + i)
+                parents.append(parent_index if i == 0 else first + i - 1)
+                ends.append(-1)
+            span[node_id] = (first, len(ids))
+            open_tokens[node_id] = range(first, len(ids))
+            stack.append((node_id, parent_index, True))
+            for child in reversed(children.get(node_id, [])):
+                stack.append((child, len(ids) - 1, False))
+        for call in calls:
+            flat = [i for n in _chain(trie, call.node_id) for i in range(*span[n])]
+            completion_index[call.key] = torch.tensor(flat[len(flat) - call.completion_len :], dtype=torch.long)
+    return PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+        parent=torch.tensor(parents, dtype=torch.long),
+        end=torch.tensor(ends, dtype=torch.long),
+        completion_index=completion_index,
+    )
+
+
+def path_length(trie: Trie, call: CallSpan) -> int:
+    return trie.nodes[call.node_id].end
+
+
+def split_by_budget(trie: Trie, calls: Sequence[CallSpan], budget: int) -> list[list[CallSpan]]:
+    """Group calls into micro-batches of at most ``budget`` packed tokens, by whole subtrees.
+
+    Greedy over the calls in DFS order of where they end: neighbours in that order share the
+    most ancestors, so each micro-batch is a run of adjacent subtrees, and the ancestors they
+    share with other micro-batches are repeated in each. A call longer than the budget on its
+    own gets a micro-batch of its own.
+    """
+    order = {node_id: i for i, node_id in enumerate(_dfs_nodes(trie))}
+    batches: list[list[CallSpan]] = []
+    current: list[CallSpan] = []
+    current_nodes: set[int] = set()
+    current_tokens = 0
+    for call in sorted(calls, key=lambda c: order[c.node_id]):
+        new_nodes = [n for n in _chain(trie, call.node_id) if n not in current_nodes]
+        added = sum(len(trie.nodes[n].tokens) for n in new_nodes)
+        if current and current_tokens + added > budget:
+            batches.append(current)
+            current, current_nodes, current_tokens = [], set(), 0
+            new_nodes = _chain(trie, call.node_id)
+            added = path_length(trie, call)
+        current.append(call)
+        current_nodes.update(new_nodes)
+        current_tokens += added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _dfs_nodes(trie: Trie) -> list[int]:
+    out: list[int] = []
+    stack = sorted(trie.roots.values(), reverse=True)
+    while stack:
+        node_id = stack.pop()
+        out.append(node_id)
+        stack.extend(sorted(trie.nodes[node_id].children.values(), reverse=True))
+    return out
+
+
+@dataclass(frozen=True)
+class PackingStats:
+    """Tokens a forward pass computes under each way of laying the calls out."""
+
+    packed: int  # the micro-batches of tree packing (repeated ancestors included)
+    per_call: int  # every call as its own sequence (prompt + completion)
+    per_path: int  # one sequence per maximal path (per rollout): calls that extend others are free
+
+    @property
+    def reduction_vs_per_call(self) -> float:
+        return self.per_call / self.packed
+
+
+def packing_stats(trie: Trie, calls: Sequence[CallSpan], batches: Sequence[Sequence[CallSpan]]) -> PackingStats:
+    packed = sum(pack([(trie, batch)]).num_tokens for batch in batches)
+    per_call = sum(path_length(trie, c) for c in calls)
+    ends = {c.node_id for c in calls}
+    on_longer_path = {n for node_id in ends for n in _chain(trie, node_id)[:-1]}
+    per_path = sum(trie.nodes[n].end for n in ends if n not in on_longer_path)
+    return PackingStats(packed, per_call, per_path)

@@ -1,0 +1,208 @@
+"""Tree packing (DESIGN section 4): the flattening contract, splitting, and the core invariant.
+
+The core invariant: on a float64 Llama-family model, the packed loss and every parameter
+gradient equal those of running each call separately, to 1e-9 relative, for tries shaped like
+agent traffic (branches at several depths, G rollouts sharing a long prompt, a compaction-style
+branch, rollouts that sampled identical first tokens).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from arborl.kernels.tree_attention import FLEX, SDPA, tree_mask
+from arborl.learner.packing import CallSpan, pack, packing_stats, split_by_budget
+from arborl.learner.tree_forward import packed_token_logprobs
+from arborl.rollout.trie import Trie
+
+VOCAB = 61
+
+
+def _trie(paths: list[tuple[list[int], int]]) -> tuple[Trie, list[CallSpan]]:
+    """A trie of the given (path, completion length) calls."""
+    trie = Trie()
+    calls = [CallSpan(i, trie.insert(path).leaf, completion) for i, (path, completion) in enumerate(paths)]
+    return trie, calls
+
+
+def test_worked_flattening_example():
+    a, b, c, d, e = 1, 2, 3, 4, 5
+    trie, calls = _trie([([a, b, c, d], 2), ([a, b, e], 1)])
+    batch = pack([(trie, calls)])
+    assert batch.input_ids.tolist() == [a, b, c, d, e]
+    assert batch.parent.tolist() == [-1, 0, 1, 2, 1]
+    assert batch.position_ids.tolist() == [0, 1, 2, 3, 2]
+    assert batch.end.tolist() == [4, 4, 3, 3, 4]
+    assert tree_mask(batch.end)[4].int().tolist() == [1, 1, 0, 0, 1]
+    assert batch.completion_index[0].tolist() == [2, 3] and batch.completion_index[1].tolist() == [4]
+
+
+def _agent_shaped(rng: random.Random, *, rollouts: int = 3, prompt: int = 20) -> list[tuple[list[int], int]]:
+    """G rollouts sharing a prompt, a few turns each, tool outputs between turns, one compaction
+    branch, and two rollouts whose first sampled tokens are identical."""
+    shared = [rng.randrange(VOCAB) for _ in range(prompt)]
+    first = [rng.randrange(VOCAB) for _ in range(3)]
+    paths = []
+    for r in range(rollouts):
+        context = list(shared)
+        for turn in range(rng.randint(2, 3)):
+            completion = [rng.randrange(VOCAB) for _ in range(rng.randint(2, 5))]
+            if turn == 0 and r < 2:
+                completion = first + completion  # identical first tokens, then they part
+            paths.append((context + completion, len(completion)))
+            context = context + completion + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 4))]
+        if r == 0:  # compaction: the history is replaced by a summary after the system prompt
+            summary = shared[:5] + [rng.randrange(VOCAB) for _ in range(6)]
+            completion = [rng.randrange(VOCAB) for _ in range(3)]
+            paths.append((summary + completion, len(completion)))
+    return paths
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_flattening_contract_on_random_tries(seed: int):
+    rng = random.Random(seed)
+    paths = _agent_shaped(rng, rollouts=rng.randint(1, 4))
+    trie, calls = _trie(paths)
+    batch = pack([(trie, calls)])
+    ids, parent, end, pos = (t.tolist() for t in (batch.input_ids, batch.parent, batch.end, batch.position_ids))
+    assert batch.num_tokens == trie.num_tokens  # every stored token once
+    for (path, completion), call in zip(paths, calls, strict=True):
+        index = batch.completion_index[call.key].tolist()
+        # walking parents back from the last completion token spells the call's path
+        walk, t = [], index[-1]
+        while t >= 0:
+            walk.append(t)
+            t = parent[t]
+        walk.reverse()
+        assert [ids[i] for i in walk] == path and walk[-completion:] == index
+        assert [pos[i] for i in walk] == list(range(len(path)))
+    for t in range(len(ids)):
+        assert parent[t] < t <= end[t]
+        if parent[t] >= 0:
+            assert end[t] <= end[parent[t]]  # a subtree lies inside its parent's
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_split_by_budget_keeps_whole_calls_and_repeats_ancestors(seed: int):
+    rng = random.Random(seed)
+    trie, calls = _trie(_agent_shaped(rng, rollouts=4))
+    budget = rng.randint(30, 80)
+    batches = split_by_budget(trie, calls, budget)
+    assert sorted(c.key for b in batches for c in b) == [c.key for c in calls]
+    for b in batches:
+        assert pack([(trie, b)]).num_tokens <= budget or len(b) == 1
+    stats = packing_stats(trie, calls, batches)
+    assert stats.per_path <= stats.per_call and trie.num_tokens <= stats.packed
+    one = packing_stats(trie, calls, [calls])
+    assert one.packed == trie.num_tokens and one.per_path <= one.per_call
+
+
+# -- the core invariant ---------------------------------------------------------------------------
+
+
+def _rms_norm_in_own_dtype(norm):
+    """transformers' RMSNorm computes in float32 whatever the model's dtype. In a float64 model
+    that rounds every gradient through it to float32, and a packed batch (which sums a shared
+    prefix's gradient over its calls before that rounding) would then differ from separate calls
+    by float32 round-off, hiding what this test checks. Same formula, in the model's dtype."""
+
+    def forward(hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return norm.weight * hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
+
+    norm.forward = forward
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).double()
+    for module in model.modules():
+        if isinstance(module, LlamaRMSNorm):
+            _rms_norm_in_own_dtype(module)
+    return model
+
+
+def _separate_loss(model, paths, coefficients) -> torch.Tensor:
+    """Each call on its own: a causal forward of its prompt + completion."""
+    model.set_attn_implementation("sdpa")
+    device = next(model.parameters()).device
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for (path, completion), coefficient in zip(paths, coefficients, strict=True):
+        ids = torch.tensor(path, device=device)[None]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+        loss = loss + coefficient * logp[-completion:].sum()
+    return loss
+
+
+def _packed_loss(model, trie, calls, coefficients, attention) -> torch.Tensor:
+    batch = pack([(trie, calls)])
+    logp = packed_token_logprobs(model, batch, attention=attention)
+    return sum(c * logp[batch.completion_index[call.key]].sum() for call, c in zip(calls, coefficients, strict=True))
+
+
+def _assert_relative(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> None:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    assert (a - b).abs().max().item() <= tol * scale, ((a - b).abs().max().item(), scale)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_loss_and_gradients_equal_separate_calls_sdpa(seed: int):
+    rng = random.Random(seed)
+    paths = _agent_shaped(rng, rollouts=3)
+    trie, calls = _trie(paths)
+    coefficients = [rng.uniform(-1, 1) for _ in calls]
+    model = _model()
+
+    model.zero_grad()
+    separate = _separate_loss(model, paths, coefficients)
+    separate.backward()
+    separate_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    packed = _packed_loss(model, trie, calls, coefficients, SDPA)
+    packed.backward()
+    _assert_relative(packed.detach(), separate.detach())
+    for name, parameter in model.named_parameters():
+        _assert_relative(parameter.grad, separate_grads[name])
+
+
+def test_flex_attention_gives_the_same_loss_on_cpu():
+    """PyTorch has no FlexAttention backward on the CPU: here the forward (logp_old passes)."""
+    rng = random.Random(7)
+    paths = _agent_shaped(rng, rollouts=3)
+    trie, calls = _trie(paths)
+    coefficients = [1.0] * len(calls)
+    model = _model()
+    with torch.no_grad():
+        separate = _separate_loss(model, paths, coefficients)
+        packed = _packed_loss(model, trie, calls, coefficients, FLEX)
+    _assert_relative(packed, separate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", [SDPA, FLEX])
+def test_packed_gradients_equal_separate_calls_on_cuda(attention: str):
+    rng = random.Random(3)
+    paths = _agent_shaped(rng, rollouts=3)
+    trie, calls = _trie(paths)
+    coefficients = [rng.uniform(-1, 1) for _ in calls]
+    model = _model().cuda()
+    model.zero_grad()
+    separate = _separate_loss(model, paths, coefficients)
+    separate.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    packed = _packed_loss(model, trie, calls, coefficients, attention)
+    packed.backward()
+    _assert_relative(packed.detach(), separate.detach())
+    for name, parameter in model.named_parameters():
+        _assert_relative(parameter.grad, expected[name])
+
