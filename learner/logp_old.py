@@ -1,0 +1,31 @@
+"""``logp_old`` for a packed batch: the training model's own logprobs before the step (MCLA).
+
+The policy-gradient ratio compares the model being trained with the same model before the
+step. With a deterministic forward one pass gives it exactly. When the forward is noisy (MoE
+routing, dropout), one pass is a noisy estimate, and MCLA averages K passes: the variance of
+the estimate falls about as 1/K, at K - 1 extra forwards (no backward, so FlexAttention serves
+here even on the CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from arborl.kernels.tree_attention import SDPA
+
+from .core_algos import mcla_logp_old
+from .packing import PackedBatch
+from .tree_forward import packed_token_logprobs
+
+
+def estimate_logp_old(
+    model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
+) -> torch.Tensor:
+    """[N] logp_old of every packed token: the mean of ``passes`` no-grad forwards (K = 1: one pass)."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    with torch.no_grad():
+        samples = torch.stack([packed_token_logprobs(model, batch, attention=attention) for _ in range(passes)])
+    return mcla_logp_old(samples, space=space)
