@@ -1,32 +1,45 @@
-"""One forward pass over a packed batch: every token's logprob, read at its parent.
+"""One forward pass over a packed batch: every token's logprob (and entropy), read at its parent.
 
-The model runs its own code over the flat tokens with ``position_ids`` = depths and tree
-attention (``kernels.tree_attention``); the logprob of token t is taken from the logits at
-``parent[t]``, the previous token on t's own path, so each call's tokens get exactly the values
-a separate forward of that call would give them.
+The model's decoder runs its own code over the flat tokens with ``position_ids`` = depths and
+tree attention (``kernels.tree_attention``). The logprob of token t comes from the hidden state
+at ``parent[t]``, the previous token on t's own path, so each call's tokens get exactly the
+values a separate forward of that call would give them. The LM head is applied by the fused,
+chunked kernel (``kernels.fused_logprob``), so the [tokens x vocab] logits never exist.
 """
 
 from __future__ import annotations
 
 import torch
 
+from arborl.kernels.fused_logprob import token_logprob_and_entropy
 from arborl.kernels.tree_attention import SDPA, TreeMask, register_tree_attention
 
 from .packing import PackedBatch
 
 
-def packed_token_logprobs(model, batch: PackedBatch, *, attention: str = SDPA) -> torch.Tensor:
-    """[N] logprob of each token given its path (NaN at roots, which have no context)."""
+def packed_logprobs_and_entropy(
+    model, batch: PackedBatch, *, attention: str = SDPA, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N] logprob of each token given its path and [N] entropy of the distribution it was drawn
+    from (both NaN at roots, which have no context)."""
     register_tree_attention()
     if model.config._attn_implementation != attention:
         model.set_attn_implementation(attention)
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
-    logits = model(
+    hidden = model.get_decoder()(
         input_ids=ids[None], position_ids=batch.position_ids.to(device)[None], tree=TreeMask(batch.end.to(device))
-    ).logits[0]
+    ).last_hidden_state[0]
     parent = batch.parent.to(device)
-    has_parent = parent >= 0
-    rows = torch.log_softmax(logits[parent.clamp(min=0)], dim=-1)
-    logp = rows.gather(-1, ids[:, None])[:, 0]
-    return torch.where(has_parent, logp, torch.full_like(logp, float("nan")))
+    head = model.get_output_embeddings()
+    logp, entropy = token_logprob_and_entropy(
+        hidden[parent.clamp(min=0)], head.weight, ids, bias=head.bias, chunk_size=chunk_size
+    )
+    root = parent < 0
+    nan = torch.full_like(logp, float("nan"))
+    return torch.where(root, nan, logp), torch.where(root, nan, entropy)
+
+
+def packed_token_logprobs(model, batch: PackedBatch, *, attention: str = SDPA) -> torch.Tensor:
+    """[N] logprob of each token given its path (NaN at roots)."""
+    return packed_logprobs_and_entropy(model, batch, attention=attention)[0]
