@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.registry import call_purpose
 
-from . import anthropic_messages, openai_chat, responses_api
+from . import admin, anthropic_messages, openai_chat, responses_api
 from .completions import CompletionService
 from .engines.base import Engine
 from .errors import (
@@ -328,6 +328,7 @@ def create_app(
 
     app.include_router(meta)
     app.include_router(meta, prefix="/s/{session_id}")
+    app.include_router(admin.router)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root() -> dict[str, str]:

@@ -86,6 +86,11 @@ class Unauthorized(GatewayError):
     code = "invalid_api_key"
 
 
+class Forbidden(GatewayError):
+    status_code = 403
+    error_type = "permission_error"
+
+
 class NotFound(GatewayError):
     status_code = 404
     error_type = "not_found_error"

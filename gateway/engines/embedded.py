@@ -105,6 +105,16 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
 
 
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or every safetensors file of a folder (Hugging Face layout)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        state.update(load_file(str(file)))
+    return state
+
+
 def _seed_bits(seed: int) -> int:
     digest = hashlib.blake2b(str(seed).encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
@@ -276,12 +286,8 @@ class EmbeddedEngine(Engine):
 
     async def load_weights(self, state_dict_or_path: object, version: int) -> None:
         if isinstance(state_dict_or_path, (str, Path)):
-            from safetensors.torch import load_file
-
-            folder = Path(state_dict_or_path)
-            state: dict[str, torch.Tensor] = {}
-            for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]:
-                state.update(load_file(str(file)))
+            # Reading a checkpoint takes a while for a real model: not on the event loop.
+            state = await asyncio.to_thread(_read_checkpoint, Path(state_dict_or_path))
         else:
             state = dict(state_dict_or_path)  # type: ignore[call-overload]
         await self._run_command(lambda: self._swap(state, version))
@@ -459,10 +465,17 @@ class EmbeddedEngine(Engine):
 
     def _swap(self, state: dict[str, torch.Tensor], version: int) -> None:
         started = time.perf_counter()
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # Check everything before copying anything: a half-loaded model would serve a policy
+        # that never existed.
+        current = self.model.state_dict()
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
-        if unexpected or set(missing) - tied:
-            raise EngineError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        missing = sorted(set(current) - set(state) - tied)
+        unexpected = sorted(set(state) - set(current))
+        wrong_shape = sorted(k for k in state.keys() & current.keys() if state[k].shape != current[k].shape)
+        if missing or unexpected or wrong_shape:
+            raise EngineError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                              f"wrong shape {wrong_shape[:5]}")
+        self.model.load_state_dict(state, strict=False)
         # KV computed by the old weights must not seed prompts of the new policy.
         self.prefix_cache.clear()
         self.version = version
