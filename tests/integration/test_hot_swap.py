@@ -113,3 +113,31 @@ def test_admin_routes_refuse_clearly(admin_gateway, tmp_path: Path):
 def test_admin_routes_are_off_without_an_admin_token(gateway):
     response = httpx.get(gateway.url + "/admin/policy")
     assert response.status_code == 403 and response.json()["error"]["type"] == "permission_error"
+
+
+def test_learner_publishes_a_trained_checkpoint_and_in_process(admin_gateway, tmp_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    from arborl.learner.publish import publish_in_process, publish_to_gateway, save_checkpoint
+
+    learner = AutoModelForCausalLM.from_pretrained(admin_gateway.engine.tokenizer.name_or_path)
+    with torch.no_grad():
+        for parameter in learner.parameters():
+            parameter.add_(0.01)
+    folder = save_checkpoint(learner, tmp_path / "step-1")
+    answer = publish_to_gateway(admin_gateway.url, ADMIN, folder, 1)
+    assert answer["version"] == 1
+    served = admin_gateway.engine.model.state_dict()
+    for name, value in learner.state_dict().items():
+        torch.testing.assert_close(served[name], value.to(served[name].dtype), rtol=0, atol=0)
+
+    with torch.no_grad():
+        for parameter in learner.parameters():
+            parameter.add_(0.01)
+    asyncio.run(publish_in_process(admin_gateway.engine, learner, 2))
+    assert admin_gateway.engine.stats().policy_version == 2
+    name, value = next(iter(learner.state_dict().items()))
+    torch.testing.assert_close(admin_gateway.engine.model.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="must exceed"):
+        publish_to_gateway(admin_gateway.url, ADMIN, folder, 2)
+
