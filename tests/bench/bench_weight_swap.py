@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from arborl.gateway.engines.base import SamplingParams, SampledToken
+from arborl.gateway.engines.base import SampledToken, SamplingParams
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
 
@@ -57,7 +58,7 @@ async def measure(model_dir: Path, checkpoint: Path, tokens: int, rounds: int) -
             gaps, pauses = [], []
             for stream in arrivals:
                 times = [t for t, _ in stream]
-                steps = list(zip(times, times[1:], strict=False))
+                steps = list(itertools.pairwise(times))
                 gaps += [b - a for a, b in steps]
                 pauses += [b - a for a, b in steps if a <= served and b >= started]
                 versions = [v for _, v in stream]
