@@ -114,12 +114,7 @@ class CompletionService:
         Backpressure: when ``max_waiting`` requests already wait for an engine slot, new ones are
         refused at once (429 / 529 with Retry-After) instead of piling up without bound.
         """
-        if self.engine.stats().waiting >= self.max_waiting:
-            self.metrics.rejected.inc()
-            raise Overloaded(
-                f"the engine's queue is full ({self.max_waiting} requests waiting); retry shortly",
-                headers={"retry-after": str(RETRY_AFTER_SECONDS)},
-            )
+        refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
         rendered = self.renderer.render(
             request.messages, request.tools, tool_choice=request.tool_choice, enable_thinking=request.enable_thinking
@@ -217,6 +212,16 @@ class CompletionService:
         decode = self.renderer.tokenizer.decode
         top = tuple((decode([tid]), lp) for tid, lp in event.top_logprobs)
         return TokenLogprob(event.token_id, decode([event.token_id]), event.logprob, top)
+
+
+def refuse_when_full(waiting: int, max_waiting: int, metrics: GatewayMetrics) -> None:
+    """Backpressure, for every engine: a full queue refuses at once (429 / 529 with Retry-After)."""
+    if waiting >= max_waiting:
+        metrics.rejected.inc()
+        raise Overloaded(
+            f"the engine's queue is full ({max_waiting} requests waiting); retry shortly",
+            headers={"retry-after": str(RETRY_AFTER_SECONDS)},
+        )
 
 
 def record_call(store: TrajectoryStore, metrics: GatewayMetrics, call: CallRecord) -> None:

@@ -34,6 +34,7 @@ from .completions import (
     CompletionResult,
     PreparedPrompt,
     record_call,
+    refuse_when_full,
     result_message,
 )
 from .engines.base import EngineStats, TokenizerLike
@@ -212,12 +213,7 @@ class UpstreamCompletions:
 
     async def prepare(self, request: CompletionRequest, *, streams: int = 1) -> PreparedPrompt:
         """Check the queue, then open the upstream calls (one per stream) so their failures are statuses."""
-        if self.engine.stats().waiting >= self.max_waiting:
-            self.metrics.rejected.inc()
-            raise Overloaded(
-                f"{self.max_waiting} requests already wait for an upstream connection; retry shortly",
-                headers={"retry-after": "1"},
-            )
+        refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
         prompt_ids: list[int] = []
         if self.renderer is not None:
@@ -240,23 +236,15 @@ class UpstreamCompletions:
     def _record_refused(self, request: CompletionRequest, prompt_ids: list[int], created: float,
                         failure: BaseException) -> None:
         """A call the upstream refused is recorded too: what was asked, and why it failed."""
-        self._record(CallRecord(
-            id="call-" + uuid.uuid4().hex, session_id=request.session.id, dialect=request.dialect,
-            model=request.model, prompt_ids=prompt_ids, completion_ids=[], completion_logprobs=[],
-            completion_versions=[], messages=request.messages, tools=request.tools,
-            request_body=request.request_body, token_exact=False, purpose=request.session.purpose,
-            status="error", finish_reason="abort", error=f"{type(failure).__name__}: {failure}", created_at=created,
-        ))
+        call = _call_record(request, prompt_ids)
+        call.status, call.finish_reason, call.created_at = "error", "abort", created
+        call.error = f"{type(failure).__name__}: {failure}"
+        self._record(call)
 
     async def stream(self, prepared: PreparedPrompt, *, want_logprobs: bool = False) -> AsyncIterator[CompletionEvent]:
         """The upstream's events, then the result once the call is recorded (logprobs: none to give)."""
         request = prepared.request
-        call = CallRecord(
-            id="call-" + uuid.uuid4().hex, session_id=request.session.id, dialect=request.dialect,
-            model=request.model, prompt_ids=prepared.plan.prompt_ids, completion_ids=[], completion_logprobs=[],
-            completion_versions=[], messages=request.messages, tools=request.tools,
-            request_body=request.request_body, token_exact=False, purpose=request.session.purpose,
-        )
+        call = _call_record(request, prepared.plan.prompt_ids)
         state = StreamState()
         self.metrics.touch_session(request.session.id)
         try:
@@ -306,6 +294,16 @@ class UpstreamCompletions:
 
     def _record(self, call: CallRecord) -> None:
         record_call(self.store, self.metrics, call)
+
+
+def _call_record(request: CompletionRequest, prompt_ids: list[int]) -> CallRecord:
+    """A new record of a forwarded call: never token-exact, completion filled in as it streams."""
+    return CallRecord(
+        id="call-" + uuid.uuid4().hex, session_id=request.session.id, dialect=request.dialect,
+        model=request.model, prompt_ids=prompt_ids, completion_ids=[], completion_logprobs=[],
+        completion_versions=[], messages=request.messages, tools=request.tools,
+        request_body=request.request_body, token_exact=False, purpose=request.session.purpose,
+    )
 
 
 def _arguments(text: str) -> dict[str, Any]:

@@ -74,16 +74,14 @@ def pack(pieces: Sequence[tuple[Trie, Sequence[CallSpan]]]) -> PackedBatch:
         children: dict[int | None, list[int]] = {}
         for node_id in sorted(used):
             children.setdefault(trie.nodes[node_id].parent, []).append(node_id)
-        span: dict[int, tuple[int, int]] = {}  # node -> (first flat index, one past its last token)
+        span: dict[int, range] = {}  # node -> its tokens' flat indices
         # Iterative DFS: (node, parent's last flat index); the subtree end is set when it closes.
         stack: list[tuple[int, int, bool]] = [(n, -1, False) for n in reversed(children.get(None, []))]
-        open_tokens: dict[int, range] = {}
         while stack:
             node_id, parent_index, closing = stack.pop()
             if closing:
-                last = len(ids) - 1
-                for t in open_tokens.pop(node_id):
-                    ends[t] = last
+                for t in span[node_id]:
+                    ends[t] = len(ids) - 1
                 continue
             node = trie.nodes[node_id]
             first = len(ids)
@@ -92,13 +90,12 @@ def pack(pieces: Sequence[tuple[Trie, Sequence[CallSpan]]]) -> PackedBatch:
                 positions.append(node.start + i)
                 parents.append(parent_index if i == 0 else first + i - 1)
                 ends.append(-1)
-            span[node_id] = (first, len(ids))
-            open_tokens[node_id] = range(first, len(ids))
+            span[node_id] = range(first, len(ids))
             stack.append((node_id, parent_index, True))
             for child in reversed(children.get(node_id, [])):
                 stack.append((child, len(ids) - 1, False))
         for call in calls:
-            flat = [i for n in _chain(trie, call.node_id) for i in range(*span[n])]
+            flat = [i for n in _chain(trie, call.node_id) for i in span[n]]
             completion_index[call.key] = torch.tensor(flat[len(flat) - call.completion_len :], dtype=torch.long)
     return PackedBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),

@@ -44,6 +44,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import MAIN, CallPurpose, GatewayTarget, ScaffoldAdapter, ScaffoldSetup
+from .request_text import first_message_text
 
 PROVIDER = "openai-compatible"  # what `cline auth -p openai -b URL` stores the provider as
 SETTINGS = ".cline/data/settings"  # under HOME (Cline's --config / CLINE_DIR default ~/.cline)
@@ -132,7 +133,7 @@ class ClineAdapter(ScaffoldAdapter):
         tagged = headers.get("x-title", "").strip().lower() == "cline"
         if not tagged and not headers.get("user-agent", "").startswith("ai-sdk/"):
             return None
-        system, user = _message_text(body, "system"), _message_text(body, "user")
+        system, user = first_message_text(body, ("system",)), first_message_text(body, ("user",))
         if system.startswith(_COMPACTION_PROMPTS) or user.startswith(_COMPACTION_PROMPTS):
             return CallPurpose("side", branch="compaction")
         if system.startswith(_MAIN_PROMPT) or "team_spawn_teammate" in _tool_names(body):
@@ -145,18 +146,6 @@ class ClineAdapter(ScaffoldAdapter):
             key = hashlib.sha256(f"{system}\0{user}".encode()).hexdigest()[:12]
             return CallPurpose("subagent", branch=f"agent-{key}")
         return MAIN
-
-
-def _message_text(body: Mapping[str, Any], role: str) -> str:
-    """The first ``role`` message's text, stripped of leading space (a string or text parts)."""
-    for message in body.get("messages") or ():
-        if not isinstance(message, Mapping) or message.get("role") != role:
-            continue
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-        return content.lstrip() if isinstance(content, str) else ""
-    return ""
 
 
 def _tool_names(body: Mapping[str, Any]) -> set[str]:

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import MAIN, CallPurpose, GatewayTarget, ScaffoldAdapter, ScaffoldSetup
+from .request_text import first_message_text
 
 PROVIDER = "arborl"  # the provider id in opencode.json: models are named "arborl/<model>"
 
@@ -118,7 +119,7 @@ class OpenCodeAdapter(ScaffoldAdapter):
     def call_purpose(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> CallPurpose | None:
         if not headers.get("user-agent", "").startswith("opencode/"):
             return None
-        system = _system_text(body)
+        system = first_message_text(body, ("system", "developer"))
         if system.startswith(_TITLE_PROMPT):
             return CallPurpose("title", branch="title")
         for prompt, branch in _SIDE_PROMPTS.items():
@@ -128,14 +129,3 @@ class OpenCodeAdapter(ScaffoldAdapter):
             return CallPurpose("subagent", branch=f"agent-{headers.get('x-session-id', 'unknown')}")
         return MAIN
 
-
-def _system_text(body: Mapping[str, Any]) -> str:
-    """The first system message's text, stripped (a string or a list of text parts)."""
-    for message in body.get("messages") or ():
-        if not isinstance(message, Mapping) or message.get("role") not in ("system", "developer"):
-            continue
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-        return content.strip() if isinstance(content, str) else ""
-    return ""

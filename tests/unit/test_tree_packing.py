@@ -153,13 +153,13 @@ def _assert_relative(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> Non
     assert (a - b).abs().max().item() <= tol * scale, ((a - b).abs().max().item(), scale)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_packed_loss_and_gradients_equal_separate_calls_sdpa(seed: int):
+def _assert_packed_matches_separate(seed: int, attention: str, device: str) -> None:
+    """Loss and every parameter gradient of the packed trie equal those of the calls run apart."""
     rng = random.Random(seed)
     paths = _agent_shaped(rng, rollouts=3)
     trie, calls = _trie(paths)
     coefficients = [rng.uniform(-1, 1) for _ in calls]
-    model = _model()
+    model = _model().to(device)
 
     model.zero_grad()
     separate = _separate_loss(model, paths, coefficients)
@@ -167,11 +167,16 @@ def test_packed_loss_and_gradients_equal_separate_calls_sdpa(seed: int):
     separate_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()
-    packed = _packed_loss(model, trie, calls, coefficients, SDPA)
+    packed = _packed_loss(model, trie, calls, coefficients, attention)
     packed.backward()
     _assert_relative(packed.detach(), separate.detach())
     for name, parameter in model.named_parameters():
         _assert_relative(parameter.grad, separate_grads[name])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_loss_and_gradients_equal_separate_calls_sdpa(seed: int):
+    _assert_packed_matches_separate(seed, SDPA, "cpu")
 
 
 def test_flex_attention_gives_the_same_loss_on_cpu():
@@ -190,19 +195,4 @@ def test_flex_attention_gives_the_same_loss_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", [SDPA, FLEX])
 def test_packed_gradients_equal_separate_calls_on_cuda(attention: str):
-    rng = random.Random(3)
-    paths = _agent_shaped(rng, rollouts=3)
-    trie, calls = _trie(paths)
-    coefficients = [rng.uniform(-1, 1) for _ in calls]
-    model = _model().cuda()
-    model.zero_grad()
-    separate = _separate_loss(model, paths, coefficients)
-    separate.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    packed = _packed_loss(model, trie, calls, coefficients, attention)
-    packed.backward()
-    _assert_relative(packed.detach(), separate.detach())
-    for name, parameter in model.named_parameters():
-        _assert_relative(parameter.grad, expected[name])
-
+    _assert_packed_matches_separate(3, attention, "cuda")
