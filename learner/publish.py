@@ -1,20 +1,26 @@
 """Getting a trained policy into serving: in-process, or as a checkpoint through the admin route.
 
-Checkpoints are ``save_pretrained`` folders (safetensors, Hugging Face layout), so the same
-folder loads in transformers, in SGLang and in arborl's embedded engine.
+Checkpoints are ``save_pretrained`` folders (safetensors, Hugging Face layout; see
+``learner.checkpoint``), so the same folder loads in transformers, in SGLang and in arborl's
+embedded engine. A publisher is what the learner loop calls after each committed step:
+
+- :class:`GatewayPublisher`: a gateway in another process loads the checkpoint folder;
+- :class:`InProcessPublisher`: an embedded engine of the same process copies the weights.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
 
-def save_checkpoint(model, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+class Publisher(Protocol):
+    def publish(self, model, checkpoint: Path, version: int) -> None: ...
+
+    def served_version(self) -> int: ...
 
 
 async def publish_in_process(engine, model, version: int) -> None:
@@ -36,3 +42,30 @@ def publish_to_gateway(gateway_url: str, admin_token: str, checkpoint: Path, ver
     if response.status_code != 200:
         raise RuntimeError(f"the gateway refused version {version}: {response.status_code} {response.text}")
     return response.json()
+
+
+class GatewayPublisher:
+    def __init__(self, gateway_url: str, admin_token: str, *, timeout_s: float = 300.0):
+        self.url, self.token, self.timeout_s = gateway_url.rstrip("/"), admin_token, timeout_s
+
+    def publish(self, model, checkpoint: Path, version: int) -> None:
+        publish_to_gateway(self.url, self.token, checkpoint, version, timeout_s=self.timeout_s)
+
+    def served_version(self) -> int:
+        response = httpx.get(self.url + "/admin/policy", headers={"authorization": f"Bearer {self.token}"},
+                             timeout=self.timeout_s)
+        response.raise_for_status()
+        return int(response.json()["version"])
+
+
+class InProcessPublisher:
+    """For a learner running in a thread beside the gateway: ``loop`` is the gateway's event loop."""
+
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop):
+        self.engine, self.loop = engine, loop
+
+    def publish(self, model, checkpoint: Path, version: int) -> None:
+        asyncio.run_coroutine_threadsafe(publish_in_process(self.engine, model, version), self.loop).result()
+
+    def served_version(self) -> int:
+        return self.engine.stats().policy_version

@@ -1,34 +1,56 @@
-"""One optimisation step on groups of rollouts: advantages, packing, logp_old, loss, update.
+"""One optimisation step on groups of rollouts: plan, old pass, advantages, train pass, update.
 
-    rewards --group_advantages--> A_i (per rollout) --> A_n = A_i for each of its calls
-    tries --split_by_budget/pack--> micro-batches --estimate_logp_old--> logp_old (MCLA, K passes)
-    forward with grad --> logp; IcePop weights from logp_old vs the recorded logp_rollout
-    turn_gspo_loss (default) per micro-batch, summed so the micro-batches make the batch's loss
-    gradient clipping, optimizer step
+    tries --plan_micro_batches--> micro-batches (tree packing, or a per-call / per-rollout baseline)
+    old pass, no grad: logp_old (MCLA, K forwards), entropy, teacher and reference logprobs
+    rewards --group_advantages--> A_i --rescale_advantages (difficulty, entropy)--> A'_i
+    train pass: forward with grad --> logp; IcePop weights from logp_old vs the recorded logp_rollout;
+        the loss (turn-level GSPO by default) per micro-batch, backward
+    gradient clipping, optimizer step (and the learning-rate schedule, if one is given)
 
-Each micro-batch's loss is already its share of the batch loss (the "mean over rollouts" uses
-the batch's rollout count and each rollout's batch-wide call count), so gradients simply add up.
+The rollouts of a group usually share one trie (``learner.group_data`` builds it), so their shared
+prompt is computed once. Each micro-batch's loss is already its share of the batch loss (the
+"mean over rollouts" uses the batch's rollout count and each rollout's batch-wide call or token
+count), so gradients simply add up across micro-batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import time
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from arborl.kernels.tree_attention import SDPA
 from arborl.rollout.trie import Trie
 
-from .core_algos import group_advantages, icepop_weights, rollout_mismatch_stats, turn_gspo_loss
+from .core_algos import (
+    group_advantages,
+    icepop_weights,
+    kl_to_reference,
+    opd_advantages,
+    rescale_advantages,
+    rollout_mismatch_stats,
+    sequence_gspo_loss,
+    token_ppo_loss,
+    turn_gspo_loss,
+)
 from .logp_old import estimate_logp_old
-from .packing import CallSpan, pack, split_by_budget
-from .tree_forward import packed_token_logprobs
+from .packing import CallSpan, PackedBatch, pack, split_by_budget
+from .tree_forward import packed_logprobs_and_entropy, packed_token_logprobs
+
+Layout = Literal["tree", "per_rollout", "per_call"]
+LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo"]
 
 
 @dataclass
 class RolloutSample:
-    """One rollout to learn from: its trie, its calls (main agent only), its reward and group."""
+    """One rollout to learn from: its calls (trainable ones only) in a trie, its reward and group.
+
+    Rollouts of one group should share one ``Trie`` object; then tree packing computes their
+    common prefix once.
+    """
 
     trie: Trie
     calls: list[CallSpan]
@@ -36,59 +58,226 @@ class RolloutSample:
     group: int
     # Per call key: the logprobs the serving engine recorded for its completion tokens.
     logp_rollout: dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    domain: str = ""  # picks the distillation teacher, if any
 
 
 @dataclass
 class StepConfig:
     token_budget: int = 8192
+    layout: Layout = "tree"  # per_rollout and per_call are the baselines tree packing is measured against
+    loss: LossName = "turn_gspo"
     mcla_passes: int = 1
     eps_low: float = 3e-4
     eps_high: float = 4e-4
-    ratio_mode: str = "mean"
+    ratio_mode: Literal["mean", "product"] = "mean"
     use_std: bool = True
     icepop: bool = True
+    difficulty_lambda: float = 0.0  # difficulty-aware rescaling (KAT-Coder uses 0.5); 0 = off
+    entropy_mu: float = 0.0  # entropy-aware rescaling (0.1 in DESIGN's worked example); 0 = off
+    opd_lambda: float = 1.0  # weight of on-policy distillation where the rollout's domain has a teacher
+    kl_coef: float = 0.0  # KL to the reference policy (needs ``reference``)
     max_grad_norm: float = 1.0
     attention: str = SDPA
 
 
-def train_step(model, optimizer, rollouts: Sequence[RolloutSample], config: StepConfig) -> dict[str, float]:
-    """Update ``model`` on ``rollouts``; returns the step's metrics."""
+@dataclass
+class MicroBatch:
+    """One packed forward pass and the calls it trains."""
+
+    batch: PackedBatch
+    calls: list[CallSpan]
+    call_rollout: torch.Tensor  # [calls] index of each call's rollout in the step
+    flat: torch.Tensor  # completion token indices into the batch, call after call
+    call_ids: torch.Tensor  # [tokens] which of ``calls`` each completion token belongs to
+    logp_old: torch.Tensor | None = None  # [tokens], from the old pass
+    entropy: torch.Tensor | None = None  # [tokens]
+    logp_teacher: torch.Tensor | None = None  # [tokens]; NaN where the rollout has no teacher
+    logp_ref: torch.Tensor | None = None  # [tokens]
+
+    @property
+    def token_rollout(self) -> torch.Tensor:
+        return self.call_rollout[self.call_ids]
+
+
+def plan_micro_batches(rollouts: Sequence[RolloutSample], budget: int, layout: Layout = "tree") -> list[MicroBatch]:
+    """Lay the rollouts' calls out as micro-batches of at most ``budget`` tokens (whole calls).
+
+    - ``tree``: the calls of every rollout sharing a trie are packed together, split by whole
+      subtrees; shared prefixes (the group's prompt, earlier turns) are computed once per micro-batch.
+    - ``per_rollout``: each rollout on its own (one sequence per rollout, plus its own branches).
+    - ``per_call``: each call as its own sequence, prompt included (what a trainer without
+      prefix sharing computes).
+    """
+    owner: dict[Hashable, int] = {}
+    pieces: list[tuple[Trie, list[CallSpan]]] = []
+    if layout == "tree":
+        by_trie: dict[int, tuple[Trie, list[CallSpan]]] = {}
+        for index, rollout in enumerate(rollouts):
+            by_trie.setdefault(id(rollout.trie), (rollout.trie, []))[1].extend(rollout.calls)
+            owner.update((call.key, index) for call in rollout.calls)
+        for trie, calls in by_trie.values():
+            pieces += [(trie, micro) for micro in split_by_budget(trie, calls, budget)]
+    elif layout == "per_rollout":
+        for index, rollout in enumerate(rollouts):
+            owner.update((call.key, index) for call in rollout.calls)
+            pieces += [(rollout.trie, micro) for micro in split_by_budget(rollout.trie, rollout.calls, budget)]
+    elif layout == "per_call":
+        for index, rollout in enumerate(rollouts):
+            owner.update((call.key, index) for call in rollout.calls)
+            pieces += [(rollout.trie, [call]) for call in rollout.calls]
+    else:
+        raise ValueError(f"layout must be tree, per_rollout or per_call, got {layout!r}")
+    if len(owner) != sum(len(r.calls) for r in rollouts):
+        raise ValueError("call keys must be unique across the rollouts of a step")
+    micro_batches = []
+    for trie, calls in pieces:
+        batch = pack([(trie, calls)])
+        index = [batch.completion_index[c.key] for c in calls]
+        micro_batches.append(MicroBatch(
+            batch=batch,
+            calls=list(calls),
+            call_rollout=torch.tensor([owner[c.key] for c in calls]),
+            flat=torch.cat(index),
+            call_ids=torch.cat([torch.full((i.numel(),), n) for n, i in enumerate(index)]),
+        ))
+    return micro_batches
+
+
+def _old_pass(model, micro_batches, rollouts, config: StepConfig, teachers, reference) -> None:
+    """logp_old (MCLA), entropy, teacher and reference logprobs of every micro-batch, no grad."""
+    for micro in micro_batches:
+        if config.mcla_passes == 1:
+            with torch.no_grad():
+                logp_old, entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention)
+        else:
+            logp_old = estimate_logp_old(model, micro.batch, passes=config.mcla_passes, attention=config.attention)
+            with torch.no_grad():
+                entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention)[1]
+        micro.logp_old, micro.entropy = logp_old[micro.flat], entropy[micro.flat]
+        domains = [rollouts[int(i)].domain for i in micro.token_rollout]
+        if teachers and any(d in teachers for d in domains):
+            micro.logp_teacher = torch.full_like(micro.logp_old, float("nan"))
+            for domain in set(domains) & set(teachers):
+                with torch.no_grad():
+                    scored = packed_token_logprobs(teachers[domain], micro.batch, attention=config.attention)
+                rows = torch.tensor([d == domain for d in domains])
+                micro.logp_teacher[rows] = scored[micro.flat][rows].to(micro.logp_teacher)
+        if reference is not None and config.kl_coef > 0:
+            with torch.no_grad():
+                micro.logp_ref = packed_token_logprobs(reference, micro.batch, attention=config.attention)[micro.flat]
+
+
+def _rollout_entropy(micro_batches, num_rollouts: int) -> torch.Tensor:
+    """H_i: the mean entropy of each rollout's completion tokens."""
+    total = torch.zeros(num_rollouts, dtype=torch.float64)
+    count = torch.zeros(num_rollouts, dtype=torch.float64)
+    for micro in micro_batches:
+        total.index_add_(0, micro.token_rollout, micro.entropy.double())
+        count.index_add_(0, micro.token_rollout, torch.ones_like(micro.entropy, dtype=torch.float64))
+    return total / count.clamp_min(1)
+
+
+def _micro_loss(micro: MicroBatch, logp, advantages, rollouts, sizes, config: StepConfig, weights):
+    """The micro-batch's share of the batch loss, and the loss's stats."""
+    n = len(rollouts)
+    if micro.logp_teacher is not None or config.loss == "token_ppo":
+        token_adv = advantages[micro.token_rollout].to(logp)
+        if micro.logp_teacher is not None:
+            distilled = ~torch.isnan(micro.logp_teacher)
+            term = opd_advantages(micro.logp_old, micro.logp_teacher.nan_to_num(), lam=config.opd_lambda)
+            token_adv = token_adv + torch.where(distilled, term, torch.zeros_like(term)).to(logp)
+        return token_ppo_loss(logp, micro.logp_old, token_adv, micro.token_rollout, n, agg="seq-mean-token-mean",
+                              token_weights=weights, tokens_per_rollout=sizes["tokens"])
+    if config.loss == "sequence_gspo":
+        return sequence_gspo_loss(logp, micro.logp_old, advantages.to(logp), micro.token_rollout, n,
+                                  eps_low=config.eps_low, eps_high=config.eps_high, mode=config.ratio_mode,
+                                  token_weights=weights)
+    if config.loss == "turn_gspo":
+        return turn_gspo_loss(logp, micro.logp_old, advantages[micro.call_rollout].to(logp), micro.call_ids,
+                              micro.call_rollout, n, eps_low=config.eps_low, eps_high=config.eps_high,
+                              mode=config.ratio_mode, token_weights=weights, calls_per_rollout=sizes["calls"])
+    raise ValueError(f"loss must be turn_gspo, sequence_gspo or token_ppo, got {config.loss!r}")
+
+
+def train_step(
+    model,
+    optimizer,
+    rollouts: Sequence[RolloutSample],
+    config: StepConfig,
+    *,
+    scheduler=None,
+    teachers: Mapping[str, object] | None = None,
+    reference=None,
+) -> dict[str, float]:
+    """Update ``model`` on ``rollouts``; returns the step's metrics.
+
+    ``teachers`` maps a task domain to a distillation teacher (same tokenizer; checked by whoever
+    loads it); ``reference`` is the frozen policy for the optional KL term.
+    """
+    started = time.perf_counter()
+    if config.loss == "sequence_gspo" and config.layout != "per_rollout" and any(len(r.calls) > 1 for r in rollouts):
+        # The sequence ratio is over a rollout's whole completion, so each rollout must sit in one micro-batch.
+        config = StepConfig(**{**config.__dict__, "layout": "per_rollout", "token_budget": 1 << 62})
+    micro_batches = plan_micro_batches(rollouts, config.token_budget, config.layout)
+    _old_pass(model, micro_batches, rollouts, config, teachers or {}, reference)
+
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     groups = torch.tensor([r.group for r in rollouts])
     advantages = group_advantages(rewards, groups, use_std=config.use_std)
-    calls_per_rollout = torch.tensor([len(r.calls) for r in rollouts], dtype=torch.float64)
+    entropy = _rollout_entropy(micro_batches, len(rollouts))
+    if config.difficulty_lambda or config.entropy_mu:
+        advantages = rescale_advantages(advantages, groups, (rewards > 0).double(), entropy,
+                                        lam=config.difficulty_lambda, mu=config.entropy_mu)
+    sizes = {
+        "calls": torch.tensor([len(r.calls) for r in rollouts], dtype=torch.float64),
+        "tokens": torch.tensor([sum(c.completion_len for c in r.calls) for r in rollouts], dtype=torch.float64),
+    }
 
     optimizer.zero_grad(set_to_none=True)
-    total_loss, clipped, turns, tokens = 0.0, 0.0, 0, 0
+    totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0}
+    tokens = completion_tokens = 0
     mismatch = []
-    for index, rollout in enumerate(rollouts):
-        for micro in split_by_budget(rollout.trie, rollout.calls, config.token_budget):
-            batch = pack([(rollout.trie, micro)])
-            logp_old_all = estimate_logp_old(model, batch, passes=config.mcla_passes, attention=config.attention)
-            logp_all = packed_token_logprobs(model, batch, attention=config.attention)
-            flat = torch.cat([batch.completion_index[c.key] for c in micro])
-            call_ids = torch.cat([torch.full((batch.completion_index[c.key].numel(),), n) for n, c in enumerate(micro)])
-            logp, logp_old = logp_all[flat], logp_old_all[flat]
-            weights = None
-            if config.icepop and all(c.key in rollout.logp_rollout for c in micro):
-                logp_rollout = torch.cat([rollout.logp_rollout[c.key] for c in micro]).to(logp_old)
-                weights = icepop_weights(logp_old, logp_rollout)
-                mismatch.append(rollout_mismatch_stats(logp_old, logp_rollout))
-            loss, stats = turn_gspo_loss(
-                logp, logp_old, advantages[index].expand(len(micro)).to(logp), call_ids,
-                torch.full((len(micro),), index), len(rollouts), eps_low=config.eps_low, eps_high=config.eps_high,
-                mode=config.ratio_mode, token_weights=weights, calls_per_rollout=calls_per_rollout.to(logp),
-            )
-            loss.backward()
-            total_loss += float(loss.detach())
-            clipped += float(stats["clip_frac"]) * len(micro)
-            turns += len(micro)
-            tokens += batch.num_tokens
+    for micro in micro_batches:
+        logp = packed_token_logprobs(model, micro.batch, attention=config.attention)[micro.flat]
+        weights = None
+        recorded = [rollouts[int(r)].logp_rollout.get(c.key) for c, r in zip(micro.calls, micro.call_rollout)]
+        if config.icepop and all(x is not None for x in recorded):
+            logp_rollout = torch.cat(recorded).to(micro.logp_old)
+            weights = icepop_weights(micro.logp_old, logp_rollout)
+            mismatch.append(rollout_mismatch_stats(micro.logp_old, logp_rollout))
+        sizes["calls"], sizes["tokens"] = sizes["calls"].to(logp), sizes["tokens"].to(logp)
+        loss, stats = _micro_loss(micro, logp, advantages, rollouts, sizes, config, weights)
+        if micro.logp_ref is not None:
+            kl = kl_to_reference(logp, micro.logp_ref)
+            kl_loss = (kl / sizes["tokens"][micro.token_rollout].clamp_min(1)).sum() / len(rollouts)
+            loss = loss + config.kl_coef * kl_loss
+            totals["kl"] += float(kl_loss.detach())
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        totals["clip"] += float(stats["clip_frac"]) * len(micro.calls)
+        tokens += micro.batch.num_tokens
+        completion_tokens += int(micro.flat.numel())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     optimizer.step()
-    metrics = {"loss": total_loss, "clip_frac": clipped / max(turns, 1), "grad_norm": float(grad_norm),
-               "tokens": float(tokens), "reward_mean": float(rewards.mean())}
-    if mismatch:
+    if scheduler is not None:
+        scheduler.step()
+    seconds = time.perf_counter() - started
+    metrics = {
+        "loss": totals["loss"],
+        "clip_frac": totals["clip"] / max(sum(len(m.calls) for m in micro_batches), 1),
+        "grad_norm": float(grad_norm),
+        "entropy": float(entropy.mean()),
+        "reward_mean": float(rewards.mean()),
+        "tokens": float(tokens),
+        "completion_tokens": float(completion_tokens),
+        "micro_batches": float(len(micro_batches)),
+        "step_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+    }
+    if reference is not None and config.kl_coef > 0:
+        metrics["kl_ref"] = totals["kl"]
+    if mismatch:  # mismatch_abs, mismatch_kl, icepop_zeroed_frac: the mean over micro-batches
         for key in mismatch[0]:
             metrics[key] = sum(float(m[key]) for m in mismatch) / len(mismatch)
     return metrics

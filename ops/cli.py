@@ -2,6 +2,7 @@
 
     arborl up                      serve the default model on 127.0.0.1:8000 and record into runs/default
     arborl serve [--model M ...]   the same, with every engine and gateway setting as a flag
+    arborl train --store RUN [--gateway URL] [--resume]   train on RUN's complete groups, publish each version
     arborl trie list [--run DIR]   the sessions recorded in a run
     arborl trie show SESSION       one session's prefix tree (--html FILE for a picture)
     arborl connect SCAFFOLD        how to point claude-code, codex, opencode or cline at the gateway
@@ -170,6 +171,48 @@ def trie_show(run_dir: Path, session: str, html: Path | None, show_tokens: int) 
         raise SystemExit(f"arborl: {exc.args[0]}") from None
 
 
+def train(args: argparse.Namespace) -> None:
+    """The learner as its own process: complete groups from RUN's store, versions to the gateway."""
+    import os
+
+    from arborl.gateway.engines.model_source import resolve_model
+    from arborl.learner.loop import Learner, LearnerError
+    from arborl.learner.metrics import LearnerMetrics
+    from arborl.learner.publish import GatewayPublisher
+    from arborl.rollout.ledger import RunLedger
+
+    overrides: dict[str, Any] = {"learner": {k: v for k, v in {
+        "lr": args.lr, "groups_per_step": args.groups_per_step, "max_staleness": args.max_staleness,
+        "mcla_passes": args.mcla_passes}.items() if v is not None}}
+    config = load_config(args.config, overrides)
+    run_dir = args.store
+    ledger = RunLedger(_open_store(run_dir))
+    info = run_dir / "run.json"
+    model = args.model or (json.loads(info.read_text()).get("model_dir") if info.is_file() else None)
+    base = resolve_model(model or config.engine.model)
+    publisher = None
+    if args.gateway:
+        token = args.admin_token or os.environ.get("ARBORL_ADMIN_TOKEN") or config.gateway.admin_token
+        if not token:
+            raise SystemExit("arborl: publishing to --gateway needs --admin-token (or ARBORL_ADMIN_TOKEN)")
+        publisher = GatewayPublisher(args.gateway, token)
+    metrics = LearnerMetrics()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        learner = Learner(ledger, run_dir, config.learner, base_model=base, publisher=publisher, resume=args.resume,
+                          device=args.device, teachers={d: resolve_model(m) for d, m in config.learner.teachers.items()},
+                          metrics=metrics, progress=lambda line: print(line, flush=True))
+    except LearnerError as exc:
+        raise SystemExit(f"arborl: {exc}") from None
+    try:
+        learner.run(max_steps=args.max_steps, idle_exit_s=args.idle_exit)
+    except KeyboardInterrupt:
+        print(f"learner: stopped at step {learner.step}; `arborl train --resume` continues", flush=True)
+
+
 def connect(args: argparse.Namespace) -> None:
     from arborl.scaffold_adapters.base import GatewayTarget
 
@@ -202,6 +245,21 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--run", type=Path, default=Path("runs/default"))
     show.add_argument("--html", type=Path, help="write an HTML picture of the tree to this file")
     show.add_argument("--tokens", type=int, default=8, help="token ids to show per node")
+    learn = commands.add_parser("train", help="the learner: train on a run's complete groups and publish")
+    learn.add_argument("--store", type=Path, required=True, help="the run folder (holding store.sqlite)")
+    learn.add_argument("--gateway", help="gateway root URL to publish each new version to (admin route)")
+    learn.add_argument("--admin-token", help="the gateway's admin token (or ARBORL_ADMIN_TOKEN)")
+    learn.add_argument("--resume", action="store_true", help="continue from the run's last committed step")
+    learn.add_argument("--config", help="YAML or TOML configuration file (its learner section)")
+    learn.add_argument("--model", help="starting weights (default: what the run's gateway serves)")
+    learn.add_argument("--device", help="cpu, cuda or cuda:N")
+    learn.add_argument("--lr", type=float)
+    learn.add_argument("--groups-per-step", type=int)
+    learn.add_argument("--max-staleness", type=int)
+    learn.add_argument("--mcla-passes", type=int)
+    learn.add_argument("--max-steps", type=int, help="stop after this many committed steps")
+    learn.add_argument("--idle-exit", type=float, help="stop when no group completes for this many seconds")
+    learn.add_argument("--metrics-port", type=int, help="serve the learner's Prometheus metrics on this port")
     link = commands.add_parser("connect", help="configuration that points an agent CLI at the gateway")
     link.add_argument("scaffold", help="claude-code, codex, opencode or cline")
     link.add_argument("--config", help="the gateway's configuration file (for its address and keys)")
@@ -216,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(load_config(args.config, _overrides(args)))
     elif args.command == "connect":
         connect(args)
+    elif args.command == "train":
+        train(args)
     elif args.trie_command == "list":
         trie_list(args.run)
     else:

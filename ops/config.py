@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from arborl.gateway.engines.model_source import DEFAULT_MODEL
 from arborl.gateway.settings import GatewaySettings
+from arborl.learner.settings import LearnerSettings
 
 
 class EngineConfig(BaseModel):
@@ -44,6 +45,7 @@ class ArborlConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

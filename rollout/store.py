@@ -147,7 +147,8 @@ class TrajectoryStore:
             self._db.execute("ALTER TABLE calls ADD COLUMN purpose TEXT NOT NULL DEFAULT 'main'")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): everything in it commits together or not at all."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -156,6 +157,11 @@ class TrajectoryStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Rows of one read (other parts of the run, such as the rollout ledger, keep tables here too)."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -230,7 +236,7 @@ class TrajectoryStore:
             inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
             seq = self._seq(call.session_id)
             try:
-                with self._transaction() as db:
+                with self.transaction() as db:
                     db.execute(
                         "INSERT OR IGNORE INTO sessions(id, created_at, identified_by) VALUES (?, ?, '')",
                         (call.session_id, call.created_at),

@@ -118,13 +118,14 @@ def test_admin_routes_are_off_without_an_admin_token(gateway):
 def test_learner_publishes_a_trained_checkpoint_and_in_process(admin_gateway, tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
-    from arborl.learner.publish import publish_in_process, publish_to_gateway, save_checkpoint
+    from arborl.learner.checkpoint import save_checkpoint
+    from arborl.learner.publish import publish_in_process, publish_to_gateway
 
     learner = AutoModelForCausalLM.from_pretrained(admin_gateway.engine.tokenizer.name_or_path)
     with torch.no_grad():
         for parameter in learner.parameters():
             parameter.add_(0.01)
-    folder = save_checkpoint(learner, tmp_path / "step-1")
+    folder = save_checkpoint(tmp_path / "step-1", learner)
     answer = publish_to_gateway(admin_gateway.url, ADMIN, folder, 1)
     assert answer["version"] == 1
     served = admin_gateway.engine.model.state_dict()

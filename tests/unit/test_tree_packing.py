@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from arborl.kernels.tree_attention import FLEX, SDPA, tree_mask
+from arborl.kernels import tree_attention
+from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA, tree_mask
 from arborl.learner.packing import CallSpan, pack, packing_stats, split_by_budget
 from arborl.learner.tree_forward import packed_token_logprobs
 from arborl.rollout.trie import Trie
@@ -67,7 +68,9 @@ def test_flattening_contract_on_random_tries(seed: int):
     paths = _agent_shaped(rng, rollouts=rng.randint(1, 4))
     trie, calls = _trie(paths)
     batch = pack([(trie, calls)])
-    ids, parent, end, pos = (t.tolist() for t in (batch.input_ids, batch.parent, batch.end, batch.position_ids))
+    ids, parent, end, pos = (
+        t.tolist() for t in (batch.input_ids, batch.parent, batch.end, batch.position_ids)
+    )
     assert batch.num_tokens == trie.num_tokens  # every stored token once
     for (path, completion), call in zip(paths, calls, strict=True):
         index = batch.completion_index[call.key].tolist()
@@ -121,8 +124,15 @@ def _model():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     model = LlamaForCausalLM(config).double()
     for module in model.modules():
         if isinstance(module, LlamaRMSNorm):
@@ -137,7 +147,8 @@ def _separate_loss(model, paths, coefficients) -> torch.Tensor:
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for (path, completion), coefficient in zip(paths, coefficients, strict=True):
         ids = torch.tensor(path, device=device)[None]
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+        logits = model(input_ids=ids).logits[0, :-1]
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
         loss = loss + coefficient * logp[-completion:].sum()
     return loss
 
@@ -145,7 +156,9 @@ def _separate_loss(model, paths, coefficients) -> torch.Tensor:
 def _packed_loss(model, trie, calls, coefficients, attention) -> torch.Tensor:
     batch = pack([(trie, calls)])
     logp = packed_token_logprobs(model, batch, attention=attention)
-    return sum(c * logp[batch.completion_index[call.key]].sum() for call, c in zip(calls, coefficients, strict=True))
+    return sum(
+        c * logp[batch.completion_index[call.key]].sum() for call, c in zip(calls, coefficients, strict=True)
+    )
 
 
 def _assert_relative(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> None:
@@ -174,9 +187,17 @@ def _assert_packed_matches_separate(seed: int, attention: str, device: str) -> N
         _assert_relative(parameter.grad, separate_grads[name])
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 8 queries, so that BLOCKS spans these ~70-token tries with many blocks and
+    its key selection decides what each block sees."""
+    monkeypatch.setattr(tree_attention, "BLOCK_SIZE", 8)
+
+
+@pytest.mark.parametrize("attention", [SDPA, BLOCKS])
 @pytest.mark.parametrize("seed", range(4))
-def test_packed_loss_and_gradients_equal_separate_calls_sdpa(seed: int):
-    _assert_packed_matches_separate(seed, SDPA, "cpu")
+def test_packed_loss_and_gradients_equal_separate_calls(seed: int, attention: str, small_blocks):
+    _assert_packed_matches_separate(seed, attention, "cpu")
 
 
 def test_flex_attention_gives_the_same_loss_on_cpu():
@@ -193,6 +214,6 @@ def test_flex_attention_gives_the_same_loss_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", [SDPA, FLEX])
-def test_packed_gradients_equal_separate_calls_on_cuda(attention: str):
+@pytest.mark.parametrize("attention", [SDPA, BLOCKS, FLEX])
+def test_packed_gradients_equal_separate_calls_on_cuda(attention: str, small_blocks):
     _assert_packed_matches_separate(3, attention, "cuda")

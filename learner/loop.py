@@ -1,0 +1,226 @@
+"""The asynchronous learner loop (DESIGN section 5).
+
+    complete groups (rollout.ledger) --> drop the stale and the uninformative --> train_step
+        --> checkpoint (weights + optimiser) --> commit step + consumed groups (one transaction)
+        --> publish version v + 1 to serving
+
+Rollouts keep being sampled by the served policy while the learner trains; a group whose oldest
+token is more than ``max_staleness`` versions behind the learner is dropped and counted. The
+version after step k is k (version 0 is the starting weights).
+
+Crash safety: a step counts once its ledger commit lands. Resuming loads the checkpoint of the
+last committed step (weights, optimiser, schedule, RNG), deletes checkpoints no commit refers to,
+and takes the groups no committed step consumed, so a ``kill -9`` anywhere neither loses nor
+repeats a group. If serving is behind the learner (a crash between commit and publish, or a
+restarted gateway), the latest version is published again at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from arborl.rollout.ledger import RunLedger
+
+from .checkpoint import checkpoint_folder, load_training_state, prune_checkpoints, save_checkpoint
+from .core_algos import check_same_tokenizer
+from .group_data import GroupSamples, load_group
+from .metrics import LearnerMetrics
+from .publish import Publisher
+from .settings import LearnerSettings
+from .train_step import train_step
+
+log = logging.getLogger("arborl.learner")
+
+
+class LearnerError(RuntimeError):
+    """The learner cannot start as asked (e.g. a run with committed steps, started without resume)."""
+
+
+@dataclass
+class StepReport:
+    step: int
+    version: int
+    groups: list[int]
+    metrics: dict[str, float]
+
+
+class Learner:
+    def __init__(
+        self,
+        ledger: RunLedger,
+        run_dir: Path,
+        settings: LearnerSettings,
+        *,
+        base_model: Path,
+        publisher: Publisher | None = None,
+        resume: bool = False,
+        device: str | None = None,
+        teachers: dict[str, Path] | None = None,
+        metrics: LearnerMetrics | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.ledger, self.run_dir, self.settings = ledger, Path(run_dir), settings
+        self.base_model, self.publisher = Path(base_model), publisher
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.metrics = metrics or LearnerMetrics()
+        self.progress = progress or log.info
+        self._open(resume)
+        self.teachers = {domain: self._load_teacher(Path(path)) for domain, path in (teachers or {}).items()}
+        self.reference = self._load_frozen(self.base_model) if settings.kl_coef > 0 else None
+
+    # -- start and resume ---------------------------------------------------------------------
+
+    def _open(self, resume: bool) -> None:
+        from transformers import AutoModelForCausalLM
+
+        last = self.ledger.last_step()
+        if last is not None and not resume:
+            raise LearnerError(
+                f"{self.run_dir} already has {last.step} committed training steps; resume them (--resume) "
+                "or use another run folder"
+            )
+        torch.manual_seed(self.settings.seed)
+        source = Path(last.checkpoint) if last else self.base_model
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(self.device)
+        self.model.train()
+        s = self.settings
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.betas,
+                                           weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step, self.version = 0, 0
+        if last is not None:
+            state = load_training_state(source, self.optimizer, self.scheduler)
+            self.step, self.version = last.step, last.version
+            assert (state["step"], state["version"]) == (last.step, last.version), "checkpoint and ledger disagree"
+        self._prune()
+        self.metrics.step.set(self.step)
+        self.metrics.version.set(self.version)
+        self.progress(f"learner: {'resumed at step ' + str(self.step) if last else 'starting'} from {source}, "
+                      f"version {self.version}")
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then constant or a cosine down to ``min_lr_ratio``."""
+        s = self.settings
+        if step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps))
+        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _load_frozen(self, folder: Path):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        return model.requires_grad_(False)
+
+    def _load_teacher(self, folder: Path):
+        from transformers import AutoTokenizer
+
+        check_same_tokenizer(AutoTokenizer.from_pretrained(self.base_model), AutoTokenizer.from_pretrained(folder))
+        return self._load_frozen(folder)
+
+    def _prune(self) -> None:
+        committed = [Path(s.checkpoint) for s in self.ledger.steps()]
+        prune_checkpoints(self.run_dir, keep=committed[-self.settings.keep_checkpoints:])
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, *, max_steps: int | None = None, stop: threading.Event | None = None,
+            idle_exit_s: float | None = None) -> None:
+        """Train until ``max_steps`` steps are committed, ``stop`` is set, or no group came for ``idle_exit_s``."""
+        stop = stop or threading.Event()
+        self.sync_serving()
+        idle_since = time.monotonic()
+        while not stop.is_set() and (max_steps is None or self.step < max_steps):
+            if self.train_once() is not None:
+                idle_since = time.monotonic()
+            elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                self.progress(f"learner: no complete group for {idle_exit_s:.0f} s, stopping")
+                return
+            else:
+                stop.wait(self.settings.poll_interval_s)
+
+    def sync_serving(self) -> None:
+        """Publish the learner's version if serving is behind it."""
+        if self.publisher is None or self.step == 0:
+            return
+        try:
+            served = self.publisher.served_version()
+        except Exception as exc:  # noqa: BLE001 - serving may be down; the next step publishes anyway
+            self.progress(f"learner: cannot ask serving for its version ({exc}); publishing after the next step")
+            return
+        if served < self.version:
+            self._publish(Path(self.ledger.last_step().checkpoint))
+
+    def take_groups(self) -> list[GroupSamples] | None:
+        """The next ``groups_per_step`` trainable groups, oldest first; dropping the ones never to train on."""
+        taken: list[GroupSamples] = []
+        distill_or_kl = bool(self.teachers) or self.settings.kl_coef > 0
+        for group in self.ledger.pending_groups():
+            data = load_group(self.ledger, group)
+            rewards = {s.reward for s in data.samples}
+            reason = None
+            if data.oldest_version is None:
+                reason = "no_tokens"
+            elif self.version - data.oldest_version > self.settings.max_staleness:
+                reason = "stale"
+            elif len(rewards) == 1 and not distill_or_kl:
+                reason = "uniform_reward"  # every advantage is 0: a step on it changes nothing
+            if reason:
+                self.ledger.drop_groups([group.id], reason)
+                self.metrics.groups_dropped.labels(reason).inc()
+                self.progress(f"learner: dropped group {group.id} ({reason})")
+                continue
+            taken.append(data)
+            if len(taken) == self.settings.groups_per_step:
+                return taken
+        return None
+
+    def train_once(self) -> StepReport | None:
+        """One step if enough groups are complete (None otherwise)."""
+        groups = self.take_groups()
+        if groups is None:
+            return None
+        step, version = self.step + 1, self.version + 1
+        ids = [g.group.id for g in groups]
+        staleness = [self.version - g.oldest_version for g in groups]
+        self.progress(f"step {step}: training on groups {ids} ({sum(g.calls for g in groups)} calls)")
+        samples = [sample for g in groups for sample in g.samples]
+        metrics = train_step(self.model, self.optimizer, samples, self.settings.step_config(),
+                             scheduler=self.scheduler, teachers=self.teachers, reference=self.reference)
+        metrics.update(staleness_max=float(max(staleness)), staleness_mean=sum(staleness) / len(staleness))
+        self.progress(f"step {step}: saving checkpoint")
+        folder = save_checkpoint(checkpoint_folder(self.run_dir, step), self.model, tokenizer_dir=self.base_model,
+                                 optimizer=self.optimizer, scheduler=self.scheduler, step=step, version=version)
+        self.ledger.commit_step(step, version, str(folder), ids, {**metrics, "groups": ids})
+        self.step, self.version = step, version
+        self.metrics.observe_step(step, version, metrics, staleness)
+        self.progress(
+            f"step {step}: committed version {version}; reward {metrics['reward_mean']:.3f} loss "
+            f"{metrics['loss']:.4g} entropy {metrics['entropy']:.3f} {metrics['tokens_per_second']:.0f} tok/s"
+        )
+        self._publish(folder)
+        self._prune()
+        return StepReport(step, version, ids, metrics)
+
+    def _publish(self, folder: Path) -> None:
+        if self.publisher is None:
+            return
+        started = time.perf_counter()
+        try:
+            self.publisher.publish(self.model, folder, self.version)
+        except Exception as exc:  # noqa: BLE001 - serving lags one version; training goes on
+            self.metrics.publish_failures.inc()
+            self.progress(f"learner: publishing version {self.version} failed: {exc}")
+            return
+        self.metrics.publish_duration.observe(time.perf_counter() - started)
+        self.progress(f"learner: serving version {self.version}")

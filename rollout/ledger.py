@@ -1,0 +1,253 @@
+"""The run ledger: rollouts, groups and training steps, in the trajectory store's SQLite file.
+
+The orchestrator opens a group of G rollouts for a task, starts each rollout (a session), and
+finishes it with a reward, or marks an infrastructure failure (the rollout is retried under a new
+session and the failed one is never trained on). When G rollouts of a group have finished, the
+group is complete and waits for the learner.
+
+The learner takes complete groups, trains on them, and commits the step: the step's row (its
+policy version and checkpoint folder) and the ``consumed_step`` mark of every group it trained on
+are written in one transaction. A learner killed at any point therefore either committed the step
+(its groups are consumed, its checkpoint is the one to resume from) or did not (its groups are
+still pending and the previous checkpoint is the one to resume from): no group is lost or trained
+twice. Groups too stale to train on are marked ``dropped`` and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from arborl.scaffold_adapters.base import TRAINABLE_PURPOSES
+
+from .records import StoredCall
+from .store import NO_PATH, TrajectoryStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS groups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    domain TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    completed_at REAL,
+    consumed_step INTEGER,
+    dropped TEXT,
+    meta TEXT
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    session_id TEXT PRIMARY KEY,
+    group_id INTEGER NOT NULL,
+    task_id TEXT NOT NULL,
+    scaffold TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reward REAL,
+    outcome TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts(group_id, status);
+CREATE TABLE IF NOT EXISTS train_steps (
+    step INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    checkpoint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    metrics TEXT
+);
+"""
+
+RUNNING, DONE, INFRA_FAILED = "running", "done", "infra_failed"
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation that would break its invariants (e.g. consuming a group twice)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    task_id: str
+    size: int
+    domain: str
+    created_at: float
+    completed_at: float | None
+    consumed_step: int | None
+    dropped: str | None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    session_id: str
+    group_id: int
+    task_id: str
+    scaffold: str
+    status: str
+    reward: float | None
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    version: int
+    checkpoint: str
+    created_at: float
+    metrics: dict[str, Any]
+
+
+_GROUP_COLUMNS = "id, task_id, size, domain, created_at, completed_at, consumed_step, dropped"
+_ROLLOUT_COLUMNS = "session_id, group_id, task_id, scaffold, status, reward, outcome"
+
+
+class RunLedger:
+    def __init__(self, store: TrajectoryStore):
+        self.store = store
+        with store.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    # -- the orchestrator's side --------------------------------------------------------------
+
+    def open_group(self, task_id: str, size: int, *, domain: str = "", meta: dict | None = None) -> int:
+        if size < 1:
+            raise ValueError(f"a group needs at least one rollout, got size {size}")
+        with self.store.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO groups(task_id, size, domain, created_at, meta) VALUES (?, ?, ?, ?, ?)",
+                (task_id, size, domain, time.time(), json.dumps(meta or {})),
+            )
+            return int(cursor.lastrowid)
+
+    def start_rollout(self, session_id: str, group_id: int, *, scaffold: str) -> None:
+        task_id = self.group(group_id).task_id
+        self.store.ensure_session(session_id, identified_by="rollout", scaffold=scaffold)
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO rollouts(session_id, group_id, task_id, scaffold, status, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (session_id, group_id, task_id, scaffold, RUNNING, time.time()),
+            )
+
+    def finish_rollout(self, session_id: str, reward: float, *, outcome: str = "") -> bool:
+        """Record the rollout's reward; returns True when this completed its group."""
+        now = time.time()
+        with self.store.transaction() as db:
+            row = db.execute("SELECT group_id, status FROM rollouts WHERE session_id = ?", (session_id,)).fetchone()
+            if row is None or row[1] != RUNNING:
+                raise LedgerError(f"rollout {session_id!r} is not running")
+            group_id = row[0]
+            db.execute(
+                "UPDATE rollouts SET status = ?, reward = ?, outcome = ?, finished_at = ? WHERE session_id = ?",
+                (DONE, float(reward), outcome, now, session_id),
+            )
+            done = db.execute(
+                "SELECT COUNT(*) FROM rollouts WHERE group_id = ? AND status = ?", (group_id, DONE)
+            ).fetchone()[0]
+            size = db.execute("SELECT size FROM groups WHERE id = ?", (group_id,)).fetchone()[0]
+            if done == size:
+                db.execute("UPDATE groups SET completed_at = ? WHERE id = ?", (now, group_id))
+                return True
+            return False
+
+    def fail_rollout(self, session_id: str, error: str) -> None:
+        """An infrastructure failure: kept for the record, never trained on, not counted in its group."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE rollouts SET status = ?, error = ?, finished_at = ? WHERE session_id = ? AND status = ?",
+                (INFRA_FAILED, error, time.time(), session_id, RUNNING),
+            )
+
+    # -- the learner's side -------------------------------------------------------------------
+
+    def group(self, group_id: int) -> Group:
+        rows = self.store.query(f"SELECT {_GROUP_COLUMNS} FROM groups WHERE id = ?", (group_id,))
+        if not rows:
+            raise KeyError(group_id)
+        return Group(*rows[0])
+
+    def pending_groups(self) -> list[Group]:
+        """Complete groups no step has consumed or dropped, oldest completion first."""
+        rows = self.store.query(
+            f"SELECT {_GROUP_COLUMNS} FROM groups WHERE completed_at IS NOT NULL AND consumed_step IS NULL "
+            "AND dropped IS NULL ORDER BY completed_at, id"
+        )
+        return [Group(*row) for row in rows]
+
+    def rollouts(self, group_id: int, *, status: str = DONE) -> list[Rollout]:
+        rows = self.store.query(
+            f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts WHERE group_id = ? AND status = ? ORDER BY created_at, "
+            "session_id",
+            (group_id, status),
+        )
+        return [Rollout(*row) for row in rows]
+
+    def training_calls(self, session_id: str) -> list[StoredCall]:
+        """The calls of a rollout to train on, in order: its own session and its sub-sessions
+        (``{session}:{branch}``, e.g. sub-agents), main and sub-agent calls only, each with exact
+        token ids and at least one sampled token. Titles, side calls, failed or cancelled calls and
+        re-tokenised upstream calls are kept in the store but never trained on."""
+        family = [session_id] + [
+            row[0] for row in self.store.query(
+                "SELECT id FROM sessions WHERE id > ? AND id < ? ORDER BY created_at, id",
+                (session_id + ":", session_id + ";"),  # ';' sorts right after ':'
+            )
+        ]
+        calls = [call for session in family for call in self.store.calls(session)]
+        return [
+            call for call in calls
+            if call.purpose in TRAINABLE_PURPOSES and call.status == "ok" and call.token_exact
+            and call.node_id != NO_PATH and call.completion_len > 0
+        ]
+
+    def drop_groups(self, group_ids: list[int], reason: str) -> None:
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE groups SET dropped = ? WHERE id = ? AND consumed_step IS NULL", [(reason, g) for g in group_ids]
+            )
+
+    def commit_step(self, step: int, version: int, checkpoint: str, group_ids: list[int],
+                    metrics: dict[str, Any]) -> None:
+        """The step's record and its groups' consumption, atomically (see the module docstring)."""
+        with self.store.transaction() as db:
+            placeholders = ", ".join("?" for _ in group_ids)
+            taken = db.execute(
+                f"SELECT id FROM groups WHERE id IN ({placeholders}) AND (consumed_step IS NOT NULL "
+                "OR dropped IS NOT NULL OR completed_at IS NULL)",
+                tuple(group_ids),
+            ).fetchall()
+            if taken:
+                raise LedgerError(f"groups {[r[0] for r in taken]} are not pending; step {step} would retrain them")
+            db.execute(
+                "INSERT INTO train_steps(step, version, checkpoint, created_at, metrics) VALUES (?, ?, ?, ?, ?)",
+                (step, version, checkpoint, time.time(), json.dumps(metrics)),
+            )
+            db.executemany("UPDATE groups SET consumed_step = ? WHERE id = ?", [(step, g) for g in group_ids])
+
+    def last_step(self) -> StepRecord | None:
+        rows = self.store.query(
+            "SELECT step, version, checkpoint, created_at, metrics FROM train_steps ORDER BY step DESC LIMIT 1"
+        )
+        if not rows:
+            return None
+        step, version, checkpoint, created_at, metrics = rows[0]
+        return StepRecord(step, version, checkpoint, created_at, json.loads(metrics or "{}"))
+
+    def steps(self) -> list[StepRecord]:
+        rows = self.store.query("SELECT step, version, checkpoint, created_at, metrics FROM train_steps ORDER BY step")
+        return [StepRecord(s, v, c, t, json.loads(m or "{}")) for s, v, c, t, m in rows]
+
+    def consumed(self) -> dict[int, int]:
+        """group id -> the step that trained on it."""
+        return dict(self.store.query("SELECT id, consumed_step FROM groups WHERE consumed_step IS NOT NULL"))
+
+    def counts(self) -> dict[str, int]:
+        """Groups by state, for metrics: open, pending, consumed, dropped."""
+        (opened, pending, consumed, dropped), = self.store.query(
+            "SELECT SUM(completed_at IS NULL), SUM(completed_at IS NOT NULL AND consumed_step IS NULL "
+            "AND dropped IS NULL), SUM(consumed_step IS NOT NULL), SUM(dropped IS NOT NULL) FROM groups"
+        )
+        return {"open": opened or 0, "pending": pending or 0, "consumed": consumed or 0, "dropped": dropped or 0}

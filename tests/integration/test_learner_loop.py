@@ -1,0 +1,196 @@
+"""The asynchronous learner loop: groups from the ledger, steps, checkpoints, publishing, resume.
+
+- a group sampled through a live gateway (the ``openai`` SDK) is trained on and the new version
+  is served, with the served weights equal to the committed checkpoint;
+- stale and uninformative groups are dropped and counted, never trained on;
+- ``arborl train`` killed with SIGKILL in the middle of steps and resumed twice ends with the
+  same weights, bit for bit, as an uninterrupted run on a copy of the same store, and the ledger
+  shows every group trained by exactly one step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arborl.learner.loop import Learner, LearnerError
+from arborl.learner.publish import GatewayPublisher
+from arborl.learner.settings import LearnerSettings
+from arborl.rollout.ledger import RunLedger
+from arborl.rollout.records import CallRecord
+from arborl.rollout.store import TrajectoryStore
+from conftest import serve_live
+
+ADMIN = "admin-secret"
+
+
+@torch.no_grad()
+def _logprobs(model, context: list[int], completion: list[int]) -> list[float]:
+    """What a serving engine with the same weights records for ``completion`` after ``context``."""
+    ids = torch.tensor([context + completion])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, len(context) - 1 : -1].float(), dim=-1)
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def record_group(ledger: RunLedger, model, task: str, rng: random.Random, *, rollouts: int = 4, turns: int = 2,
+                 version: int = 0, rewards: list[float] | None = None) -> int:
+    """A complete group of agent-shaped rollouts written the way the gateway and orchestrator write them."""
+    vocab = model.config.vocab_size
+    group = ledger.open_group(task, rollouts)
+    prompt = [rng.randrange(vocab) for _ in range(24)]
+    for r in range(rollouts):
+        session = f"{task}-rollout-{r}"
+        ledger.start_rollout(session, group, scaffold="synthetic")
+        context = list(prompt)
+        for turn in range(turns):
+            completion = [rng.randrange(vocab) for _ in range(6)]
+            ledger.store.record_call(CallRecord(
+                id=f"{session}-call-{turn}", session_id=session, dialect="openai", model="tiny",
+                prompt_ids=list(context), completion_ids=completion,
+                completion_logprobs=_logprobs(model, context, completion), completion_versions=[version] * 6,
+            ))
+            context += completion + [rng.randrange(vocab) for _ in range(5)]  # the tool's output
+        ledger.finish_rollout(session, rewards[r] if rewards else float(r % 2))
+    return group
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def live(tiny_model_dir: Path, tmp_path: Path):
+    yield from serve_live(tiny_model_dir, tmp_path, admin_token=ADMIN)
+
+
+def test_a_group_sampled_through_the_gateway_is_trained_on_and_served(live, tiny_model_dir: Path, tmp_path: Path):
+    ledger = RunLedger(live.store)
+    group = ledger.open_group("count-to-three", 4)
+    for r in range(4):
+        session = f"rollout-{r}"
+        ledger.start_rollout(session, group, scaffold="sdk")
+        client = openai.OpenAI(base_url=f"{live.url}/s/{session}/v1", api_key="k", max_retries=0)
+        messages = [{"role": "user", "content": "Count to three."}]
+        for _ in range(2):  # two turns, the second extending the first
+            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=r)
+            messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                         {"role": "user", "content": "Again."}]
+        completed = ledger.finish_rollout(session, float(r % 2))
+        assert completed == (r == 3)
+    assert [g.id for g in ledger.pending_groups()] == [group]
+
+    settings = LearnerSettings(lr=1e-3, groups_per_step=1)
+    learner = Learner(ledger, tmp_path, settings, base_model=tiny_model_dir,
+                      publisher=GatewayPublisher(live.url, ADMIN), device="cpu")
+    report = learner.train_once()
+    assert report is not None and (report.step, report.version, report.groups) == (1, 1, [group])
+    assert report.metrics["mismatch_abs"] < 1e-3  # sampled by the same weights it trains
+    assert ledger.consumed() == {group: 1} and ledger.pending_groups() == []
+
+    checkpoint = Path(ledger.last_step().checkpoint)
+    assert live.engine.stats().policy_version == 1
+    served = live.engine.model.state_dict()
+    for name, value in load_file(checkpoint / "model.safetensors").items():
+        assert torch.equal(served[name], value.to(served[name].dtype)), name
+    # The checkpoint is a Hugging Face folder: transformers loads it as it is.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(checkpoint)
+    # The next call of a session is sampled by version 1.
+    reply = openai.OpenAI(base_url=f"{live.url}/s/after/v1", api_key="k").chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    assert set(live.store.calls("after")[0].completion_versions) == {1}
+
+
+def test_stale_and_uniform_groups_are_dropped_and_counted(tiny_model, tiny_model_dir: Path, tmp_path: Path):
+    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    rng = random.Random(0)
+    first = record_group(ledger, tiny_model, "a", rng)
+    uniform = record_group(ledger, tiny_model, "b", rng, rewards=[1.0] * 4, version=1)
+    stale = record_group(ledger, tiny_model, "c", rng)  # sampled by version 0, like the first
+    fresh = record_group(ledger, tiny_model, "d", rng, version=1)
+    learner = Learner(ledger, tmp_path, LearnerSettings(max_staleness=0), base_model=tiny_model_dir, device="cpu")
+    assert learner.train_once().groups == [first]  # version 0 -> staleness 0
+    assert learner.train_once().groups == [fresh]  # learner at version 1: c is 1 version old
+    dropped = {g: r for g, r in ledger.store.query("SELECT id, dropped FROM groups WHERE dropped IS NOT NULL")}
+    assert dropped == {uniform: "uniform_reward", stale: "stale"}
+    assert learner.metrics.groups_dropped.labels("stale")._value.get() == 1
+    assert learner.train_once() is None  # nothing left
+    # A second learner on a run with committed steps must be told to resume.
+    with pytest.raises(LearnerError, match="resume"):
+        Learner(ledger, tmp_path, LearnerSettings(), base_model=tiny_model_dir, device="cpu")
+    resumed = Learner(ledger, tmp_path, LearnerSettings(), base_model=tiny_model_dir, device="cpu", resume=True)
+    assert (resumed.step, resumed.version) == (2, 2)
+
+
+def _train(run: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "arborl.ops.cli", "train", "--store", str(run), "--model", str(model_dir),
+               "--device", "cpu", "--lr", "1e-3", "--groups-per-step", "2", "--idle-exit", "0", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _kill_when(process: subprocess.Popen, marker: str) -> list[str]:
+    """Read the learner's progress until ``marker``, then SIGKILL it on the spot."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return lines
+    raise AssertionError(f"the learner ended before {marker!r}:\n{''.join(lines)}")
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_kill_9_and_resume_trains_every_group_exactly_once(tiny_model, tiny_model_dir: Path, tmp_path: Path):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    ledger = RunLedger(TrajectoryStore(run / "store.sqlite"))
+    rng = random.Random(1)
+    groups = [record_group(ledger, tiny_model, f"task-{i}", rng) for i in range(8)]
+    ledger.store.close()
+    shutil.copytree(run, reference)
+
+    # Killed while training step 2, then while writing step 3's checkpoint, then run to the end.
+    _kill_when(_train(run, tiny_model_dir), "step 2: training on")
+    _kill_when(_train(run, tiny_model_dir, "--resume"), "step 3: saving checkpoint")
+    output = _finish(_train(run, tiny_model_dir, "--resume"))
+    assert "resumed at step 2" in output
+    _finish(_train(reference, tiny_model_dir))
+
+    ledger = RunLedger(TrajectoryStore(run / "store.sqlite"))
+    steps = ledger.steps()
+    assert [s.step for s in steps] == [1, 2, 3, 4] and [s.version for s in steps] == [1, 2, 3, 4]
+    trained = [g for s in steps for g in s.metrics["groups"]]
+    assert sorted(trained) == sorted(groups)  # each group in exactly one committed step
+    assert ledger.consumed() == {g: s.step for s in steps for g in s.metrics["groups"]}
+    # Only committed checkpoints remain, the newest three.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-00000{k}" for k in (2, 3, 4)]
+
+    ours = load_file(run / "checkpoints" / "step-000004" / "model.safetensors")
+    theirs = load_file(reference / "checkpoints" / "step-000004" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), f"{name} differs from the uninterrupted run"
+    # And training moved the weights at all.
+    assert not torch.equal(ours["model.embed_tokens.weight"], tiny_model.state_dict()["model.embed_tokens.weight"])
