@@ -113,40 +113,87 @@ def path_length(trie: Trie, call: CallSpan) -> int:
 def split_by_budget(trie: Trie, calls: Sequence[CallSpan], budget: int) -> list[list[CallSpan]]:
     """Group calls into micro-batches of at most ``budget`` packed tokens, by whole subtrees.
 
-    Greedy over the calls in DFS order of where they end: neighbours in that order share the
-    most ancestors, so each micro-batch is a run of adjacent subtrees, and the ancestors they
-    share with other micro-batches are repeated in each. A call longer than the budget on its
-    own gets a micro-batch of its own.
+    Walks the trie in DFS order. A subtree that fits (with its ancestors) joins the current
+    micro-batch, or else starts the next one; only a subtree too large for any micro-batch is
+    opened up, its own calls placed one by one and its children visited in turn. So the G
+    rollouts below a shared prompt stay whole where they fit, and a cut falls between them rather
+    than through one (which would repeat that rollout's whole prefix). Ancestors shared with other
+    micro-batches are repeated in each. A call longer than the budget on its own gets a
+    micro-batch of its own.
     """
-    order = {node_id: i for i, node_id in enumerate(_dfs_nodes(trie))}
+    used: set[int] = set()
+    for call in calls:
+        used.update(_chain(trie, call.node_id))
+    children: dict[int | None, list[int]] = {}
+    for node_id in sorted(used):
+        children.setdefault(trie.nodes[node_id].parent, []).append(node_id)
+    ending: dict[int, list[CallSpan]] = {}
+    for call in calls:
+        ending.setdefault(call.node_id, []).append(call)
+    subtree_tokens = _subtree_tokens(trie, children)
+
     batches: list[list[CallSpan]] = []
     current: list[CallSpan] = []
     current_nodes: set[int] = set()
     current_tokens = 0
-    for call in sorted(calls, key=lambda c: order[c.node_id]):
-        new_nodes = [n for n in _chain(trie, call.node_id) if n not in current_nodes]
-        added = sum(len(trie.nodes[n].tokens) for n in new_nodes)
-        if current and current_tokens + added > budget:
+
+    def missing(nodes: Sequence[int]) -> int:
+        return sum(len(trie.nodes[n].tokens) for n in set(nodes) - current_nodes)
+
+    def add(new_calls: list[CallSpan], nodes: list[int]) -> None:
+        nonlocal current_tokens
+        current_tokens += missing(nodes)
+        current.extend(new_calls)
+        current_nodes.update(nodes)
+
+    def flush() -> None:
+        nonlocal current, current_nodes, current_tokens
+        if current:
             batches.append(current)
-            current, current_nodes, current_tokens = [], set(), 0
-            new_nodes = _chain(trie, call.node_id)
-            added = path_length(trie, call)
-        current.append(call)
-        current_nodes.update(new_nodes)
-        current_tokens += added
-    if current:
-        batches.append(current)
+        current, current_nodes, current_tokens = [], set(), 0
+
+    stack = list(reversed(children.get(None, [])))
+    while stack:
+        node_id = stack.pop()
+        ancestors = _chain(trie, node_id)[:-1]
+        whole = subtree_tokens[node_id]
+        ancestor_tokens = trie.nodes[node_id].start
+        if current_tokens + missing(ancestors) + whole <= budget:
+            add(_calls_below(node_id, children, ending), ancestors + _nodes_below(node_id, children))
+        elif ancestor_tokens + whole <= budget:
+            flush()
+            add(_calls_below(node_id, children, ending), ancestors + _nodes_below(node_id, children))
+        else:  # too large for one micro-batch: its own calls, then each child subtree in turn
+            for call in ending.get(node_id, []):
+                if current and current_tokens + missing(ancestors + [node_id]) > budget:
+                    flush()
+                add([call], ancestors + [node_id])
+            stack.extend(reversed(children.get(node_id, [])))
+    flush()
     return batches
 
 
-def _dfs_nodes(trie: Trie) -> list[int]:
-    out: list[int] = []
-    stack = sorted(trie.roots.values(), reverse=True)
+def _subtree_tokens(trie: Trie, children: dict[int | None, list[int]]) -> dict[int, int]:
+    """Tokens of each used node's subtree (used nodes only), computed bottom-up."""
+    order = [n for root in children.get(None, []) for n in _nodes_below(root, children)]
+    total: dict[int, int] = {}
+    for node_id in reversed(order):  # children before parents
+        total[node_id] = len(trie.nodes[node_id].tokens) + sum(total[c] for c in children.get(node_id, []))
+    return total
+
+
+def _nodes_below(node_id: int, children: dict[int | None, list[int]]) -> list[int]:
+    """``node_id`` and its used descendants, in DFS pre-order."""
+    out, stack = [], [node_id]
     while stack:
-        node_id = stack.pop()
-        out.append(node_id)
-        stack.extend(sorted(trie.nodes[node_id].children.values(), reverse=True))
+        current = stack.pop()
+        out.append(current)
+        stack.extend(reversed(children.get(current, [])))
     return out
+
+
+def _calls_below(node_id: int, children: dict[int | None, list[int]], ending: dict[int, list[CallSpan]]):
+    return [call for n in _nodes_below(node_id, children) for call in ending.get(n, [])]
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,17 @@ class GatewayPublisher:
 
 
 class InProcessPublisher:
-    """For a learner running in a thread beside the gateway: ``loop`` is the gateway's event loop."""
+    """For a learner running in a thread beside the gateway's embedded engine.
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop):
-        self.engine, self.loop = engine, loop
+    The engine's scheduler thread does the copy; this thread waits for it (on an event loop of
+    its own), so the next optimizer step cannot change the weights mid-copy.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
 
     def publish(self, model, checkpoint: Path, version: int) -> None:
-        asyncio.run_coroutine_threadsafe(publish_in_process(self.engine, model, version), self.loop).result()
+        asyncio.run(publish_in_process(self.engine, model, version))
 
     def served_version(self) -> int:
         return self.engine.stats().policy_version

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import openai
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from arborl.learner.loop import Learner, LearnerError
-from arborl.learner.publish import GatewayPublisher
+from arborl.learner.publish import GatewayPublisher, InProcessPublisher
 from arborl.learner.settings import LearnerSettings
 from arborl.rollout.ledger import RunLedger
 from arborl.rollout.records import CallRecord
@@ -115,6 +116,21 @@ def test_a_group_sampled_through_the_gateway_is_trained_on_and_served(live, tiny
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert reply.choices[0].message.content is not None
     assert set(live.store.calls("after")[0].completion_versions) == {1}
+
+
+def test_in_process_learner_publishes_into_the_serving_engine(live, tiny_model, tiny_model_dir: Path, tmp_path):
+    """The learner in a thread beside the gateway (as ``arborl up`` runs it), no checkpoint round trip."""
+    ledger = RunLedger(live.store)
+    record_group(ledger, tiny_model, "in-process", random.Random(2))
+    learner = Learner(ledger, tmp_path, LearnerSettings(lr=1e-3), base_model=tiny_model_dir, device="cpu",
+                      publisher=InProcessPublisher(live.engine))
+    worker = threading.Thread(target=learner.run, kwargs={"max_steps": 1})
+    worker.start()
+    worker.join(timeout=120)
+    assert learner.step == 1 and live.engine.stats().policy_version == 1
+    served = live.engine.model.state_dict()
+    for name, value in learner.model.state_dict().items():
+        assert torch.equal(served[name], value.to(served[name].dtype)), name
 
 
 def test_stale_and_uniform_groups_are_dropped_and_counted(tiny_model, tiny_model_dir: Path, tmp_path: Path):
