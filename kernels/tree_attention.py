@@ -33,8 +33,9 @@ FLEX = "arborl_tree_flex"
 BLOCKS = "arborl_tree_blocks"
 
 # Queries per block of ``arborl_tree_blocks``. Smaller blocks select fewer keys (closer to the
-# exact per-path work) but make more, smaller SDPA calls; 256 was fastest on the CPU for
-# 8k-token packs (see TreeMask.query_blocks). Read when a TreeMask is built, so tests can lower it.
+# exact per-path work) but make more, smaller SDPA calls. On 2 CPU threads, an 8k-token pack (a
+# 1k prefix, 8 branches) took 0.94 s forward+backward at 256, 1.06 s at 512, 1.17 s at 128,
+# against 5.7 s for the dense mask. Read when a TreeMask is built, so tests can lower it.
 BLOCK_SIZE = 256
 
 

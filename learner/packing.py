@@ -56,6 +56,17 @@ def _chain(trie: Trie, node_id: int) -> list[int]:
     return chain[::-1]
 
 
+def _used_children(trie: Trie, calls: Sequence[CallSpan]) -> dict[int | None, list[int]]:
+    """parent -> children (by id, i.e. creation order) among the nodes the calls' paths use; None: roots."""
+    used: set[int] = set()
+    for call in calls:
+        used.update(_chain(trie, call.node_id))
+    children: dict[int | None, list[int]] = {}
+    for node_id in sorted(used):
+        children.setdefault(trie.nodes[node_id].parent, []).append(node_id)
+    return children
+
+
 def pack(pieces: Sequence[tuple[Trie, Sequence[CallSpan]]]) -> PackedBatch:
     """Flatten the nodes that the given calls' paths use, trie after trie, into one batch.
 
@@ -68,12 +79,7 @@ def pack(pieces: Sequence[tuple[Trie, Sequence[CallSpan]]]) -> PackedBatch:
     ends: list[int] = []
     completion_index: dict[Hashable, torch.Tensor] = {}
     for trie, calls in pieces:
-        used: set[int] = set()
-        for call in calls:
-            used.update(_chain(trie, call.node_id))
-        children: dict[int | None, list[int]] = {}
-        for node_id in sorted(used):
-            children.setdefault(trie.nodes[node_id].parent, []).append(node_id)
+        children = _used_children(trie, calls)
         span: dict[int, range] = {}  # node -> its tokens' flat indices
         # Iterative DFS: (node, parent's last flat index); the subtree end is set when it closes.
         stack: list[tuple[int, int, bool]] = [(n, -1, False) for n in reversed(children.get(None, []))]
@@ -121,12 +127,7 @@ def split_by_budget(trie: Trie, calls: Sequence[CallSpan], budget: int) -> list[
     micro-batches are repeated in each. A call longer than the budget on its own gets a
     micro-batch of its own.
     """
-    used: set[int] = set()
-    for call in calls:
-        used.update(_chain(trie, call.node_id))
-    children: dict[int | None, list[int]] = {}
-    for node_id in sorted(used):
-        children.setdefault(trie.nodes[node_id].parent, []).append(node_id)
+    children = _used_children(trie, calls)
     ending: dict[int, list[CallSpan]] = {}
     for call in calls:
         ending.setdefault(call.node_id, []).append(call)

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from arborl.kernels.tree_attention import SDPA
+from arborl.kernels.tree_attention import BLOCKS
 from arborl.rollout.trie import Trie
 
 from .core_algos import (
@@ -77,7 +77,7 @@ class StepConfig:
     opd_lambda: float = 1.0  # weight of on-policy distillation where the rollout's domain has a teacher
     kl_coef: float = 0.0  # KL to the reference policy (needs ``reference``)
     max_grad_norm: float = 1.0
-    attention: str = SDPA
+    attention: str = BLOCKS  # tree attention: cost follows each token's ancestors, not the pack's N^2
 
 
 @dataclass

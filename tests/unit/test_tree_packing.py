@@ -103,6 +103,28 @@ def test_split_by_budget_keeps_whole_calls_and_repeats_ancestors(seed: int):
     assert one.packed == trie.num_tokens and one.per_path <= one.per_call
 
 
+def test_split_keeps_rollouts_whole_and_cuts_between_them():
+    """8 rollouts of 3 turns below a 40-token prompt, a budget for the prompt and 3 rollouts: the
+    cut falls between rollouts, so only the prompt is repeated (never part of a rollout)."""
+    rng = random.Random(0)
+    prompt = [rng.randrange(VOCAB) for _ in range(40)]
+    paths, rollout_of = [], []
+    for r in range(8):
+        context = list(prompt)
+        for _ in range(3):
+            completion = [rng.randrange(VOCAB) for _ in range(6)]
+            paths.append((context + completion, 6))
+            rollout_of.append(r)
+            context = context + completion + [rng.randrange(VOCAB) for _ in range(4)]
+    trie, calls = _trie(paths)
+    rollout_tokens = (trie.num_tokens - 40) // 8  # 26 each: 3 x 6 sampled + 2 x 4 tool tokens
+    batches = split_by_budget(trie, calls, 40 + 3 * rollout_tokens + 10)  # room for part of a 4th
+    assert [len(b) for b in batches] == [9, 9, 6]
+    for batch in batches:
+        assert len({rollout_of[c.key] for c in batch}) * 3 == len(batch)  # whole rollouts only
+    assert packing_stats(trie, calls, batches).packed == trie.num_tokens + 2 * 40
+
+
 # -- the core invariant ---------------------------------------------------------------------------
 
 
