@@ -1,0 +1,5 @@
+"""String helpers."""
+
+
+def reverse(text):
+    return text[::-1]

@@ -1,0 +1,19 @@
+class InsufficientFunds(Exception):
+    pass
+
+
+class Account:
+    def __init__(self, balance=0):
+        self.balance = balance
+
+    def deposit(self, amount):
+        if amount <= 0:
+            raise ValueError("deposit a positive amount")
+        self.balance += amount
+
+    def withdraw(self, amount):
+        if amount <= 0:
+            raise ValueError("withdraw a positive amount")
+        if amount > self.balance:
+            raise InsufficientFunds(f"balance {self.balance} < {amount}")
+        self.balance -= amount

@@ -1,0 +1,7 @@
+def subtract(a, b):
+    """a minus b."""
+    return a - b
+
+
+def negate(a):
+    return -a

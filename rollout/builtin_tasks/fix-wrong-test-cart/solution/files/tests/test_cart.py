@@ -1,0 +1,5 @@
+from cart import cart_total
+
+
+def test_discount():
+    assert cart_total([10, 20], 0.1) == 27.0

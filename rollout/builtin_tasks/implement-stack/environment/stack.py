@@ -1,0 +1,26 @@
+class EmptyStackError(Exception):
+    pass
+
+
+class Stack:
+    """Last in, first out."""
+
+    def __init__(self):
+        self._items = []
+
+    def push(self, item):
+        self._items.append(item)
+
+    def __len__(self):
+        return len(self._items)
+
+    def pop(self):
+        """Remove and return the top item; raise EmptyStackError when empty."""
+        raise NotImplementedError
+
+    def peek(self):
+        """Return the top item without removing it; raise EmptyStackError when empty."""
+        raise NotImplementedError
+
+    def is_empty(self):
+        raise NotImplementedError

@@ -1,0 +1,216 @@
+"""Harbor-style task folders (laude-institute/harbor, formerly terminal-bench), run without Docker.
+
+A task folder::
+
+    task.toml         version, [metadata] difficulty/category/tags, [agent] timeout_sec,
+                      [verifier] timeout_sec and env, optional [arborl] (below)
+    instruction.md    what the agent is told
+    environment/      the workspace: its contents are copied (a Dockerfile or compose file in it
+                      is left out; arborl does not build the image, so a task whose environment
+                      must be built needs a sandbox that provides it)
+    tests/test.sh     the verification script, writing a reward to /logs/verifier/reward.txt (a
+                      number) or reward.json ({"reward": x, ...}); other files in tests/ with it
+    solution/solve.sh the reference solution (an oracle runs it)
+
+Without Docker there is no /app, /tests, /solution or /logs: the hidden tests are installed at
+``.arborl/tests/`` in the workspace, the solution at ``.arborl/solution/``, and just before they
+run, every text file in those folders has the absolute paths Harbor's container uses rewritten
+(with sed, so it also works in single-quoted heredocs) to the real ones:
+
+    /logs/verifier -> $PWD/.arborl/logs/verifier   (also exported as $ARBORL_VERIFIER_DIR)
+    /tests         -> $PWD/.arborl/tests
+    /solution      -> $PWD/.arborl/solution
+    /app           -> $PWD                          (Harbor's conventional working directory)
+
+A path is rewritten only where it starts a path (after a quote, space, '=', '(' ...), so
+``/data/app`` stays. A sandbox that can bind-mount these paths may do so instead; the rewrite
+then points at the same files.
+
+arborl's extension, ``[arborl]`` in task.toml (all optional):
+
+    id = "..."                            default: the folder's name
+    split = "train" | "heldout"           default "train"
+    verifier = "tests" | "script" | "exact" | "regex" | "judge"
+                                          default "script" when tests/test.sh exists, else "tests"
+    fail_to_pass = [...], pass_to_pass = [...]   pytest node ids, for verifier = "tests"
+    test_command = "..."                  default: pytest over the files of those ids
+    expected = "..."                      for exact / regex;  rubric = "..." for judge
+
+With verifier = "tests", tests/ is merged into the workspace's own tests/ folder instead (so
+hidden pytest files sit next to the visible ones and node ids read ``tests/test_x.py::test_y``).
+A reference may also be ``solution/files/`` (files written over the workspace) or
+``solution/patch.diff``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..tasks import (
+    ARBORL_DIR,
+    DEFAULT_AGENT_TIMEOUT_S,
+    DEFAULT_VERIFY_TIMEOUT_S,
+    SPLITS,
+    VERIFIER_DIR,
+    FolderOverlay,
+    FolderSource,
+    InlineFiles,
+    Overlay,
+    Patch,
+    ShellScript,
+    Task,
+    TaskError,
+    VerifierSpec,
+    pytest_command,
+    select_split,
+)
+
+TESTS_DIR = f"{ARBORL_DIR}/tests"
+SOLUTION_DIR = f"{ARBORL_DIR}/solution"
+# Harbor's container paths and where they live in a workspace ("" is the workspace itself).
+CONTAINER_PATHS: tuple[tuple[str, str], ...] = (
+    ("/logs/verifier", VERIFIER_DIR),
+    ("/tests", TESTS_DIR),
+    ("/solution", SOLUTION_DIR),
+    ("/app", ""),
+)
+ENVIRONMENT_EXCLUDE = ("Dockerfile", "docker-compose.yaml", "docker-compose.yml", ".dockerignore")
+
+
+def localize_paths(folder: str) -> str:
+    """A shell command that rewrites Harbor's container paths in every file under ``folder``
+    (relative to the workspace, which must be the working directory) to real paths."""
+    expressions = []
+    for container, local in CONTAINER_PATHS:
+        target = "$PWD" + (f"/{local}" if local else "")
+        # The separator before the path is kept (\1); the character after must end a path
+        # component (\2, kept). Run twice: matches next to each other share a separator.
+        expr = rf"s#(^|[^[:alnum:]_./-]){container}([^[:alnum:]_.-]|$)#\1{target}\2#g"
+        expressions += ["-e", f'"{expr}"', "-e", f'"{expr}"']
+    quoted = shlex.quote(folder)
+    return (f"find {quoted} -type f -size -1024k -exec grep -Iq . {{}} \\; "
+            f"-exec sed -E -i {' '.join(expressions)} {{}} +")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TaskError(f"{path}: {exc}") from exc
+
+
+def _table(config: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    table = config.get(name, {})
+    if not isinstance(table, dict):
+        raise TaskError(f"{path}: [{name}] must be a table")
+    return table
+
+
+def _ids(value: Any, what: str, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TaskError(f"{path}: {what} must be a list of pytest node ids")
+    return tuple(value)
+
+
+def _timeout(table: dict[str, Any], default: float, what: str, path: Path) -> float:
+    value = table.get("timeout_sec", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise TaskError(f"{path}: [{what}] timeout_sec must be a positive number")
+    return float(value)
+
+
+def _reference(folder: Path) -> Overlay | None:
+    solution = folder / "solution"
+    if (solution / "solve.sh").is_file():
+        return ShellScript(f"{localize_paths(SOLUTION_DIR)} && bash {SOLUTION_DIR}/solve.sh",
+                           files=solution, files_dest=SOLUTION_DIR)
+    if (solution / "patch.diff").is_file():
+        return Patch((solution / "patch.diff").read_text())
+    if (solution / "files").is_dir():
+        return FolderOverlay(solution / "files")
+    return None
+
+
+def load_harbor_task(folder: Path, *, source: str = "") -> Task:
+    """One task folder."""
+    folder = Path(folder)
+    toml_path = folder / "task.toml"
+    if not toml_path.is_file():
+        raise TaskError(f"{folder} has no task.toml")
+    config = _read_toml(toml_path)
+    metadata = _table(config, "metadata", toml_path)
+    agent = _table(config, "agent", toml_path)
+    verifier = _table(config, "verifier", toml_path)
+    ours = _table(config, "arborl", toml_path)
+    instruction_path = folder / "instruction.md"
+    if not instruction_path.is_file():
+        raise TaskError(f"{folder} has no instruction.md")
+
+    tests = folder / "tests"
+    kind = ours.get("verifier", "script" if (tests / "test.sh").is_file() else "tests")
+    fail_to_pass = _ids(ours.get("fail_to_pass", []), "fail_to_pass", toml_path)
+    pass_to_pass = _ids(ours.get("pass_to_pass", []), "pass_to_pass", toml_path)
+    hidden: Overlay | None = None
+    if kind == "script":
+        if not (tests / "test.sh").is_file():
+            raise TaskError(f"{folder}: the script verifier needs tests/test.sh")
+        env = verifier.get("env", {})
+        if not isinstance(env, dict):
+            raise TaskError(f"{toml_path}: [verifier] env must be a table")
+        exports = "".join(f"export {name}={shlex.quote(str(value))}; " for name, value in env.items()
+                          if str(name).isidentifier())
+        default_command = f"{exports}{localize_paths(TESTS_DIR)} && bash {TESTS_DIR}/test.sh"
+        hidden = FolderOverlay(tests, TESTS_DIR)
+    else:
+        default_command = pytest_command((*fail_to_pass, *pass_to_pass), isolated=True) if fail_to_pass else ""
+        if tests.is_dir():
+            hidden = FolderOverlay(tests, "tests")
+
+    environment = folder / "environment"
+    workspace = FolderSource(environment, ENVIRONMENT_EXCLUDE) if environment.is_dir() else InlineFiles(())
+    split = ours.get("split", "train")
+    if split not in SPLITS:
+        raise TaskError(f"{toml_path}: split {split!r} is not one of {', '.join(SPLITS)}")
+    extra = {key: value for key, value in metadata.items() if key not in ("difficulty", "category")}
+    return Task(
+        id=str(ours.get("id", folder.name)),
+        instruction=instruction_path.read_text(),
+        workspace=workspace,
+        verifier=VerifierSpec(kind, expected=str(ours.get("expected", "")), rubric=str(ours.get("rubric", ""))),
+        test_command=str(ours.get("test_command", default_command)),
+        fail_to_pass=fail_to_pass,
+        pass_to_pass=pass_to_pass,
+        hidden_tests=hidden,
+        reference=_reference(folder),
+        agent_timeout_s=_timeout(agent, DEFAULT_AGENT_TIMEOUT_S, "agent", toml_path),
+        verify_timeout_s=_timeout(verifier, DEFAULT_VERIFY_TIMEOUT_S, "verifier", toml_path),
+        split=split,
+        difficulty=str(metadata.get("difficulty", "medium")),
+        domain=str(metadata.get("category", "")),
+        source=source or str(folder.parent),
+        metadata=extra,
+    )
+
+
+def is_task_folder(folder: Path) -> bool:
+    return (folder / "task.toml").is_file() and (folder / "instruction.md").is_file()
+
+
+def load_harbor_dir(root: Path, *, split: str | None = None, source: str = "") -> list[Task]:
+    """Every task folder directly under ``root`` (or ``root`` itself if it is one), sorted by name."""
+    root = Path(root)
+    if is_task_folder(root):
+        folders = [root]
+    else:
+        folders = sorted(child for child in root.iterdir() if child.is_dir() and is_task_folder(child))
+        if not folders:
+            raise TaskError(f"{root} holds no task folders (each needs task.toml and instruction.md)")
+    tasks = [load_harbor_task(folder, source=source or str(root)) for folder in folders]
+    ids = [task.id for task in tasks]
+    duplicates = sorted({task_id for task_id in ids if ids.count(task_id) > 1})
+    if duplicates:
+        raise TaskError(f"{root}: duplicate task ids {duplicates}")
+    return select_split(tasks, split)
