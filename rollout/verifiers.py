@@ -11,7 +11,7 @@ Each verifier has two halves so that running one inside a sandbox is a few lines
 pure function of the task and the command's result (it never reads the workspace, so the sandbox
 can be a container or another machine). A command that prints nothing to grade (``command``
 returns ``""`` for an output or judge task with no test command) is graded on the agent's final
-answer instead: pass ``CommandResult(stdout=answer)``.
+answer instead: pass ``CommandOutput(stdout=answer)``.
 
 Kinds:
 
@@ -96,7 +96,7 @@ class CommandOutcome(Protocol):
 
 
 @dataclass(frozen=True)
-class CommandResult:
+class CommandOutput:
     """A plain ``CommandOutcome``: for a local subprocess, or to grade an agent's final answer."""
 
     exit_code: int = 0

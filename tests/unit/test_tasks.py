@@ -33,20 +33,20 @@ from arborl.rollout.tasks import (
     WorkspaceError,
     pytest_command,
 )
-from arborl.rollout.verifiers import CommandResult, Resolution, Verdict, verifier_for
+from arborl.rollout.verifiers import CommandOutput, Resolution, Verdict, verifier_for
 
 # `python3` in a task's command must be the interpreter running these tests (it has pytest).
 ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 ENV.pop("PYTEST_ADDOPTS", None)
 
 
-def run_command(command: str, cwd: Path, timeout_s: float) -> CommandResult:
+def run_command(command: str, cwd: Path, timeout_s: float) -> CommandOutput:
     try:
         done = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, env=ENV,
                               timeout=timeout_s, stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired as exc:
-        return CommandResult(124, str(exc.stdout or ""), str(exc.stderr or ""), timed_out=True)
-    return CommandResult(done.returncode, done.stdout, done.stderr)
+        return CommandOutput(124, str(exc.stdout or ""), str(exc.stderr or ""), timed_out=True)
+    return CommandOutput(done.returncode, done.stdout, done.stderr)
 
 
 def verify(task: Task, workspace: Path) -> Verdict:

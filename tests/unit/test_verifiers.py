@@ -16,7 +16,7 @@ import pytest
 
 from arborl.rollout.tasks import InlineFiles, Task, TaskError, VerifierSpec
 from arborl.rollout.verifiers import (
-    CommandResult,
+    CommandOutput,
     JudgeError,
     JudgeVerifier,
     OpenAIChatClient,
@@ -189,10 +189,10 @@ def test_tests_verifier_on_a_real_run(sample_run):
     env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV["PATH"]}
     done = subprocess.run(["bash", "-c", command], cwd=sample_run, env=env, capture_output=True, text=True,
                           timeout=60, check=False)
-    verdict = verifier.grade(task, CommandResult(done.returncode, done.stdout, done.stderr))
+    verdict = verifier.grade(task, CommandOutput(done.returncode, done.stdout, done.stderr))
     assert (verdict.resolution, verdict.reward) == (Resolution.PARTIAL, 0.5)
     assert "FAIL_TO_PASS 1/2, PASS_TO_PASS 2/2" in verdict.details
-    timed_out = verifier.grade(task, CommandResult(124, "", "", timed_out=True))
+    timed_out = verifier.grade(task, CommandOutput(124, "", "", timed_out=True))
     assert (timed_out.resolution, timed_out.reward) == (Resolution.NO, 0.0) and "out of time" in timed_out.details
 
 
@@ -228,12 +228,12 @@ def test_script_verifier_reads_the_reward_its_command_prints(tmp_path, script, r
     for _ in range(2):  # a second run starts without the first run's reward files
         done = subprocess.run(["bash", "-c", verifier.command(task)], cwd=tmp_path, capture_output=True, text=True,
                               timeout=30, check=False)
-        verdict = verifier.grade(task, CommandResult(done.returncode, done.stdout, done.stderr))
+        verdict = verifier.grade(task, CommandOutput(done.returncode, done.stdout, done.stderr))
         assert (verdict.reward, verdict.details) == (reward, details)
         if reward:
             (tmp_path / "check.sh").write_text("true\n")
             reward, details = 0.0, "the script wrote no reward file"
-    assert verifier.grade(task, CommandResult(124, "", "", timed_out=True)).details == "the script ran out of time"
+    assert verifier.grade(task, CommandOutput(124, "", "", timed_out=True)).details == "the script ran out of time"
 
 
 # -- exact and regex ---------------------------------------------------------------------------
@@ -243,13 +243,13 @@ def test_output_verifiers():
     exact = task_with("exact", spec={"expected": "hello"}, test_command="cat hello.txt")
     regex = task_with("regex", spec={"expected": r"^total: \d+$"})
     assert verifier_for(exact).command(exact) == "cat hello.txt"
-    assert OutputVerifier("exact").grade(exact, CommandResult(stdout="hello\n")).reward == 1.0
-    assert OutputVerifier("exact").grade(exact, CommandResult(stdout="hello world")).reward == 0.0
-    assert OutputVerifier("exact").grade(exact, CommandResult(stdout="hello", timed_out=True)).reward == 0.0
-    assert OutputVerifier("regex").grade(regex, CommandResult(stdout="log\ntotal: 42\n")).reward == 1.0
-    assert OutputVerifier("regex").grade(regex, CommandResult(stdout="total: many")).reward == 0.0
+    assert OutputVerifier("exact").grade(exact, CommandOutput(stdout="hello\n")).reward == 1.0
+    assert OutputVerifier("exact").grade(exact, CommandOutput(stdout="hello world")).reward == 0.0
+    assert OutputVerifier("exact").grade(exact, CommandOutput(stdout="hello", timed_out=True)).reward == 0.0
+    assert OutputVerifier("regex").grade(regex, CommandOutput(stdout="log\ntotal: 42\n")).reward == 1.0
+    assert OutputVerifier("regex").grade(regex, CommandOutput(stdout="total: many")).reward == 0.0
     with pytest.raises(TaskError, match="bad regex"):
-        OutputVerifier("regex").grade(task_with("regex", spec={"expected": "("}), CommandResult(stdout="x"))
+        OutputVerifier("regex").grade(task_with("regex", spec={"expected": "("}), CommandOutput(stdout="x"))
 
 
 # -- the LLM judge -----------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def test_judge_through_an_openai_compatible_server(upstream):
     assert isinstance(verifier, JudgeVerifier) and verifier.command(task) == ""
 
     upstream.replies.append((200, "A greeting, as asked.\nSCORE: 0.8"))
-    verdict = verifier.grade(task, CommandResult(stdout="Hello there!"))
+    verdict = verifier.grade(task, CommandOutput(stdout="Hello there!"))
     assert verdict.reward == pytest.approx(0.8) and verdict.details == "judge score 0.8"
     path, headers, body = upstream.requests[-1]
     assert path == "/v1/chat/completions" and headers["authorization"] == "Bearer k"
@@ -319,10 +319,10 @@ def test_judge_through_an_openai_compatible_server(upstream):
 
     upstream.replies.append((200, "no score here"))
     with pytest.raises(JudgeError, match="SCORE"):
-        verifier.grade(task, CommandResult(stdout="Hello"))
+        verifier.grade(task, CommandOutput(stdout="Hello"))
     upstream.replies.append((500, "overloaded"))
     with pytest.raises(JudgeError, match="500"):
-        verifier.grade(task, CommandResult(stdout="Hello"))
+        verifier.grade(task, CommandOutput(stdout="Hello"))
 
 
 def test_judge_messages_and_unreachable_judge():
