@@ -24,7 +24,6 @@ class GroupSamples:
     samples: list[RolloutSample]
     oldest_version: int | None  # the policy version of the group's oldest sampled token (None: no tokens)
     calls: int
-    tokens: int  # tokens of the group's trie
 
 
 def load_group(ledger: RunLedger, group: Group) -> GroupSamples:
@@ -43,4 +42,4 @@ def load_group(ledger: RunLedger, group: Group) -> GroupSamples:
         calls += len(spans)
         samples.append(RolloutSample(trie, spans, float(rollout.reward), group=group.id,
                                      logp_rollout=logp_rollout, domain=group.domain))
-    return GroupSamples(group, samples, oldest, calls, trie.num_tokens)
+    return GroupSamples(group, samples, oldest, calls)

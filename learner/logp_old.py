@@ -17,15 +17,22 @@ from arborl.kernels.tree_attention import SDPA
 
 from .core_algos import mcla_logp_old
 from .packing import PackedBatch
-from .tree_forward import packed_token_logprobs
+from .tree_forward import packed_logprobs_and_entropy
 
 
 def estimate_logp_old(
     model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
 ) -> torch.Tensor:
     """[N] logp_old of every packed token: the mean of ``passes`` no-grad forwards (K = 1: one pass)."""
+    return logp_old_and_entropy(model, batch, passes=passes, space=space, attention=attention)[0]
+
+
+def logp_old_and_entropy(
+    model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``estimate_logp_old`` and, from the same K passes, each token's entropy (their mean)."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     with torch.no_grad():
-        samples = torch.stack([packed_token_logprobs(model, batch, attention=attention) for _ in range(passes)])
-    return mcla_logp_old(samples, space=space)
+        logp, entropy = zip(*(packed_logprobs_and_entropy(model, batch, attention=attention) for _ in range(passes)))
+    return mcla_logp_old(torch.stack(logp), space=space), torch.stack(entropy).mean(0)

@@ -129,8 +129,8 @@ class Learner:
         return self._load_frozen(folder)
 
     def _prune(self) -> None:
-        committed = [Path(s.checkpoint) for s in self.ledger.steps()]
-        prune_checkpoints(self.run_dir, keep=committed[-self.settings.keep_checkpoints:])
+        newest = self.ledger.steps(last=self.settings.keep_checkpoints)
+        prune_checkpoints(self.run_dir, keep=[Path(s.checkpoint) for s in newest])
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -165,7 +165,10 @@ class Learner:
         """The next ``groups_per_step`` trainable groups, oldest first; dropping the ones never to train on."""
         taken: list[GroupSamples] = []
         distill_or_kl = bool(self.teachers) or self.settings.kl_coef > 0
-        for group in self.ledger.pending_groups():
+        pending = self.ledger.pending_groups()
+        if len(pending) < self.settings.groups_per_step:
+            return None  # not enough yet: don't rebuild their tries on every poll
+        for group in pending:
             data = load_group(self.ledger, group)
             rewards = {s.reward for s in data.samples}
             reason = None

@@ -158,11 +158,9 @@ def split_by_budget(trie: Trie, calls: Sequence[CallSpan], budget: int) -> list[
         node_id = stack.pop()
         ancestors = _chain(trie, node_id)[:-1]
         whole = subtree_tokens[node_id]
-        ancestor_tokens = trie.nodes[node_id].start
-        if current_tokens + missing(ancestors) + whole <= budget:
-            add(_calls_below(node_id, children, ending), ancestors + _nodes_below(node_id, children))
-        elif ancestor_tokens + whole <= budget:
-            flush()
+        if trie.nodes[node_id].start + whole <= budget:  # the subtree and its ancestors fit in one
+            if current_tokens + missing(ancestors) + whole > budget:
+                flush()
             add(_calls_below(node_id, children, ending), ancestors + _nodes_below(node_id, children))
         else:  # too large for one micro-batch: its own calls, then each child subtree in turn
             for call in ending.get(node_id, []):

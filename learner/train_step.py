@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -36,9 +36,9 @@ from .core_algos import (
     token_ppo_loss,
     turn_gspo_loss,
 )
-from .logp_old import estimate_logp_old
+from .logp_old import logp_old_and_entropy
 from .packing import CallSpan, PackedBatch, pack, split_by_budget
-from .tree_forward import packed_logprobs_and_entropy, packed_token_logprobs
+from .tree_forward import packed_token_logprobs
 
 Layout = Literal["tree", "per_rollout", "per_call"]
 LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo"]
@@ -146,13 +146,8 @@ def plan_micro_batches(rollouts: Sequence[RolloutSample], budget: int, layout: L
 def _old_pass(model, micro_batches, rollouts, config: StepConfig, teachers, reference) -> None:
     """logp_old (MCLA), entropy, teacher and reference logprobs of every micro-batch, no grad."""
     for micro in micro_batches:
-        if config.mcla_passes == 1:
-            with torch.no_grad():
-                logp_old, entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention)
-        else:
-            logp_old = estimate_logp_old(model, micro.batch, passes=config.mcla_passes, attention=config.attention)
-            with torch.no_grad():
-                entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention)[1]
+        logp_old, entropy = logp_old_and_entropy(model, micro.batch, passes=config.mcla_passes,
+                                                 attention=config.attention)
         micro.logp_old, micro.entropy = logp_old[micro.flat], entropy[micro.flat]
         domains = [rollouts[int(i)].domain for i in micro.token_rollout]
         if teachers and any(d in teachers for d in domains):
@@ -217,7 +212,7 @@ def train_step(
     started = time.perf_counter()
     if config.loss == "sequence_gspo" and config.layout != "per_rollout" and any(len(r.calls) > 1 for r in rollouts):
         # The sequence ratio is over a rollout's whole completion, so each rollout must sit in one micro-batch.
-        config = StepConfig(**{**config.__dict__, "layout": "per_rollout", "token_budget": 1 << 62})
+        config = replace(config, layout="per_rollout", token_budget=1 << 62)
     micro_batches = plan_micro_batches(rollouts, config.token_budget, config.layout)
     _old_pass(model, micro_batches, rollouts, config, teachers or {}, reference)
 
@@ -228,9 +223,10 @@ def train_step(
     if config.difficulty_lambda or config.entropy_mu:
         advantages = rescale_advantages(advantages, groups, (rewards > 0).double(), entropy,
                                         lam=config.difficulty_lambda, mu=config.entropy_mu)
+    dtype = next(model.parameters()).dtype  # what the packed logprobs come out in
     sizes = {
-        "calls": torch.tensor([len(r.calls) for r in rollouts], dtype=torch.float64),
-        "tokens": torch.tensor([sum(c.completion_len for c in r.calls) for r in rollouts], dtype=torch.float64),
+        "calls": torch.tensor([len(r.calls) for r in rollouts], dtype=dtype),
+        "tokens": torch.tensor([sum(c.completion_len for c in r.calls) for r in rollouts], dtype=dtype),
     }
 
     optimizer.zero_grad(set_to_none=True)
@@ -245,7 +241,6 @@ def train_step(
             logp_rollout = torch.cat(recorded).to(micro.logp_old)
             weights = icepop_weights(micro.logp_old, logp_rollout)
             mismatch.append(rollout_mismatch_stats(micro.logp_old, logp_rollout))
-        sizes["calls"], sizes["tokens"] = sizes["calls"].to(logp), sizes["tokens"].to(logp)
         loss, stats = _micro_loss(micro, logp, advantages, rollouts, sizes, config, weights)
         if micro.logp_ref is not None:
             kl = kl_to_reference(logp, micro.logp_ref)

@@ -236,18 +236,15 @@ class RunLedger:
         step, version, checkpoint, created_at, metrics = rows[0]
         return StepRecord(step, version, checkpoint, created_at, json.loads(metrics or "{}"))
 
-    def steps(self) -> list[StepRecord]:
-        rows = self.store.query("SELECT step, version, checkpoint, created_at, metrics FROM train_steps ORDER BY step")
+    def steps(self, *, last: int | None = None) -> list[StepRecord]:
+        """Committed steps in order (only the newest ``last`` of them, if given)."""
+        rows = self.store.query(
+            "SELECT * FROM (SELECT step, version, checkpoint, created_at, metrics FROM train_steps "
+            "ORDER BY step DESC LIMIT ?) ORDER BY step",
+            (-1 if last is None else last,),
+        )
         return [StepRecord(s, v, c, t, json.loads(m or "{}")) for s, v, c, t, m in rows]
 
     def consumed(self) -> dict[int, int]:
         """group id -> the step that trained on it."""
         return dict(self.store.query("SELECT id, consumed_step FROM groups WHERE consumed_step IS NOT NULL"))
-
-    def counts(self) -> dict[str, int]:
-        """Groups by state, for metrics: open, pending, consumed, dropped."""
-        (opened, pending, consumed, dropped), = self.store.query(
-            "SELECT SUM(completed_at IS NULL), SUM(completed_at IS NOT NULL AND consumed_step IS NULL "
-            "AND dropped IS NULL), SUM(consumed_step IS NOT NULL), SUM(dropped IS NOT NULL) FROM groups"
-        )
-        return {"open": opened or 0, "pending": pending or 0, "consumed": consumed or 0, "dropped": dropped or 0}
