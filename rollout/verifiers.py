@@ -128,6 +128,8 @@ def _log_tail(result: CommandOutcome) -> str:
 _STATUS_WORDS = "|".join(status.value for status in TestStatus)
 _SUMMARY_HEADER = re.compile(r"^=+ short test summary info =+$")
 _SUMMARY_LINE = re.compile(rf"^({_STATUS_WORDS}) (.+)$")
+# Colour codes, for output of a pytest run with PY_COLORS or FORCE_COLOR set.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # `pytest -v`: "tests/test_a.py::test_x[a b] PASSED                 [ 50%]"
 _VERBOSE_LINE = re.compile(rf"^(\S+::.+?) ({_STATUS_WORDS})(?: \(.*\))?\s+\[\s*\d+%\]$")
 # How bad an outcome is: when a test is reported twice (it passed, then its teardown errored),
@@ -171,13 +173,17 @@ def parse_pytest_output(output: str, known_ids: Iterable[str] = ()) -> dict[str,
     summary: dict[str, TestStatus] = {}
     verbose: dict[str, TestStatus] = {}
     in_summary = False
-    for raw in output.splitlines():
+    for raw in _ANSI_ESCAPE.sub("", output).splitlines():
         line = raw.rstrip()
         if _SUMMARY_HEADER.match(line):
             in_summary = True
             continue
         if in_summary:
-            if line.startswith(("=", "!")) or not line:
+            # Under CI (the CI variable set) or -vv a message runs on over indented lines, blank
+            # ones included; the summary itself ends at the "===" totals line.
+            if not line or raw[0].isspace():
+                continue
+            if line.startswith(("=", "!")):
                 in_summary = False
                 continue
             match = _SUMMARY_LINE.match(line)

@@ -37,7 +37,8 @@ from arborl.rollout.verifiers import (
 )
 
 ENV = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-ENV.pop("PYTEST_ADDOPTS", None)
+for name in ("PYTEST_ADDOPTS", "CI", "PY_COLORS", "FORCE_COLOR"):  # each run below sets its own
+    ENV.pop(name, None)
 
 SAMPLE_TESTS = '''\
 import pytest
@@ -90,9 +91,10 @@ def sample_run(tmp_path_factory) -> Path:
     return root
 
 
-def run_pytest(root: Path, *args: str) -> str:
+def run_pytest(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--rootdir=.",
-                           "--continue-on-collection-errors", *args, "tests"], cwd=root, env=ENV,
+                           "--continue-on-collection-errors", *args, "tests"], cwd=root,
+                          env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=60, check=False)
     return done.stdout + done.stderr
 
@@ -126,6 +128,16 @@ def test_parse_real_pytest_verbose_output(sample_run):
     results = parse_pytest_output(run_pytest(sample_run, "-v"))
     assert results == {**EXPECTED, "tests/test_sample.py::test_skip": TestStatus.SKIPPED}
     assert parse_pytest_output(run_pytest(sample_run, "-v", "-rA")) == results
+
+
+@pytest.mark.parametrize("env", [{"CI": "true"}, {"PY_COLORS": "1"}], ids=["CI", "colours"])
+@pytest.mark.parametrize("verbosity", ["-v", "-vv"])
+def test_parse_real_pytest_output_under_ci_and_colours(sample_run, env, verbosity):
+    # Under CI, pytest prints whole multi-line assertion messages in the summary, blank lines
+    # included; a parser that stops at the first blank line loses every report after it.
+    output = run_pytest(sample_run, verbosity, env=env)
+    assert "test_broken" in output
+    assert parse_pytest_output(output) == {**EXPECTED, "tests/test_sample.py::test_skip": TestStatus.SKIPPED}
 
 
 def test_parse_summary_edge_cases():
