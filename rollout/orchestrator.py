@@ -1,0 +1,344 @@
+"""The rollout orchestrator: groups of rollouts, each an agent in a sandbox, verified and recorded.
+
+A ``GroupPlan`` names a task and the scaffold of each of its G rollouts. For every plan the
+orchestrator opens (or, on resume, finds by the plan's key) a group in the run ledger, and runs
+the rollouts that group still lacks, ``concurrency`` at a time. One rollout:
+
+1. opens a session with its own API key, so every call it makes is recorded under it, whatever
+   the scaffold sends (the key and the ``/s/{session}`` path both say which session it is);
+2. creates a sandbox and materialises the task's workspace in it;
+3. runs the scaffold (``agent_runs.py``) until it is done, or at its time or turn limit;
+4. kills the agent's processes, installs the hidden tests and runs the verifier
+   (``verification.py``);
+5. closes the sandbox and writes the reward and the outcome (a ``RolloutResult``) to the ledger;
+   the rollout that completes its group makes the group visible to the learner.
+
+Failures are told apart. A wrong answer, a crash after the model was used, or a limit reached
+is a reward (often 0) and a training sample. An infrastructure failure -- the sandbox or the
+workspace could not be made, the scaffold died before its first model call, grading could not
+run -- is marked ``infra_failed`` in the ledger (never trained on, not counted in its group) and
+retried under a new session, up to ``infra_retries`` times.
+
+Interrupting (``stop``) stops the running agents; their rollouts are marked ``infra_failed`` as
+"interrupted". A later run with the same plans finds each group by its key, counts what is done,
+marks rollouts a killed process left ``running`` as interrupted, and runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from arborl.scaffold_adapters.base import GatewayTarget
+
+from .agent_runs import MODEL_FREE_SCAFFOLDS, AgentContext, AgentOutcome, check_scaffold, run_scaffold
+from .ledger import RUNNING, RunLedger
+from .results import STOPPED, RolloutResult, Timings
+from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
+from .settings import RolloutSettings
+from .tasks import Task, WorkspaceError
+from .verification import VerificationError, verify_in_sandbox
+from .verifiers import JudgeClient, Verdict, verifier_for
+
+log = logging.getLogger(__name__)
+
+VERIFY_MARGIN_S = 120.0  # the sandbox's wall limit beyond agent + verification time
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group: ``task`` run once per entry of ``scaffolds``. ``key`` names the group in the
+    ledger, so a resumed run finds it again; it must be unique within a run."""
+
+    key: str
+    task: Task
+    scaffolds: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.scaffolds:
+            raise ValueError(f"group {self.key!r} has no rollouts")
+        for name in self.scaffolds:
+            check_scaffold(name)
+
+
+def eval_plans(tasks: Iterable[Task], scaffolds: Sequence[str], k: int, *, prefix: str = "eval") -> list[GroupPlan]:
+    """A group of ``k`` rollouts per task and scaffold."""
+    return [GroupPlan(f"{prefix}/{scaffold}/{task.id}", task, (scaffold,) * k) for task in tasks for scaffold in scaffolds]
+
+
+def training_plans(tasks: Sequence[Task], settings: RolloutSettings, *, rounds: int | None = None,
+                   prefix: str = "train") -> Iterator[GroupPlan]:
+    """Groups of ``settings.group_size`` rollouts, a round over every task at a time (shuffled per
+    round), each rollout's scaffold drawn from the weighted mixture. Deterministic in
+    ``settings.seed``, so a resumed run plans the same groups; endless when ``rounds`` is None."""
+    names = list(settings.scaffolds)
+    weights = [settings.scaffolds[name] for name in names]
+    round_index = 0
+    while rounds is None or round_index < rounds:
+        order = list(tasks)
+        random.Random(f"{settings.seed}:{round_index}").shuffle(order)
+        for task in order:
+            key = f"{prefix}/{round_index}/{task.id}"
+            draw = random.Random(f"{settings.seed}:{key}")
+            yield GroupPlan(key, task, tuple(draw.choices(names, weights, k=settings.group_size)))
+        round_index += 1
+
+
+@dataclass(frozen=True)
+class Job:
+    plan: GroupPlan
+    group_id: int
+    scaffold: str
+
+
+class OrchestratorError(RuntimeError):
+    """The orchestrator cannot run these plans here (say, the sandbox cannot run the tests)."""
+
+
+class InfraFailure(Exception):
+    """Not the agent's doing: the attempt is marked and retried."""
+
+
+class Interrupted(Exception):
+    """The run was stopped while this rollout was under way."""
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        ledger: RunLedger,
+        run_dir: Path,
+        gateway_url: str,
+        model: str,
+        *,
+        settings: RolloutSettings | None = None,
+        judge: JudgeClient | None = None,
+        on_result: Callable[[RolloutResult, bool], None] | None = None,
+    ):
+        self.ledger = ledger
+        self.store = ledger.store
+        self.run_dir = Path(run_dir)
+        self.gateway_url = gateway_url
+        self.model = model
+        self.settings = settings or RolloutSettings()
+        self.judge = judge
+        self.on_result = on_result or (lambda result, resumed: None)
+        self.stop = threading.Event()
+        self._jobs_lock = threading.Lock()
+        for folder in ("sandboxes", "rollouts"):
+            (self.run_dir / folder).mkdir(parents=True, exist_ok=True)
+        task_path = self.settings.task_path
+        self.env = {"PATH": f"{task_path}:{SYSTEM_PATH}"} if task_path else {}
+        self.expose = (Path(task_path),) if task_path else ()
+
+    def preflight(self, tasks: Iterable[Task]) -> None:
+        """Fail early, with the fix, when the sandboxes cannot grade these tasks: a tests- or
+        script-graded task needs a python3 with pytest on the sandbox's PATH."""
+        if not any(task.verifier.kind in ("tests", "script") for task in tasks):
+            return
+        try:
+            sandbox = make_sandbox(self.settings.sandbox, self.run_dir / "sandboxes", name="preflight",
+                                   expose=self.expose)
+        except SandboxError as exc:
+            raise OrchestratorError(f"the {self.settings.sandbox} sandbox cannot run here: {exc}") from exc
+        try:
+            probe = sandbox.run("python3 -m pytest --version", env=self.env, timeout_s=60)
+        finally:
+            self._close(sandbox)
+        if not probe.ok:
+            raise OrchestratorError(
+                "the tasks' tests run with python3 and pytest inside the sandbox, and there they fail: "
+                f"{(probe.stderr or probe.stdout).strip()[-300:]}. Install Debian's python3-pytest "
+                "(`apt-get install python3-pytest`; ops/bootstrap.sh does it as root), or set "
+                "rollout.task_path to a folder with a python3 that has pytest.")
+
+    # -- running plans --------------------------------------------------------------------------
+
+    def run(self, plans: Iterable[GroupPlan], *, max_groups: int | None = None) -> list[RolloutResult]:
+        """Run every plan's missing rollouts; returns every result of these plans, finished now
+        or before. Stops early when ``stop`` is set (``KeyboardInterrupt`` sets it)."""
+        results: list[RolloutResult] = []
+        results_lock = threading.Lock()
+        jobs = self._jobs(plans, max_groups, results, results_lock)
+
+        def worker() -> None:
+            while not self.stop.is_set():
+                with self._jobs_lock:
+                    job = next(jobs, None)
+                if job is None:
+                    return
+                result = self.run_rollout(job)
+                if result is None:  # interrupted
+                    return
+                with results_lock:
+                    results.append(result)
+                self.on_result(result, False)
+
+        with ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="rollout") as pool:
+            futures = [pool.submit(worker) for _ in range(self.settings.concurrency)]
+            try:
+                for future in futures:
+                    while True:
+                        try:
+                            future.result(timeout=0.5)  # short waits keep Ctrl-C responsive
+                            break
+                        except TimeoutError:
+                            continue
+            except BaseException:
+                self.stop.set()
+                raise
+        return results
+
+    def _jobs(self, plans: Iterable[GroupPlan], max_groups: int | None, results: list[RolloutResult],
+              results_lock: threading.Lock) -> Iterator[Job]:
+        """The rollouts still to run, one group at a time (lazily: plans may be endless)."""
+        for count, plan in enumerate(plans):
+            if max_groups is not None and count >= max_groups:
+                return
+            group_id, done = self._open_or_resume(plan)
+            with results_lock:
+                results.extend(done)
+            for result in done:
+                self.on_result(result, True)
+            missing = Counter(plan.scaffolds) - Counter(result.scaffold for result in done)
+            for scaffold in plan.scaffolds:
+                if missing[scaffold] > 0:
+                    missing[scaffold] -= 1
+                    yield Job(plan, group_id, scaffold)
+
+    def _open_or_resume(self, plan: GroupPlan) -> tuple[int, list[RolloutResult]]:
+        group = self.ledger.group_by_key(plan.key)
+        if group is None:
+            group_id = self.ledger.open_group(plan.task.id, len(plan.scaffolds), domain=plan.task.domain,
+                                              meta={"key": plan.key, "scaffolds": list(plan.scaffolds)})
+            return group_id, []
+        if group.size != len(plan.scaffolds) or group.task_id != plan.task.id:
+            raise ValueError(f"group {plan.key!r} was planned as {group.size} rollouts of {group.task_id!r}; "
+                             f"now {len(plan.scaffolds)} of {plan.task.id!r}")
+        for stale in self.ledger.rollouts(group.id, status=RUNNING):  # left by a killed run
+            self.ledger.fail_rollout(stale.session_id, INTERRUPTED)
+        done = [RolloutResult.from_json(json.loads(text)) for text in self.ledger.rollout_outcomes(group.id)]
+        return group.id, done
+
+    # -- one rollout ----------------------------------------------------------------------------
+
+    def run_rollout(self, job: Job) -> RolloutResult | None:
+        """Run one rollout to a recorded result, retrying infrastructure failures; None if the run
+        was stopped first. A rollout that fails every attempt comes back ``infra_failed``."""
+        errors: list[str] = []
+        for attempt in range(1, self.settings.infra_retries + 2):
+            if self.stop.is_set():
+                return None
+            session = f"rollout-{job.group_id}-{secrets.token_hex(5)}"
+            self.ledger.start_rollout(session, job.group_id, scaffold=job.scaffold)
+            try:
+                result, verdict = self._attempt(job, session, attempt)
+            except Interrupted:
+                self.ledger.fail_rollout(session, INTERRUPTED)
+                return None
+            except Exception as exc:  # one broken rollout must not end the whole run
+                if not isinstance(exc, InfraFailure):
+                    log.exception("rollout %s: unexpected error", session)
+                    exc = InfraFailure(f"internal error: {type(exc).__name__}: {exc}")
+                log.warning("rollout %s (%s, %s) failed for infrastructure reasons: %s", session, job.plan.task.id,
+                            job.scaffold, exc)
+                self.ledger.fail_rollout(session, str(exc))
+                errors.append(str(exc))
+                continue
+            self.ledger.finish_rollout(session, verdict.reward, outcome=result.dumps())
+            return result
+        return RolloutResult(session, job.plan.task.id, job.scaffold, job.group_id, "infra_failed",
+                             details="; ".join(errors)[-2000:], attempts=len(errors))
+
+    def _attempt(self, job: Job, session: str, attempt: int) -> tuple[RolloutResult, Verdict]:
+        task, settings = job.plan.task, self.settings
+        started = time.monotonic()
+        log_path = self.run_dir / "rollouts" / f"{session}.log"
+        with open(log_path, "w") as log_file:
+            log_file.write(f"task {task.id}  scaffold {job.scaffold}  group {job.group_id}  attempt {attempt}\n")
+            sandbox = self._sandbox(task, session)
+            try:
+                setup_s = time.monotonic() - started
+                agent_started = time.monotonic()
+                api_key = self.store.issue_session_key(session)
+                target = GatewayTarget(self.gateway_url, api_key, self.model, session_id=session)
+                agent_timeout = min(task.agent_timeout_s, settings.agent_timeout_s or float("inf"))
+                outcome = run_scaffold(job.scaffold, task, AgentContext(
+                    sandbox=sandbox, target=target, settings=settings, env=self.env,
+                    deadline=agent_started + agent_timeout, calls_made=lambda: self.ledger.call_stats(session).calls,
+                    log=log_file, should_stop=self.stop.is_set,
+                ))
+                agent_s = time.monotonic() - agent_started
+                stats = self.ledger.call_stats(session)
+                self._check_agent(job, outcome, stats.calls)
+                verify_started = time.monotonic()
+                try:
+                    verdict = verify_in_sandbox(task, sandbox, answer=outcome.answer, verifier=self._verifier(task))
+                except VerificationError as exc:
+                    raise InfraFailure(f"grading failed: {exc}") from exc
+                verify_s = time.monotonic() - verify_started
+                log_file.write(f"verdict: reward {verdict.reward:g} {verdict.resolution or ''} {verdict.details}\n"
+                               f"{verdict.log[-4000:]}\n")
+            finally:
+                teardown_started = time.monotonic()
+                self._close(sandbox)
+            teardown_s = time.monotonic() - teardown_started
+        # tools_s: the builtin agent measures its commands; a CLI's own time is what the model did not take
+        tools_s = outcome.tools_s if job.scaffold == "builtin" else max(0.0, agent_s - stats.model_s)
+        timings = Timings(total_s=time.monotonic() - started, setup_s=setup_s, agent_s=agent_s,
+                          model_s=stats.model_s, tools_s=tools_s, verify_s=verify_s, teardown_s=teardown_s)
+        result = RolloutResult(
+            session_id=session, task_id=task.id, scaffold=job.scaffold, group_id=job.group_id, status="done",
+            reward=verdict.reward, solved=verdict.solved,
+            resolution=verdict.resolution.value if verdict.resolution is not None else None,
+            details=verdict.details, ended_by=outcome.ended_by, attempts=attempt, turns=stats.calls,
+            prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens, timings=timings,
+            log=str(log_path.relative_to(self.run_dir)),
+        )
+        return result, verdict
+
+    def _sandbox(self, task: Task, session: str) -> Sandbox:
+        settings = self.settings
+        agent_timeout = min(task.agent_timeout_s, settings.agent_timeout_s or float("inf"))
+        limits = Limits(wall_s=agent_timeout + task.verify_timeout_s + VERIFY_MARGIN_S,
+                        command_s=max(settings.command_timeout_s, task.verify_timeout_s),
+                        memory_mb=settings.memory_mb, processes=settings.processes)
+        try:
+            sandbox = make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
+                                   keep=settings.keep_workspaces, expose=self.expose)
+        except (SandboxError, OSError) as exc:
+            raise InfraFailure(f"the sandbox did not start: {exc}") from exc
+        try:
+            task.materialize(sandbox.workspace)
+        except (WorkspaceError, OSError) as exc:
+            self._close(sandbox)
+            raise InfraFailure(f"the workspace could not be made: {exc}") from exc
+        return sandbox
+
+    def _check_agent(self, job: Job, outcome: AgentOutcome, calls: int) -> None:
+        if outcome.ended_by == STOPPED:
+            raise Interrupted
+        if outcome.crashed and calls == 0 and job.scaffold not in MODEL_FREE_SCAFFOLDS:
+            raise InfraFailure(f"{job.scaffold} failed before its first model call: {outcome.error}")
+
+    def _verifier(self, task: Task):
+        return verifier_for(task, judge=self.judge)
+
+    @staticmethod
+    def _close(sandbox: Sandbox) -> None:
+        try:
+            sandbox.close()
+        except SandboxError as exc:  # a process that survived SIGKILL: worth a warning, not the run
+            log.warning("closing sandbox %s: %s", sandbox.id, exc)
+
+

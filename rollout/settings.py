@@ -1,0 +1,48 @@
+"""The rollout orchestrator's settings (the CLI's configuration builds these; every field is a
+config key under ``rollout:``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class RolloutSettings(BaseModel):
+    # Which agent runs each rollout: one scaffold, or a mixture {name: weight} sampled per rollout
+    # (names: builtin, mini-swe-agent, claude-code, codex, opencode, cline, oracle, nop).
+    scaffolds: dict[str, float] = Field(default_factory=lambda: {"builtin": 1.0})
+    group_size: int = 4  # G: rollouts of one task per group
+    concurrency: int = 2  # rollouts running at once
+    sandbox: Literal["local", "bwrap"] = "local"
+    # Limits per rollout. The task's own agent timeout applies unless this is lower.
+    agent_timeout_s: float | None = None
+    max_turns: int = 30  # model calls per rollout; the builtin agent stops itself, a CLI is stopped
+    command_timeout_s: float = 60.0  # one command of the builtin agent
+    memory_mb: int = 4096  # RLIMIT_DATA per process in the sandbox
+    processes: int = 512  # processes and threads of the whole sandbox
+    infra_retries: int = 2  # new attempts after an infrastructure failure
+    # The builtin agent's sampling.
+    max_tokens: int = 1024
+    temperature: float | None = None  # None: the gateway's default (1.0)
+    # A folder of programs put first on the sandbox's PATH (and shown read-only under bwrap): a
+    # python3 with pytest where the system's has none. Default: the system's (Debian python3-pytest).
+    task_path: str | None = None
+    keep_workspaces: bool = False  # leave each rollout's sandbox folder for inspection
+    seed: int = 0  # the scaffold mixture's draws
+
+    @field_validator("scaffolds")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("at least one scaffold is needed")
+        if any(weight < 0 for weight in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("scaffold weights must be >= 0 and not all 0")
+        return value
+
+    @field_validator("group_size", "concurrency", "max_turns")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value

@@ -1,0 +1,84 @@
+"""Grading a rollout inside its sandbox, after the agent has exited.
+
+The agent's processes are killed first (a background job must not rewrite the tests as they
+run), then the task's hidden tests are put into the workspace *by the sandbox's own uid*: files
+are staged on the host and streamed in with ``copy_in``, a patch is applied and a script run by a
+command inside the sandbox. The host never writes into a workspace the agent has had, so a
+symlink the agent left there (``tests -> /etc``) cannot turn the installation into a write
+outside it. Then the verifier's command runs in the sandbox and its output is graded.
+"""
+
+from __future__ import annotations
+
+import shlex
+import tempfile
+from pathlib import Path
+
+from .sandbox import Sandbox, SandboxError
+from .tasks import ARBORL_DIR, FolderOverlay, InlineFiles, Overlay, Patch, ShellScript, Task
+from .verifiers import CommandOutput, RewardFileError, Verdict, Verifier, VerifierError, verifier_for
+
+HIDDEN_PATCH = f"{ARBORL_DIR}/hidden-tests.diff"
+HIDDEN_SCRIPT = f"{ARBORL_DIR}/hidden-tests.sh"
+
+
+class VerificationError(RuntimeError):
+    """Grading could not run (the sandbox failed, a judge was unreachable): not the agent's doing."""
+
+
+def install_hidden_tests(task: Task, sandbox: Sandbox) -> str:
+    """Put ``task.hidden_tests`` into the sandbox's workspace; returns "" or, when the agent's
+    changes stop them from installing (say, a test patch no longer applies), why not."""
+    overlay = task.hidden_tests
+    if overlay is None:
+        return ""
+    with tempfile.TemporaryDirectory(prefix="arborl-hidden-") as staging:
+        return _install(overlay, sandbox, Path(staging))
+
+
+def _install(overlay: Overlay, sandbox: Sandbox, staging: Path) -> str:
+    if isinstance(overlay, InlineFiles):
+        overlay.write(staging)
+        sandbox.copy_in(staging, ".")
+        return ""
+    if isinstance(overlay, FolderOverlay):
+        sandbox.copy_in(overlay.path, overlay.dest or ".")
+        return ""
+    if isinstance(overlay, Patch):
+        diff = staging / "hidden.diff"
+        diff.write_text(overlay.text if overlay.text.endswith("\n") else overlay.text + "\n")
+        sandbox.copy_in(diff, HIDDEN_PATCH)
+        patch = shlex.quote(HIDDEN_PATCH)
+        # as tasks.apply_patch: git apply, then GNU patch with fuzz, as SWE-bench does
+        result = sandbox.run(f"git apply --whitespace=nowarn -p1 {patch} || patch --batch --forward --fuzz=5 -p1 "
+                             f"-i {patch}; status=$?; rm -f {patch}; exit $status", timeout_s=120)
+        return "" if result.ok else f"the hidden tests do not apply: {(result.stdout + result.stderr)[-2000:]}"
+    if isinstance(overlay, ShellScript):
+        script = staging / "hidden.sh"
+        script.write_text(overlay.text)
+        sandbox.copy_in(script, HIDDEN_SCRIPT)
+        if overlay.files is not None:
+            sandbox.copy_in(overlay.files, overlay.files_dest)
+        support = shlex.quote(overlay.files_dest) if overlay.files is not None else ""
+        result = sandbox.run(f"bash {shlex.quote(HIDDEN_SCRIPT)}; status=$?; rm -rf {shlex.quote(HIDDEN_SCRIPT)} "
+                             f"{support}; exit $status", timeout_s=overlay.timeout_s)
+        return "" if result.ok else f"the hidden-test script failed: {(result.stdout + result.stderr)[-2000:]}"
+    raise VerificationError(f"unknown overlay {overlay!r}")  # pragma: no cover - the union is closed
+
+
+def verify_in_sandbox(task: Task, sandbox: Sandbox, *, answer: str = "", verifier: Verifier | None = None) -> Verdict:
+    """Grade the workspace (or, for an output or judge task without a command, ``answer``)."""
+    verifier = verifier or verifier_for(task)
+    try:
+        sandbox.kill_all()
+        problem = install_hidden_tests(task, sandbox)
+        if problem:
+            return Verdict(reward=0.0, details=problem)
+        command = verifier.command(task)
+        outcome = (sandbox.run(command, timeout_s=task.verify_timeout_s) if command
+                   else CommandOutput(exit_code=0, stdout=answer))
+        return verifier.grade(task, outcome)
+    except RewardFileError as exc:  # the task's script wrote a reward it cannot mean: graded, as 0
+        return Verdict(reward=0.0, details=str(exc))
+    except (SandboxError, VerifierError, OSError) as exc:
+        raise VerificationError(f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,369 @@
+"""arborl's own agent: a small Chat Completions loop with five tools, run in-process.
+
+The agent sends the conversation to the gateway's ``/v1/chat/completions`` with the tools
+``bash``, ``read_file``, ``write_file``, ``edit`` and ``submit``, runs each tool call through a
+``CommandRunner`` (the rollout's sandbox), appends the results as ``tool`` messages, and stops
+when the model calls ``submit``, at the turn limit, or at the deadline.
+
+It is written for small models, whose tool calls are often imperfect. What it tolerates:
+
+- arguments that are not valid JSON: a one-argument tool (``bash``, ``read_file``) takes the raw
+  text as that argument; otherwise the model is told what was wrong and tries again;
+- near-miss names, for tools (``shell``, ``cat``, ``str_replace``, ``finish``, ...) and arguments
+  (``cmd``, ``file_path``, ``old_str``, ...);
+- no tool call at all but a fenced ```bash block in the text: the block runs as a ``bash`` call;
+- no tool call and no block: the model is reminded to use a tool (the turn still counts).
+
+Every turn is one model call, so ``max_turns`` bounds the calls. A tool's output is cut to its
+head and tail beyond ``max_output_chars``, so one ``cat`` of a large file does not fill a small
+model's context. File tools run as commands too (``cat``, a ``bash`` that writes stdin), so the
+sandbox's uid does every read and write, never the host.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from .base import GatewayTarget
+
+# Why a run ended (the same words as arborl.rollout.results).
+SUBMITTED, TURN_LIMIT, TIME_LIMIT, AGENT_ERROR, STOPPED = "submitted", "turn_limit", "time_limit", "agent_error", "stopped"
+
+SYSTEM_PROMPT = """You are a coding agent working in a repository (your current directory).
+Do the task with the tools: bash runs a shell command, read_file shows a file, write_file writes
+a whole file, edit replaces one exact piece of text in a file. Check your work by running it.
+When the task is done, call submit (with your final answer if the task asks for one)."""
+
+NUDGE = "Use one of the tools (bash, read_file, write_file, edit), or call submit when the task is done."
+
+
+def _function(name: str, description: str, properties: dict[str, str], required: Sequence[str]) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {key: {"type": "string", "description": text} for key, text in properties.items()},
+                "required": list(required),
+            },
+        },
+    }
+
+
+TOOLS: list[dict[str, Any]] = [
+    _function("bash", "Run a shell command in the repository and see its exit code and output.",
+              {"command": "the command"}, ["command"]),
+    _function("read_file", "Show the contents of a file.", {"path": "the file, relative to the repository"}, ["path"]),
+    _function("write_file", "Write a whole file (created if missing, replaced if present).",
+              {"path": "the file", "content": "the complete new contents"}, ["path", "content"]),
+    _function("edit", "Replace one exact occurrence of old with new in a file.",
+              {"path": "the file", "old": "text now in the file, exactly", "new": "the replacement"},
+              ["path", "old", "new"]),
+    _function("submit", "Finish: the task is done.", {"answer": "your final answer, if the task asks for one"}, []),
+]
+
+# Names small models reach for instead of the real ones.
+TOOL_ALIASES = {
+    "shell": "bash", "run": "bash", "execute": "bash", "run_command": "bash", "terminal": "bash", "sh": "bash",
+    "cat": "read_file", "open": "read_file", "open_file": "read_file", "view": "read_file", "read": "read_file",
+    "write": "write_file", "create_file": "write_file", "create": "write_file", "save_file": "write_file",
+    "str_replace": "edit", "replace": "edit", "edit_file": "edit", "str_replace_editor": "edit",
+    "finish": "submit", "done": "submit", "final_answer": "submit", "answer": "submit", "complete": "submit",
+}  # fmt: skip
+ARGUMENT_ALIASES = {
+    "command": ("command", "cmd", "script", "code", "bash"),
+    "path": ("path", "file", "filename", "file_path", "filepath", "name"),
+    "content": ("content", "contents", "text", "code", "file_text", "data"),
+    "old": ("old", "old_str", "old_string", "old_text", "search", "find"),
+    "new": ("new", "new_str", "new_string", "new_text", "replace", "replacement"),
+    "answer": ("answer", "result", "output", "final_answer", "summary", "message", "text"),
+}
+REQUIRED = {"bash": ("command",), "read_file": ("path",), "write_file": ("path", "content"),
+            "edit": ("path", "old", "new"), "submit": ()}  # fmt: skip
+_FENCED_SHELL = re.compile(r"```(?:bash|sh|shell|console)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+class CommandOutcome(Protocol):
+    exit_code: int | None  # None: killed at its timeout
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+class CommandRunner(Protocol):
+    """Where the agent's commands run (a rollout's sandbox): a string runs through bash, a
+    sequence as an argv, in the repository."""
+
+    def run(self, command: str | Sequence[str], *, timeout_s: float | None = None,
+            stdin: str | None = None) -> CommandOutcome: ...
+
+
+class AgentError(RuntimeError):
+    """The gateway could not be reached or refused the agent's request."""
+
+    def __init__(self, message: str, *, calls: int):
+        super().__init__(message)
+        self.calls = calls  # model calls that had succeeded before it
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    ended_by: str  # SUBMITTED, TURN_LIMIT, TIME_LIMIT, AGENT_ERROR or STOPPED
+    turns: int  # model calls made
+    tools_s: float  # seconds spent running tool calls
+    answer: str  # submit's answer, else the last assistant text
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, str]
+    problem: str = ""  # why the call cannot run as given; sent back to the model instead
+
+
+def parse_tool_call(raw: Mapping[str, Any]) -> ToolCall:
+    """One OpenAI ``tool_calls`` entry as a runnable call, forgiving the usual small-model slips."""
+    function = raw.get("function") or {}
+    call_id = str(raw.get("id") or "call")
+    given = str(function.get("name") or "").strip()
+    name = given if given in REQUIRED else TOOL_ALIASES.get(given.lower(), given.lower())
+    if name not in REQUIRED:
+        known = ", ".join(REQUIRED)
+        return ToolCall(call_id, given, {}, f"there is no tool named {given!r}; the tools are {known}")
+    text = function.get("arguments")
+    arguments: Any
+    if isinstance(text, Mapping):
+        arguments = text
+    else:
+        try:
+            arguments = json.loads(text or "{}")
+        except json.JSONDecodeError as exc:
+            if len(REQUIRED[name]) == 1 and text and text.strip():
+                return ToolCall(call_id, name, {REQUIRED[name][0]: text.strip()})
+            return ToolCall(call_id, name, {}, f"the arguments are not valid JSON ({exc.msg}); send a JSON object")
+    if isinstance(arguments, str) and len(REQUIRED[name]) == 1:
+        arguments = {REQUIRED[name][0]: arguments}
+    if not isinstance(arguments, Mapping):
+        return ToolCall(call_id, name, {}, "the arguments must be a JSON object")
+    resolved = _resolve_arguments(name, arguments)
+    missing = [key for key in REQUIRED[name] if key not in resolved]
+    if missing:
+        return ToolCall(call_id, name, resolved, f"{name} needs the argument(s) {', '.join(missing)}")
+    return ToolCall(call_id, name, resolved)
+
+
+def _resolve_arguments(name: str, arguments: Mapping[str, Any]) -> dict[str, str]:
+    wanted = REQUIRED[name] if name != "submit" else ("answer",)
+    resolved: dict[str, str] = {}
+    for key in wanted:
+        for alias in ARGUMENT_ALIASES[key]:
+            if alias in arguments and arguments[alias] is not None:
+                value = arguments[alias]
+                resolved[key] = value if isinstance(value, str) else json.dumps(value)
+                break
+    return resolved
+
+
+def fenced_shell(text: str) -> str | None:
+    """The first fenced shell block in a reply, for a model that wrote its command as text."""
+    match = _FENCED_SHELL.search(text or "")
+    return match.group(1).strip() or None if match else None
+
+
+def clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    tail = limit - head
+    return f"{text[:head]}\n[... {len(text) - limit} characters cut ...]\n{text[-tail:]}"
+
+
+class BuiltinAgent:
+    def __init__(
+        self,
+        target: GatewayTarget,
+        runner: CommandRunner,
+        *,
+        max_turns: int = 30,
+        deadline: float | None = None,  # time.monotonic() value
+        command_timeout_s: float = 60.0,
+        max_tokens: int = 1024,
+        temperature: float | None = None,
+        max_output_chars: int = 3000,
+        http: httpx.Client | None = None,
+        log: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.target = target
+        self.runner = runner
+        self.max_turns = max_turns
+        self.deadline = deadline
+        self.command_timeout_s = command_timeout_s
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.max_output_chars = max_output_chars
+        self._http = http
+        self._log = log or (lambda line: None)
+        self._should_stop = should_stop or (lambda: False)
+
+    def run(self, instruction: str) -> AgentRun:
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": instruction},
+        ]
+        turns, tools_s, answer = 0, 0.0, ""
+        own_client = self._http is None
+        http = self._http or httpx.Client(timeout=None)
+        try:
+            while True:
+                if self._should_stop():
+                    return AgentRun(STOPPED, turns, tools_s, answer)
+                if turns >= self.max_turns:
+                    return AgentRun(TURN_LIMIT, turns, tools_s, answer)
+                if self._seconds_left() <= 0:
+                    return AgentRun(TIME_LIMIT, turns, tools_s, answer)
+                try:
+                    message = self._complete(http, messages, turns)
+                except AgentError as exc:
+                    if turns == 0:
+                        raise
+                    return AgentRun(AGENT_ERROR, turns, tools_s, answer, error=str(exc))
+                except httpx.TimeoutException:
+                    return AgentRun(TIME_LIMIT, turns, tools_s, answer)
+                turns += 1
+                messages.append(_assistant_echo(message))
+                text = message.get("content") or ""
+                answer = text or answer
+                started = time.monotonic()
+                submitted = self._act(message, messages)
+                tools_s += time.monotonic() - started
+                if submitted is not None:
+                    return AgentRun(SUBMITTED, turns, tools_s, submitted or answer)
+        finally:
+            if own_client:
+                http.close()
+
+    # -- one turn -------------------------------------------------------------------------------
+
+    def _complete(self, http: httpx.Client, messages: list[dict[str, Any]], turns: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.target.model, "messages": messages, "tools": TOOLS,
+                                "max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        url = self.target.openai_base_url + "/chat/completions"
+        headers = {"authorization": f"Bearer {self.target.api_key}"}
+        for attempt in range(8):
+            timeout = self._seconds_left()
+            if timeout <= 0:
+                raise httpx.TimeoutException("the deadline passed")
+            try:
+                response = http.post(url, json=body, headers=headers, timeout=min(timeout, 3600.0))
+            except httpx.TimeoutException:
+                raise
+            except httpx.HTTPError as exc:
+                raise AgentError(f"the gateway could not be reached: {exc}", calls=turns) from exc
+            if response.status_code == 429 and attempt < 7:  # the gateway's queue is full: back off
+                time.sleep(min(0.25 * 2**attempt, 5.0, max(self._seconds_left(), 0)))
+                continue
+            if response.status_code != 200:
+                raise AgentError(f"the gateway answered {response.status_code}: {response.text[:500]}", calls=turns)
+            choice = response.json()["choices"][0]
+            self._log(f"turn {turns + 1}: finish={choice.get('finish_reason')} "
+                      f"{json.dumps(choice['message'], ensure_ascii=False)[:2000]}")
+            return choice["message"]
+        raise AgentError("the gateway stayed busy (429)", calls=turns)  # pragma: no cover - loop returns
+
+    def _act(self, message: Mapping[str, Any], messages: list[dict[str, Any]]) -> str | None:
+        """Run the reply's tool calls and append their results; the submit answer ("" for none)
+        when the model submitted, else None."""
+        raw_calls = message.get("tool_calls") or []
+        if not raw_calls:
+            command = fenced_shell(message.get("content") or "")
+            if command is None:
+                messages.append({"role": "user", "content": NUDGE})
+                return None
+            messages.append({"role": "user", "content": "Output of your command:\n" + self._bash(command)})
+            return None
+        submitted: str | None = None
+        for raw in raw_calls:
+            call = parse_tool_call(raw)
+            if call.problem:
+                output = f"error: {call.problem}"
+            elif call.name == "submit":
+                submitted = call.arguments.get("answer", "")
+                output = "submitted"
+            else:
+                output = self._run_tool(call)
+            self._log(f"  {call.name} -> {output[:1000]}")
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": output})
+        return submitted
+
+    def _run_tool(self, call: ToolCall) -> str:
+        args = call.arguments
+        if call.name == "bash":
+            return self._bash(args["command"])
+        if call.name == "read_file":
+            result = self._command(["cat", "--", args["path"]])
+            return clip(result.stdout, self.max_output_chars) if result.exit_code == 0 else _failure(result)
+        if call.name == "write_file":
+            return self._write(args["path"], args["content"])
+        return self._edit(args["path"], args["old"], args["new"])
+
+    def _bash(self, command: str) -> str:
+        result = self._command(command)
+        if result.exit_code is None:
+            return f"the command was stopped after {self._timeout():.0f} s\n" + clip(_output(result), self.max_output_chars)
+        return f"exit code {result.exit_code}\n" + clip(_output(result), self.max_output_chars)
+
+    def _write(self, path: str, content: str) -> str:
+        script = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+        result = self._command(["bash", "-c", script, "write_file", path], stdin=content)
+        return f"wrote {path} ({len(content)} characters)" if result.exit_code == 0 else _failure(result)
+
+    def _edit(self, path: str, old: str, new: str) -> str:
+        current = self._command(["cat", "--", path])
+        if current.exit_code != 0:
+            return _failure(current)
+        count = current.stdout.count(old) if old else 0
+        if count != 1:
+            where = "does not occur" if count == 0 else f"occurs {count} times"
+            return f"error: old {where} in {path}; give text that occurs exactly once"
+        return self._write(path, current.stdout.replace(old, new, 1)).replace("wrote", "edited", 1)
+
+    def _command(self, command: str | Sequence[str], *, stdin: str | None = None) -> CommandOutcome:
+        return self.runner.run(command, timeout_s=self._timeout(), stdin=stdin)
+
+    def _timeout(self) -> float:
+        return max(1.0, min(self.command_timeout_s, self._seconds_left()))
+
+    def _seconds_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
+def _assistant_echo(message: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply as the next request carries it back: exactly what the gateway returned, so the
+    rendered history matches the tokens the policy produced."""
+    echo: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        echo["tool_calls"] = message["tool_calls"]
+    return echo
+
+
+def _output(result: CommandOutcome) -> str:
+    return result.stdout + (("\n" if result.stdout and not result.stdout.endswith("\n") else "") + result.stderr
+                            if result.stderr else "")
+
+
+def _failure(result: CommandOutcome) -> str:
+    return f"error (exit code {result.exit_code}): {(result.stderr or result.stdout).strip()[:500]}"
