@@ -5,6 +5,8 @@
     arborl train --store RUN [--gateway URL] [--resume]   train on RUN's complete groups, publish each version
     arborl trie list [--run DIR]   the sessions recorded in a run
     arborl trie show SESSION       one session's prefix tree (--html FILE for a picture)
+    arborl eval --dataset D --scaffold S --k K   run agents on D's tasks in sandboxes; pass@k report
+    arborl rollout --dataset D --groups N       groups of rollouts with rewards, for the learner
     arborl connect SCAFFOLD        how to point claude-code, codex, opencode or cline at the gateway
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ArborlConfig, load_config
+from .rollout_commands import add_rollout_flags, eval_command, rollout_command
 
 log = logging.getLogger("arborl")
 
@@ -74,28 +77,13 @@ def serve(config: ArborlConfig) -> None:
     from arborl.gateway.app import create_app
     from arborl.rollout.store import TrajectoryStore
 
+    from .local_gateway import build_engine, write_run_info
+
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if config.engine.kind == "upstream":
-        engine, model_dir, where = _upstream_engine(config)
-    else:
-        from arborl.gateway.engines.embedded import EmbeddedEngine  # torch: only when running a model here
-        from arborl.gateway.engines.model_source import resolve_model
-
-        print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
-        model_dir = resolve_model(config.engine.model)
-        engine = EmbeddedEngine(
-            model_dir,
-            model_name=config.engine.served_name,
-            device=config.engine.device,
-            max_running=config.engine.max_running,
-            prefill_chunk=config.engine.prefill_chunk,
-            cache_memory_bytes=int(config.engine.cache_memory_gb * (1 << 30)),
-        )
-        where = f"device {engine.device}, context {engine.context_length}"
+    engine, model_dir, where = build_engine(config)
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
-    (run_dir / "run.json").write_text(json.dumps({"model_dir": str(model_dir) if model_dir else None,
-                                                  "model": engine.model_name}))
+    write_run_info(run_dir, engine, model_dir)
     app = create_app(engine, store, config.gateway)
     host, port = config.gateway.host, config.gateway.port
     print(
@@ -104,29 +92,6 @@ def serve(config: ArborlConfig) -> None:
         flush=True,
     )
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
-
-
-def _upstream_engine(config: ArborlConfig):
-    from arborl.gateway.engines.model_source import resolve_model
-    from arborl.gateway.upstream import UpstreamEngine
-
-    settings = config.engine
-    if not settings.upstream_url:
-        raise SystemExit("arborl: the upstream engine needs --upstream-url (or engine.upstream_url)")
-    model = settings.upstream_model or settings.served_name
-    if not model:
-        raise SystemExit("arborl: the upstream engine needs --upstream-model or --served-name")
-    tokenizer, model_dir = None, None
-    if settings.tokenizer:
-        from transformers import AutoTokenizer
-
-        model_dir = resolve_model(settings.tokenizer)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = UpstreamEngine(
-        settings.upstream_url, model=model, api=settings.upstream_api, api_key=settings.upstream_api_key,
-        served_name=settings.served_name, tokenizer=tokenizer, timeout_s=settings.upstream_timeout_s,
-    )
-    return engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}"
 
 
 def _open_store(run_dir: Path):
@@ -260,6 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     learn.add_argument("--max-steps", type=int, help="stop after this many committed steps")
     learn.add_argument("--idle-exit", type=float, help="stop when no group completes for this many seconds")
     learn.add_argument("--metrics-port", type=int, help="serve the learner's Prometheus metrics on this port")
+    evaluate = commands.add_parser("eval", help="run agents on a dataset's tasks and report pass@k")
+    add_rollout_flags(evaluate)
+    evaluate.add_argument("--scaffold", default="builtin", help="comma-separated: builtin, mini-swe-agent, "
+                          "claude-code, codex, opencode, cline, oracle, nop")
+    evaluate.add_argument("--k", type=int, default=1, help="rollouts per task and scaffold (pass@1 ... pass@k)")
+    produce = commands.add_parser("rollout", help="produce groups of rollouts with rewards for the learner")
+    add_rollout_flags(produce)
+    produce.add_argument("--scaffold", default="builtin", help="one scaffold, or a mixture: builtin:3,opencode:1")
+    produce.add_argument("--group-size", type=int, help="rollouts per group (G)")
+    produce.add_argument("--groups", type=int, help="stop after this many groups (default: go on until Ctrl-C)")
+    produce.add_argument("--prefix", default="train", help="names this stream of groups, so a rerun resumes it")
     link = commands.add_parser("connect", help="configuration that points an agent CLI at the gateway")
     link.add_argument("scaffold", help="claude-code, codex, opencode or cline")
     link.add_argument("--config", help="the gateway's configuration file (for its address and keys)")
@@ -276,6 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         connect(args)
     elif args.command == "train":
         train(args)
+    elif args.command == "eval":
+        eval_command(args)
+    elif args.command == "rollout":
+        rollout_command(args)
     elif args.trie_command == "list":
         trie_list(args.run)
     else:

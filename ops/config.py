@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from arborl.gateway.engines.model_source import DEFAULT_MODEL
 from arborl.gateway.settings import GatewaySettings
 from arborl.learner.settings import LearnerSettings
+from arborl.rollout.settings import RolloutSettings
 
 
 class EngineConfig(BaseModel):
@@ -46,6 +47,7 @@ class ArborlConfig(BaseModel):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     store: StoreConfig = Field(default_factory=StoreConfig)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

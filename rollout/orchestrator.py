@@ -326,7 +326,7 @@ class Orchestrator:
         return sandbox
 
     def _check_agent(self, job: Job, outcome: AgentOutcome, calls: int) -> None:
-        if outcome.ended_by == STOPPED:
+        if outcome.ended_by == STOPPED or self.stop.is_set():  # not graded: redone on resume
             raise Interrupted
         if outcome.crashed and calls == 0 and job.scaffold not in MODEL_FREE_SCAFFOLDS:
             raise InfraFailure(f"{job.scaffold} failed before its first model call: {outcome.error}")

@@ -324,7 +324,10 @@ def _git_env(folder: Path | None = None) -> dict[str, str]:
     env = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
            "GIT_AUTHOR_NAME": "arborl", "GIT_AUTHOR_EMAIL": "arborl@localhost",
            "GIT_COMMITTER_NAME": "arborl", "GIT_COMMITTER_EMAIL": "arborl@localhost",
-           "GIT_TERMINAL_PROMPT": "0"}
+           "GIT_TERMINAL_PROMPT": "0",
+           # A workspace belongs to its sandbox's uid while arborl (root) writes it: without this,
+           # git refuses a repository another user owns ("dubious ownership").
+           "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*"}
     if folder is not None:
         env["GIT_CEILING_DIRECTORIES"] = str(Path(folder).resolve().parent)
     return env

@@ -239,8 +239,8 @@ class BuiltinAgent:
                     if turns == 0:
                         raise
                     return AgentRun(AGENT_ERROR, turns, tools_s, answer, error=str(exc))
-                except httpx.TimeoutException:
-                    return AgentRun(TIME_LIMIT, turns, tools_s, answer)
+                if message is None:  # cut short: the next check says why
+                    continue
                 turns += 1
                 messages.append(_assistant_echo(message))
                 text = message.get("content") or ""
@@ -256,33 +256,65 @@ class BuiltinAgent:
 
     # -- one turn -------------------------------------------------------------------------------
 
-    def _complete(self, http: httpx.Client, messages: list[dict[str, Any]], turns: int) -> dict[str, Any]:
+    def _complete(self, http: httpx.Client, messages: list[dict[str, Any]], turns: int) -> dict[str, Any] | None:
+        """One model call, streamed, so a stop or the deadline can end it between two tokens
+        (closing the stream cancels the generation at the gateway); None when it was cut."""
         body: dict[str, Any] = {"model": self.target.model, "messages": messages, "tools": TOOLS,
-                                "max_tokens": self.max_tokens}
+                                "max_tokens": self.max_tokens, "stream": True}
         if self.temperature is not None:
             body["temperature"] = self.temperature
         url = self.target.openai_base_url + "/chat/completions"
         headers = {"authorization": f"Bearer {self.target.api_key}"}
         for attempt in range(8):
-            timeout = self._seconds_left()
-            if timeout <= 0:
-                raise httpx.TimeoutException("the deadline passed")
             try:
-                response = http.post(url, json=body, headers=headers, timeout=min(timeout, 3600.0))
-            except httpx.TimeoutException:
-                raise
+                with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(30.0, read=None)) as response:
+                    if response.status_code == 429 and attempt < 7:  # the gateway's queue is full: back off
+                        response.close()
+                        time.sleep(min(0.25 * 2**attempt, 5.0, max(self._seconds_left(), 0)))
+                        continue
+                    if response.status_code != 200:
+                        text = response.read().decode(errors="replace")
+                        raise AgentError(f"the gateway answered {response.status_code}: {text[:500]}", calls=turns)
+                    message = self._read_stream(response)
             except httpx.HTTPError as exc:
                 raise AgentError(f"the gateway could not be reached: {exc}", calls=turns) from exc
-            if response.status_code == 429 and attempt < 7:  # the gateway's queue is full: back off
-                time.sleep(min(0.25 * 2**attempt, 5.0, max(self._seconds_left(), 0)))
+            if message is not None:
+                self._log(f"turn {turns + 1}: finish={message.pop('finish_reason', None)} "
+                          f"{json.dumps(message, ensure_ascii=False)[:2000]}")
+            return message
+        raise AgentError("the gateway stayed busy (429)", calls=turns)
+
+    def _read_stream(self, response: httpx.Response) -> dict[str, Any] | None:
+        """The assistant message a Chat Completions stream builds up; None if cut short."""
+        content: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        finish = None
+        for line in response.iter_lines():
+            if self._should_stop() or self._seconds_left() <= 0:
+                return None
+            if not line.startswith("data:"):
                 continue
-            if response.status_code != 200:
-                raise AgentError(f"the gateway answered {response.status_code}: {response.text[:500]}", calls=turns)
-            choice = response.json()["choices"][0]
-            self._log(f"turn {turns + 1}: finish={choice.get('finish_reason')} "
-                      f"{json.dumps(choice['message'], ensure_ascii=False)[:2000]}")
-            return choice["message"]
-        raise AgentError("the gateway stayed busy (429)", calls=turns)  # pragma: no cover - loop returns
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise AgentError(f"the gateway failed the call: {chunk['error']}", calls=0)
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                content.append(delta.get("content") or "")
+                for part in delta.get("tool_calls") or ():
+                    call = calls.setdefault(part.get("index", len(calls)), {
+                        "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                    call["id"] = part.get("id") or call["id"]
+                    function = part.get("function") or {}
+                    call["function"]["name"] += function.get("name") or ""
+                    call["function"]["arguments"] += function.get("arguments") or ""
+                finish = choice.get("finish_reason") or finish
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None, "finish_reason": finish}
+        if calls:
+            message["tool_calls"] = [calls[index] for index in sorted(calls)]
+        return message
 
     def _act(self, message: Mapping[str, Any], messages: list[dict[str, Any]]) -> str | None:
         """Run the reply's tool calls and append their results; the submit answer ("" for none)

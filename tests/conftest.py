@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +33,15 @@ def pytest_collection_modifyitems(config, items):
         cli = item.get_closest_marker("e2e")
         if cli and cli.args and shutil.which(cli.args[0]) is None:
             item.add_marker(pytest.mark.skip(reason=f"{cli.args[0]} is not installed"))
+
+
+@pytest.fixture
+def run_root() -> Iterator[Path]:
+    """A folder rollout sandboxes' uids can cross (pytest's tmp_path sits under a 0700 folder)."""
+    root = Path(tempfile.mkdtemp(prefix="arborl-run-"))
+    os.chmod(root, 0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

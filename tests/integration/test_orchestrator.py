@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,15 +29,6 @@ BWRAP_MISSING = bwrap_unavailable_reason()
 KINDS = ["local", pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP_MISSING is not None, reason=str(BWRAP_MISSING)))]
 HUMANEVAL = {task.id: task for task in load_dataset("humaneval")}
 BUILTIN = load_dataset("builtin")
-
-
-@pytest.fixture
-def run_root() -> Iterator[Path]:
-    """A folder the sandboxes' uids can cross (pytest's tmp_path sits under a 0700 folder)."""
-    root = Path(tempfile.mkdtemp(prefix="arborl-orchestrator-"))
-    os.chmod(root, 0o711)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def sandbox_processes() -> list[int]:

@@ -1,0 +1,115 @@
+"""Building the serving engine from the configuration, and running the gateway in this process.
+
+``arborl serve`` runs the gateway in the foreground; ``arborl eval`` and ``arborl rollout``
+without ``--gateway`` start one in a background thread on a free loopback port, recording into
+the run's store, so a single command is enough to evaluate a model.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ArborlConfig
+
+
+def build_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
+    """The engine the configuration names, the model folder it loaded (None for an upstream
+    without a tokenizer), and a line saying where it runs."""
+    if config.engine.kind == "upstream":
+        return _upstream_engine(config)
+    from arborl.gateway.engines.embedded import EmbeddedEngine  # torch: only when running a model here
+    from arborl.gateway.engines.model_source import resolve_model
+
+    print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
+    model_dir = resolve_model(config.engine.model)
+    engine = EmbeddedEngine(
+        model_dir,
+        model_name=config.engine.served_name,
+        device=config.engine.device,
+        max_running=config.engine.max_running,
+        prefill_chunk=config.engine.prefill_chunk,
+        cache_memory_bytes=int(config.engine.cache_memory_gb * (1 << 30)),
+    )
+    return engine, model_dir, f"device {engine.device}, context {engine.context_length}"
+
+
+def _upstream_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
+    from arborl.gateway.engines.model_source import resolve_model
+    from arborl.gateway.upstream import UpstreamEngine
+
+    settings = config.engine
+    if not settings.upstream_url:
+        raise SystemExit("arborl: the upstream engine needs --upstream-url (or engine.upstream_url)")
+    model = settings.upstream_model or settings.served_name
+    if not model:
+        raise SystemExit("arborl: the upstream engine needs --upstream-model or --served-name")
+    tokenizer, model_dir = None, None
+    if settings.tokenizer:
+        from transformers import AutoTokenizer
+
+        model_dir = resolve_model(settings.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = UpstreamEngine(
+        settings.upstream_url, model=model, api=settings.upstream_api, api_key=settings.upstream_api_key,
+        served_name=settings.served_name, tokenizer=tokenizer, timeout_s=settings.upstream_timeout_s,
+    )
+    return engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}"
+
+
+def write_run_info(run_dir: Path, engine: Any, model_dir: Path | None) -> None:
+    """run.json: which model the run serves (the learner and `arborl trie` read it)."""
+    (run_dir / "run.json").write_text(json.dumps({"model_dir": str(model_dir) if model_dir else None,
+                                                  "model": engine.model_name}))
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalGateway:
+    """A gateway served from a background thread of this process."""
+
+    url: str
+    engine: Any
+    store: Any  # the run's TrajectoryStore: the orchestrator writes its ledger into the same one
+    _server: Any
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
+    import uvicorn
+
+    from arborl.gateway.app import create_app
+    from arborl.rollout.store import TrajectoryStore
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    engine, model_dir, where = build_engine(config)
+    store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+    write_run_info(run_dir, engine, model_dir)
+    port = free_loopback_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, store, config.gateway), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit("arborl: the gateway did not start")
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    print(f"arborl: serving {engine.model_name!r} on {url}/v1 ({where}); recording into {run_dir}/store.sqlite",
+          flush=True)
+    return LocalGateway(url, engine, store, server, thread)

@@ -1,0 +1,320 @@
+"""``arborl eval`` and ``arborl rollout``: run agents on a dataset's tasks in sandboxes.
+
+    arborl eval --dataset humaneval --scaffold builtin,claude-code --k 3
+    arborl rollout --dataset builtin --split train --scaffold builtin:3,opencode:1 --groups 20
+
+Both serve the policy from a gateway in this process (recording into the run folder's store)
+unless ``--gateway URL`` names a running one; then ``--run-dir`` must be that gateway's run
+folder, so the rollouts' calls and the ledger land in the same store. Both show progress, and
+both resume: run the same command again and only the rollouts that did not finish run.
+
+``eval`` writes ``RUN/eval/results.json`` and ``RUN/eval/report.html`` (pass@1 and pass@k per
+scaffold with 95% intervals, per-task results, tokens and time, a trie page per rollout).
+``rollout`` writes groups of rollouts with rewards for the learner (``arborl train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arborl.rollout.results import RolloutResult
+
+from .config import ArborlConfig, load_config
+
+
+def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="builtin, humaneval, a SWE-bench-style .jsonl, or a folder "
+                                                         "of Harbor tasks")
+    parser.add_argument("--split", choices=["train", "heldout"], help="only this split of the dataset")
+    parser.add_argument("--tasks", help="only these task ids (comma-separated)")
+    parser.add_argument("--limit", type=int, help="only the first N tasks")
+    parser.add_argument("--run-dir", type=Path, help="the run folder (store, logs, report)")
+    parser.add_argument("--gateway", help="a running gateway's root URL (default: serve one in this process)")
+    parser.add_argument("--config", help="YAML or TOML configuration file (engine and rollout sections)")
+    parser.add_argument("--model", help="the model to serve in this process (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (the model served in this process)")
+    parser.add_argument("--sandbox", choices=["local", "bwrap"], help="where agents run (default local)")
+    parser.add_argument("--concurrency", type=int, help="rollouts at once")
+    parser.add_argument("--max-turns", type=int, help="model calls per rollout")
+    parser.add_argument("--agent-timeout", type=float, help="seconds per rollout's agent (at most the task's own)")
+    parser.add_argument("--keep-workspaces", action="store_true", help="keep each rollout's sandbox folder")
+
+
+def _config(args: argparse.Namespace, scaffolds: dict[str, float], extra: dict[str, Any]) -> ArborlConfig:
+    rollout = {"scaffolds": scaffolds, "sandbox": args.sandbox, "concurrency": args.concurrency,
+               "max_turns": args.max_turns, "agent_timeout_s": args.agent_timeout,
+               "keep_workspaces": args.keep_workspaces or None, **extra}
+    overrides: dict[str, Any] = {"rollout": {k: v for k, v in rollout.items() if v is not None}}
+    engine = {"model": args.model, "device": args.device}
+    overrides["engine"] = {k: v for k, v in engine.items() if v is not None}
+    if args.run_dir:
+        overrides["run_dir"] = args.run_dir
+    return load_config(args.config, overrides)
+
+
+def parse_scaffolds(text: str) -> dict[str, float]:
+    """``builtin,claude-code`` or ``builtin:3,opencode:1`` -> {name: weight}."""
+    from arborl.rollout.agent_runs import check_scaffold
+
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition(":")
+        try:
+            out[check_scaffold(name)] = float(weight) if weight else 1.0
+        except ValueError as exc:
+            raise SystemExit(f"arborl: {exc}") from None
+    return out
+
+
+def _tasks(args: argparse.Namespace) -> list:
+    from arborl.rollout.task_loaders import load_dataset
+    from arborl.rollout.tasks import TaskError
+
+    try:
+        tasks = load_dataset(args.dataset, split=args.split)
+    except (TaskError, FileNotFoundError) as exc:
+        raise SystemExit(f"arborl: {exc}") from None
+    if args.tasks:
+        wanted = [name.strip() for name in args.tasks.split(",")]
+        known = {task.id: task for task in tasks}
+        missing = [name for name in wanted if name not in known]
+        if missing:
+            raise SystemExit(f"arborl: no task {', '.join(missing)} in {args.dataset}")
+        tasks = [known[name] for name in wanted]
+    if args.limit is not None:
+        tasks = tasks[: args.limit]
+    if not tasks:
+        raise SystemExit(f"arborl: {args.dataset} has no tasks to run")
+    return tasks
+
+
+@dataclass
+class Session:
+    """What a rollout command works against: the gateway, the run's store and ledger."""
+
+    url: str
+    model: str
+    store: Any
+    ledger: Any
+    engine: Any  # the in-process engine, or None for an external gateway
+    tokenizer: Any
+
+
+@contextlib.contextmanager
+def _session(config: ArborlConfig, gateway_url: str | None) -> Iterator[Session]:
+    from arborl.rollout.ledger import RunLedger
+    from arborl.rollout.store import TrajectoryStore
+
+    from .connect import served_model
+
+    run_dir = config.run_dir
+    if gateway_url is None:
+        from .local_gateway import start_local_gateway
+
+        gateway = start_local_gateway(config, run_dir)
+        try:
+            yield Session(gateway.url, gateway.engine.model_name, gateway.store, RunLedger(gateway.store),
+                          gateway.engine, getattr(gateway.engine, "tokenizer", None))
+        finally:
+            gateway.stop()
+            gateway.store.close()
+        return
+    store_path = run_dir / "store.sqlite"
+    if not store_path.is_file():
+        raise SystemExit(f"arborl: with --gateway, --run-dir must be that gateway's run folder (no {store_path})")
+    model = served_model(gateway_url, config.gateway.api_keys[0] if config.gateway.api_keys else "arborl")
+    if model is None:
+        raise SystemExit(f"arborl: no gateway answers at {gateway_url}")
+    store = TrajectoryStore(store_path)
+    try:
+        yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, _run_tokenizer(run_dir))
+    finally:
+        store.close()
+
+
+def _run_tokenizer(run_dir: Path) -> Any:
+    import json
+
+    info = run_dir / "run.json"
+    model_dir = json.loads(info.read_text()).get("model_dir") if info.is_file() else None
+    if not model_dir:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+class ProgressLine:
+    """Progress of a rollout command: a live bar on a terminal, one line per rollout otherwise."""
+
+    def __init__(self, total: int | None, label: str):
+        self.total = total
+        self.label = label
+        self.done = self.solved = self.failed = 0
+        self.reward = 0.0
+        self.started = time.monotonic()
+        self._bar: Any = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[stats]}"))
+            self._task = self._bar.add_task(label, total=total, stats="")
+            self._bar.start()
+
+    def __call__(self, result: RolloutResult, resumed: bool) -> None:
+        self.done += 1
+        if result.status == "done":
+            self.solved += int(result.solved)
+            self.reward += result.reward or 0.0
+        else:
+            self.failed += 1
+        graded = self.done - self.failed
+        stats = (f"solved {self.solved}/{graded}  mean reward {self.reward / max(graded, 1):.3f}"
+                 + (f"  infra failures {self.failed}" if self.failed else ""))
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, stats=stats)
+            return
+        where = "(done before)" if resumed else f"{result.timings.total_s:6.1f}s"
+        outcome = f"reward {result.reward:g}" if result.status == "done" else f"infra failure: {result.details[:80]}"
+        total = f"/{self.total}" if self.total else ""
+        print(f"[{self.done}{total}] {result.task_id} {result.scaffold}: {outcome} {result.ended_by} {where}  "
+              f"| {stats}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[RolloutResult, bool], None]):
+    from arborl.rollout.orchestrator import Orchestrator, OrchestratorError
+
+    orchestrator = Orchestrator(session.ledger, config.run_dir, session.url, session.model, settings=config.rollout,
+                                on_result=on_result)
+    return orchestrator, OrchestratorError
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from arborl.rollout.orchestrator import eval_plans
+
+    scaffolds = parse_scaffolds(args.scaffold)
+    if args.run_dir is None:
+        args.run_dir = Path("runs") / f"eval-{Path(args.dataset).stem}"
+    config = _config(args, scaffolds, {})
+    tasks = _tasks(args)
+    plans = eval_plans(tasks, list(scaffolds), args.k)
+    progress = ProgressLine(len(plans) * args.k, f"eval {args.dataset}")
+    interrupted = False
+    with _session(config, args.gateway) as session:
+        orchestrator, error_type = _orchestrator(config, session, progress)
+        try:
+            orchestrator.preflight(tasks)
+            results = orchestrator.run(plans)
+        except error_type as exc:
+            raise SystemExit(f"arborl: {exc}") from None
+        except KeyboardInterrupt:
+            interrupted = True
+            results = _finished_results(session.ledger, plans)
+        finally:
+            progress.close()
+        version = getattr(session.engine, "version", None)
+        meta = {"dataset": args.dataset, "split": args.split or "all", "tasks": len(tasks), "model": session.model,
+                "policy_version": version if version is not None else "served by " + session.url,
+                "sandbox": config.rollout.sandbox, "scaffolds": ", ".join(scaffolds), "k": args.k,
+                "complete": not interrupted}
+        json_path, html_path = write_eval_report(config.run_dir, results, args.k, meta, session)
+    print_summary(results, args.k)
+    print(f"arborl: wrote {html_path} and {json_path}")
+    if interrupted:
+        print("arborl: interrupted; run the same command again to finish the rollouts that did not", flush=True)
+        raise SystemExit(130)
+
+
+def _finished_results(ledger: Any, plans: list) -> list[RolloutResult]:
+    import json
+
+    results = []
+    for plan in plans:
+        group = ledger.group_by_key(plan.key)
+        if group is not None:
+            results += [RolloutResult.from_json(json.loads(text)) for text in ledger.rollout_outcomes(group.id)]
+    return results
+
+
+def write_eval_report(run_dir: Path, results: list[RolloutResult], k: int, meta: dict[str, Any],
+                      session: Session) -> tuple[Path, Path]:
+    from .eval_report import summarize, write_report
+    from .trie_view import render_trie_html
+
+    out = run_dir / "eval"
+    tries = out / "tries"
+    tries.mkdir(parents=True, exist_ok=True)
+    drawn: set[str] = set()
+    for result in results:
+        if result.status == "done" and result.turns > 0:
+            try:
+                html = render_trie_html(session.store, result.session_id, tokenizer=session.tokenizer)
+            except KeyError:
+                continue
+            (tries / f"{result.session_id}.html").write_text(html)
+            drawn.add(result.session_id)
+    summary = summarize(results, k)
+    return write_report(
+        summary, results, out, title=f"arborl eval: {meta['dataset']}", meta=meta,
+        trie_href=lambda session_id: f"tries/{session_id}.html" if session_id in drawn else None,
+        log_href=lambda result: f"../{result.log}" if result.log else None,
+    )
+
+
+def print_summary(results: list[RolloutResult], k: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval_report import summarize
+
+    summary = summarize(results, k)
+    table = Table(title=f"pass rates (95% bootstrap intervals over tasks), k = {k}")
+    ks = [1, k] if k > 1 else [1]
+    for column in ("scaffold", "tasks", "rollouts", *(f"pass@{j}" for j in ks), "mean reward", "tokens/rollout",
+                   "s/rollout", "infra failures"):
+        table.add_column(column, justify="left" if column == "scaffold" else "right")
+    for row in summary.scaffolds:
+        rates = [row.pass_at.get(j) for j in ks]
+        shown = [f"{r.value:.1%} [{r.low:.0%}, {r.high:.0%}]" if r is not None else "-" for r in rates]
+        table.add_row(row.scaffold, str(row.tasks), str(row.rollouts), *shown, f"{row.mean_reward:.3f}",
+                      f"{row.mean_prompt_tokens + row.mean_completion_tokens:,.0f}", f"{row.mean_seconds:.1f}",
+                      str(row.infra_failed))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def rollout_command(args: argparse.Namespace) -> None:
+    from arborl.rollout.orchestrator import training_plans
+
+    scaffolds = parse_scaffolds(args.scaffold)
+    if args.run_dir is None:
+        args.run_dir = Path("runs/default")
+    config = _config(args, scaffolds, {"group_size": args.group_size})
+    tasks = _tasks(args)
+    total = args.groups * config.rollout.group_size if args.groups else None
+    progress = ProgressLine(total, f"rollouts {args.dataset}")
+    with _session(config, args.gateway) as session:
+        orchestrator, error_type = _orchestrator(config, session, progress)
+        try:
+            orchestrator.preflight(tasks)
+            orchestrator.run(training_plans(tasks, config.rollout, prefix=args.prefix), max_groups=args.groups)
+        except error_type as exc:
+            raise SystemExit(f"arborl: {exc}") from None
+        except KeyboardInterrupt:
+            print("\narborl: interrupted; run the same command again to continue", flush=True)
+            raise SystemExit(130) from None
+        finally:
+            progress.close()
+        complete = len(session.ledger.pending_groups())
+    print(f"arborl: {progress.done} rollouts; {complete} complete groups wait for the learner in {config.run_dir}")

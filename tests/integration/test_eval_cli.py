@@ -1,0 +1,142 @@
+"""`arborl eval` and `arborl rollout` as a user runs them: datasets written here in the Harbor
+and SWE-bench formats, a gateway in the process (or a running one), sandboxes, the report, and
+resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from task_fixtures import git, write_harbor_task
+
+from agent_cli import scripted_gateway
+from arborl.gateway.tool_parsers import get_parser
+from arborl.ops.cli import main
+from arborl.ops.eval_report import load_results
+from arborl.rollout.ledger import RunLedger
+from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.tasks import pytest_command
+from arborl.rollout.verifiers import Resolution
+
+HERMES = get_parser("hermes")
+
+
+def harbor_tasks(root: Path) -> Path:
+    write_harbor_task(root / "greet-txt")
+    write_harbor_task(root / "greet-json", reward_json=True)
+    return root
+
+
+def test_eval_runs_a_harbor_folder_reports_and_resumes(run_root, capsys):
+    dataset = harbor_tasks(run_root / "tasks")
+    run = run_root / "run"
+    argv = ["eval", "--dataset", str(dataset), "--scaffold", "oracle,nop", "--k", "2", "--run-dir", str(run),
+            "--model", "tiny-random-llama", "--sandbox", "local"]
+    main(argv)
+    out = capsys.readouterr().out
+    results = load_results(run / "eval" / "results.json")
+    assert sorted((r.task_id, r.scaffold, r.reward) for r in results) == sorted(
+        [(t, "oracle", 1.0) for t in ("greet-txt", "greet-txt", "greet-json", "greet-json")]
+        + [(t, "nop", 0.0) for t in ("greet-txt", "greet-txt", "greet-json", "greet-json")])
+    assert "pass rates" in out and "oracle" in out and "100.0%" in out
+    html = (run / "eval" / "report.html").read_text()
+    assert "greet-json" in html and "greet-txt" in html
+    for result in results:
+        assert (run / result.log).is_file()
+
+    main(argv)  # everything finished: the second run redoes nothing
+    out = capsys.readouterr().out
+    assert out.count("(done before)") == 8
+    store = TrajectoryStore(run / "store.sqlite")
+    assert store.query("SELECT COUNT(*) FROM rollouts")[0][0] == 8
+    store.close()
+
+
+CALC = "def add(a, b):\n    return a - b\n\n\ndef neg(a):\n    return a\n"
+TESTS = ("import pytest\nfrom calc import add, neg\n\n\n@pytest.mark.parametrize('a, b, total', [(1, 2, 3), "
+         "(0, 0, 0)])\ndef test_add(a, b, total):\n    assert add(a, b) == total\n\n\ndef test_neg():\n"
+         "    assert neg(2) == -2\n")
+F2P = ["tests/test_calc.py::test_add[1-2-3]", "tests/test_calc.py::test_neg"]
+P2P = ["tests/test_calc.py::test_add[0-0-0]"]
+
+
+def swebench_jsonl(root: Path) -> Path:
+    """One instance: two bugs, two FAIL_TO_PASS tests added by the test patch."""
+    repo = root / "repo"
+    repo.mkdir(parents=True)
+    (repo / "calc.py").write_text(CALC)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "base")
+    base = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "calc.py").write_text(CALC.replace("a - b", "a + b").replace("return a\n", "return -a\n"))
+    gold = git(repo, "diff")
+    git(repo, "checkout", "-q", "calc.py")
+    (repo / "tests").mkdir()
+    (repo / "tests" / "test_calc.py").write_text(TESTS)
+    git(repo, "add", "-A")
+    test_patch = git(repo, "diff", "--cached")
+    git(repo, "reset", "-q", "--hard", base)
+    record = {"instance_id": "demo__calc-2", "problem_statement": "add() subtracts and neg() does nothing.",
+              "repo_path": str(repo), "base_commit": base, "FAIL_TO_PASS": F2P, "PASS_TO_PASS": P2P, "patch": gold,
+              "test_patch": test_patch, "test_command": pytest_command(F2P + P2P, isolated=True)}
+    path = root / "instances.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    return path
+
+
+def fix_add_only(prompt: str) -> str:
+    if prompt.count("<tool_response>") == 0:
+        return HERMES.format_call("edit", {"path": "calc.py", "old": "return a - b", "new": "return a + b"})
+    return HERMES.format_call("submit", {})
+
+
+@pytest.mark.parametrize("kind", ["local", "bwrap"])
+def test_eval_against_a_running_gateway_grades_a_swebench_partial(kind, tiny_model_dir, run_root, capsys):
+    from arborl.rollout.sandbox import bwrap_unavailable_reason
+
+    if kind == "bwrap" and bwrap_unavailable_reason():
+        pytest.skip(bwrap_unavailable_reason())
+    jsonl = swebench_jsonl(run_root / "data")
+    with scripted_gateway(tiny_model_dir, run_root, fix_add_only) as gateway:
+        main(["eval", "--dataset", str(jsonl), "--scaffold", "builtin,oracle,nop", "--gateway", gateway.url,
+              "--run-dir", str(run_root / "run"), "--sandbox", kind])
+        gateway.store.close()
+    results = {r.scaffold: r for r in load_results(run_root / "run" / "eval" / "results.json")}
+    assert (results["builtin"].reward, results["builtin"].resolution) == (0.5, Resolution.PARTIAL.value)
+    assert (results["oracle"].reward, results["oracle"].resolution) == (1.0, Resolution.FULL.value)
+    assert (results["nop"].reward, results["nop"].resolution) == (0.0, Resolution.NO.value)
+    assert "FAIL_TO_PASS 1/2" in results["builtin"].details
+    html = (run_root / "run" / "eval" / "report.html").read_text()
+    assert f"tries/{results['builtin'].session_id}.html" in html
+    assert (run_root / "run" / "eval" / "tries" / f"{results['builtin'].session_id}.html").is_file()
+
+
+def test_rollout_makes_groups_for_the_learner_and_continues(run_root, capsys):
+    dataset = harbor_tasks(run_root / "tasks")
+    run = run_root / "run"
+    base = ["rollout", "--dataset", str(dataset), "--scaffold", "oracle:1,nop:1", "--group-size", "3",
+            "--run-dir", str(run), "--model", "tiny-random-llama"]
+    main([*base, "--groups", "2"])
+    assert "2 complete groups wait for the learner" in capsys.readouterr().out
+    main([*base, "--groups", "3"])  # the first two groups are found again; only the third runs
+    out = capsys.readouterr().out
+    assert out.count("(done before)") == 6 and "3 complete groups" in out
+    store = TrajectoryStore(run / "store.sqlite")
+    ledger = RunLedger(store)
+    groups = ledger.pending_groups()
+    assert len(groups) == 3 and all(group.size == 3 for group in groups)
+    assert store.query("SELECT COUNT(*) FROM rollouts")[0][0] == 9
+    store.close()
+
+
+def test_bad_invocations_say_what_is_wrong(run_root, capsys):
+    with pytest.raises(SystemExit, match="unknown scaffold 'gpt-pilot'"):
+        main(["eval", "--dataset", "builtin", "--scaffold", "builtin,gpt-pilot"])
+    with pytest.raises(SystemExit, match="no task nope"):
+        main(["eval", "--dataset", "builtin", "--tasks", "nope", "--run-dir", str(run_root / "r")])
+    with pytest.raises(SystemExit, match="must be that gateway's run folder"):
+        main(["eval", "--dataset", "builtin", "--gateway", "http://127.0.0.1:9", "--run-dir", str(run_root / "r")])
+    with pytest.raises(SystemExit):
+        main(["eval", "--dataset", str(run_root / "missing.jsonl")])

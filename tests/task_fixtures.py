@@ -1,0 +1,97 @@
+"""Task folders and repositories the task, orchestrator and eval tests write: a SWE-bench-style
+git repository with a bug and its fix, and a Harbor-style task folder (Harbor's container paths,
+as real tasks write them)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ENV = {**os.environ}
+ENV.pop("PYTEST_ADDOPTS", None)
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**ENV, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
+
+
+CALC_BUGGY = "def add(a, b):\n    return a - b\n\n\ndef neg(a):\n    return -a\n"
+CALC_FIXED = "def add(a, b):\n    return a + b\n\n\ndef neg(a):\n    return -a\n"
+TEST_NEG = "from calc import neg\n\n\ndef test_neg():\n    assert neg(2) == -2\n"
+TEST_ADD = ("import pytest\nfrom calc import add\n\n\n@pytest.mark.parametrize('a, b, total', [(1, 2, 3), (0, 0, 0)])\n"
+            "def test_add(a, b, total):\n    assert add(a, b) == total\n")
+
+
+def make_swe_repo(tmp_path: Path) -> tuple[Path, str, str, str]:
+    """A repository whose base commit has a bug, and a later commit (the fix) that must not leak."""
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "calc.py").write_text(CALC_BUGGY)
+    (repo / "tests" / "test_neg.py").write_text(TEST_NEG)
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "base")
+    base = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "calc.py").write_text(CALC_FIXED)
+    gold = git(repo, "diff")
+    (repo / "tests" / "test_add.py").write_text(TEST_ADD)
+    git(repo, "add", "-A")
+    test_patch = git(repo, "diff", "--cached", "--", "tests")
+    git(repo, "commit", "-q", "-m", "the fix")
+    return repo, base, gold, test_patch
+
+
+
+# -- Harbor-style folders ----------------------------------------------------------------------
+
+HARBOR_TOML = """\
+version = "1.0"
+
+[metadata]
+author_name = "someone"
+difficulty = "hard"
+category = "file-operations"
+tags = ["shell"]
+
+[verifier]
+timeout_sec = 45.0
+env = { EXPECTED = "hello from the oracle" }
+
+[agent]
+timeout_sec = 900.0
+
+[environment]
+build_timeout_sec = 600.0
+"""
+# Harbor's container paths, as real tasks write them: /app, /tests, /logs/verifier, /solution.
+TEST_SH = """\
+#!/bin/bash
+mkdir -p /logs/verifier
+if [ "$(cat /app/out.txt 2>/dev/null)" = "$EXPECTED" ] && python3 /tests/check.py; then
+  echo 1 > /logs/verifier/reward.txt
+else
+  echo 0 > /logs/verifier/reward.txt
+fi
+"""
+CHECK_PY = "from pathlib import Path\n\nassert Path('/app/data/input.txt').read_text() == 'in\\n'\n"
+SOLVE_SH = "#!/bin/bash\ncd /app\ncat '/solution/answer.txt' > /app/out.txt\n"
+
+
+def write_harbor_task(folder: Path, *, reward_json: bool = False) -> Path:
+    for sub in ("environment/data", "tests", "solution"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "task.toml").write_text(HARBOR_TOML)
+    (folder / "instruction.md").write_text("Write the expected greeting into /app/out.txt.\n")
+    (folder / "environment" / "Dockerfile").write_text("FROM ubuntu:24.04\nWORKDIR /app\n")
+    (folder / "environment" / "data" / "input.txt").write_text("in\n")
+    test_sh = TEST_SH
+    if reward_json:
+        test_sh = test_sh.replace("echo 1 > /logs/verifier/reward.txt", """echo '{"reward": 1.0, "style": 0.5}' > /logs/verifier/reward.json""")
+    (folder / "tests" / "test.sh").write_text(test_sh)
+    (folder / "tests" / "check.py").write_text(CHECK_PY)
+    (folder / "solution" / "solve.sh").write_text(SOLVE_SH)
+    (folder / "solution" / "answer.txt").write_text("hello from the oracle\n")
+    return folder
