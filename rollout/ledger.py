@@ -177,12 +177,14 @@ class RunLedger:
 
     def call_stats(self, session_id: str) -> CallStats:
         """Model calls a rollout made so far (its session and sub-sessions; main and sub-agent
-        calls, whatever their outcome), their tokens, and the seconds they took."""
+        calls that got an answer: a call the client cut off is not a turn), their tokens, and the
+        seconds they took."""
         placeholders = ", ".join("?" for _ in TRAINABLE_PURPOSES)
         row = self.store.query(
             "SELECT COUNT(*), COALESCE(SUM(prompt_len), 0), COALESCE(SUM(completion_len), 0), "
             "COALESCE(SUM(COALESCE(finished_at, created_at) - created_at), 0) FROM calls "
-            f"WHERE (session_id = ? OR (session_id > ? AND session_id < ?)) AND purpose IN ({placeholders})",
+            f"WHERE (session_id = ? OR (session_id > ? AND session_id < ?)) AND purpose IN ({placeholders}) "
+            "AND status != 'cancelled'",
             (session_id, session_id + ":", session_id + ";", *sorted(TRAINABLE_PURPOSES)),
         )[0]
         return CallStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]))

@@ -1,0 +1,84 @@
+"""Agent CLIs as rollout scaffolds: the orchestrator configures the CLI through its adapter, runs
+it headless inside a sandbox, counts its calls against the turn limit, and grades the workspace.
+
+A scripted engine plays the policy, in the CLI's own tool vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_cli import scripted_gateway
+from arborl.gateway.tool_parsers import get_parser
+from arborl.rollout.ledger import RunLedger
+from arborl.rollout.orchestrator import Orchestrator, eval_plans
+from arborl.rollout.sandbox import bwrap_unavailable_reason
+from arborl.rollout.settings import RolloutSettings
+from arborl.rollout.tasks import InlineFiles, Task, VerifierSpec
+
+HERMES = get_parser("hermes")
+CHECK = 'if [ "$(cat hello.txt)" = hi ]; then echo 1; else echo 0; fi > "$ARBORL_VERIFIER_DIR/reward.txt"'
+TASK = Task("hello-file", "Create a file hello.txt containing the word hi.", InlineFiles.of({"README": "x\n"}),
+            VerifierSpec("script"), test_command=CHECK)
+KINDS = ["local", pytest.param("bwrap", marks=pytest.mark.skipif(bool(bwrap_unavailable_reason()),
+                                                                  reason=str(bwrap_unavailable_reason())))]
+
+
+def claude_writes_hello(prompt: str) -> str:
+    if "<tools>" not in prompt:
+        return "ok"  # a side call without tools
+    cwd = re.search(r"(?:Primary working directory|CWD): (\S+)", prompt)
+    if prompt.count("<tool_response>") == 0 and cwd:
+        return HERMES.format_call("Write", {"file_path": f"{cwd.group(1)}/hello.txt", "content": "hi\n"})
+    return "Done."
+
+
+def claude_loops(prompt: str) -> str:
+    if "<tools>" not in prompt:
+        return "ok"
+    time.sleep(0.5)  # a model's time per call: the limit is checked between calls, every POLL_S
+    return HERMES.format_call("Bash", {"command": "echo again", "description": "Say again"})
+
+
+@pytest.mark.e2e("claude")
+@pytest.mark.parametrize("kind", KINDS)
+def test_claude_code_rollout_in_a_sandbox(kind, tiny_model_dir, run_root):
+    with scripted_gateway(tiny_model_dir, run_root, claude_writes_hello) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(sandbox=kind, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], ["claude-code"], 1))
+        log = (run_root / "run" / result.log).read_text()
+        assert (result.status, result.reward, result.ended_by) == ("done", 1.0, "submitted"), log
+        assert result.turns == 2 and result.prompt_tokens > 0
+        calls = orchestrator.ledger.training_calls(result.session_id)
+        assert [call.purpose for call in calls] == ["main", "main"]
+        gateway.store.close()
+
+
+@pytest.mark.e2e("claude")
+def test_a_cli_is_stopped_at_the_turn_limit(tiny_model_dir, run_root):
+    with scripted_gateway(tiny_model_dir, run_root, claude_loops) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(max_turns=3, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], ["claude-code"], 1))
+        assert (result.status, result.ended_by, result.reward) == ("done", "turn_limit", 0.0)
+        assert result.turns == 3  # the fourth call, under way when the CLI was stopped, is not a turn
+        gateway.store.close()
+
+
+def test_a_cli_that_is_not_installed_is_an_infrastructure_failure(tiny_model_dir, run_root, monkeypatch):
+    from arborl.scaffold_adapters.registry import get_adapter
+
+    adapter = get_adapter("opencode")
+    monkeypatch.setattr(type(adapter), "executable", "arborl-no-such-cli")
+    with scripted_gateway(tiny_model_dir, run_root, lambda prompt: "") as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), Path(run_root) / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(infra_retries=1))
+        [result] = orchestrator.run(eval_plans([TASK], ["opencode"], 1))
+        assert (result.status, result.attempts) == ("infra_failed", 2)
+        assert "before its first model call" in result.details
+        gateway.store.close()
