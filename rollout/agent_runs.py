@@ -18,10 +18,12 @@ orchestrator retries and never trains on.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from arborl.scaffold_adapters.base import GatewayTarget
@@ -29,7 +31,7 @@ from arborl.scaffold_adapters.builtin import AgentError, BuiltinAgent
 from arborl.scaffold_adapters.registry import ADAPTERS, get_adapter
 
 from .results import AGENT_ERROR, NO_ACTION, STOPPED, SUBMITTED, TIME_LIMIT, TURN_LIMIT
-from .sandbox import CommandResult, Sandbox
+from .sandbox import SYSTEM_PATH, CommandResult, Sandbox
 from .settings import RolloutSettings
 from .tasks import Task
 
@@ -37,6 +39,21 @@ MODEL_FREE_SCAFFOLDS = ("oracle", "nop")
 SCAFFOLDS: tuple[str, ...] = ("builtin", *sorted(ADAPTERS), *MODEL_FREE_SCAFFOLDS)
 POLL_S = 0.2  # how often a CLI's exit, deadline and call count are checked
 ANSWER_CHARS = 20_000
+
+
+def install_prefix(name: str) -> Path | None:
+    """Where a CLI scaffold is installed, when that is outside the system folders a ``bwrap``
+    sandbox shows anyway: the venv of a Python CLI under /opt, say (``/usr/local/bin/mini`` is a
+    link into ``/opt/mini-swe-agent/bin``). None for the others."""
+    if name not in ADAPTERS:
+        return None
+    found = shutil.which(get_adapter(name).executable, path=SYSTEM_PATH)
+    if found is None:
+        return None
+    real = Path(found).resolve()
+    if real.parts[1] in ("usr", "bin", "sbin", "lib", "lib64", "etc"):
+        return None
+    return real.parent.parent if real.parent.name == "bin" else real.parent
 
 
 def check_scaffold(name: str) -> str:

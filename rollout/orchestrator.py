@@ -40,7 +40,14 @@ from pathlib import Path
 
 from arborl.scaffold_adapters.base import GatewayTarget
 
-from .agent_runs import MODEL_FREE_SCAFFOLDS, AgentContext, AgentOutcome, check_scaffold, run_scaffold
+from .agent_runs import (
+    MODEL_FREE_SCAFFOLDS,
+    AgentContext,
+    AgentOutcome,
+    check_scaffold,
+    install_prefix,
+    run_scaffold,
+)
 from .ledger import RUNNING, RunLedger
 from .results import STOPPED, RolloutResult, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
@@ -266,7 +273,7 @@ class Orchestrator:
         log_path = self.run_dir / "rollouts" / f"{session}.log"
         with open(log_path, "w") as log_file:
             log_file.write(f"task {task.id}  scaffold {job.scaffold}  group {job.group_id}  attempt {attempt}\n")
-            sandbox = self._sandbox(task, session)
+            sandbox = self._sandbox(task, session, job.scaffold)
             try:
                 setup_s = time.monotonic() - started
                 agent_started = time.monotonic()
@@ -307,15 +314,17 @@ class Orchestrator:
         )
         return result, verdict
 
-    def _sandbox(self, task: Task, session: str) -> Sandbox:
+    def _sandbox(self, task: Task, session: str, scaffold: str) -> Sandbox:
         settings = self.settings
+        prefix = install_prefix(scaffold)
+        expose = (*self.expose, prefix) if prefix is not None else self.expose
         agent_timeout = min(task.agent_timeout_s, settings.agent_timeout_s or float("inf"))
         limits = Limits(wall_s=agent_timeout + task.verify_timeout_s + VERIFY_MARGIN_S,
                         command_s=max(settings.command_timeout_s, task.verify_timeout_s),
                         memory_mb=settings.memory_mb, processes=settings.processes)
         try:
             sandbox = make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
-                                   keep=settings.keep_workspaces, expose=self.expose)
+                                   keep=settings.keep_workspaces, expose=expose)
         except (SandboxError, OSError) as exc:
             raise InfraFailure(f"the sandbox did not start: {exc}") from exc
         try:

@@ -82,6 +82,7 @@ class ScaffoldAdapter(ABC):
     name: str  # as `arborl connect NAME` spells it
     executable: str  # the CLI's command
     npm_package: str | None = None
+    pypi_package: str | None = None
     dialect: Dialect
 
     @abstractmethod

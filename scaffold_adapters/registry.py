@@ -9,11 +9,14 @@ from .base import MAIN, CallPurpose, ScaffoldAdapter
 from .claude_code import ClaudeCodeAdapter
 from .cline import ClineAdapter
 from .codex import CodexAdapter
+from .mini_swe_agent import MiniSweAgentAdapter
 from .opencode import OpenCodeAdapter
 
 ADAPTERS: dict[str, ScaffoldAdapter] = {
     adapter.name: adapter
-    for adapter in (ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter())
+    for adapter in (
+        ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter(), MiniSweAgentAdapter(),
+    )
 }
 
 

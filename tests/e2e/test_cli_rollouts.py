@@ -59,6 +59,26 @@ def test_claude_code_rollout_in_a_sandbox(kind, tiny_model_dir, run_root):
         gateway.store.close()
 
 
+def mini_writes_hello(prompt: str) -> str:
+    if prompt.count("<tool_response>") == 0:
+        return HERMES.format_call("bash", {"command": "echo hi > hello.txt"})
+    return HERMES.format_call("bash", {"command": "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT"})
+
+
+@pytest.mark.e2e("mini")
+@pytest.mark.parametrize("kind", KINDS)
+def test_mini_swe_agent_rollout_in_a_sandbox(kind, tiny_model_dir, run_root):
+    # Its venv lives under /opt: the bwrap sandbox shows it because the orchestrator exposes a
+    # CLI's install prefix.
+    with scripted_gateway(tiny_model_dir, run_root, mini_writes_hello) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(sandbox=kind, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], ["mini-swe-agent"], 1))
+        log = (run_root / "run" / result.log).read_text()
+        assert (result.status, result.reward, result.ended_by, result.turns) == ("done", 1.0, "submitted", 2), log
+        gateway.store.close()
+
+
 @pytest.mark.e2e("claude")
 def test_a_cli_is_stopped_at_the_turn_limit(tiny_model_dir, run_root):
     with scripted_gateway(tiny_model_dir, run_root, claude_loops) as gateway:

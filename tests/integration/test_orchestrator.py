@@ -255,11 +255,11 @@ class FlakySandboxes(Orchestrator):
 
     failures = 1
 
-    def _sandbox(self, task, session):
+    def _sandbox(self, task, session, scaffold):
         if self.failures > 0:
             self.failures -= 1
             raise InfraFailure("the sandbox did not start: injected fault")
-        return super()._sandbox(task, session)
+        return super()._sandbox(task, session, scaffold)
 
 
 def test_infrastructure_failures_are_retried_and_never_trained_on(tiny_model_dir, run_root):
