@@ -1,6 +1,6 @@
 """The ``arborl`` command line.
 
-    arborl up                      serve the default model on 127.0.0.1:8000 and record into runs/default
+    arborl up                      the online RL loop on runs/default: gateway on 127.0.0.1:8000, rollouts, learner
     arborl serve [--model M ...]   the same, with every engine and gateway setting as a flag
     arborl train --store RUN [--gateway URL] [--resume]   train on RUN's complete groups, publish each version
     arborl trie list [--run DIR]   the sessions recorded in a run
@@ -77,13 +77,14 @@ def serve(config: ArborlConfig) -> None:
     from arborl.gateway.app import create_app
     from arborl.rollout.store import TrajectoryStore
 
-    from .local_gateway import build_engine, write_run_info
+    from .local_gateway import build_engine, restore_served_version, write_run_info
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     engine, model_dir, where = build_engine(config)
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
+    restore_served_version(engine, store)
     app = create_app(engine, store, config.gateway)
     host, port = config.gateway.host, config.gateway.port
     print(
@@ -199,7 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="arborl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    _serve_flags(commands.add_parser("up", help="serve the default model and record (the main job)"))
+    up = commands.add_parser("up", help="the whole loop: gateway, rollout workers and learner (the main job)")
+    _serve_flags(up)
+    up.add_argument("--dataset", help="the rollout workers' tasks (default builtin)")
+    up.add_argument("--heldout-every", type=int, help="a held-out evaluation every N steps (0: never)")
+    up.add_argument("--max-seconds", type=float, help="stop after this long (default: until Ctrl-C)")
     _serve_flags(commands.add_parser("serve", help="run the gateway with an engine"))
     trie = commands.add_parser("trie", help="inspect recorded prefix trees").add_subparsers(dest="trie_command",
                                                                                                required=True)
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--scaffold", default="builtin", help="comma-separated: builtin, mini-swe-agent, "
                           "claude-code, codex, opencode, cline, oracle, nop")
     evaluate.add_argument("--k", type=int, default=1, help="rollouts per task and scaffold (pass@1 ... pass@k)")
+    evaluate.add_argument("--prefix", default="eval", help="names this evaluation's groups, so a rerun resumes it")
+    evaluate.add_argument("--report-dir", type=Path, help="where results.json and report.html go (default RUN/eval)")
     produce = commands.add_parser("rollout", help="produce groups of rollouts with rewards for the learner")
     add_rollout_flags(produce)
     produce.add_argument("--scaffold", default="builtin", help="one scaffold, or a mixture: builtin:3,opencode:1")
@@ -246,7 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     link.add_argument("--write-home", type=Path, help="write the configuration files into this HOME folder")
     args = parser.parse_args(argv)
 
-    if args.command in ("up", "serve"):
+    if args.command == "up":
+        from .up import run_up
+
+        overrides = _overrides(args)
+        up_flags = {"dataset": args.dataset, "heldout_every": args.heldout_every}
+        overrides["up"] = {k: v for k, v in up_flags.items() if v is not None}
+        run_up(load_config(args.config, overrides), max_seconds=args.max_seconds)
+    elif args.command == "serve":
         serve(load_config(args.config, _overrides(args)))
     elif args.command == "connect":
         connect(args)

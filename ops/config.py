@@ -41,6 +41,22 @@ class StoreConfig(BaseModel):
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
 
+class UpSettings(BaseModel):
+    """What ``arborl up`` runs besides the gateway."""
+
+    dataset: str = "builtin"  # the rollout workers' tasks (and the held-out evaluation's)
+    train_split: str = "train"
+    heldout_split: str = "heldout"
+    heldout_every: int = 10  # a held-out evaluation every N committed steps (and of version 0); 0: never
+    heldout_k: int = 1
+    heldout_limit: int | None = None  # only the first N held-out tasks
+    rollouts: bool = True
+    learner: bool = True
+    learner_metrics_port: int = 8001
+    rollout_metrics_port: int = 8002
+    max_restarts: int = 5  # per child; beyond it `arborl up` stops
+
+
 class ArborlConfig(BaseModel):
     run_dir: Path = Path("runs/default")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -48,6 +64,7 @@ class ArborlConfig(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    up: UpSettings = Field(default_factory=UpSettings)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

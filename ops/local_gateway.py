@@ -68,6 +68,22 @@ def write_run_info(run_dir: Path, engine: Any, model_dir: Path | None) -> None:
                                                   "model": engine.model_name}))
 
 
+def restore_served_version(engine: Any, store: Any) -> int:
+    """Serve the run's last committed version, not the base weights, when a gateway (re)starts on
+    a run the learner has trained: rollouts sampled after a gateway restart stay on-policy. Returns
+    the version served."""
+    from arborl.rollout.ledger import RunLedger
+
+    last = RunLedger(store).last_step()
+    if last is None or not hasattr(engine, "load_weights") or not Path(last.checkpoint).exists():
+        return 0
+    import asyncio
+
+    asyncio.run(engine.load_weights(last.checkpoint, last.version))
+    print(f"arborl: serving version {last.version} (the run's last committed step)", flush=True)
+    return last.version
+
+
 def free_loopback_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -99,6 +115,7 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
     engine, model_dir, where = build_engine(config)
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
+    restore_served_version(engine, store)
     port = free_loopback_port()
     server = uvicorn.Server(uvicorn.Config(create_app(engine, store, config.gateway), host="127.0.0.1", port=port,
                                            log_level="warning"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-turns", type=int, help="model calls per rollout")
     parser.add_argument("--agent-timeout", type=float, help="seconds per rollout's agent (at most the task's own)")
     parser.add_argument("--keep-workspaces", action="store_true", help="keep each rollout's sandbox folder")
+    parser.add_argument("--metrics-port", type=int, help="serve the rollouts' Prometheus metrics on this port")
 
 
 def _config(args: argparse.Namespace, scaffolds: dict[str, float], extra: dict[str, Any]) -> ArborlConfig:
@@ -193,11 +195,18 @@ class ProgressLine:
             self._bar.stop()
 
 
-def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[RolloutResult, bool], None]):
+def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[RolloutResult, bool], None],
+                  metrics_port: int | None):
+    from arborl.rollout.metrics import RolloutMetrics
     from arborl.rollout.orchestrator import Orchestrator, OrchestratorError
 
+    metrics = RolloutMetrics()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
     orchestrator = Orchestrator(session.ledger, config.run_dir, session.url, session.model, settings=config.rollout,
-                                on_result=on_result)
+                                on_result=on_result, metrics=metrics)
     return orchestrator, OrchestratorError
 
 
@@ -209,11 +218,11 @@ def eval_command(args: argparse.Namespace) -> None:
         args.run_dir = Path("runs") / f"eval-{Path(args.dataset).stem}"
     config = _config(args, scaffolds, {})
     tasks = _tasks(args)
-    plans = eval_plans(tasks, list(scaffolds), args.k)
+    plans = eval_plans(tasks, list(scaffolds), args.k, prefix=args.prefix)
     progress = ProgressLine(len(plans) * args.k, f"eval {args.dataset}")
     interrupted = False
     with _session(config, args.gateway) as session:
-        orchestrator, error_type = _orchestrator(config, session, progress)
+        orchestrator, error_type = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
             results = orchestrator.run(plans)
@@ -229,7 +238,8 @@ def eval_command(args: argparse.Namespace) -> None:
                 "policy_version": version if version is not None else "served by " + session.url,
                 "sandbox": config.rollout.sandbox, "scaffolds": ", ".join(scaffolds), "k": args.k,
                 "complete": not interrupted}
-        json_path, html_path = write_eval_report(config.run_dir, results, args.k, meta, session)
+        out = args.report_dir or config.run_dir / "eval"
+        json_path, html_path = write_eval_report(config.run_dir, out, results, args.k, meta, session)
     print_summary(results, args.k)
     print(f"arborl: wrote {html_path} and {json_path}")
     if interrupted:
@@ -248,12 +258,11 @@ def _finished_results(ledger: Any, plans: list) -> list[RolloutResult]:
     return results
 
 
-def write_eval_report(run_dir: Path, results: list[RolloutResult], k: int, meta: dict[str, Any],
+def write_eval_report(run_dir: Path, out: Path, results: list[RolloutResult], k: int, meta: dict[str, Any],
                       session: Session) -> tuple[Path, Path]:
     from .eval_report import summarize, write_report
     from .trie_view import render_trie_html
 
-    out = run_dir / "eval"
     tries = out / "tries"
     tries.mkdir(parents=True, exist_ok=True)
     drawn: set[str] = set()
@@ -269,7 +278,7 @@ def write_eval_report(run_dir: Path, results: list[RolloutResult], k: int, meta:
     return write_report(
         summary, results, out, title=f"arborl eval: {meta['dataset']}", meta=meta,
         trie_href=lambda session_id: f"tries/{session_id}.html" if session_id in drawn else None,
-        log_href=lambda result: f"../{result.log}" if result.log else None,
+        log_href=lambda result: os.path.relpath(run_dir / result.log, out) if result.log else None,
     )
 
 
@@ -305,7 +314,7 @@ def rollout_command(args: argparse.Namespace) -> None:
     total = args.groups * config.rollout.group_size if args.groups else None
     progress = ProgressLine(total, f"rollouts {args.dataset}")
     with _session(config, args.gateway) as session:
-        orchestrator, error_type = _orchestrator(config, session, progress)
+        orchestrator, error_type = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
             orchestrator.run(training_plans(tasks, config.rollout, prefix=args.prefix), max_groups=args.groups)

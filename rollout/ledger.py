@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS groups (
     completed_at REAL,
     consumed_step INTEGER,
     dropped TEXT,
-    meta TEXT
+    meta TEXT,
+    trainable INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS rollouts (
     session_id TEXT PRIMARY KEY,
@@ -117,16 +118,22 @@ class RunLedger:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            # a ledger written before evaluation groups existed: every group was a training group
+            if "trainable" not in {row[1] for row in db.execute("PRAGMA table_info(groups)")}:
+                db.execute("ALTER TABLE groups ADD COLUMN trainable INTEGER NOT NULL DEFAULT 1")
 
     # -- the orchestrator's side --------------------------------------------------------------
 
-    def open_group(self, task_id: str, size: int, *, domain: str = "", meta: dict | None = None) -> int:
+    def open_group(self, task_id: str, size: int, *, domain: str = "", meta: dict | None = None,
+                   trainable: bool = True) -> int:
+        """A new group of ``size`` rollouts. An evaluation's groups are opened with
+        ``trainable=False``: they complete like any other, and the learner never sees them."""
         if size < 1:
             raise ValueError(f"a group needs at least one rollout, got size {size}")
         with self.store.transaction() as db:
             cursor = db.execute(
-                "INSERT INTO groups(task_id, size, domain, created_at, meta) VALUES (?, ?, ?, ?, ?)",
-                (task_id, size, domain, time.time(), json.dumps(meta or {})),
+                "INSERT INTO groups(task_id, size, domain, created_at, meta, trainable) VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, size, domain, time.time(), json.dumps(meta or {}), int(trainable)),
             )
             return int(cursor.lastrowid)
 
@@ -206,10 +213,10 @@ class RunLedger:
         return Group(*rows[0])
 
     def pending_groups(self) -> list[Group]:
-        """Complete groups no step has consumed or dropped, oldest completion first."""
+        """Complete training groups no step has consumed or dropped, oldest completion first."""
         rows = self.store.query(
             f"SELECT {_GROUP_COLUMNS} FROM groups WHERE completed_at IS NOT NULL AND consumed_step IS NULL "
-            "AND dropped IS NULL ORDER BY completed_at, id"
+            "AND dropped IS NULL AND trainable = 1 ORDER BY completed_at, id"
         )
         return [Group(*row) for row in rows]
 

@@ -49,6 +49,7 @@ from .agent_runs import (
     run_scaffold,
 )
 from .ledger import RUNNING, RunLedger
+from .metrics import RolloutMetrics
 from .results import STOPPED, RolloutResult, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
 from .settings import RolloutSettings
@@ -70,6 +71,7 @@ class GroupPlan:
     key: str
     task: Task
     scaffolds: tuple[str, ...]
+    trainable: bool = True  # False for an evaluation: the learner never takes the group
 
     def __post_init__(self) -> None:
         if not self.scaffolds:
@@ -79,8 +81,9 @@ class GroupPlan:
 
 
 def eval_plans(tasks: Iterable[Task], scaffolds: Sequence[str], k: int, *, prefix: str = "eval") -> list[GroupPlan]:
-    """A group of ``k`` rollouts per task and scaffold."""
-    return [GroupPlan(f"{prefix}/{scaffold}/{task.id}", task, (scaffold,) * k) for task in tasks for scaffold in scaffolds]
+    """A group of ``k`` rollouts per task and scaffold, never trained on."""
+    return [GroupPlan(f"{prefix}/{scaffold}/{task.id}", task, (scaffold,) * k, trainable=False)
+            for task in tasks for scaffold in scaffolds]
 
 
 def training_plans(tasks: Sequence[Task], settings: RolloutSettings, *, rounds: int | None = None,
@@ -131,6 +134,7 @@ class Orchestrator:
         settings: RolloutSettings | None = None,
         judge: JudgeClient | None = None,
         on_result: Callable[[RolloutResult, bool], None] | None = None,
+        metrics: RolloutMetrics | None = None,
     ):
         self.ledger = ledger
         self.store = ledger.store
@@ -140,6 +144,7 @@ class Orchestrator:
         self.settings = settings or RolloutSettings()
         self.judge = judge
         self.on_result = on_result or (lambda result, resumed: None)
+        self.metrics = metrics or RolloutMetrics()
         self.stop = threading.Event()
         self._jobs_lock = threading.Lock()
         for folder in ("sandboxes", "rollouts"):
@@ -227,7 +232,8 @@ class Orchestrator:
         group = self.ledger.group_by_key(plan.key)
         if group is None:
             group_id = self.ledger.open_group(plan.task.id, len(plan.scaffolds), domain=plan.task.domain,
-                                              meta={"key": plan.key, "scaffolds": list(plan.scaffolds)})
+                                              meta={"key": plan.key, "scaffolds": list(plan.scaffolds)},
+                                              trainable=plan.trainable)
             return group_id, []
         if group.size != len(plan.scaffolds) or group.task_id != plan.task.id:
             raise ValueError(f"group {plan.key!r} was planned as {group.size} rollouts of {group.task_id!r}; "
@@ -242,6 +248,16 @@ class Orchestrator:
     def run_rollout(self, job: Job) -> RolloutResult | None:
         """Run one rollout to a recorded result, retrying infrastructure failures; None if the run
         was stopped first. A rollout that fails every attempt comes back ``infra_failed``."""
+        self.metrics.running.inc()
+        try:
+            result = self._run_attempts(job)
+        finally:
+            self.metrics.running.dec()
+        if result is not None:
+            self.metrics.observe(result)
+        return result
+
+    def _run_attempts(self, job: Job) -> RolloutResult | None:
         errors: list[str] = []
         for attempt in range(1, self.settings.infra_retries + 2):
             if self.stop.is_set():
@@ -260,9 +276,11 @@ class Orchestrator:
                 log.warning("rollout %s (%s, %s) failed for infrastructure reasons: %s", session, job.plan.task.id,
                             job.scaffold, exc)
                 self.ledger.fail_rollout(session, str(exc))
+                self.metrics.infra_attempts.labels(job.scaffold).inc()
                 errors.append(str(exc))
                 continue
-            self.ledger.finish_rollout(session, verdict.reward, outcome=result.dumps())
+            if self.ledger.finish_rollout(session, verdict.reward, outcome=result.dumps()):
+                self.metrics.groups_completed.inc()
             return result
         return RolloutResult(session, job.plan.task.id, job.scaffold, job.group_id, "infra_failed",
                              details="; ".join(errors)[-2000:], attempts=len(errors))

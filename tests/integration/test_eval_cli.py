@@ -50,6 +50,7 @@ def test_eval_runs_a_harbor_folder_reports_and_resumes(run_root, capsys):
     assert out.count("(done before)") == 8
     store = TrajectoryStore(run / "store.sqlite")
     assert store.query("SELECT COUNT(*) FROM rollouts")[0][0] == 8
+    assert RunLedger(store).pending_groups() == []  # an evaluation's groups are never trained on
     store.close()
 
 
@@ -140,3 +141,20 @@ def test_bad_invocations_say_what_is_wrong(run_root, capsys):
         main(["eval", "--dataset", "builtin", "--gateway", "http://127.0.0.1:9", "--run-dir", str(run_root / "r")])
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", str(run_root / "missing.jsonl")])
+
+
+@pytest.mark.slow
+def test_eval_of_a_humaneval_subset_with_the_default_model(run_root, capsys, monkeypatch):
+    # The acceptance run: the builtin agent, the default model served in the process, a
+    # short budget per rollout so it fits the suite (two calls of at most 96 tokens).
+    monkeypatch.setenv("ARBORL_ROLLOUT__MAX_TOKENS", "96")
+    run = run_root / "run"
+    main(["eval", "--dataset", "humaneval", "--limit", "2", "--scaffold", "builtin", "--k", "2", "--max-turns", "2",
+          "--run-dir", str(run)])
+    out = capsys.readouterr().out
+    results = load_results(run / "eval" / "results.json")
+    assert len(results) == 4 and all(r.status == "done" for r in results)
+    assert all(r.turns >= 1 and r.completion_tokens > 0 and r.reward in (0.0, 1.0) for r in results)
+    assert "pass@1" in out and "pass@2" in out
+    html = (run / "eval" / "report.html").read_text()
+    assert "SmolLM2-135M-Instruct" in html and "HumanEval/0" in html and "pass@2" in html

@@ -268,10 +268,14 @@ def test_infrastructure_failures_are_retried_and_never_trained_on(tiny_model_dir
         ledger = RunLedger(gateway.store)
         orchestrator = FlakySandboxes(ledger, run_root / "run", gateway.url, "tiny",
                                       settings=RolloutSettings(group_size=2, concurrency=1))
-        results = orchestrator.run(eval_plans([task], ["builtin"], 2))
+        results = orchestrator.run([GroupPlan("infra", task, ("builtin", "builtin"))])
         assert [(r.status, r.reward, r.attempts) for r in results] == [("done", 1.0, 2), ("done", 1.0, 1)]
         [group] = ledger.pending_groups()
         assert [r.status for r in ledger.rollouts(group.id, status=INFRA_FAILED)] == [INFRA_FAILED]
+        metric = orchestrator.metrics.registry.get_sample_value
+        assert metric("arborl_rollouts_total", {"scaffold": "builtin", "outcome": "solved"}) == 2
+        assert metric("arborl_rollout_infra_failures_total", {"scaffold": "builtin"}) == 1
+        assert metric("arborl_groups_completed_total") == 1 and metric("arborl_rollouts_running") == 0
         trained = {r.session_id for r in ledger.rollouts(group.id, status=DONE)}
         assert trained == {r.session_id for r in results}
 
