@@ -80,6 +80,12 @@ class GatewayMetrics:
         self.trie_nodes = Gauge("arborl_trie_nodes", "Trie nodes in the store", registry=r)
         self.trie_tokens = Gauge("arborl_trie_tokens", "Tokens stored in tries (shared prefixes once)", registry=r)
         self._session_seen: dict[str, float] = {}
+        # Known label values start at 0, so dashboards and alerts see the series before the
+        # first event (Prometheus' advice for labelled counters).
+        for reason in ("reasoning_dropped", "history_edited", "template_unstable", "new_root"):
+            self.prefix_breaks.labels(reason)
+        for purpose in ("subagent", "title", "side"):
+            self.auxiliary_calls.labels(purpose)
 
     # EngineObserver
     def observe_step(self, batch_size: int, new_tokens: int, seconds: float) -> None:

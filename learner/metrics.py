@@ -45,6 +45,8 @@ class LearnerMetrics:
                                           buckets=_STEP_BUCKETS, registry=r)
         self.publish_failures = Counter("arborl_learner_publish_failures_total", "Failed publishes", registry=r)
         self.gauges = {name: Gauge(name, text, registry=r) for name, (_, text) in _STEP_GAUGES.items()}
+        for reason in ("stale", "uniform_reward", "no_tokens"):  # known label values start at 0
+            self.groups_dropped.labels(reason)
 
     def observe_step(self, step: int, version: int, metrics: dict[str, float], staleness: list[int]) -> None:
         self.step.set(step)

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from task_fixtures import git, write_harbor_task
 
 from agent_cli import scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
@@ -18,6 +17,7 @@ from arborl.rollout.ledger import RunLedger
 from arborl.rollout.store import TrajectoryStore
 from arborl.rollout.tasks import pytest_command
 from arborl.rollout.verifiers import Resolution
+from task_fixtures import git, write_harbor_task
 
 HERMES = get_parser("hermes")
 

@@ -19,11 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
+from monitoring_names import shipped_metric_names
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +119,15 @@ def test_arborl_up_trains_survives_kills_serves_others_and_resumes(run_root):
             wait_for(lambda name=name, pid=pid: child_pid(run, name) != pid, f"{name} restarted", log, 60)
         before = last_step(run)
         wait_for(lambda: last_step(run) >= before + 2, "two more steps after the kills", log)
+
+        # every metric the shipped alerts and dashboard name is on a live /metrics, and parses
+        settings = yaml.safe_load(config.read_text())["up"]
+        live: set[str] = set()
+        for endpoint in (url, f"http://127.0.0.1:{settings['learner_metrics_port']}",
+                         f"http://127.0.0.1:{settings['rollout_metrics_port']}"):
+            text = httpx.get(endpoint + "/metrics", timeout=10).text
+            live |= {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+        assert shipped_metric_names() - live == set()
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=120) == 0, log.read_text()[-4000:]
     finally:

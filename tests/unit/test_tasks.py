@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from task_fixtures import CALC_BUGGY, HARBOR_TOML, git, make_swe_repo, write_harbor_task
 
 from arborl.rollout.task_loaders import load_dataset, load_harbor_task, load_humaneval, load_swebench_jsonl
 from arborl.rollout.task_loaders.builtin import BUILTIN_DIR
@@ -35,6 +34,7 @@ from arborl.rollout.tasks import (
     pytest_command,
 )
 from arborl.rollout.verifiers import CommandOutput, Resolution, Verdict, verifier_for
+from task_fixtures import CALC_BUGGY, HARBOR_TOML, git, make_swe_repo, write_harbor_task
 
 # `python3` in a task's command must be the interpreter running these tests (it has pytest).
 ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
