@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from .engines.base import EngineError
-from .errors import Forbidden, InvalidRequest, Unauthorized
+from .errors import Conflict, Forbidden, InvalidRequest, Unauthorized
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -27,14 +27,25 @@ class PublishRequest(BaseModel):
     version: int = Field(ge=1, description="the new policy version; must exceed the served one")
 
 
-def _check_admin(request: Request) -> Any:
+def admin_name(request: Request) -> str:
+    """Who is calling: ``admin`` for ``gateway.admin_token``, the key's name for one of
+    ``gateway.admin_keys``; refuses anyone else. Operator actions are logged under this name."""
     gateway = request.app.state.gateway
-    token = gateway.settings.admin_token
-    if not token:
+    keys = dict(gateway.settings.admin_keys)
+    if gateway.settings.admin_token:
+        keys.setdefault("admin", gateway.settings.admin_token)
+    if not keys:
         raise Forbidden("admin routes are off: set gateway.admin_token to use them")
-    if not secrets.compare_digest((gateway.api_key(request) or "").encode(), token.encode()):
-        raise Unauthorized("admin routes need the admin token (Authorization: Bearer TOKEN)")
-    return gateway
+    given = (gateway.api_key(request) or "").encode()
+    for name, key in keys.items():
+        if secrets.compare_digest(given, key.encode()):
+            return name
+    raise Unauthorized("admin routes need an admin key (Authorization: Bearer TOKEN)")
+
+
+def _check_admin(request: Request) -> Any:
+    admin_name(request)
+    return request.app.state.gateway
 
 
 @router.get("/policy")
@@ -49,6 +60,9 @@ async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
     engine = gateway.engine
     if not hasattr(engine, "load_weights"):
         raise InvalidRequest("this engine has no weights to replace (it forwards to an upstream)")
+    pin = gateway.controls.serving_pin
+    if pin is not None:
+        raise Conflict(f"serving is pinned at version {pin} by a rollback; promote a version to publish again")
     current = engine.stats().policy_version
     if body.version <= current:
         raise InvalidRequest(f"version {body.version} must exceed the served version {current}", param="version")

@@ -20,10 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from arborl.rollout.controls import RunControls
 from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.registry import call_purpose
 
-from . import admin, anthropic_messages, openai_chat, responses_api
+from . import admin, anthropic_messages, openai_chat, operations, responses_api
 from .completions import CompletionService
 from .engines.base import Engine
 from .errors import (
@@ -62,6 +63,7 @@ class Gateway:
     def __init__(self, engine: Engine | UpstreamEngine, store: TrajectoryStore, settings: GatewaySettings):
         self.engine = engine
         self.store = store
+        self.controls = RunControls(store)  # operator controls shared with the learner (rollout/controls.py)
         self.settings = settings
         self.metrics = GatewayMetrics()
         if hasattr(engine, "observer"):
@@ -329,6 +331,7 @@ def create_app(
     app.include_router(meta)
     app.include_router(meta, prefix="/s/{session_id}")
     app.include_router(admin.router)
+    app.include_router(operations.router)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root() -> dict[str, str]:

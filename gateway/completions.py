@@ -104,6 +104,7 @@ class CompletionService:
         self.stitcher = Stitcher(store, renderer)
         self.metrics = metrics
         self.max_waiting = max_waiting
+        self.paused = False  # an operator paused serving: new requests are refused, running ones finish
 
     async def prepare(self, request: CompletionRequest, *, streams: int = 1) -> PreparedPrompt:
         """Render and stitch the prompt; refuse it if the engine's queue is full or it does not fit.
@@ -114,6 +115,7 @@ class CompletionService:
         Backpressure: when ``max_waiting`` requests already wait for an engine slot, new ones are
         refused at once (429 / 529 with Retry-After) instead of piling up without bound.
         """
+        refuse_when_paused(self.paused)
         refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
         rendered = self.renderer.render(
@@ -212,6 +214,13 @@ class CompletionService:
         decode = self.renderer.tokenizer.decode
         top = tuple((decode([tid]), lp) for tid, lp in event.top_logprobs)
         return TokenLogprob(event.token_id, decode([event.token_id]), event.logprob, top)
+
+
+def refuse_when_paused(paused: bool) -> None:
+    """An operator paused serving (``arborl ops pause-serving``): 503 / 529 with Retry-After."""
+    if paused:
+        raise EngineUnavailable("serving is paused by an operator; retry later",
+                                headers={"retry-after": str(RETRY_AFTER_SECONDS)})
 
 
 def refuse_when_full(waiting: int, max_waiting: int, metrics: GatewayMetrics) -> None:

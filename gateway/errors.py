@@ -96,6 +96,12 @@ class NotFound(GatewayError):
     error_type = "not_found_error"
 
 
+class Conflict(GatewayError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class ModelNotFound(NotFound):
     error_type = "invalid_request_error"  # what OpenAI answers for an unknown model
     code = "model_not_found"

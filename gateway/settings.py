@@ -12,7 +12,8 @@ class GatewaySettings(BaseModel):
     model_aliases: list[str] = Field(default_factory=list)
     # When non-empty, requests need one of these keys (or a session key arborl issued).
     api_keys: list[str] = Field(default_factory=list)
-    admin_token: str | None = None
+    admin_token: str | None = None  # the operator key, logged as "admin"
+    admin_keys: dict[str, str] = Field(default_factory=dict)  # more operator keys: name -> key (the log names them)
     max_body_bytes: int = 32 << 20
     # Requests allowed to wait for an engine slot; beyond it, 429 (OpenAI) / 529 (Anthropic).
     max_waiting: int = 256

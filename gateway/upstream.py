@@ -35,6 +35,7 @@ from .completions import (
     PreparedPrompt,
     record_call,
     refuse_when_full,
+    refuse_when_paused,
     result_message,
 )
 from .engines.base import EngineStats, TokenizerLike
@@ -210,9 +211,11 @@ class UpstreamCompletions:
         self.store = store
         self.metrics = metrics
         self.max_waiting = max_waiting
+        self.paused = False  # an operator paused serving: new requests are refused
 
     async def prepare(self, request: CompletionRequest, *, streams: int = 1) -> PreparedPrompt:
         """Check the queue, then open the upstream calls (one per stream) so their failures are statuses."""
+        refuse_when_paused(self.paused)
         refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
         prompt_ids: list[int] = []

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from arborl.rollout.controls import RunControls
 from arborl.rollout.ledger import RunLedger
 
 from .checkpoint import checkpoint_folder, load_training_state, prune_checkpoints, save_checkpoint
@@ -72,6 +73,8 @@ class Learner:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress or log.info
+        self.controls = RunControls(ledger.store)  # what operators set at run time (rollout/controls.py)
+        self._paused_said = False
         self._open(resume)
         self.teachers = {domain: self._load_teacher(Path(path)) for domain, path in (teachers or {}).items()}
         self.reference = self._load_frozen(self.base_model) if settings.kl_coef > 0 else None
@@ -130,7 +133,11 @@ class Learner:
 
     def _prune(self) -> None:
         newest = self.ledger.steps(last=self.settings.keep_checkpoints)
-        prune_checkpoints(self.run_dir, keep=[Path(s.checkpoint) for s in newest])
+        kept = self.controls.kept_versions  # rolled back to or promoted: operators may return to them
+        keep = [Path(s.checkpoint) for s in newest]
+        if kept:
+            keep += [Path(s.checkpoint) for s in self.ledger.steps() if s.version in kept]
+        prune_checkpoints(self.run_dir, keep=keep)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -141,6 +148,10 @@ class Learner:
         self.sync_serving()
         idle_since = time.monotonic()
         while not stop.is_set() and (max_steps is None or self.step < max_steps):
+            if self._paused():
+                idle_since = time.monotonic()
+                stop.wait(self.settings.poll_interval_s)
+                continue
             if self.train_once() is not None:
                 idle_since = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
@@ -149,9 +160,32 @@ class Learner:
             else:
                 stop.wait(self.settings.poll_interval_s)
 
+    def _paused(self) -> bool:
+        """An operator paused training (``arborl ops pause-training``); said once per pause."""
+        paused = self.controls.training_paused
+        if paused != self._paused_said:
+            self.progress(f"learner: training {'paused' if paused else 'resumed'} by an operator at step {self.step}")
+            self._paused_said = paused
+        return paused
+
+    def apply_overrides(self) -> None:
+        """Run-time settings an operator set (``arborl ops set lr=...``), from this step on."""
+        overrides = self.controls.learner_overrides
+        changed = {k: v for k, v in overrides.items() if k in ("lr", "max_staleness") and getattr(self.settings, k) != v}
+        if not changed:
+            return
+        self.settings = self.settings.model_copy(update=changed)
+        if "lr" in changed:
+            # the schedule multiplies its base rate: replace the base, keep the schedule's position
+            self.scheduler.base_lrs = [self.settings.lr for _ in self.scheduler.base_lrs]
+            factor = self._lr_factor(self.scheduler.last_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.settings.lr * factor
+        self.progress(f"learner: operator settings from step {self.step + 1}: {changed}")
+
     def sync_serving(self) -> None:
-        """Publish the learner's version if serving is behind it."""
-        if self.publisher is None or self.step == 0:
+        """Publish the learner's version if serving is behind it (and not pinned by a rollback)."""
+        if self.publisher is None or self.step == 0 or self.controls.serving_pin is not None:
             return
         try:
             served = self.publisher.served_version()
@@ -190,6 +224,7 @@ class Learner:
 
     def train_once(self) -> StepReport | None:
         """One step if enough groups are complete (None otherwise)."""
+        self.apply_overrides()  # before taking groups: max_staleness decides which ones train
         groups = self.take_groups()
         if groups is None:
             return None
@@ -217,6 +252,11 @@ class Learner:
 
     def _publish(self, folder: Path) -> None:
         if self.publisher is None:
+            return
+        pin = self.controls.serving_pin
+        if pin is not None:
+            self.progress(f"learner: serving is pinned at version {pin} by a rollback; version {self.version} "
+                          "is kept, not published (promote a version to publish again)")
             return
         started = time.perf_counter()
         try:

@@ -7,6 +7,7 @@
     arborl trie show SESSION       one session's prefix tree (--html FILE for a picture)
     arborl eval --dataset D --scaffold S --k K   run agents on D's tasks in sandboxes; pass@k report
     arborl rollout --dataset D --groups N       groups of rollouts with rewards, for the learner
+    arborl ops ACTION              pause/resume training or serving, roll back, promote, set lr, audit log
     arborl connect SCAFFOLD        how to point claude-code, codex, opencode or cline at the gateway
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ArborlConfig, load_config
+from .ops_command import add_ops_flags, ops_command
 from .rollout_commands import add_rollout_flags, eval_command, rollout_command
 
 log = logging.getLogger("arborl")
@@ -196,7 +198,29 @@ def connect(args: argparse.Namespace) -> None:
         raise SystemExit(f"arborl: {exc.args[0]}") from None
 
 
+def _stop_when_the_supervisor_dies() -> None:
+    """Under ``arborl up`` (ARBORL_SUPERVISOR_PID set): when the supervisor is gone (killed
+    outright, so it could not stop us), stop as on Ctrl-C, so unfinished work is marked and
+    sandboxes are closed rather than orphaned."""
+    import os
+    import signal
+    import threading
+    import time
+
+    supervisor = os.environ.get("ARBORL_SUPERVISOR_PID")
+    if not supervisor:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(supervisor):
+            time.sleep(1.0)
+        signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
+    _stop_when_the_supervisor_dies()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="arborl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     produce.add_argument("--group-size", type=int, help="rollouts per group (G)")
     produce.add_argument("--groups", type=int, help="stop after this many groups (default: go on until Ctrl-C)")
     produce.add_argument("--prefix", default="train", help="names this stream of groups, so a rerun resumes it")
+    add_ops_flags(commands.add_parser("ops", help="operate a running run: pause, drain, roll back, promote, set"))
     link = commands.add_parser("connect", help="configuration that points an agent CLI at the gateway")
     link.add_argument("scaffold", help="claude-code, codex, opencode or cline")
     link.add_argument("--config", help="the gateway's configuration file (for its address and keys)")
@@ -270,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_command(args)
     elif args.command == "rollout":
         rollout_command(args)
+    elif args.command == "ops":
+        ops_command(args)
     elif args.trie_command == "list":
         trie_list(args.run)
     else:

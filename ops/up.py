@@ -64,6 +64,9 @@ class Child:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it for its life
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} arborl up starts {self.name}\n".encode())
         log.flush()
+        # Its own session, so Ctrl-C reaches only the supervisor, which stops the children in
+        # order. A child stops by itself when the supervisor dies outright (cli.main watches
+        # its parent when ARBORL_SUPERVISOR_PID is set).
         self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -120,7 +123,8 @@ class Supervisor:
     # -- the children ---------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        env = {**os.environ, "ARBORL_GATEWAY__ADMIN_TOKEN": self.admin_token, "ARBORL_ADMIN_TOKEN": self.admin_token}
+        env = {**os.environ, "ARBORL_GATEWAY__ADMIN_TOKEN": self.admin_token, "ARBORL_ADMIN_TOKEN": self.admin_token,
+               "ARBORL_SUPERVISOR_PID": str(os.getpid())}
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 

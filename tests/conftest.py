@@ -49,6 +49,15 @@ def tiny_model_dir() -> Path:
     return resolve_model(TINY_MODEL)
 
 
+@pytest.fixture
+def tiny_model(tiny_model_dir: Path):
+    """The tiny model as a float32 transformers model, for computing what an engine would record."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

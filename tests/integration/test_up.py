@@ -97,6 +97,18 @@ def child_pid(run: Path, name: str) -> int:
     return json.loads((run / "up.json").read_text())["children"][name]
 
 
+def kill_everything(up: subprocess.Popen, run: Path) -> None:
+    """After a failure: the supervisor and every child it started (each has its own session)."""
+    pids = [up.pid]
+    if (run / "up.json").is_file():
+        pids += json.loads((run / "up.json").read_text())["children"].values()
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def test_arborl_up_trains_survives_kills_serves_others_and_resumes(run_root):
     config = up_config(run_root)
     run = run_root / "run"
@@ -132,7 +144,7 @@ def test_arborl_up_trains_survives_kills_serves_others_and_resumes(run_root):
         assert up.wait(timeout=120) == 0, log.read_text()[-4000:]
     finally:
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+            kill_everything(up, run)
 
     text = log.read_text()
     assert "arborl up: stopped" in text
@@ -156,5 +168,5 @@ def test_arborl_up_trains_survives_kills_serves_others_and_resumes(run_root):
         assert up.wait(timeout=120) == 0
     finally:
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+            kill_everything(up, run)
     assert f"resumed at step {steps}" in (run / "logs" / "learner.log").read_text()
