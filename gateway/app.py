@@ -21,10 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from arborl.rollout.controls import RunControls
+from arborl.rollout.ledger import RunLedger
 from arborl.rollout.store import TrajectoryStore
 from arborl.scaffold_adapters.registry import call_purpose
 
-from . import admin, anthropic_messages, openai_chat, operations, responses_api
+from . import admin, anthropic_messages, feedback, openai_chat, operations, responses_api
 from .completions import CompletionService
 from .engines.base import Engine
 from .errors import (
@@ -64,6 +65,7 @@ class Gateway:
         self.engine = engine
         self.store = store
         self.controls = RunControls(store)  # operator controls shared with the learner (rollout/controls.py)
+        self.ledger = RunLedger(store)  # steps (for rollbacks) and feedback on sessions
         self.settings = settings
         self.metrics = GatewayMetrics()
         if hasattr(engine, "observer"):
@@ -332,6 +334,7 @@ def create_app(
     app.include_router(meta, prefix="/s/{session_id}")
     app.include_router(admin.router)
     app.include_router(operations.router)
+    app.include_router(feedback.router)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root() -> dict[str, str]:

@@ -28,7 +28,6 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from arborl.rollout.controls import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED
-from arborl.rollout.ledger import RunLedger
 
 from .admin import admin_name
 from .engines.base import EngineError
@@ -101,7 +100,7 @@ async def resume_serving(request: Request) -> dict[str, Any]:
 
 def _checkpoint(request: Request, version: int) -> Path:
     """The committed checkpoint of ``version`` (version 0: the base weights are not a checkpoint)."""
-    steps = [s for s in RunLedger(request.app.state.gateway.store).steps() if s.version == version]
+    steps = [s for s in request.app.state.gateway.ledger.steps() if s.version == version]
     if not steps:
         raise NotFound(f"no committed step has version {version}")
     path = Path(steps[-1].checkpoint)
@@ -142,7 +141,7 @@ async def promote(body: VersionChoice, request: Request) -> dict[str, Any]:
     gateway = request.app.state.gateway
     version = body.version
     if version is None:
-        last = RunLedger(gateway.store).last_step()
+        last = gateway.ledger.last_step()
         if last is None:
             raise InvalidRequest("no version has been trained yet", param="version")
         version = last.version

@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from arborl.rollout.ledger import RunLedger
 
 from .checkpoint import checkpoint_folder, load_training_state, prune_checkpoints, save_checkpoint
 from .core_algos import check_same_tokenizer
+from .feedback_data import load_feedback
 from .group_data import GroupSamples, load_group
 from .metrics import LearnerMetrics
 from .publish import Publisher
@@ -152,7 +153,7 @@ class Learner:
                 idle_since = time.monotonic()
                 stop.wait(self.settings.poll_interval_s)
                 continue
-            if self.train_once() is not None:
+            if self.train_once() is not None or self.train_feedback_once() is not None:
                 idle_since = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                 self.progress(f"learner: no complete group for {idle_exit_s:.0f} s, stopping")
@@ -236,10 +237,44 @@ class Learner:
         metrics = train_step(self.model, self.optimizer, samples, self.settings.step_config(),
                              scheduler=self.scheduler, teachers=self.teachers, reference=self.reference)
         metrics.update(staleness_max=float(max(staleness)), staleness_mean=sum(staleness) / len(staleness))
+        return self._commit(step, version, metrics, ids, staleness)
+
+    def train_feedback_once(self) -> StepReport | None:
+        """One step on production sessions' feedback (``learner.feedback``), if any is pending."""
+        mode = self.settings.feedback
+        items = self.ledger.pending_feedback() if mode != "off" else []
+        if not items:
+            return None
+        batch = load_feedback(self.ledger, items, mode, self._feedback_baseline(),
+                              decay=self.settings.feedback_baseline_decay)
+        if not batch.samples:  # nothing this mode learns from (rejections under sft)
+            self.ledger.skip_feedback(batch.used)
+            return None
+        step, version = self.step + 1, self.version + 1
+        self.progress(f"step {step}: training on feedback for {len(batch.sessions)} sessions ({mode})")
+        config = self.settings.step_config()
+        if mode == "sft":
+            config = replace(config, loss="sft")
+        metrics = train_step(self.model, self.optimizer, batch.samples, config, scheduler=self.scheduler,
+                             reference=self.reference)
+        metrics.update(feedback_baseline=batch.baseline)
+        details = {"kind": f"feedback-{mode}", "sessions": batch.sessions}
+        return self._commit(step, version, {**metrics, **details}, [], [], feedback_ids=batch.used)
+
+    def _feedback_baseline(self) -> float:
+        for record in reversed(self.ledger.steps(last=50)):
+            if "feedback_baseline" in record.metrics:
+                return float(record.metrics["feedback_baseline"])
+        return self.settings.feedback_baseline
+
+    def _commit(self, step: int, version: int, metrics: dict, ids: list[int], staleness: list[int], *,
+                feedback_ids: list[int] = ()) -> StepReport:
+        """Checkpoint, commit (the step and what it consumed, atomically), publish, prune."""
         self.progress(f"step {step}: saving checkpoint")
         folder = save_checkpoint(checkpoint_folder(self.run_dir, step), self.model, tokenizer_dir=self.base_model,
                                  optimizer=self.optimizer, scheduler=self.scheduler, step=step, version=version)
-        self.ledger.commit_step(step, version, str(folder), ids, {**metrics, "groups": ids})
+        self.ledger.commit_step(step, version, str(folder), ids, {**metrics, "groups": ids},
+                                feedback_ids=list(feedback_ids))
         self.step, self.version = step, version
         self.metrics.observe_step(step, version, metrics, staleness)
         self.progress(
@@ -265,5 +300,7 @@ class Learner:
             self.metrics.publish_failures.inc()
             self.progress(f"learner: publishing version {self.version} failed: {exc}")
             return
-        self.metrics.publish_duration.observe(time.perf_counter() - started)
-        self.progress(f"learner: serving version {self.version}")
+        seconds = time.perf_counter() - started
+        self.metrics.publish_duration.observe(seconds)
+        self.ledger.annotate_step(self.step, {"publish_seconds": seconds})
+        self.progress(f"learner: serving version {self.version} (published in {seconds:.2f} s)")

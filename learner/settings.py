@@ -39,6 +39,11 @@ class LearnerSettings(BaseModel):
     kl_coef: float = 0.0  # > 0 loads a frozen copy of the starting weights as the reference policy
     opd_lambda: float = 1.0
     teachers: dict[str, str] = Field(default_factory=dict)  # task domain -> teacher model (same tokenizer)
+    # Production sessions with feedback (POST /v1/feedback): error-masked SFT on accepted ones, or
+    # policy gradient against a running baseline of feedback rewards; "off": never trained on.
+    feedback: Literal["off", "sft", "pg"] = "sft"
+    feedback_baseline: float = 0.5  # the pg baseline before any feedback
+    feedback_baseline_decay: float = 0.9  # baseline <- decay * baseline + (1 - decay) * reward
     # Checkpoints and running.
     keep_checkpoints: int = 3  # the newest N committed checkpoints are kept (weights + optimizer state)
     poll_interval_s: float = 1.0  # how often to look for complete groups when there are none

@@ -29,6 +29,7 @@ from .core_algos import (
     group_advantages,
     icepop_weights,
     kl_to_reference,
+    masked_sft_loss,
     opd_advantages,
     rescale_advantages,
     rollout_mismatch_stats,
@@ -41,7 +42,7 @@ from .packing import CallSpan, PackedBatch, pack, split_by_budget
 from .tree_forward import packed_token_logprobs
 
 Layout = Literal["tree", "per_rollout", "per_call"]
-LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo"]
+LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo", "sft"]
 
 
 @dataclass
@@ -59,6 +60,11 @@ class RolloutSample:
     # Per call key: the logprobs the serving engine recorded for its completion tokens.
     logp_rollout: dict[Hashable, torch.Tensor] = field(default_factory=dict)
     domain: str = ""  # picks the distillation teacher, if any
+    # Feedback on production sessions: a fixed advantage (reward minus a running baseline) in place
+    # of the group's, and, for the ``sft`` loss, which completion tokens to imitate (per call key;
+    # 0 on failed tool calls). None: not given.
+    advantage: float | None = None
+    sft_mask: dict[Hashable, torch.Tensor] | None = None
 
 
 @dataclass
@@ -175,6 +181,11 @@ def _rollout_entropy(micro_batches, num_rollouts: int) -> torch.Tensor:
 def _micro_loss(micro: MicroBatch, logp, advantages, rollouts, sizes, config: StepConfig, weights):
     """The micro-batch's share of the batch loss, and the loss's stats."""
     n = len(rollouts)
+    if config.loss == "sft":
+        # masked_sft_loss over the whole step: this micro-batch's tokens over every kept token
+        mask = torch.cat([_sft_mask(rollouts[int(r)], call) for call, r in zip(micro.calls, micro.call_rollout)])
+        share = mask.sum() / sizes["sft_tokens"].clamp_min(1)
+        return masked_sft_loss(logp, mask.to(logp)) * share.to(logp), {"clip_frac": torch.tensor(0.0)}
     if micro.logp_teacher is not None or config.loss == "token_ppo":
         token_adv = advantages[micro.token_rollout].to(logp)
         if micro.logp_teacher is not None:
@@ -191,7 +202,14 @@ def _micro_loss(micro: MicroBatch, logp, advantages, rollouts, sizes, config: St
         return turn_gspo_loss(logp, micro.logp_old, advantages[micro.call_rollout].to(logp), micro.call_ids,
                               micro.call_rollout, n, eps_low=config.eps_low, eps_high=config.eps_high,
                               mode=config.ratio_mode, token_weights=weights, calls_per_rollout=sizes["calls"])
-    raise ValueError(f"loss must be turn_gspo, sequence_gspo or token_ppo, got {config.loss!r}")
+    raise ValueError(f"loss must be turn_gspo, sequence_gspo, token_ppo or sft, got {config.loss!r}")
+
+
+def _sft_mask(rollout: RolloutSample, call: CallSpan) -> torch.Tensor:
+    """The call's completion tokens to imitate: all of them unless the sample masks some."""
+    if rollout.sft_mask is not None and call.key in rollout.sft_mask:
+        return rollout.sft_mask[call.key].to(torch.float64)
+    return torch.ones(call.completion_len, dtype=torch.float64)
 
 
 def train_step(
@@ -223,11 +241,17 @@ def train_step(
     if config.difficulty_lambda or config.entropy_mu:
         advantages = rescale_advantages(advantages, groups, (rewards > 0).double(), entropy,
                                         lam=config.difficulty_lambda, mu=config.entropy_mu)
+    for index, rollout in enumerate(rollouts):  # feedback: reward against a running baseline
+        if rollout.advantage is not None:
+            advantages[index] = rollout.advantage
     dtype = next(model.parameters()).dtype  # what the packed logprobs come out in
     sizes = {
         "calls": torch.tensor([len(r.calls) for r in rollouts], dtype=dtype),
         "tokens": torch.tensor([sum(c.completion_len for c in r.calls) for r in rollouts], dtype=dtype),
     }
+    if config.loss == "sft":
+        kept = sum(float(_sft_mask(r, c).sum()) for r in rollouts for c in r.calls)
+        sizes["sft_tokens"] = torch.tensor(kept, dtype=dtype)
 
     optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0}

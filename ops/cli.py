@@ -9,6 +9,7 @@
     arborl rollout --dataset D --groups N       groups of rollouts with rewards, for the learner
     arborl ops ACTION              pause/resume training or serving, roll back, promote, set lr, audit log
     arborl connect SCAFFOLD        how to point claude-code, codex, opencode or cline at the gateway
+    arborl report RUN              RUN/report.html: reward, pass rates, entropy, mismatch, throughput charts
 """
 
 from __future__ import annotations
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     link.add_argument("--model", help="model name (default: what the running gateway serves)")
     link.add_argument("--session", help="file every call of this agent under this session id")
     link.add_argument("--write-home", type=Path, help="write the configuration files into this HOME folder")
+    report = commands.add_parser("report", help="write RUN/report.html: charts and tables of a training run")
+    report.add_argument("run", type=Path, help="the run folder (holding store.sqlite)")
     args = parser.parse_args(argv)
 
     if args.command == "up":
@@ -297,6 +300,13 @@ def main(argv: list[str] | None = None) -> None:
         rollout_command(args)
     elif args.command == "ops":
         ops_command(args)
+    elif args.command == "report":
+        from .run_report import write_run_report
+
+        try:
+            print(write_run_report(args.run))
+        except FileNotFoundError as exc:
+            raise SystemExit(f"arborl: {exc}") from None
     elif args.trie_command == "list":
         trie_list(args.run)
     else:

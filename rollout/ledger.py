@@ -51,6 +51,16 @@ CREATE TABLE IF NOT EXISTS rollouts (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts(group_id, status);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    call_id TEXT,
+    reward REAL,
+    accept INTEGER,
+    consumed_step INTEGER
+);
 CREATE TABLE IF NOT EXISTS train_steps (
     step INTEGER PRIMARY KEY,
     version INTEGER NOT NULL,
@@ -97,6 +107,28 @@ class StepRecord:
     checkpoint: str
     created_at: float
     metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A reward or an accept / reject an operator or the session's own key attached to a session
+    (or to one of its calls) after the fact: production traffic's training signal."""
+
+    id: int
+    at: float
+    who: str
+    session_id: str
+    call_id: str | None
+    reward: float | None
+    accept: bool | None
+    consumed_step: int | None
+
+    @property
+    def value(self) -> float:
+        """The reward it stands for: the reward if given, else 1 for accept and 0 for reject."""
+        if self.reward is not None:
+            return self.reward
+        return 1.0 if self.accept else 0.0
 
 
 @dataclass(frozen=True)
@@ -252,9 +284,40 @@ class RunLedger:
                 "UPDATE groups SET dropped = ? WHERE id = ? AND consumed_step IS NULL", [(reason, g) for g in group_ids]
             )
 
+    # -- feedback on production sessions ------------------------------------------------------
+
+    def add_feedback(self, session_id: str, *, who: str, call_id: str | None = None, reward: float | None = None,
+                     accept: bool | None = None) -> Feedback:
+        at = time.time()
+        with self.store.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO feedback(at, who, session_id, call_id, reward, accept) VALUES (?, ?, ?, ?, ?, ?)",
+                (at, who, session_id, call_id, reward, None if accept is None else int(accept)),
+            )
+            return Feedback(int(cursor.lastrowid), at, who, session_id, call_id, reward, accept, None)
+
+    def pending_feedback(self) -> list[Feedback]:
+        rows = self.store.query(
+            "SELECT id, at, who, session_id, call_id, reward, accept, consumed_step FROM feedback "
+            "WHERE consumed_step IS NULL ORDER BY id"
+        )
+        return [Feedback(i, at, who, s, c, r, None if a is None else bool(a), step)
+                for i, at, who, s, c, r, a, step in rows]
+
+    def skip_feedback(self, feedback_ids: list[int]) -> None:
+        """Mark feedback that the configured mode cannot learn from (say, a reject under SFT):
+        ``consumed_step`` 0, so it is not read again."""
+        with self.store.transaction() as db:
+            db.executemany("UPDATE feedback SET consumed_step = 0 WHERE id = ? AND consumed_step IS NULL",
+                           [(f,) for f in feedback_ids])
+
+    def is_rollout(self, session_id: str) -> bool:
+        return bool(self.store.query("SELECT 1 FROM rollouts WHERE session_id = ?", (session_id,)))
+
     def commit_step(self, step: int, version: int, checkpoint: str, group_ids: list[int],
-                    metrics: dict[str, Any]) -> None:
-        """The step's record and its groups' consumption, atomically (see the module docstring)."""
+                    metrics: dict[str, Any], *, feedback_ids: list[int] = ()) -> None:
+        """The step's record and its groups' (and feedback's) consumption, atomically (see the
+        module docstring)."""
         with self.store.transaction() as db:
             placeholders = ", ".join("?" for _ in group_ids)
             taken = db.execute(
@@ -264,11 +327,27 @@ class RunLedger:
             ).fetchall()
             if taken:
                 raise LedgerError(f"groups {[r[0] for r in taken]} are not pending; step {step} would retrain them")
+            if feedback_ids:
+                marks = ", ".join("?" for _ in feedback_ids)
+                used = db.execute(f"SELECT id FROM feedback WHERE id IN ({marks}) AND consumed_step IS NOT NULL",
+                                  tuple(feedback_ids)).fetchall()
+                if used:
+                    raise LedgerError(f"feedback {[r[0] for r in used]} was trained on already")
+                db.executemany("UPDATE feedback SET consumed_step = ? WHERE id = ?", [(step, f) for f in feedback_ids])
             db.execute(
                 "INSERT INTO train_steps(step, version, checkpoint, created_at, metrics) VALUES (?, ?, ?, ?, ?)",
                 (step, version, checkpoint, time.time(), json.dumps(metrics)),
             )
             db.executemany("UPDATE groups SET consumed_step = ? WHERE id = ?", [(step, g) for g in group_ids])
+
+    def annotate_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """Add figures known only after the commit (how long publishing the version took)."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT metrics FROM train_steps WHERE step = ?", (step,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no committed step {step}")
+            merged = {**json.loads(row[0] or "{}"), **metrics}
+            db.execute("UPDATE train_steps SET metrics = ? WHERE step = ?", (json.dumps(merged), step))
 
     def last_step(self) -> StepRecord | None:
         rows = self.store.query(
