@@ -1,7 +1,7 @@
 """The ``arborl`` command line.
 
     arborl up                      the online RL loop on runs/default: gateway on 127.0.0.1:8000, rollouts, learner
-    arborl serve [--model M ...]   the same, with every engine and gateway setting as a flag
+    arborl serve [--model M ...]   the gateway alone, with every engine and gateway setting as a flag
     arborl train --store RUN [--gateway URL] [--resume]   train on RUN's complete groups, publish each version
     arborl trie list [--run DIR]   the sessions recorded in a run
     arborl trie show SESSION       one session's prefix tree (--html FILE for a picture)
