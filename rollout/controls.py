@@ -57,10 +57,7 @@ class AdminAction:
 class RunControls:
     def __init__(self, store: TrajectoryStore):
         self.store = store
-        with store.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+        store.create_tables(SCHEMA)
 
     def get(self, key: str, default: Any = None) -> Any:
         rows = self.store.query("SELECT value FROM controls WHERE key = ?", (key,))

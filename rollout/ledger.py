@@ -146,10 +146,8 @@ _ROLLOUT_COLUMNS = "session_id, group_id, task_id, scaffold, status, reward, out
 class RunLedger:
     def __init__(self, store: TrajectoryStore):
         self.store = store
+        store.create_tables(SCHEMA)
         with store.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
             # a ledger written before evaluation groups existed: every group was a training group
             if "trainable" not in {row[1] for row in db.execute("PRAGMA table_info(groups)")}:
                 db.execute("ALTER TABLE groups ADD COLUMN trainable INTEGER NOT NULL DEFAULT 1")

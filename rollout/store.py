@@ -158,6 +158,13 @@ class TrajectoryStore:
                 raise
             self._db.execute("COMMIT")
 
+    def create_tables(self, schema: str) -> None:
+        """Other parts of the run (the ledger, the operator controls) keep their tables here too."""
+        with self.transaction() as db:
+            for statement in schema.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Rows of one read (other parts of the run, such as the rollout ledger, keep tables here too)."""
         with self._lock:
