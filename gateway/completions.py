@@ -127,6 +127,7 @@ class CompletionService:
         )
         context = self.engine.context_length
         if len(plan.prompt_ids) >= context:
+            self.store.record_refusal(request.session.id, "context_length")
             raise ContextLengthExceeded(len(plan.prompt_ids), context)
         return PreparedPrompt(request, plan, rendered.forced_prefix, rendered.starts_in_reasoning)
 

@@ -137,6 +137,7 @@ class CallStats:
     prompt_tokens: int
     completion_tokens: int
     model_s: float
+    refused: int = 0  # requests refused before any token (the prompt did not fit the context)
 
 
 _GROUP_COLUMNS = "id, task_id, size, domain, created_at, completed_at, consumed_step, dropped"
@@ -224,7 +225,11 @@ class RunLedger:
             "AND status != 'cancelled'",
             (session_id, session_id + ":", session_id + ";", *sorted(TRAINABLE_PURPOSES)),
         )[0]
-        return CallStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]))
+        refused = self.store.query(
+            "SELECT COUNT(*) FROM refused_requests WHERE session_id = ? OR (session_id > ? AND session_id < ?)",
+            (session_id, session_id + ":", session_id + ";"),
+        )[0][0]
+        return CallStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(refused))
 
     def fail_rollout(self, session_id: str, error: str) -> None:
         """An infrastructure failure: kept for the record, never trained on, not counted in its group."""

@@ -305,7 +305,7 @@ class Orchestrator:
                 ))
                 agent_s = time.monotonic() - agent_started
                 stats = self.ledger.call_stats(session)
-                self._check_agent(job, outcome, stats.calls)
+                self._check_agent(job, outcome, stats.calls + stats.refused)
                 verify_started = time.monotonic()
                 try:
                     verdict = verify_in_sandbox(task, sandbox, answer=outcome.answer, verifier=self._verifier(task))
@@ -355,6 +355,8 @@ class Orchestrator:
     def _check_agent(self, job: Job, outcome: AgentOutcome, calls: int) -> None:
         if outcome.ended_by == STOPPED or self.stop.is_set():  # not graded: redone on resume
             raise Interrupted
+        # ``calls`` counts requests the gateway refused too: a scaffold whose prompt does not fit
+        # the model's context did reach the model, and fails for a reason retrying cannot fix.
         if outcome.crashed and calls == 0 and job.scaffold not in MODEL_FREE_SCAFFOLDS:
             raise InfraFailure(f"{job.scaffold} failed before its first model call: {outcome.error}")
 

@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS calls (
     purpose TEXT NOT NULL DEFAULT 'main'
 );
 CREATE INDEX IF NOT EXISTS calls_by_session ON calls(session_id, seq);
+CREATE TABLE IF NOT EXISTS refused_requests (
+    session_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS session_keys (
     key_hash TEXT PRIMARY KEY,
     session_id TEXT NOT NULL,
@@ -191,6 +196,13 @@ class TrajectoryStore:
             ).fetchall()
         keys = ("id", "created_at", "identified_by", "scaffold", "calls")
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def record_refusal(self, session_id: str, reason: str) -> None:
+        """A request of the session the gateway refused before any token (its prompt does not fit
+        the model's context): no call to record, but the session did ask the model."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO refused_requests(session_id, at, reason) VALUES (?, ?, ?)",
+                       (session_id, time.time(), reason))
 
     def issue_session_key(self, session_id: str) -> str:
         """A new API key that identifies ``session_id`` (for orchestrated rollouts)."""

@@ -102,3 +102,18 @@ def test_a_cli_that_is_not_installed_is_an_infrastructure_failure(tiny_model_dir
         assert (result.status, result.attempts) == ("infra_failed", 2)
         assert "before its first model call" in result.details
         gateway.store.close()
+
+
+@pytest.mark.e2e("claude")
+def test_a_prompt_the_model_cannot_hold_is_graded_not_retried(tiny_model_dir, run_root):
+    # Claude Code's system prompt and tools are about 20k tokens: a small model's context cannot
+    # hold them. The gateway refuses the request (and notes the refusal); that is the model's
+    # limit, not broken infrastructure, so the rollout is graded (0), not retried.
+    with scripted_gateway(tiny_model_dir, run_root, claude_writes_hello) as gateway:
+        gateway.app.app.state.gateway.engine.context_length = 2048
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], ["claude-code"], 1))
+        assert (result.status, result.attempts, result.reward, result.ended_by) == ("done", 1, 0.0, "agent_error")
+        assert orchestrator.ledger.call_stats(result.session_id).refused >= 1
+        gateway.store.close()
