@@ -142,7 +142,7 @@ class Orchestrator:
         self.gateway_url = gateway_url
         self.model = model
         self.settings = settings or RolloutSettings()
-        self.judge = judge
+        self.judge = judge or _configured_judge(self.settings)
         self.on_result = on_result or (lambda result, resumed: None)
         self.metrics = metrics or RolloutMetrics()
         self.stop = threading.Event()
@@ -154,8 +154,13 @@ class Orchestrator:
         self.expose = (Path(task_path),) if task_path else ()
 
     def preflight(self, tasks: Iterable[Task]) -> None:
-        """Fail early, with the fix, when the sandboxes cannot grade these tasks: a tests- or
-        script-graded task needs a python3 with pytest on the sandbox's PATH."""
+        """Fail early, with the fix, when these tasks cannot be graded here: a judge-graded task
+        needs a judge, a tests- or script-graded one a python3 with pytest on the sandbox's PATH."""
+        tasks = list(tasks)
+        judged = [task.id for task in tasks if task.verifier.kind == "judge"]
+        if judged and self.judge is None:
+            raise OrchestratorError(f"tasks {', '.join(judged[:5])} are graded by an LLM judge: set rollout.judge_url "
+                                    "and rollout.judge_model (an OpenAI-compatible endpoint)")
         if not any(task.verifier.kind in ("tests", "script") for task in tasks):
             return
         try:
@@ -371,3 +376,9 @@ class Orchestrator:
             log.warning("closing sandbox %s: %s", sandbox.id, exc)
 
 
+def _configured_judge(settings: RolloutSettings) -> JudgeClient | None:
+    if not settings.judge_url:
+        return None
+    from .verifiers import OpenAIChatClient
+
+    return OpenAIChatClient(settings.judge_url, settings.judge_model or "judge", api_key=settings.judge_api_key)

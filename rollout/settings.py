@@ -28,6 +28,11 @@ class RolloutSettings(BaseModel):
     # A folder of programs put first on the sandbox's PATH (and shown read-only under bwrap): a
     # python3 with pytest where the system's has none. Default: the system's (Debian python3-pytest).
     task_path: str | None = None
+    # The LLM judge of judge-graded tasks: an OpenAI-compatible base URL (e.g. a gateway with the
+    # upstream engine: http://127.0.0.1:8000/v1) and its model. Without it such tasks cannot run.
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = None
     keep_workspaces: bool = False  # leave each rollout's sandbox folder for inspection
     seed: int = 0  # the scaffold mixture's draws
 

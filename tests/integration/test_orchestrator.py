@@ -349,3 +349,23 @@ def test_training_plans_mix_scaffolds_by_weight_and_are_deterministic():
     drawn = [name for plan in plans for name in plan.scaffolds]
     assert "oracle" not in drawn and 0.6 < drawn.count("builtin") / len(drawn) < 0.9
     assert {plan.task.id for plan in plans[:10]} == {task.id for task in BUILTIN[:10]}  # a round covers every task
+
+
+def test_a_judge_graded_task_through_a_configured_judge(tiny_model_dir, run_root):
+    from arborl.rollout.orchestrator import OrchestratorError
+
+    task = Task("haiku", "Write a haiku about trees.", InlineFiles(()), VerifierSpec("judge", rubric="a haiku"))
+
+    def script(prompt: str) -> str:
+        if "rubric" in prompt.lower():  # the judge's request
+            return "The answer is a haiku. Score: 1"
+        return call("submit", answer="roots under the snow")
+
+    with orchestrated(tiny_model_dir, run_root, script) as orchestrator:
+        with pytest.raises(OrchestratorError, match="judge_url"):
+            orchestrator.preflight([task])
+        judged = Orchestrator(orchestrator.ledger, run_root / "run", orchestrator.gateway_url, "tiny",
+                              settings=RolloutSettings(judge_url=orchestrator.gateway_url + "/v1", judge_model="tiny"))
+        judged.preflight([task])
+        [result] = judged.run(eval_plans([task], ["builtin"], 1))
+    assert (result.status, result.reward, result.details) == ("done", 1.0, "judge score 1")

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from arborl.ops.cli import main
 from conftest import free_port
 from monitoring_names import shipped_metric_names
 
@@ -159,6 +160,9 @@ def test_arborl_up_trains_survives_kills_serves_others_and_resumes(run_root):
     assert rewards == {0.0, 1.0}
     assert (run / "heldout" / "v0" / "results.json").is_file()  # the starting policy's held-out pass rate
     assert not query(run, "SELECT session_id FROM rollouts WHERE status = 'running'")
+    main(["report", str(run)])  # the run's report: charts of what just happened
+    report = (run / "report.html").read_text()
+    assert "<svg" in report and f"{steps} (last step {steps})" in report
 
     # a second start resumes the run: the learner continues from its last committed step
     up = start_up(config, log)
