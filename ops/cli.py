@@ -220,7 +220,22 @@ def _stop_when_the_supervisor_dies() -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM stop every command the same clean way (KeyboardInterrupt), even when
+    it was started with SIGINT ignored: a background job of a non-interactive shell inherits
+    that, and Python then installs no handler of its own. ``arborl up`` stops its children with
+    SIGINT, and service managers stop processes with SIGTERM."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _interruptible()
     _stop_when_the_supervisor_dies()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="arborl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

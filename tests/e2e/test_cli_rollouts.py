@@ -40,7 +40,7 @@ def claude_writes_hello(prompt: str) -> str:
 def claude_loops(prompt: str) -> str:
     if "<tools>" not in prompt:
         return "ok"
-    time.sleep(0.5)  # a model's time per call: the limit is checked between calls, every POLL_S
+    time.sleep(2.0)  # a model's time per call, long against POLL_S: the limit is checked every POLL_S
     return HERMES.format_call("Bash", {"command": "echo again", "description": "Say again"})
 
 
