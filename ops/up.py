@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -53,11 +53,8 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    restart: bool = True  # False: a one-off job (a held-out evaluation)
     process: subprocess.Popen | None = None
     restarts: int = 0
-    started_at: float = 0.0
-    exit_codes: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +67,6 @@ class Child:
         self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        self.started_at = time.monotonic()
 
     @property
     def running(self) -> bool:
@@ -185,7 +181,6 @@ class Supervisor:
             if child.running:
                 continue
             code = child.process.returncode if child.process else None
-            child.exit_codes.append(code)
             if child.restarts >= self.config.up.max_restarts:
                 raise SupervisorError(f"{child.name} exited {code} after {child.restarts} restarts; "
                                       f"see {child.log_path}")
@@ -218,8 +213,8 @@ class Supervisor:
         )
         if up.heldout_limit:
             argv += ["--limit", str(up.heldout_limit)]
-        self.heldout = Child(f"heldout-v{version}", argv, self._env(), self.run_dir / "logs" / "heldout.log",
-                             restart=False)
+        # a one-off job: not in self.children, so never restarted
+        self.heldout = Child(f"heldout-v{version}", argv, self._env(), self.run_dir / "logs" / "heldout.log")
         self.heldout.start()
         self.events.append(f"held-out evaluation of version {version} started")
 
