@@ -197,7 +197,11 @@ class ProgressLine:
 
 def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[RolloutResult, bool], None],
                   metrics_port: int | None):
+    import logging
+
     from arborl.rollout.metrics import RolloutMetrics
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call would drown the progress
     from arborl.rollout.orchestrator import Orchestrator, OrchestratorError
 
     metrics = RolloutMetrics()
