@@ -47,11 +47,12 @@ class RunSnapshot:
 def read_ledger(run_dir: Path, snapshot: RunSnapshot) -> None:
     import sqlite3
 
+    from arborl.rollout.store import read_only
+
     path = run_dir / "store.sqlite"
     if not path.is_file():
         return
-    # read-only, so the view never takes a write lock the workers need
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    db = read_only(path, timeout_s=5)
     try:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "train_steps" in tables:
@@ -105,16 +106,10 @@ def read_gateway(url: str, snapshot: RunSnapshot) -> None:
 
 
 def read_heldout(run_dir: Path, snapshot: RunSnapshot) -> None:
-    for results in sorted((run_dir / "heldout").glob("v*/results.json")):
-        try:
-            summary = json.loads(results.read_text()).get("summary") or {}
-            version = int(results.parent.name[1:])
-        except (ValueError, OSError):
-            continue
-        rates = [row.get("pass_at", {}).get("1") for row in summary.get("scaffolds", [])]
-        rates = [rate["value"] for rate in rates if rate]
-        if rates:
-            snapshot.heldout[version] = rates[0]
+    from .run_report import read_heldout as heldout_rates
+
+    for rate in heldout_rates(run_dir):  # by version, then scaffold: the first scaffold's pass@1
+        snapshot.heldout.setdefault(rate.version, rate.value)
 
 
 def take_snapshot(supervisor: Supervisor) -> RunSnapshot:

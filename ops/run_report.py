@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+
+from arborl.rollout.store import read_only
 
 from .eval_report import _CSS, _esc, _pct
 from .svg_charts import Series, format_number, line_chart
@@ -128,7 +129,7 @@ def _read_store(db: sqlite3.Connection, data: RunData) -> None:
     data.last_at = max(times, default=None)
 
 
-def _read_heldout(run_dir: Path) -> list[HeldOutRate]:
+def read_heldout(run_dir: Path) -> list[HeldOutRate]:
     """pass@1 per held-out version and scaffold; a results file that cannot be read is skipped."""
     out = []
     for path in (run_dir / "heldout").glob("v*/results.json"):
@@ -152,12 +153,12 @@ def read_run(run_dir: Path) -> RunData:
     if not path.is_file():
         raise FileNotFoundError(f"no store at {path}")
     data = RunData(run_dir=run_dir)
-    db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=10)
+    db = read_only(path)
     try:
         _read_store(db, data)
     finally:
         db.close()
-    data.heldout = _read_heldout(run_dir)
+    data.heldout = read_heldout(run_dir)
     return data
 
 

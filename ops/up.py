@@ -225,18 +225,22 @@ class Supervisor:
         return (self.heldout_dir(version) / "results.json").is_file()
 
     def committed_version(self) -> int:
-        from arborl.rollout.ledger import RunLedger
-        from arborl.rollout.store import TrajectoryStore
+        """The learner's last committed version, read without a write lock (called every second)."""
+        import sqlite3
+
+        from arborl.rollout.store import read_only
 
         path = self.run_dir / "store.sqlite"
         if not path.is_file():
             return 0
-        store = TrajectoryStore(path)
+        db = read_only(path)
         try:
-            last = RunLedger(store).last_step()
+            row = db.execute("SELECT MAX(version) FROM train_steps").fetchone()
+        except sqlite3.OperationalError:  # no step table yet
+            return 0
         finally:
-            store.close()
-        return last.version if last else 0
+            db.close()
+        return row[0] or 0
 
     # -- stopping -------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .records import CallRecord, StoredCall
 from .trie import InsertResult, Trie, TrieNode
@@ -116,6 +117,12 @@ def _blob_floats(blob: bytes) -> list[float]:
 
 def _key_hash(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def read_only(path: str | Path, *, timeout_s: float = 10.0) -> sqlite3.Connection:
+    """A read-only connection to a run's store, for watchers in other processes (the live view,
+    the report, the supervisor): it never takes the write lock the gateway and workers need."""
+    return sqlite3.connect(f"file:{quote(str(Path(path).resolve()))}?mode=ro", uri=True, timeout=timeout_s)
 
 
 class TrajectoryStore:
