@@ -234,7 +234,7 @@ def eval_command(args: argparse.Namespace) -> None:
             raise SystemExit(f"arborl: {exc}") from None
         except KeyboardInterrupt:
             interrupted = True
-            results = _finished_results(session.ledger, plans)
+            results = orchestrator.finished(plans)
         finally:
             progress.close()
         version = getattr(session.engine, "version", None)
@@ -249,17 +249,6 @@ def eval_command(args: argparse.Namespace) -> None:
     if interrupted:
         print("arborl: interrupted; run the same command again to finish the rollouts that did not", flush=True)
         raise SystemExit(130)
-
-
-def _finished_results(ledger: Any, plans: list) -> list[RolloutResult]:
-    import json
-
-    results = []
-    for plan in plans:
-        group = ledger.group_by_key(plan.key)
-        if group is not None:
-            results += [RolloutResult.from_json(json.loads(text)) for text in ledger.rollout_outcomes(group.id)]
-    return results
 
 
 def write_eval_report(run_dir: Path, out: Path, results: list[RolloutResult], k: int, meta: dict[str, Any],

@@ -245,8 +245,15 @@ class Orchestrator:
                              f"now {len(plan.scaffolds)} of {plan.task.id!r}")
         for stale in self.ledger.rollouts(group.id, status=RUNNING):  # left by a killed run
             self.ledger.fail_rollout(stale.session_id, INTERRUPTED)
-        done = [RolloutResult.from_json(json.loads(text)) for text in self.ledger.rollout_outcomes(group.id)]
-        return group.id, done
+        return group.id, self._done(group.id)
+
+    def _done(self, group_id: int) -> list[RolloutResult]:
+        return [RolloutResult.from_json(json.loads(text)) for text in self.ledger.rollout_outcomes(group_id)]
+
+    def finished(self, plans: Iterable[GroupPlan]) -> list[RolloutResult]:
+        """Every result these plans have so far (after an interrupted run, say)."""
+        groups = (self.ledger.group_by_key(plan.key) for plan in plans)
+        return [result for group in groups if group is not None for result in self._done(group.id)]
 
     # -- one rollout ----------------------------------------------------------------------------
 
