@@ -90,6 +90,41 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerThread:
+    """uvicorn serving an ASGI app from a background thread, on a loopback port (a free one by
+    default). ``with ServerThread(app) as url:`` serves for the block."""
+
+    def __init__(self, app: Any, port: int | None = None):
+        import uvicorn
+
+        self.port = port or free_loopback_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class LocalGateway:
     """A gateway served from a background thread of this process."""
@@ -97,17 +132,13 @@ class LocalGateway:
     url: str
     engine: Any
     store: Any  # the run's TrajectoryStore: the orchestrator writes its ledger into the same one
-    _server: Any
-    _thread: threading.Thread
+    server: ServerThread
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
+        self.server.stop()
 
 
 def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
-    import uvicorn
-
     from arborl.gateway.app import create_app
     from arborl.rollout.store import TrajectoryStore
 
@@ -116,17 +147,11 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
-    port = free_loopback_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, store, config.gateway), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise SystemExit("arborl: the gateway did not start")
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    server = ServerThread(create_app(engine, store, config.gateway))
+    try:
+        url = server.start()
+    except RuntimeError:
+        raise SystemExit("arborl: the gateway did not start") from None
     print(f"arborl: serving {engine.model_name!r} on {url}/v1 ({where}); recording into {run_dir}/store.sqlite",
           flush=True)
-    return LocalGateway(url, engine, store, server, thread)
+    return LocalGateway(url, engine, store, server)

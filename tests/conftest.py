@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import TINY_MODEL, resolve_model
 from arborl.gateway.settings import GatewaySettings
+from arborl.ops.local_gateway import ServerThread, free_loopback_port
 from arborl.rollout.store import TrajectoryStore
 
 
@@ -58,10 +55,7 @@ def tiny_model(tiny_model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = free_loopback_port  # tests name it so
 
 
 @dataclass
@@ -87,28 +81,6 @@ class LiveGateway:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
                 out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
         return out
-
-
-class ServerThread:
-    """uvicorn serving an app from a background thread, on a free loopback port."""
-
-    def __init__(self, app, port: int | None = None):
-        self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 def start_gateway(model_dir: Path, run_dir: Path, **settings) -> tuple[ServerThread, LiveGateway]:
