@@ -202,7 +202,7 @@ def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[R
     from arborl.rollout.metrics import RolloutMetrics
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call would drown the progress
-    from arborl.rollout.orchestrator import Orchestrator, OrchestratorError
+    from arborl.rollout.orchestrator import Orchestrator
 
     metrics = RolloutMetrics()
     if metrics_port:
@@ -211,11 +211,11 @@ def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[R
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
     orchestrator = Orchestrator(session.ledger, config.run_dir, session.url, session.model, settings=config.rollout,
                                 on_result=on_result, metrics=metrics)
-    return orchestrator, OrchestratorError
+    return orchestrator
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from arborl.rollout.orchestrator import eval_plans
+    from arborl.rollout.orchestrator import OrchestratorError, eval_plans
 
     scaffolds = parse_scaffolds(args.scaffold)
     if args.run_dir is None:
@@ -226,11 +226,11 @@ def eval_command(args: argparse.Namespace) -> None:
     progress = ProgressLine(len(plans) * args.k, f"eval {args.dataset}")
     interrupted = False
     with _session(config, args.gateway) as session:
-        orchestrator, error_type = _orchestrator(config, session, progress, args.metrics_port)
+        orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
             results = orchestrator.run(plans)
-        except error_type as exc:
+        except OrchestratorError as exc:
             raise SystemExit(f"arborl: {exc}") from None
         except KeyboardInterrupt:
             interrupted = True
@@ -297,7 +297,7 @@ def print_summary(results: list[RolloutResult], k: int) -> None:
 
 
 def rollout_command(args: argparse.Namespace) -> None:
-    from arborl.rollout.orchestrator import training_plans
+    from arborl.rollout.orchestrator import OrchestratorError, training_plans
 
     scaffolds = parse_scaffolds(args.scaffold)
     if args.run_dir is None:
@@ -307,11 +307,11 @@ def rollout_command(args: argparse.Namespace) -> None:
     total = args.groups * config.rollout.group_size if args.groups else None
     progress = ProgressLine(total, f"rollouts {args.dataset}")
     with _session(config, args.gateway) as session:
-        orchestrator, error_type = _orchestrator(config, session, progress, args.metrics_port)
+        orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
             orchestrator.run(training_plans(tasks, config.rollout, prefix=args.prefix), max_groups=args.groups)
-        except error_type as exc:
+        except OrchestratorError as exc:
             raise SystemExit(f"arborl: {exc}") from None
         except KeyboardInterrupt:
             print("\narborl: interrupted; run the same command again to continue", flush=True)

@@ -309,10 +309,10 @@ class Orchestrator:
                 agent_started = time.monotonic()
                 api_key = self.store.issue_session_key(session)
                 target = GatewayTarget(self.gateway_url, api_key, self.model, session_id=session)
-                agent_timeout = min(task.agent_timeout_s, settings.agent_timeout_s or float("inf"))
                 outcome = run_scaffold(job.scaffold, task, AgentContext(
                     sandbox=sandbox, target=target, settings=settings, env=self.env,
-                    deadline=agent_started + agent_timeout, calls_made=lambda: self.ledger.call_stats(session).calls,
+                    deadline=agent_started + self._agent_timeout(task),
+                    calls_made=lambda: self.ledger.call_stats(session).calls,
                     log=log_file, should_stop=self.stop.is_set,
                 ))
                 agent_s = time.monotonic() - agent_started
@@ -348,8 +348,7 @@ class Orchestrator:
         settings = self.settings
         prefix = install_prefix(scaffold)
         expose = (*self.expose, prefix) if prefix is not None else self.expose
-        agent_timeout = min(task.agent_timeout_s, settings.agent_timeout_s or float("inf"))
-        limits = Limits(wall_s=agent_timeout + task.verify_timeout_s + VERIFY_MARGIN_S,
+        limits = Limits(wall_s=self._agent_timeout(task) + task.verify_timeout_s + VERIFY_MARGIN_S,
                         command_s=max(settings.command_timeout_s, task.verify_timeout_s),
                         memory_mb=settings.memory_mb, processes=settings.processes)
         try:
@@ -363,6 +362,10 @@ class Orchestrator:
             self._close(sandbox)
             raise InfraFailure(f"the workspace could not be made: {exc}") from exc
         return sandbox
+
+    def _agent_timeout(self, task: Task) -> float:
+        """The task's own agent timeout, or the run's if that is lower."""
+        return min(task.agent_timeout_s, self.settings.agent_timeout_s or float("inf"))
 
     def _check_agent(self, job: Job, outcome: AgentOutcome, calls: int) -> None:
         if outcome.ended_by == STOPPED or self.stop.is_set():  # not graded: redone on resume
