@@ -226,6 +226,7 @@ class Learner:
     def train_once(self) -> StepReport | None:
         """One step if enough groups are complete (None otherwise)."""
         self.apply_overrides()  # before taking groups: max_staleness decides which ones train
+        started_at = time.time()
         groups = self.take_groups()
         if groups is None:
             return None
@@ -236,7 +237,8 @@ class Learner:
         samples = [sample for g in groups for sample in g.samples]
         metrics = train_step(self.model, self.optimizer, samples, self.settings.step_config(),
                              scheduler=self.scheduler, teachers=self.teachers, reference=self.reference)
-        metrics.update(staleness_max=float(max(staleness)), staleness_mean=sum(staleness) / len(staleness))
+        metrics.update(staleness_max=float(max(staleness)), staleness_mean=sum(staleness) / len(staleness),
+                       started_at=started_at)
         return self._commit(step, version, metrics, ids, staleness)
 
     def train_feedback_once(self) -> StepReport | None:
@@ -283,6 +285,8 @@ class Learner:
         )
         self._publish(folder)
         self._prune()
+        # when the step's work ended (the learner's busy time is finished_at - started_at)
+        self.ledger.annotate_step(step, {"finished_at": time.time()})
         return StepReport(step, version, ids, metrics)
 
     def _publish(self, folder: Path) -> None:
@@ -302,5 +306,5 @@ class Learner:
             return
         seconds = time.perf_counter() - started
         self.metrics.publish_duration.observe(seconds)
-        self.ledger.annotate_step(self.step, {"publish_seconds": seconds})
+        self.ledger.annotate_step(self.step, {"publish_seconds": seconds, "published_at": time.time()})
         self.progress(f"learner: serving version {self.version} (published in {seconds:.2f} s)")

@@ -46,6 +46,9 @@ class UpSettings(BaseModel):
 
     dataset: str = "builtin"  # the rollout workers' tasks (and the held-out evaluation's)
     train_split: str = "train"
+    # Only train on tasks of these difficulties (say [easy] for a model too small for the rest:
+    # a task no rollout ever solves gives groups of equal rewards, which teach nothing).
+    train_difficulty: list[str] | None = None
     heldout_split: str = "heldout"
     heldout_every: int = 10  # a held-out evaluation every N committed steps (and of version 0); 0: never
     heldout_k: int = 1

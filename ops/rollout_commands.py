@@ -35,6 +35,7 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
                                                          "of Harbor tasks")
     parser.add_argument("--split", choices=["train", "heldout"], help="only this split of the dataset")
     parser.add_argument("--tasks", help="only these task ids (comma-separated)")
+    parser.add_argument("--difficulty", help="only tasks of these difficulties (comma-separated: easy,medium,hard)")
     parser.add_argument("--limit", type=int, help="only the first N tasks")
     parser.add_argument("--run-dir", type=Path, help="the run folder (store, logs, report)")
     parser.add_argument("--gateway", help="a running gateway's root URL (default: serve one in this process)")
@@ -90,6 +91,9 @@ def _tasks(args: argparse.Namespace) -> list:
         if missing:
             raise SystemExit(f"arborl: no task {', '.join(missing)} in {args.dataset}")
         tasks = [known[name] for name in wanted]
+    if args.difficulty:
+        levels = {level.strip() for level in args.difficulty.split(",")}
+        tasks = [task for task in tasks if task.difficulty in levels]
     if args.limit is not None:
         tasks = tasks[: args.limit]
     if not tasks:
@@ -310,7 +314,14 @@ def rollout_command(args: argparse.Namespace) -> None:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
-            orchestrator.run(training_plans(tasks, config.rollout, prefix=args.prefix), max_groups=args.groups)
+            plans = training_plans(tasks, config.rollout, prefix=args.prefix)
+            if config.rollout.synchronous:
+                from arborl.rollout.learner_gate import LearnerGate
+
+                gate = LearnerGate(session.ledger, session.url, groups_per_step=config.learner.groups_per_step,
+                                   active_rollouts=orchestrator.active_rollouts)
+                plans = gate.gated(plans, orchestrator.stop)
+            orchestrator.run(plans, max_groups=args.groups)
         except OrchestratorError as exc:
             raise SystemExit(f"arborl: {exc}") from None
         except KeyboardInterrupt:

@@ -132,11 +132,14 @@ class Supervisor:
         children = [Child("gateway", self._command("serve", "--config", str(self.config_path)), self._env(),
                           logs / "gateway.log")]
         if up.rollouts:
-            children.append(Child("rollouts", self._command(
+            argv = self._command(
                 "rollout", "--config", str(self.config_path), "--gateway", self.url, "--run-dir", run,
                 "--dataset", up.dataset, "--split", up.train_split, "--metrics-port", str(up.rollout_metrics_port),
                 "--scaffold", ",".join(f"{name}:{weight:g}" for name, weight in self.config.rollout.scaffolds.items()),
-            ), self._env(), logs / "rollouts.log"))
+            )
+            if up.train_difficulty:
+                argv += ["--difficulty", ",".join(up.train_difficulty)]
+            children.append(Child("rollouts", argv, self._env(), logs / "rollouts.log"))
         if up.learner:
             children.append(Child("learner", self._command(
                 "train", "--config", str(self.config_path), "--store", run, "--gateway", self.url, "--resume",

@@ -147,6 +147,8 @@ class Orchestrator:
         self.metrics = metrics or RolloutMetrics()
         self.stop = threading.Event()
         self._jobs_lock = threading.Lock()
+        self._active = 0  # rollouts under way (rollout.learner_gate waits for none)
+        self._active_lock = threading.Lock()  # not _jobs_lock: a gate waits while holding that one
         for folder in ("sandboxes", "rollouts"):
             (self.run_dir / folder).mkdir(parents=True, exist_ok=True)
         task_path = self.settings.task_path
@@ -192,9 +194,16 @@ class Orchestrator:
             while not self.stop.is_set():
                 with self._jobs_lock:
                     job = next(jobs, None)
+                    if job is not None:
+                        with self._active_lock:
+                            self._active += 1
                 if job is None:
                     return
-                result = self.run_rollout(job)
+                try:
+                    result = self.run_rollout(job)
+                finally:
+                    with self._active_lock:
+                        self._active -= 1
                 if result is None:  # interrupted
                     return
                 with results_lock:
@@ -215,6 +224,10 @@ class Orchestrator:
                 self.stop.set()
                 raise
         return results
+
+    def active_rollouts(self) -> int:
+        with self._active_lock:
+            return self._active
 
     def _jobs(self, plans: Iterable[GroupPlan], max_groups: int | None, results: list[RolloutResult],
               results_lock: threading.Lock) -> Iterator[Job]:

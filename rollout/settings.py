@@ -35,6 +35,9 @@ class RolloutSettings(BaseModel):
     judge_api_key: str | None = None
     keep_workspaces: bool = False  # leave each rollout's sandbox folder for inspection
     seed: int = 0  # the scaffold mixture's draws
+    # Synchronous RL (rollout/learner_gate.py): a training group starts only once the learner has
+    # trained on the finished ones and the gateway serves the result. Default: asynchronous.
+    synchronous: bool = False
 
     @field_validator("scaffolds")
     @classmethod

@@ -45,7 +45,7 @@ def regex_tasks(root: Path) -> Path:
     return root
 
 
-def up_config(root: Path) -> Path:
+def up_config(root: Path, **sections: dict) -> Path:
     config = {
         "run_dir": str(root / "run"),
         "engine": {"model": "tiny-random-llama", "max_running": 4},
@@ -56,6 +56,8 @@ def up_config(root: Path) -> Path:
         "up": {"dataset": str(regex_tasks(root / "tasks")), "heldout_every": 2, "learner_metrics_port": free_port(),
                "rollout_metrics_port": free_port(), "max_restarts": 3},
     }
+    for name, values in sections.items():
+        config[name].update(values)
     path = root / "arborl.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -174,3 +176,36 @@ def test_arborl_up_trains_survives_kills_serves_others_and_resumes(run_root):
         if up.poll() is None:
             kill_everything(up, run)
     assert f"resumed at step {steps}" in (run / "logs" / "learner.log").read_text()
+
+
+def test_synchronous_up_generates_each_group_with_the_policy_just_trained(run_root):
+    """rollout.synchronous with max_staleness 0: generation and training take turns, so no
+    group overlaps another, every group is trained on by the version that sampled it, and
+    max_staleness 0 never drops one as stale."""
+    config = up_config(run_root, rollout={"synchronous": True}, learner={"max_staleness": 0},
+                       up={"heldout_every": 0})
+    run = run_root / "run"
+    log = run_root / "up.log"
+    up = start_up(config, log)
+    try:
+        wait_for(lambda: last_step(run) >= 3, "three synchronous steps", log)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=120) == 0, log.read_text()[-4000:]
+    finally:
+        if up.poll() is None:
+            kill_everything(up, run)
+
+    steps = query(run, "SELECT step, version, metrics FROM train_steps ORDER BY step")
+    assert [json.loads(metrics)["staleness_max"] for _, _, metrics in steps] == [0.0] * len(steps)
+    assert query(run, "SELECT COUNT(*) FROM groups WHERE dropped = 'stale'") == [(0,)]
+    groups = query(run, "SELECT id, created_at, completed_at, consumed_step, dropped FROM groups "
+                        "WHERE trainable = 1 AND completed_at IS NOT NULL ORDER BY id")
+    for (_, _, completed, consumed, dropped), (next_id, created, *_) in zip(groups, groups[1:]):
+        assert created >= completed, f"group {next_id} started before the one before it finished"
+    # the group after one a step trained on was sampled once that step's version was served
+    published = {step: json.loads(metrics).get("published_at") for step, _, metrics in steps}
+    calls = {gid: query(run, "SELECT MIN(c.created_at) FROM calls c JOIN rollouts r ON r.session_id = c.session_id "
+                             f"WHERE r.group_id = {gid}")[0][0] for gid, *_ in groups}
+    for (gid, _, _, consumed, _), (next_id, *_) in zip(groups, groups[1:]):
+        if consumed is not None and published.get(consumed) is not None:
+            assert calls[next_id] >= published[consumed]
