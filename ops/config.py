@@ -60,6 +60,19 @@ class UpSettings(BaseModel):
     max_restarts: int = 5  # per child; beyond it `arborl up` stops
 
 
+# What `arborl up` starts from, under any config file, env var or flag: sized so the default
+# 135M-parameter model learns on a 2-core CPU within the hour (README, "The learning curve").
+# The builtin agent samples at 0.7 (at 1.0 the model rambles and never runs a command) and at
+# most 4 turns of 256 tokens; rollouts train on the easy tasks, the only ones it ever solves
+# (a group whose rollouts all fail teaches nothing and costs four rollouts). A bigger model wants
+# train_difficulty null, more turns and tokens: set them in the config file.
+UP_DEFAULTS: dict[str, Any] = {
+    "rollout": {"temperature": 0.7, "max_tokens": 256, "max_turns": 4, "concurrency": 4},
+    "learner": {"lr": 2e-5},
+    "up": {"train_difficulty": ["easy"]},
+}
+
+
 class ArborlConfig(BaseModel):
     run_dir: Path = Path("runs/default")
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -91,13 +104,15 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None,
+    *, defaults: dict[str, Any] | None = None,
 ) -> ArborlConfig:
-    data: dict[str, Any] = {}
+    """``defaults`` (a command's own, like UP_DEFAULTS) < the file < env vars < ``overrides``."""
+    data: dict[str, Any] = dict(defaults or {})
     if path is not None:
         path = Path(path)
         text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+        data = _merge(data, tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {})
     data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
     data = _merge(data, overrides or {})
     return ArborlConfig.model_validate(data)

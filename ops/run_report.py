@@ -27,6 +27,7 @@ from typing import Any
 from arborl.rollout.store import read_only
 
 from .eval_report import _CSS, _esc, _pct
+from .run_figures import RunFigures, read_figures
 from .svg_charts import Series, format_number, line_chart
 
 WINDOW = 20  # training rollouts in the rolling reward and pass rate
@@ -80,6 +81,7 @@ class RunData:
     serving_pin: int | None = None
     actions: list[tuple[float, str, str, str]] | None = None  # newest first; None: no audit log yet
     heldout: list[HeldOutRate] = field(default_factory=list)
+    figures: RunFigures | None = None  # rollouts per hour, learner busy fraction, reward-to-served latency
 
 
 def _rows(db: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
@@ -159,6 +161,8 @@ def read_run(run_dir: Path) -> RunData:
     finally:
         db.close()
     data.heldout = read_heldout(run_dir)
+    if data.started_at is not None:
+        data.figures = read_figures(run_dir)
     return data
 
 
@@ -238,10 +242,23 @@ def _header(data: RunData) -> str:
                    + (f" ({_counts(data.dropped)})" if dropped else "") + f", {data.groups_waiting} waiting"),
         "elapsed": (f"{_duration(data.last_at - data.started_at)} (first rollout {_when(data.started_at)})"
                     if data.started_at is not None and data.last_at is not None else "-"),
+        **_loop_figures(data.figures),
         "report written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows.items())
     return f'<table class="meta">{body}</table>'
+
+
+def _loop_figures(figures: RunFigures | None) -> dict[str, str]:
+    if figures is None:
+        return {}
+    latency = figures.latency_median_s
+    return {
+        "rollouts per hour": f"{figures.rollouts_per_hour:.0f}",
+        "learner busy": f"{100 * figures.learner_busy_fraction:.0f}% of the time since the first rollout",
+        "reward to served (median)": ("-" if latency is None else
+                                      f"{_duration(latency)} over {len(figures.latencies_s)} steps"),
+    }
 
 
 def _figure(caption: str, chart: str) -> str:

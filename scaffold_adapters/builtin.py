@@ -39,9 +39,15 @@ SUBMITTED, TURN_LIMIT, TIME_LIMIT, AGENT_ERROR, STOPPED = "submitted", "turn_lim
 SYSTEM_PROMPT = """You are a coding agent working in a repository (your current directory).
 Do the task with the tools: bash runs a shell command, read_file shows a file, write_file writes
 a whole file, edit replaces one exact piece of text in a file. Check your work by running it.
-When the task is done, call submit (with your final answer if the task asks for one)."""
+When the task is done, call submit (with your final answer if the task asks for one).
+Without a tool call, write one shell command in a ```bash block: it runs, and you see its output.
+For example, to list the files reply with:
+```bash
+ls
+```"""
 
-NUDGE = "Use one of the tools (bash, read_file, write_file, edit), or call submit when the task is done."
+NUDGE = ("Use one of the tools (bash, read_file, write_file, edit), or write one shell command in a ```bash "
+         "block, or call submit when the task is done.")
 
 
 def _function(name: str, description: str, properties: dict[str, str], required: Sequence[str]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from arborl.ops.cli import main
+from arborl.ops.run_figures import read_figures
 from conftest import free_port
 from monitoring_names import shipped_metric_names
 
@@ -50,10 +51,10 @@ def up_config(root: Path, **sections: dict) -> Path:
         "run_dir": str(root / "run"),
         "engine": {"model": "tiny-random-llama", "max_running": 4},
         "gateway": {"port": free_port()},
-        "rollout": {"group_size": 4, "concurrency": 2, "max_turns": 1, "max_tokens": 12},
+        "rollout": {"group_size": 4, "concurrency": 2, "max_turns": 1, "max_tokens": 12, "temperature": None},
         "learner": {"lr": 1e-3, "groups_per_step": 1, "max_staleness": 8, "token_budget": 2048,
                     "attention": "arborl_tree_sdpa", "poll_interval_s": 0.2},
-        "up": {"dataset": str(regex_tasks(root / "tasks")), "heldout_every": 2, "learner_metrics_port": free_port(),
+        "up": {"dataset": str(regex_tasks(root / "tasks")), "heldout_every": 2, "train_difficulty": None, "learner_metrics_port": free_port(),
                "rollout_metrics_port": free_port(), "max_restarts": 3},
     }
     for name, values in sections.items():
@@ -209,3 +210,9 @@ def test_synchronous_up_generates_each_group_with_the_policy_just_trained(run_ro
     for (gid, _, _, consumed, _), (next_id, *_) in zip(groups, groups[1:]):
         if consumed is not None and published.get(consumed) is not None:
             assert calls[next_id] >= published[consumed]
+
+    # the loop's figures read from this run: every step trained, published and then served
+    figures = read_figures(run)
+    assert figures.rollouts == query(run, "SELECT COUNT(*) FROM rollouts WHERE status = 'done'")[0][0]
+    assert figures.steps == len(steps) and 0 < figures.learner_busy_fraction < 1
+    assert figures.latencies_s and all(latency > 0 for latency in figures.latencies_s)
