@@ -12,7 +12,12 @@ It is written for small models, whose tool calls are often imperfect. What it to
 - near-miss names, for tools (``shell``, ``cat``, ``str_replace``, ``finish``, ...) and arguments
   (``cmd``, ``file_path``, ``old_str``, ...);
 - no tool call at all but a fenced ```bash block in the text: the block runs as a ``bash`` call;
-- no tool call and no block: the model is reminded to use a tool (the turn still counts).
+- a tool call the gateway could not parse (``<tool_call>`` or a JSON ``name`` left in the text):
+  the model is told so and tries again (the turn still counts).
+
+A reply with no tool call and no command ends the run, its text the final answer, as a reply
+without tool calls ends Claude Code's or Codex's turn: a small model that answers in prose
+stops there instead of being prodded through its remaining turns.
 
 Every turn is one model call, so ``max_turns`` bounds the calls. A tool's output is cut to its
 head and tail beyond ``max_output_chars``, so one ``cat`` of a large file does not fill a small
@@ -46,8 +51,10 @@ For example, to list the files reply with:
 ls
 ```"""
 
-NUDGE = ("Use one of the tools (bash, read_file, write_file, edit), or write one shell command in a ```bash "
-         "block, or call submit when the task is done.")
+UNPARSED_CALL = ("Your tool call could not be read: call a tool with JSON arguments, or write one shell command in "
+                 "a ```bash block.")
+# What a tool call the gateway's parser missed leaves in the text.
+_CALL_LEFTOVER = re.compile(r'<tool_call>|<function=|"name"\s*:\s*"[A-Za-z_]+"\s*,\s*"(?:arguments|parameters)"')
 
 
 def _function(name: str, description: str, properties: dict[str, str], required: Sequence[str]) -> dict[str, Any]:
@@ -327,10 +334,13 @@ class BuiltinAgent:
         when the model submitted, else None."""
         raw_calls = message.get("tool_calls") or []
         if not raw_calls:
-            command = fenced_shell(message.get("content") or "")
+            text = message.get("content") or ""
+            command = fenced_shell(text)
             if command is None:
-                messages.append({"role": "user", "content": NUDGE})
-                return None
+                if _CALL_LEFTOVER.search(text):
+                    messages.append({"role": "user", "content": UNPARSED_CALL})
+                    return None
+                return text  # an answer in prose: the run ends with it
             messages.append({"role": "user", "content": "Output of your command:\n" + self._bash(command)})
             return None
         submitted: str | None = None

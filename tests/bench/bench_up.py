@@ -171,8 +171,8 @@ def curve(args: argparse.Namespace) -> None:
     print(f"{'minutes':>8} {'version':>8} {'pass@1':>8} {'95% interval':>16}")
     for row in rows:
         p = row["pass_at_1"]
-        print(f"{row['minutes']:>8g} {row['version']:>8} {100 * p['value']:>7.1f}% "
-              f"{f'[{100 * p['low']:.0f}%, {100 * p['high']:.0f}%]':>16}")
+        interval = f"[{100 * p['low']:.0f}%, {100 * p['high']:.0f}%]"
+        print(f"{row['minutes']:>8g} {row['version']:>8} {100 * p['value']:>7.1f}% {interval:>16}")
     latency = figures.latency_median_s
     print(f"\nrollouts per hour {figures.rollouts_per_hour:.0f}; learner busy {100 * figures.learner_busy_fraction:.0f}%;"
           f" {figures.steps} steps; reward-to-served latency median "
@@ -181,7 +181,7 @@ def curve(args: argparse.Namespace) -> None:
                         Series("95% low", [(r["minutes"], r["pass_at_1"]["low"]) for r in rows], "#bbbbbb"),
                         Series("95% high", [(r["minutes"], r["pass_at_1"]["high"]) for r in rows], "#bbbbbb")],
                        x_label="minutes of arborl up (2 CPU cores)", y_label="held-out pass@1", percent=True)
-    Path(args.chart).write_text(chart if chart.startswith("<svg") else f"<svg xmlns='http://www.w3.org/2000/svg'/>")
+    Path(args.chart).write_text(chart if chart.startswith("<svg") else "<svg xmlns='http://www.w3.org/2000/svg'/>")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "up_curve.json").write_text(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "minutes": args.minutes, "k": args.k,

@@ -150,7 +150,6 @@ def test_builtin_agent_tolerates_imperfect_tool_calls(tiny_model_dir, run_root):
         "<tool_call>\n{\"name\": \"bash\", \"arguments\": {\"command\": \"ls\"\n</tool_call>",  # broken JSON
         call("delete_everything", path="."),  # no such tool
         call("write_file", path="solution.py"),  # a required argument missing
-        "Let me look around first.",  # no tool call at all
         "```bash\necho from-a-fenced-block > seen.txt\n```",  # a command written as text
         call("create_file", file_path="solution.py", text=solution),  # near-miss tool and argument names
         call("finish"),
@@ -163,12 +162,27 @@ def test_builtin_agent_tolerates_imperfect_tool_calls(tiny_model_dir, run_root):
 
     with orchestrated(tiny_model_dir, run_root, script) as orchestrator:
         [result] = orchestrator.run(eval_plans([task], ["builtin"], 1))
-    assert (result.reward, result.turns, result.ended_by) == (1.0, 7, "submitted")
-    assert "Use one of the tools" in seen[1]  # the gateway could not parse it: plain text, so a reminder
+    assert (result.reward, result.turns, result.ended_by) == (1.0, 6, "submitted")
+    assert "tool call could not be read" in seen[1]  # the gateway could not parse it: the model is told
     assert "no tool named 'delete_everything'" in seen[2]
     assert "needs the argument(s) content" in seen[3]
-    assert "Use one of the tools" in seen[4]
-    assert "Output of your command:" in seen[5] and "exit code 0" in seen[5]
+    assert "Output of your command:" in seen[4] and "exit code 0" in seen[4]
+
+
+def test_a_reply_in_prose_ends_the_builtin_agent_with_that_answer(tiny_model_dir, run_root):
+    task = HUMANEVAL["HumanEval/2"]
+    replies = [call("bash", command="ls"), "The function is already correct, nothing to change."]
+    seen: list[str] = []
+
+    def script(prompt: str) -> str:
+        seen.append(prompt)
+        return replies[len(seen) - 1]
+
+    with orchestrated(tiny_model_dir, run_root, script) as orchestrator:
+        [result] = orchestrator.run(eval_plans([task], ["builtin"], 1))
+    assert (result.turns, result.ended_by, result.reward) == (2, "submitted", 0.0)
+    assert len(seen) == 2  # no third call: the prose was the final answer
+    assert "ended: submitted after 2 turns" in (run_root / "run" / result.log).read_text()
 
 
 def test_turn_and_time_limits_end_the_agent_and_still_grade(tiny_model_dir, run_root):
