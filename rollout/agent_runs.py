@@ -111,8 +111,9 @@ def run_scaffold(name: str, task: Task, context: AgentContext) -> AgentOutcome:
 def _oracle(task: Task, context: AgentContext) -> AgentOutcome:
     # The reference is the task's own (trusted) content, applied before any agent touched the
     # workspace, so the host may write it; the files are then handed to the sandbox's uid.
-    task.apply_reference(context.sandbox.workspace)
-    context.sandbox.hand_over()
+    if task.reference is not None:  # a question has only a reference answer
+        task.apply_reference(context.sandbox.workspace)
+        context.sandbox.hand_over()
     answer = task.verifier.expected if task.verifier.kind == "exact" else str(task.metadata.get("reference_answer", ""))
     return AgentOutcome(NO_ACTION, answer=answer)
 

@@ -11,7 +11,8 @@ It is written for small models, whose tool calls are often imperfect. What it to
   text as that argument; otherwise the model is told what was wrong and tries again;
 - near-miss names, for tools (``shell``, ``cat``, ``str_replace``, ``finish``, ...) and arguments
   (``cmd``, ``file_path``, ``old_str``, ...);
-- no tool call at all but a fenced ```bash block in the text: the block runs as a ``bash`` call;
+- no tool call at all but a fenced ```bash (or sh, shell, console) block in the text: the block runs
+  as a ``bash`` call (a bare ``` block does not: small models quote output in them);
 - a tool call the gateway could not parse (``<tool_call>`` or a JSON ``name`` left in the text):
   the model is told so and tries again (the turn still counts).
 
@@ -102,7 +103,8 @@ ARGUMENT_ALIASES = {
 }
 REQUIRED = {"bash": ("command",), "read_file": ("path",), "write_file": ("path", "content"),
             "edit": ("path", "old", "new"), "submit": ()}  # fmt: skip
-_FENCED_SHELL = re.compile(r"```(?:bash|sh|shell|console)?[ \t]*\n(.*?)```", re.DOTALL)
+# Only a block marked as shell runs: small models put program output and prose in bare fences.
+_FENCED_SHELL = re.compile(r"```(?:bash|sh|shell|console)[ \t]*\n(.*?)```", re.DOTALL)
 
 
 class CommandOutcome(Protocol):

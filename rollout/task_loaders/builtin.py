@@ -7,8 +7,11 @@ agent that edits them gains nothing), FAIL_TO_PASS / PASS_TO_PASS ids in task.to
 reference in ``solution/files/`` (files written over the workspace) or ``solution/solve.sh``.
 
 The set is small Python repositories with bugs to fix and features to add, and file and shell
-chores, split into ``train`` and ``heldout`` and spread from one-line file creation (within reach of
-a 135M-parameter model) to multi-file changes.
+chores, split into ``train`` and ``heldout`` and spread from one-line file creation to multi-file
+changes; and code questions (``predict-output-*``: what does this program print?), graded by a
+regex on the agent's answer: its first line ends with the output, or its first fenced block
+(after any that repeat the program) holds exactly the output. Those are within reach of a
+135M-parameter model, which solves almost none of the rest.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def test_unknown_tools_and_missing_arguments_are_explained():
 
 def test_fenced_blocks_and_clipping():
     assert fenced_shell("Run this:\n```bash\nls -la\n```\nthen that") == "ls -la"
-    assert fenced_shell("```\npytest -q\n```") == "pytest -q"
+    assert fenced_shell("```sh\npytest -q\n```") == "pytest -q"
+    assert fenced_shell("It prints:\n```\nTrue\n```") is None  # a bare fence quotes output, not a command
     assert fenced_shell("no code here") is None and fenced_shell("```bash\n\n```") is None
     text = "a" * 100 + "b" * 100
     clipped = clip(text, 60)

@@ -33,7 +33,7 @@ from arborl.rollout.tasks import (
     WorkspaceError,
     pytest_command,
 )
-from arborl.rollout.verifiers import CommandOutput, Resolution, Verdict, verifier_for
+from arborl.rollout.verifiers import CommandOutput, Resolution, Verdict, regex_match, verifier_for
 from task_fixtures import CALC_BUGGY, HARBOR_TOML, git, make_swe_repo, write_harbor_task
 
 # `python3` in a task's command must be the interpreter running these tests (it has pytest).
@@ -275,16 +275,26 @@ def test_humaneval_oracle_sample(task_id, tmp_path):
 
 
 def test_builtin_set_shape():
+    """Repository tasks graded by hidden tests, and code questions (what does this program
+    print?) graded by a regex on the agent's answer, both in each split."""
     tasks = load_dataset("builtin")
-    by_split = {split: [t for t in tasks if t.split == split] for split in SPLITS}
+    questions = [t for t in tasks if t.domain == "predict-output"]
+    repos = [t for t in tasks if t.domain != "predict-output"]
+    by_split = {split: [t for t in repos if t.split == split] for split in SPLITS}
     assert 36 <= len(by_split["train"]) <= 48 and 12 <= len(by_split["heldout"]) <= 20
-    assert [t.id for t in load_dataset("builtin", split="heldout")] == [t.id for t in by_split["heldout"]]
+    assert sum(t.split == "train" for t in questions) == 30 and sum(t.split == "heldout" for t in questions) == 12
+    assert [t.id for t in load_dataset("builtin", split="heldout")] == [t.id for t in tasks if t.split == "heldout"]
     for split_tasks in by_split.values():
         assert {t.difficulty for t in split_tasks} == {"easy", "medium", "hard"}
-    for task in tasks:
+    for task in repos:
         assert task.verifier.kind == "tests" and task.fail_to_pass and task.reference is not None
         assert task.source == "builtin" and task.domain
         assert all(test_id.startswith("tests/") for test_id in task.fail_to_pass + task.pass_to_pass)
+    for task in questions:
+        answer = task.metadata["reference_answer"]
+        assert task.verifier.kind == "regex" and task.difficulty == "easy" and task.source == "builtin"
+        assert regex_match(answer, task.verifier.expected) and regex_match(f"It prints {answer}.", task.verifier.expected)
+        assert not regex_match(f"{answer}0", task.verifier.expected) and not regex_match("", task.verifier.expected)
     size = sum(path.stat().st_size for path in BUILTIN_DIR.rglob("*") if path.is_file())
     assert size < 1_000_000
 
@@ -307,7 +317,10 @@ def _all_oracles(tasks: list[Task], tmp: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_every_builtin_task_oracle_solves_and_untouched_fails(tmp_path):
-    assert _all_oracles(load_dataset("builtin"), tmp_path) == []
+    # the repository tasks; the questions' reference answers are graded through the orchestrator
+    # (test_orchestrator's oracle and nop on the whole set)
+    repos = [task for task in load_dataset("builtin") if task.reference is not None]
+    assert _all_oracles(repos, tmp_path) == []
 
 
 @pytest.mark.slow
