@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -201,13 +202,13 @@ def test_synchronous_up_generates_each_group_with_the_policy_just_trained(run_ro
     assert query(run, "SELECT COUNT(*) FROM groups WHERE dropped = 'stale'") == [(0,)]
     groups = query(run, "SELECT id, created_at, completed_at, consumed_step, dropped FROM groups "
                         "WHERE trainable = 1 AND completed_at IS NOT NULL ORDER BY id")
-    for (_, _, completed, consumed, dropped), (next_id, created, *_) in zip(groups, groups[1:]):
+    for (_, _, completed, _, _), (next_id, created, *_) in pairwise(groups):
         assert created >= completed, f"group {next_id} started before the one before it finished"
     # the group after one a step trained on was sampled once that step's version was served
     published = {step: json.loads(metrics).get("published_at") for step, _, metrics in steps}
     calls = {gid: query(run, "SELECT MIN(c.created_at) FROM calls c JOIN rollouts r ON r.session_id = c.session_id "
                              f"WHERE r.group_id = {gid}")[0][0] for gid, *_ in groups}
-    for (gid, _, _, consumed, _), (next_id, *_) in zip(groups, groups[1:]):
+    for (_, _, _, consumed, _), (next_id, *_) in pairwise(groups):
         if consumed is not None and published.get(consumed) is not None:
             assert calls[next_id] >= published[consumed]
 
