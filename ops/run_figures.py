@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import statistics
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arborl.rollout.store import read_only
+from arborl.rollout.store import blob_ids, read_only
 
 
 @dataclass(frozen=True)
@@ -49,12 +48,6 @@ class RunFigures:
         return statistics.median(self.latencies_s) if self.latencies_s else None
 
 
-def _versions(blob: bytes) -> list[int]:
-    out = array("i")
-    out.frombytes(blob)
-    return out.tolist()
-
-
 def first_served_at(calls: list[tuple[float | None, float | None, bytes]], version: int) -> float | None:
     """When the first token of ``version`` (or newer) was served, from (first_token_at,
     finished_at, completion_versions) rows ordered by creation."""
@@ -62,7 +55,7 @@ def first_served_at(calls: list[tuple[float | None, float | None, bytes]], versi
     for first_token_at, finished_at, blob in calls:
         if first_token_at is None:
             continue
-        versions = _versions(blob)
+        versions = blob_ids(blob)
         index = next((i for i, v in enumerate(versions) if v >= version), None)
         if index is None:
             continue

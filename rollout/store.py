@@ -99,7 +99,7 @@ def _ids_blob(ids: list[int]) -> bytes:
     return array("i", ids).tobytes()
 
 
-def _blob_ids(blob: bytes) -> list[int]:
+def blob_ids(blob: bytes) -> list[int]:
     out = array("i")
     out.frombytes(blob)
     return out.tolist()
@@ -242,7 +242,7 @@ class TrajectoryStore:
                     "SELECT id, parent_id, start, tokens FROM nodes WHERE session_id = ? ORDER BY id",
                     (session_id,),
                 ).fetchall()
-                nodes = [TrieNode(nid, parent, start, _blob_ids(blob)) for nid, parent, start, blob in rows]
+                nodes = [TrieNode(nid, parent, start, blob_ids(blob)) for nid, parent, start, blob in rows]
                 trie = Trie(nodes, next_id=lambda: next(self._node_ids))
                 self._tries[session_id] = trie
                 while len(self._tries) > self._cached_tries:
@@ -317,7 +317,7 @@ class TrajectoryStore:
             StoredCall(
                 id=r[0], session_id=r[1], seq=r[2], dialect=r[3], status=r[4], finish_reason=r[5], node_id=r[6],
                 prompt_len=r[7], completion_len=r[8], completion_logprobs=_blob_floats(r[9]),
-                completion_versions=_blob_ids(r[10]), messages=json.loads(r[11] or "[]"),
+                completion_versions=blob_ids(r[10]), messages=json.loads(r[11] or "[]"),
                 response_message=json.loads(r[12]) if r[12] else None, token_exact=bool(r[13]),
                 stitched_from=r[14], branch_reason=r[15], created_at=r[16], finished_at=r[17],
                 purpose=r[18],

@@ -41,6 +41,7 @@ import yaml
 from arborl.ops.config import UP_DEFAULTS
 from arborl.ops.run_figures import read_figures
 from arborl.ops.svg_charts import Series, line_chart
+from arborl.rollout.store import read_only
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ def committed(run: Path) -> tuple[int, str] | None:
     path = run / "store.sqlite"
     if not path.is_file():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    db = read_only(path)
     try:
         row = db.execute("SELECT version, checkpoint FROM train_steps ORDER BY step DESC LIMIT 1").fetchone()
     except sqlite3.OperationalError:

@@ -19,6 +19,7 @@ from agent_cli import scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.rollout.ledger import DONE, INFRA_FAILED, RunLedger
 from arborl.rollout.orchestrator import GroupPlan, InfraFailure, Orchestrator, eval_plans, training_plans
+from arborl.rollout.results import RolloutResult
 from arborl.rollout.sandbox import UID_POOL_BASE, UID_POOL_SIZE, bwrap_unavailable_reason
 from arborl.rollout.settings import RolloutSettings
 from arborl.rollout.task_loaders import load_dataset
@@ -143,6 +144,20 @@ def test_builtin_agent_solves_through_the_gateway_and_is_recorded(kind, tiny_mod
         assert group.task_id == task.id and group.size == 2
 
 
+def run_scripted(task: Task, replies: list[str], model_dir: Path, root: Path) -> tuple[RolloutResult, list[str]]:
+    """One builtin-agent rollout whose model gives ``replies`` in turn; the result and the
+    prompts the model saw."""
+    seen: list[str] = []
+
+    def script(prompt: str) -> str:
+        seen.append(prompt)
+        return replies[len(seen) - 1]
+
+    with orchestrated(model_dir, root, script) as orchestrator:
+        [result] = orchestrator.run(eval_plans([task], ["builtin"], 1))
+    return result, seen
+
+
 def test_builtin_agent_tolerates_imperfect_tool_calls(tiny_model_dir, run_root):
     task = HUMANEVAL["HumanEval/2"]
     solution = reference_text(task)["solution.py"]
@@ -154,14 +169,7 @@ def test_builtin_agent_tolerates_imperfect_tool_calls(tiny_model_dir, run_root):
         call("create_file", file_path="solution.py", text=solution),  # near-miss tool and argument names
         call("finish"),
     ]
-    seen: list[str] = []
-
-    def script(prompt: str) -> str:
-        seen.append(prompt)
-        return replies[len(seen) - 1]
-
-    with orchestrated(tiny_model_dir, run_root, script) as orchestrator:
-        [result] = orchestrator.run(eval_plans([task], ["builtin"], 1))
+    result, seen = run_scripted(task, replies, tiny_model_dir, run_root)
     assert (result.reward, result.turns, result.ended_by) == (1.0, 6, "submitted")
     assert "tool call could not be read" in seen[1]  # the gateway could not parse it: the model is told
     assert "no tool named 'delete_everything'" in seen[2]
@@ -172,14 +180,7 @@ def test_builtin_agent_tolerates_imperfect_tool_calls(tiny_model_dir, run_root):
 def test_a_reply_in_prose_ends_the_builtin_agent_with_that_answer(tiny_model_dir, run_root):
     task = HUMANEVAL["HumanEval/2"]
     replies = [call("bash", command="ls"), "The function is already correct, nothing to change."]
-    seen: list[str] = []
-
-    def script(prompt: str) -> str:
-        seen.append(prompt)
-        return replies[len(seen) - 1]
-
-    with orchestrated(tiny_model_dir, run_root, script) as orchestrator:
-        [result] = orchestrator.run(eval_plans([task], ["builtin"], 1))
+    result, seen = run_scripted(task, replies, tiny_model_dir, run_root)
     assert (result.turns, result.ended_by, result.reward) == (2, "submitted", 0.0)
     assert len(seen) == 2  # no third call: the prose was the final answer
     assert "ended: submitted after 2 turns" in (run_root / "run" / result.log).read_text()
