@@ -93,6 +93,10 @@ def _tasks(args: argparse.Namespace) -> list:
         tasks = [known[name] for name in wanted]
     if args.difficulty:
         levels = {level.strip() for level in args.difficulty.split(",")}
+        known_levels = {task.difficulty for task in tasks}
+        if not levels <= known_levels:
+            raise SystemExit(f"arborl: no task of difficulty {', '.join(sorted(levels - known_levels))} in "
+                             f"{args.dataset} (it has {', '.join(sorted(known_levels))})")
         tasks = [task for task in tasks if task.difficulty in levels]
     if args.limit is not None:
         tasks = tasks[: args.limit]

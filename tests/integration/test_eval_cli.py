@@ -137,6 +137,8 @@ def test_bad_invocations_say_what_is_wrong(run_root, capsys):
         main(["eval", "--dataset", "builtin", "--scaffold", "builtin,gpt-pilot"])
     with pytest.raises(SystemExit, match="no task nope"):
         main(["eval", "--dataset", "builtin", "--tasks", "nope", "--run-dir", str(run_root / "r")])
+    with pytest.raises(SystemExit, match=r"no task of difficulty eassy in builtin \(it has easy, hard, medium\)"):
+        main(["eval", "--dataset", "builtin", "--difficulty", "eassy,hard", "--run-dir", str(run_root / "r")])
     with pytest.raises(SystemExit, match="must be that gateway's run folder"):
         main(["eval", "--dataset", "builtin", "--gateway", "http://127.0.0.1:9", "--run-dir", str(run_root / "r")])
     with pytest.raises(SystemExit):
