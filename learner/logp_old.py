@@ -21,18 +21,32 @@ from .tree_forward import packed_logprobs_and_entropy
 
 
 def estimate_logp_old(
-    model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
+    model,
+    batch: PackedBatch,
+    *,
+    passes: int = 1,
+    space: Literal["log", "prob"] = "log",
+    attention: str = SDPA,
+    at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[N] logp_old of every packed token: the mean of ``passes`` no-grad forwards (K = 1: one pass)."""
-    return logp_old_and_entropy(model, batch, passes=passes, space=space, attention=attention)[0]
+    """logp_old of every packed token ([N]) or of the tokens ``at``: the mean of ``passes`` no-grad
+    forwards (K = 1: one pass)."""
+    return logp_old_and_entropy(model, batch, passes=passes, space=space, attention=attention, at=at)[0]
 
 
 def logp_old_and_entropy(
-    model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
+    model,
+    batch: PackedBatch,
+    *,
+    passes: int = 1,
+    space: Literal["log", "prob"] = "log",
+    attention: str = SDPA,
+    at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``estimate_logp_old`` and, from the same K passes, each token's entropy (their mean)."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     with torch.no_grad():
-        logp, entropy = zip(*(packed_logprobs_and_entropy(model, batch, attention=attention) for _ in range(passes)))
+        logp, entropy = zip(*(packed_logprobs_and_entropy(model, batch, attention=attention, at=at)
+                              for _ in range(passes)))
     return mcla_logp_old(torch.stack(logp), space=space), torch.stack(entropy).mean(0)

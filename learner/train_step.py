@@ -2,6 +2,7 @@
 
     tries --plan_micro_batches--> micro-batches (tree packing, or a per-call / per-rollout baseline)
     old pass, no grad: logp_old (MCLA, K forwards), entropy, teacher and reference logprobs
+        (skipped for the policy when one deterministic pass would do: see ``old_pass_needed``)
     rewards --group_advantages--> A_i --rescale_advantages (difficulty, entropy)--> A'_i
     train pass: forward with grad --> logp; IcePop weights from logp_old vs the recorded logp_rollout;
         the loss (turn-level GSPO by default) per micro-batch, backward
@@ -39,7 +40,7 @@ from .core_algos import (
 )
 from .logp_old import logp_old_and_entropy
 from .packing import CallSpan, PackedBatch, pack, split_by_budget
-from .tree_forward import packed_token_logprobs
+from .tree_forward import packed_logprobs_and_entropy, packed_token_logprobs
 
 Layout = Literal["tree", "per_rollout", "per_call"]
 LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo", "sft"]
@@ -149,23 +150,51 @@ def plan_micro_batches(rollouts: Sequence[RolloutSample], budget: int, layout: L
     return micro_batches
 
 
-def _old_pass(model, micro_batches, rollouts, config: StepConfig, teachers, reference) -> None:
-    """logp_old (MCLA), entropy, teacher and reference logprobs of every micro-batch, no grad."""
+def forward_is_deterministic(model) -> bool:
+    """Whether two forwards of one batch give the same logprobs: in eval mode, or in train mode
+    with no dropout or router noise configured (Llama and Qwen train with none)."""
+    if not model.training:
+        return True
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()):
+        return False
+    noisy = [key for key, value in vars(model.config).items()
+             if ("dropout" in key or "jitter" in key) and isinstance(value, (int, float)) and value > 0]
+    return not noisy
+
+
+def old_pass_needed(model, config: StepConfig) -> bool:
+    """Whether the policy needs its own no-grad pass for logp_old before the training pass.
+
+    Not when one pass of a deterministic forward gives logp_old (K = 1): the weights change only
+    after every micro-batch's backward, so the training forward's own logp, detached, *is* logp_old,
+    and the step saves a forward (verl does the same when a batch is one on-policy mini-batch).
+    MCLA (K > 1) averages noisy passes, and entropy-aware rescaling needs every rollout's entropy
+    before the first loss, so both keep the pass.
+    """
+    return config.mcla_passes > 1 or bool(config.entropy_mu) or not forward_is_deterministic(model)
+
+
+def _old_pass(model, micro_batches, rollouts, config: StepConfig, teachers, reference, *, policy: bool) -> None:
+    """No grad, per micro-batch: logp_old (MCLA) and entropy if ``policy``; teacher and reference logprobs."""
+    parameter = next(model.parameters())
     for micro in micro_batches:
-        logp_old, entropy = logp_old_and_entropy(model, micro.batch, passes=config.mcla_passes,
-                                                 attention=config.attention)
-        micro.logp_old, micro.entropy = logp_old[micro.flat], entropy[micro.flat]
+        if policy:
+            micro.logp_old, micro.entropy = logp_old_and_entropy(model, micro.batch, passes=config.mcla_passes,
+                                                                 attention=config.attention, at=micro.flat)
         domains = [rollouts[int(i)].domain for i in micro.token_rollout]
         if teachers and any(d in teachers for d in domains):
-            micro.logp_teacher = torch.full_like(micro.logp_old, float("nan"))
+            micro.logp_teacher = torch.full(micro.flat.shape, float("nan"), dtype=parameter.dtype,
+                                            device=parameter.device)
             for domain in set(domains) & set(teachers):
                 with torch.no_grad():
-                    scored = packed_token_logprobs(teachers[domain], micro.batch, attention=config.attention)
+                    scored = packed_token_logprobs(teachers[domain], micro.batch, attention=config.attention,
+                                                   at=micro.flat)
                 rows = torch.tensor([d == domain for d in domains])
-                micro.logp_teacher[rows] = scored[micro.flat][rows].to(micro.logp_teacher)
+                micro.logp_teacher[rows] = scored[rows].to(micro.logp_teacher)
         if reference is not None and config.kl_coef > 0:
             with torch.no_grad():
-                micro.logp_ref = packed_token_logprobs(reference, micro.batch, attention=config.attention)[micro.flat]
+                micro.logp_ref = packed_token_logprobs(reference, micro.batch, attention=config.attention,
+                                                       at=micro.flat)
 
 
 def _rollout_entropy(micro_batches, num_rollouts: int) -> torch.Tensor:
@@ -232,13 +261,15 @@ def train_step(
         # The sequence ratio is over a rollout's whole completion, so each rollout must sit in one micro-batch.
         config = replace(config, layout="per_rollout", token_budget=1 << 62)
     micro_batches = plan_micro_batches(rollouts, config.token_budget, config.layout)
-    _old_pass(model, micro_batches, rollouts, config, teachers or {}, reference)
+    policy_pass = old_pass_needed(model, config)
+    _old_pass(model, micro_batches, rollouts, config, teachers or {}, reference, policy=policy_pass)
 
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     groups = torch.tensor([r.group for r in rollouts])
     advantages = group_advantages(rewards, groups, use_std=config.use_std)
-    entropy = _rollout_entropy(micro_batches, len(rollouts))
     if config.difficulty_lambda or config.entropy_mu:
+        # Without the old pass entropy_mu is 0, so the entropies (not known yet) do not count.
+        entropy = _rollout_entropy(micro_batches, len(rollouts)) if policy_pass else torch.zeros(len(rollouts))
         advantages = rescale_advantages(advantages, groups, (rewards > 0).double(), entropy,
                                         lam=config.difficulty_lambda, mu=config.entropy_mu)
     for index, rollout in enumerate(rollouts):  # feedback: reward against a running baseline
@@ -258,7 +289,9 @@ def train_step(
     tokens = completion_tokens = 0
     mismatch = []
     for micro in micro_batches:
-        logp = packed_token_logprobs(model, micro.batch, attention=config.attention)[micro.flat]
+        logp, entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention, at=micro.flat)
+        if not policy_pass:  # one deterministic pass: this forward's own logp is logp_old
+            micro.logp_old, micro.entropy = logp.detach(), entropy.detach()
         weights = None
         recorded = [rollouts[int(r)].logp_rollout.get(c.key) for c, r in zip(micro.calls, micro.call_rollout)]
         if config.icepop and all(x is not None for x in recorded):
@@ -285,7 +318,7 @@ def train_step(
         "loss": totals["loss"],
         "clip_frac": totals["clip"] / max(sum(len(m.calls) for m in micro_batches), 1),
         "grad_norm": float(grad_norm),
-        "entropy": float(entropy.mean()),
+        "entropy": float(_rollout_entropy(micro_batches, len(rollouts)).mean()),
         "reward_mean": float(rewards.mean()),
         "tokens": float(tokens),
         "completion_tokens": float(completion_tokens),

@@ -4,7 +4,10 @@ The model's decoder runs its own code over the flat tokens with ``position_ids``
 tree attention (``kernels.tree_attention``). The logprob of token t comes from the hidden state
 at ``parent[t]``, the previous token on t's own path, so each call's tokens get exactly the
 values a separate forward of that call would give them. The LM head is applied by the fused,
-chunked kernel (``kernels.fused_logprob``), so the [tokens x vocab] logits never exist.
+chunked kernel (``kernels.fused_logprob``), so the [tokens x vocab] logits never exist, and only
+at the tokens asked for (``at``): the learner scores completion tokens, and in an agent's trie
+most tokens are prompt and tool output, which the decoder must read but no loss scores. The head
+is about a fifth of the default model's per-token work, so this is not a detail.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from .packing import PackedBatch
 
 
 def packed_logprobs_and_entropy(
-    model, batch: PackedBatch, *, attention: str = SDPA, chunk_size: int = 1024
+    model, batch: PackedBatch, *, attention: str = SDPA, at: torch.Tensor | None = None, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N] logprob of each token given its path and [N] entropy of the distribution it was drawn
-    from (both NaN at roots, which have no context)."""
+    """The logprob of each token given its path and the entropy of the distribution it was drawn
+    from (both NaN at roots, which have no context): [N], or [len(at)] for the token indices ``at``.
+    """
     register_tree_attention()
     if model.config._attn_implementation != attention:
         model.set_attn_implementation(attention)
@@ -31,6 +35,9 @@ def packed_logprobs_and_entropy(
         input_ids=ids[None], position_ids=batch.position_ids.to(device)[None], tree=TreeMask(batch.end.to(device))
     ).last_hidden_state[0]
     parent = batch.parent.to(device)
+    if at is not None:
+        at = at.to(device)
+        parent, ids = parent[at], ids[at]
     head = model.get_output_embeddings()
     logp, entropy = token_logprob_and_entropy(
         hidden[parent.clamp(min=0)], head.weight, ids, bias=head.bias, chunk_size=chunk_size
@@ -40,6 +47,8 @@ def packed_logprobs_and_entropy(
     return torch.where(root, nan, logp), torch.where(root, nan, entropy)
 
 
-def packed_token_logprobs(model, batch: PackedBatch, *, attention: str = SDPA) -> torch.Tensor:
-    """[N] logprob of each token given its path (NaN at roots)."""
-    return packed_logprobs_and_entropy(model, batch, attention=attention)[0]
+def packed_token_logprobs(
+    model, batch: PackedBatch, *, attention: str = SDPA, at: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The logprob of each token given its path (NaN at roots): [N], or at the indices ``at``."""
+    return packed_logprobs_and_entropy(model, batch, attention=attention, at=at)[0]

@@ -61,3 +61,46 @@ def test_reward_rises_from_chance():
     print("mean reward per step:", [round(r, 2) for r in rewards])
     assert sum(rewards[:3]) / 3 < 0.1  # chance is 1/61
     assert sum(rewards[-5:]) / 5 > 0.9
+
+
+def test_skipping_the_old_pass_changes_nothing(monkeypatch):
+    """With one deterministic pass, logp_old is the training forward's own logp: the step that
+    skips the old pass ends with the same weights and metrics as the one that runs it."""
+    from arborl.learner import train_step as module
+
+    assert not module.old_pass_needed(_model().train(), StepConfig())
+    generator = torch.Generator().manual_seed(3)
+    start = _model().double().train()
+    rollouts = _group(start, 0, generator)
+    results = []
+    for needed in (True, False):
+        model = _model().double().train()
+        model.load_state_dict(start.state_dict())
+        monkeypatch.setattr(module, "old_pass_needed", lambda model, config, needed=needed: needed)
+        # difficulty rescaling on (it runs without the old pass), KL off; IcePop sees the recorded logprobs
+        metrics = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rollouts,
+                             StepConfig(difficulty_lambda=0.5))
+        results.append((metrics, {name: p.detach().clone() for name, p in model.named_parameters()}))
+    (with_pass, weights_with), (without_pass, weights_without) = results
+    for key in ("loss", "clip_frac", "grad_norm", "entropy", "mismatch_abs", "mismatch_kl", "icepop_zeroed_frac"):
+        assert abs(with_pass[key] - without_pass[key]) <= 1e-9 * max(abs(with_pass[key]), 1.0), key
+    assert with_pass["grad_norm"] > 0
+    for name, weight in weights_with.items():
+        torch.testing.assert_close(weights_without[name], weight, rtol=1e-12, atol=1e-12)
+
+
+def test_which_steps_need_an_old_pass():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from arborl.learner.train_step import forward_is_deterministic, old_pass_needed
+
+    plain = _model().train()
+    assert forward_is_deterministic(plain)
+    assert old_pass_needed(plain, StepConfig(mcla_passes=8))  # MCLA averages K passes
+    assert old_pass_needed(plain, StepConfig(entropy_mu=0.1))  # needs entropies before the first loss
+    noisy = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1))
+    assert not forward_is_deterministic(noisy.train()) and old_pass_needed(noisy, StepConfig())
+    assert forward_is_deterministic(noisy.eval())  # dropout is off in eval mode
+    plain.model.layers[0].mlp.act_fn = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Dropout(0.1))
+    assert not forward_is_deterministic(plain.train())

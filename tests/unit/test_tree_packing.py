@@ -176,11 +176,13 @@ def _separate_loss(model, paths, coefficients) -> torch.Tensor:
 
 
 def _packed_loss(model, trie, calls, coefficients, attention) -> torch.Tensor:
+    """As the learner computes it: the LM head applied at the completion tokens only."""
     batch = pack([(trie, calls)])
-    logp = packed_token_logprobs(model, batch, attention=attention)
-    return sum(
-        c * logp[batch.completion_index[call.key]].sum() for call, c in zip(calls, coefficients, strict=True)
+    index = [batch.completion_index[call.key] for call in calls]
+    logp = packed_token_logprobs(model, batch, attention=attention, at=torch.cat(index)).split(
+        [i.numel() for i in index]
     )
+    return sum(c * call_logp.sum() for call_logp, c in zip(logp, coefficients, strict=True))
 
 
 def _assert_relative(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-9) -> None:
@@ -220,6 +222,31 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("seed", range(4))
 def test_packed_loss_and_gradients_equal_separate_calls(seed: int, attention: str, small_blocks):
     _assert_packed_matches_separate(seed, attention, "cpu")
+
+
+def test_scoring_some_tokens_equals_scoring_all_then_picking(small_blocks):
+    """``at`` skips the LM head elsewhere and changes nothing where it scores: the same logprobs,
+    and the same gradients for a loss on them, as scoring every token and indexing."""
+    rng = random.Random(11)
+    trie, calls = _trie(_agent_shaped(rng, rollouts=3))
+    batch = pack([(trie, calls)])
+    at = torch.cat([batch.completion_index[call.key] for call in calls])
+    assert 0 < at.numel() < batch.num_tokens
+    weights = torch.rand(at.numel(), dtype=torch.float64)
+    model = _model()
+    results = []
+    for scored in ("all", "at"):
+        model.zero_grad()
+        if scored == "all":
+            logp = packed_token_logprobs(model, batch, attention=BLOCKS)[at]
+        else:
+            logp = packed_token_logprobs(model, batch, attention=BLOCKS, at=at)
+        (weights * logp).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logp_all, grads_all), (logp_at, grads_at) = results
+    _assert_relative(logp_at, logp_all, tol=1e-12)
+    for name, grad in grads_at.items():
+        _assert_relative(grad, grads_all[name])
 
 
 def test_flex_attention_gives_the_same_loss_on_cpu():
