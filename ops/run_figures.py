@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,21 +49,40 @@ class RunFigures:
         return statistics.median(self.latencies_s) if self.latencies_s else None
 
 
-def first_served_at(calls: list[tuple[float | None, float | None, bytes]], version: int) -> float | None:
-    """When the first token of ``version`` (or newer) was served, from (first_token_at,
-    finished_at, completion_versions) rows ordered by creation."""
-    best: float | None = None
+def first_served_by_version(calls: Iterable[tuple[float | None, float | None, bytes]]) -> dict[int, float]:
+    """For each version seen in (first_token_at, finished_at, completion_versions) rows: when the
+    first token of that version or a newer one was served. One pass over the calls."""
+    first: dict[int, float] = {}  # the first token of exactly this version
     for first_token_at, finished_at, blob in calls:
         if first_token_at is None:
             continue
         versions = blob_ids(blob)
-        index = next((i for i, v in enumerate(versions) if v >= version), None)
-        if index is None:
+        if not versions:
             continue
         end = finished_at if finished_at is not None else first_token_at
-        at = first_token_at + (end - first_token_at) * index / max(len(versions) - 1, 1)
-        best = at if best is None else min(best, at)
-    return best
+        span = (end - first_token_at) / max(len(versions) - 1, 1)
+        # Only where the version changes (a swap mid-stream): most calls have one version throughout.
+        starts = [0] if versions[0] == versions[-1] else [
+            i for i in range(len(versions)) if i == 0 or versions[i] != versions[i - 1]]
+        for index in starts:
+            at = first_token_at + span * index
+            first[versions[index]] = min(first.get(versions[index], at), at)
+    served, earliest = {}, None
+    for version in sorted(first, reverse=True):  # a newer version's token serves an older step too
+        earliest = first[version] if earliest is None else min(earliest, first[version])
+        served[version] = earliest
+    return served
+
+
+def served_at(served: dict[int, float], version: int) -> float | None:
+    """When ``version`` (or newer) was first served, from ``first_served_by_version``."""
+    newer = [v for v in served if v >= version]
+    return served[min(newer)] if newer else None
+
+
+def first_served_at(calls: list[tuple[float | None, float | None, bytes]], version: int) -> float | None:
+    """When the first token of ``version`` (or newer) was served."""
+    return served_at(first_served_by_version(calls), version)
 
 
 def read_figures(run_dir: Path, *, start: float | None = None, end: float | None = None) -> RunFigures:
@@ -83,15 +103,18 @@ def read_figures(run_dir: Path, *, start: float | None = None, end: float | None
         busy = sum(min(m.get("finished_at", t), end) - max(m["started_at"], start)
                    for _, _, m, t in window if "started_at" in m)
         latencies = []
+        published = [m["published_at"] for _, _, m, _ in window if "published_at" in m]
+        served = {} if not published else first_served_by_version(db.execute(
+            "SELECT first_token_at, finished_at, completion_versions FROM calls WHERE finished_at >= ?",
+            (min(published),)))
+        rewarded = dict(db.execute("SELECT consumed_step, MAX(completed_at) FROM groups "
+                                   "WHERE consumed_step IS NOT NULL GROUP BY consumed_step"))
         for step, version, metrics, _ in window:
-            rewarded = db.execute("SELECT MAX(completed_at) FROM groups WHERE consumed_step = ?", (step,)).fetchone()[0]
-            if rewarded is None or "published_at" not in metrics:
+            if rewarded.get(step) is None or "published_at" not in metrics:
                 continue  # a feedback step, or a version never published
-            calls = db.execute("SELECT first_token_at, finished_at, completion_versions FROM calls "
-                               "WHERE finished_at >= ? ORDER BY created_at", (metrics["published_at"],)).fetchall()
-            served = first_served_at(calls, version)
-            if served is not None:
-                latencies.append(served - rewarded)
+            first = served_at(served, version)
+            if first is not None:
+                latencies.append(first - rewarded[step])
     finally:
         db.close()
     return RunFigures(start, end, rollouts, len(window), busy, latencies)

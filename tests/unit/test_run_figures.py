@@ -1,8 +1,11 @@
 """When a version was first served, from the stored calls (ops/run_figures.py)."""
 
+import random
 from array import array
 
-from arborl.ops.run_figures import RunFigures, first_served_at
+import pytest
+
+from arborl.ops.run_figures import RunFigures, first_served_at, first_served_by_version, served_at
 
 
 def versions(*values: int) -> bytes:
@@ -31,3 +34,24 @@ def test_rates():
     assert figures.rollouts_per_hour == 180.0
     assert figures.learner_busy_fraction == 0.25
     assert figures.latency_median_s == 20.0
+
+
+def test_one_pass_gives_every_version_what_a_scan_per_version_gives():
+    """``read_figures`` reads the calls once for all steps; per version it must agree with the
+    direct definition: the earliest token, over all calls, whose version is at least it."""
+    rng = random.Random(0)
+    calls = []
+    for _ in range(200):
+        start, n = rng.uniform(0, 1000), rng.randint(0, 12)
+        version, tokens = rng.randint(0, 8), []
+        for _ in range(n):  # versions never decrease inside a call; a swap may land mid-stream
+            version += rng.random() < 0.15
+            tokens.append(version)
+        calls.append((None if rng.random() < 0.05 else start, start + rng.uniform(0, 30), versions(*tokens)))
+    served = first_served_by_version(calls)
+    for version in range(12):
+        times = [first + (end - first) * i / max(len(vs) - 1, 1)
+                 for first, end, blob in calls if first is not None
+                 for vs in [array("i", blob)] for i, v in enumerate(vs) if v >= version]
+        expected = pytest.approx(min(times), rel=1e-12) if times else None
+        assert served_at(served, version) == expected
