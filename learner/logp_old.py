@@ -21,17 +21,10 @@ from .tree_forward import packed_logprobs_and_entropy
 
 
 def estimate_logp_old(
-    model,
-    batch: PackedBatch,
-    *,
-    passes: int = 1,
-    space: Literal["log", "prob"] = "log",
-    attention: str = SDPA,
-    at: torch.Tensor | None = None,
+    model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
 ) -> torch.Tensor:
-    """logp_old of every packed token ([N]) or of the tokens ``at``: the mean of ``passes`` no-grad
-    forwards (K = 1: one pass)."""
-    return logp_old_and_entropy(model, batch, passes=passes, space=space, attention=attention, at=at)[0]
+    """[N] logp_old of every packed token: the mean of ``passes`` no-grad forwards (K = 1: one pass)."""
+    return logp_old_and_entropy(model, batch, passes=passes, space=space, attention=attention)[0]
 
 
 def logp_old_and_entropy(
@@ -43,7 +36,8 @@ def logp_old_and_entropy(
     attention: str = SDPA,
     at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``estimate_logp_old`` and, from the same K passes, each token's entropy (their mean)."""
+    """``estimate_logp_old`` and, from the same K passes, each token's entropy (their mean); at
+    the token indices ``at`` only, if given."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     with torch.no_grad():

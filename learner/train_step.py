@@ -157,9 +157,8 @@ def forward_is_deterministic(model) -> bool:
         return True
     if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()):
         return False
-    noisy = [key for key, value in vars(model.config).items()
-             if ("dropout" in key or "jitter" in key) and isinstance(value, (int, float)) and value > 0]
-    return not noisy
+    return not any(("dropout" in key or "jitter" in key) and isinstance(value, (int, float)) and value > 0
+                   for key, value in vars(model.config).items())
 
 
 def old_pass_needed(model, config: StepConfig) -> bool:
@@ -183,8 +182,9 @@ def _old_pass(model, micro_batches, rollouts, config: StepConfig, teachers, refe
                                                                  attention=config.attention, at=micro.flat)
         domains = [rollouts[int(i)].domain for i in micro.token_rollout]
         if teachers and any(d in teachers for d in domains):
-            micro.logp_teacher = torch.full(micro.flat.shape, float("nan"), dtype=parameter.dtype,
-                                            device=parameter.device)
+            # fp32 (fp64 for an fp64 student), like the logprobs the fused kernel gives
+            micro.logp_teacher = torch.full(micro.flat.shape, float("nan"), device=parameter.device,
+                                            dtype=torch.promote_types(parameter.dtype, torch.float32))
             for domain in set(domains) & set(teachers):
                 with torch.no_grad():
                     scored = packed_token_logprobs(teachers[domain], micro.batch, attention=config.attention,

@@ -61,7 +61,8 @@ def first_served_by_version(calls: Iterable[tuple[float | None, float | None, by
             continue
         end = finished_at if finished_at is not None else first_token_at
         span = (end - first_token_at) / max(len(versions) - 1, 1)
-        # Only where the version changes (a swap mid-stream): most calls have one version throughout.
+        # Only where the version changes (a swap mid-stream); versions never decrease inside a
+        # call, so equal ends mean one version throughout, as in most calls.
         starts = [0] if versions[0] == versions[-1] else [
             i for i in range(len(versions)) if i == 0 or versions[i] != versions[i - 1]]
         for index in starts:
@@ -76,7 +77,9 @@ def first_served_by_version(calls: Iterable[tuple[float | None, float | None, by
 
 def served_at(served: dict[int, float], version: int) -> float | None:
     """When ``version`` (or newer) was first served, from ``first_served_by_version``."""
-    newer = [v for v in served if v >= version]
+    if version in served:
+        return served[version]
+    newer = [v for v in served if v > version]
     return served[min(newer)] if newer else None
 
 

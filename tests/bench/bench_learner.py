@@ -28,9 +28,10 @@ import random
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -59,19 +60,6 @@ def agent_group(vocab: int, *, rollouts: int = 4, prompt: int = 512, turns: int 
     return samples
 
 
-@contextmanager
-def patched(*replacements):
-    """Set (module, name, value) attributes for the duration of the block."""
-    originals = [(module, name, getattr(module, name)) for module, name, _ in replacements]
-    for module, name, value in replacements:
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for module, name, value in originals:
-            setattr(module, name, value)
-
-
 def _head_everywhere(original):
     def score(model, batch, *, attention, at=None, **kwargs):
         logp, entropy = original(model, batch, attention=attention, **kwargs)
@@ -80,13 +68,16 @@ def _head_everywhere(original):
     return score
 
 
+@contextmanager
 def baseline(*, old_pass: bool, head_everywhere: bool = False):
-    replacements = [(train_step_module, "old_pass_needed", lambda model, config: True)] if old_pass else []
-    if head_everywhere:
-        score = _head_everywhere(tree_forward.packed_logprobs_and_entropy)
-        replacements += [(module, "packed_logprobs_and_entropy", score)
-                         for module in (tree_forward, logp_old, train_step_module)]
-    return patched(*replacements)
+    with ExitStack() as stack:
+        if old_pass:
+            stack.enter_context(patch.object(train_step_module, "old_pass_needed", lambda model, config: True))
+        if head_everywhere:
+            score = _head_everywhere(tree_forward.packed_logprobs_and_entropy)
+            for module in (tree_forward, logp_old, train_step_module):
+                stack.enter_context(patch.object(module, "packed_logprobs_and_entropy", score))
+        yield
 
 
 def main() -> None:

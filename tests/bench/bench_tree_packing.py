@@ -101,7 +101,7 @@ def main() -> None:
           f"{group[0].trie.num_tokens} tokens, {sum(len(r.calls) for r in group)} calls", file=sys.stderr)
 
     # Warm each layout up on its own shapes first: the first step at a new size pays the first
-    # touch of its memory (an 8k-token tree step: about 77 s, then 62-68 s).
+    # touch of its memory (an 8k-token tree step: about 77 s, then 62-72 s).
     for layout in ("tree", "per_rollout"):
         train_step(model, optimizer, group, config[layout])
         print(f"{layout}: warmed up", file=sys.stderr, flush=True)
