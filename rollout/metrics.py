@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .results import RolloutResult
@@ -13,6 +15,7 @@ _SECONDS_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 _REWARD_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 _TURN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PHASES = ("setup", "agent", "model", "tools", "verify", "teardown")
+OUTCOMES = ("solved", "failed", "infra_failed")
 
 
 class RolloutMetrics:
@@ -33,6 +36,19 @@ class RolloutMetrics:
                                  buckets=_SECONDS_BUCKETS, registry=r)
         self.groups_completed = Counter("arborl_groups_completed_total", "Groups whose every rollout is graded",
                                         registry=r)
+
+    def declare(self, scaffolds: Iterable[str]) -> None:
+        """Create every labelled series of these scaffolds at zero, so that /metrics lists them
+        before the first rollout ends (after a restart too): a dashboard's rate() and an alert
+        then read 0 instead of a missing series."""
+        for scaffold in scaffolds:
+            for outcome in OUTCOMES:
+                self.rollouts.labels(scaffold, outcome)
+            self.infra_attempts.labels(scaffold)
+            self.reward.labels(scaffold)
+            self.turns.labels(scaffold)
+        for phase in (*PHASES, "total"):
+            self.seconds.labels(phase)
 
     def observe(self, result: RolloutResult) -> None:
         if result.status != "done":

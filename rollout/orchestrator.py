@@ -145,6 +145,7 @@ class Orchestrator:
         self.judge = judge or _configured_judge(self.settings)
         self.on_result = on_result or (lambda result, resumed: None)
         self.metrics = metrics or RolloutMetrics()
+        self.metrics.declare(self.settings.scaffolds)
         self.stop = threading.Event()
         self._jobs_lock = threading.Lock()
         self._active = 0  # rollouts under way (rollout.learner_gate waits for none)

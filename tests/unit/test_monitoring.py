@@ -37,3 +37,18 @@ def test_the_alerts_the_issue_asks_for_exist_and_scrape_config_covers_every_comp
     assert jobs == {"arborl-gateway": ["127.0.0.1:8000"], "arborl-learner": ["127.0.0.1:8001"],
                     "arborl-rollouts": ["127.0.0.1:8002"]}
     assert scrape["rule_files"] == ["alerts.yml"]
+
+
+def test_rollout_series_exist_before_the_first_rollout_ends():
+    """A restarted rollout worker has observed nothing yet; its /metrics still lists every series
+    the shipped alerts and dashboard read, at zero."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = RolloutMetrics()
+    metrics.declare(["builtin"])
+    text = generate_latest(metrics.registry).decode()
+    live = {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    read = shipped_metric_names() & set(metrics.registry._names_to_collectors)
+    assert read and read - live == set()
+    assert 'arborl_rollouts_total{outcome="solved",scaffold="builtin"} 0.0' in text
