@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from .engines.base import EngineError
 from .errors import Conflict, Forbidden, InvalidRequest, Unauthorized
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+MAX_VERSION = (1 << 63) - 1  # versions are 64-bit integers in the store
 
 
 class PublishRequest(BaseModel):
     path: str = Field(description="a safetensors file, or a folder of them (Hugging Face layout)")
-    version: int = Field(ge=1, description="the new policy version; must exceed the served one")
+    version: int = Field(ge=1, le=MAX_VERSION, description="the new policy version; must exceed the served one")
 
 
 def admin_name(request: Request) -> str:
@@ -37,14 +37,21 @@ def admin_name(request: Request) -> str:
     if not keys:
         raise Forbidden("admin routes are off: set gateway.admin_token to use them")
     given = (gateway.api_key(request) or "").encode()
-    for name, key in keys.items():
-        if secrets.compare_digest(given, key.encode()):
-            return name
-    raise Unauthorized("admin routes need an admin key (Authorization: Bearer TOKEN)")
+    caller = None
+    for name, key in keys.items():  # every key compared, in constant time: no early exit tells which
+        if secrets.compare_digest(given, key.encode()) and given:
+            caller = name
+    if caller is None:
+        raise Unauthorized("admin routes need an admin key (Authorization: Bearer TOKEN)")
+    return caller
+
+
+# Every admin route checks the key first, as a dependency: FastAPI runs it before it validates the
+# body, so a caller without a key learns nothing about what the routes accept.
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_name)])
 
 
 def _check_admin(request: Request) -> Any:
-    admin_name(request)
     return request.app.state.gateway
 
 

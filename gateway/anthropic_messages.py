@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .anthropic_schema import (
     CountTokensRequest,
@@ -33,8 +33,9 @@ from .anthropic_schema import (
 )
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta
 from .engines.base import SamplingParams
-from .errors import GatewayError, InvalidRequest
-from .http_streams import CLIENT_CLOSED_REQUEST, last_result, until_disconnected
+from .errors import InvalidRequest
+from .http_streams import CLIENT_CLOSED_REQUEST, ending_with_error_event, last_result, until_disconnected
+from .json_wire import JSONResponse, sse_event
 from .rendering import ChatMessage
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
 from .tool_schemas import check_chosen_tool, check_function_tools
@@ -137,10 +138,13 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
         raise InvalidRequest("count_tokens needs a tokenizer: this gateway forwards to an upstream without one "
                              "(set engine.tokenizer)")
     tools, choice = tools_and_choice(body)
-    rendered = gateway.renderer.render(
-        normalise_messages(body), tools, tool_choice=choice, enable_thinking=_enable_thinking(body)
-    )
-    return {"input_tokens": len(gateway.renderer.encode(rendered.text))}
+    renderer, messages = gateway.renderer, normalise_messages(body)
+
+    def count() -> int:  # in a worker thread: tokenising a long conversation must not stall the event loop
+        rendered = renderer.render(messages, tools, tool_choice=choice, enable_thinking=_enable_thinking(body))
+        return len(renderer.encode(rendered.text))
+
+    return {"input_tokens": await asyncio.to_thread(count)}
 
 
 @router.post("/v1/messages", tags=["anthropic"])
@@ -173,7 +177,8 @@ async def messages(body: MessagesRequest, request: Request):
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(_message(message_id, body.model, result), headers=headers)
-    events = _sse(stream, message_id, body.model, len(prepared.plan.prompt_ids))
+    events = ending_with_error_event(_sse(stream, message_id, body.model, len(prepared.plan.prompt_ids)),
+                                     lambda exc: sse_event("error", exc.anthropic_body()))
     return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
@@ -206,7 +211,7 @@ def _message(message_id: str, model: str, result: CompletionResult) -> dict[str,
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n".encode()
+    return sse_event(name, {"type": name, **data})
 
 
 async def _with_pings(stream: AsyncIterator, seconds: float) -> AsyncIterator[Any]:
@@ -254,37 +259,34 @@ async def _sse(stream: AsyncIterator, message_id: str, model: str, prompt_tokens
     def close() -> list[bytes]:
         return [_event("content_block_stop", {"index": index})] if open_kind else []
 
-    try:
-        async for event in _with_pings(stream, PING_SECONDS):
-            if event is None:
-                yield _event("ping", {})
-                continue
-            if isinstance(event, CompletionResult):
-                for chunk in close():
-                    yield chunk
-                stop_reason, stop_sequence = _stop(event)
-                yield _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                               "usage": _usage(event)})
-                yield _event("message_stop", {})
-                return
-            kind = {ReasoningDelta: "thinking", TextDelta: "text", ToolCallStart: "tool_use"}.get(type(event))
-            if kind is not None and (kind != open_kind or kind == "tool_use"):
-                for chunk in close():
-                    yield chunk
-                index, open_kind = index + 1, kind
-                block = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
-                         "text": {"type": "text", "text": ""}}.get(kind)
-                if isinstance(event, ToolCallStart):
-                    block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
-                yield _event("content_block_start", {"index": index, "content_block": block})
-            if isinstance(event, ReasoningDelta):
-                delta = {"type": "thinking_delta", "thinking": event.text}
-            elif isinstance(event, TextDelta):
-                delta = {"type": "text_delta", "text": event.text}
-            elif isinstance(event, ToolCallArgsDelta):
-                delta = {"type": "input_json_delta", "partial_json": event.fragment}
-            else:
-                continue
-            yield _event("content_block_delta", {"index": index, "delta": delta})
-    except GatewayError as exc:
-        yield f"event: error\ndata: {json.dumps(exc.anthropic_body())}\n\n".encode()
+    async for event in _with_pings(stream, PING_SECONDS):
+        if event is None:
+            yield _event("ping", {})
+            continue
+        if isinstance(event, CompletionResult):
+            for chunk in close():
+                yield chunk
+            stop_reason, stop_sequence = _stop(event)
+            yield _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                           "usage": _usage(event)})
+            yield _event("message_stop", {})
+            return
+        kind = {ReasoningDelta: "thinking", TextDelta: "text", ToolCallStart: "tool_use"}.get(type(event))
+        if kind is not None and (kind != open_kind or kind == "tool_use"):
+            for chunk in close():
+                yield chunk
+            index, open_kind = index + 1, kind
+            block = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                     "text": {"type": "text", "text": ""}}.get(kind)
+            if isinstance(event, ToolCallStart):
+                block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+            yield _event("content_block_start", {"index": index, "content_block": block})
+        if isinstance(event, ReasoningDelta):
+            delta = {"type": "thinking_delta", "thinking": event.text}
+        elif isinstance(event, TextDelta):
+            delta = {"type": "text_delta", "text": event.text}
+        elif isinstance(event, ToolCallArgsDelta):
+            delta = {"type": "input_json_delta", "partial_json": event.fragment}
+        else:
+            continue
+        yield _event("content_block_delta", {"index": index, "delta": delta})

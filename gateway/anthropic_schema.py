@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .tool_schemas import TOOL_NAME_PATTERN
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -55,7 +57,7 @@ class Message(_Open):
 
 
 class Tool(_Open):
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_\-]{1,128}$")]
+    name: Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     type: str | None = None  # "custom" or absent; server tools (web_search_...) are ignored

@@ -6,17 +6,19 @@ both build the gateway through it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
 import logging
+import secrets
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +31,7 @@ from . import admin, anthropic_messages, feedback, openai_chat, operations, resp
 from .completions import CompletionService
 from .engines.base import Engine
 from .errors import (
+    Forbidden,
     GatewayError,
     HTTPRefusal,
     InternalError,
@@ -37,6 +40,8 @@ from .errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from .json_nesting import MAX_JSON_DEPTH, nesting_exceeds
+from .json_wire import JSONResponse
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
 from .sessions import SessionIdentity, check_session_id, identify_session
@@ -98,9 +103,14 @@ class Gateway:
         return request.headers.get("x-api-key") or None
 
     def identify(self, request: Request, body: Any) -> SessionIdentity:
-        """Check the key and the model name; say which session the request belongs to."""
+        """Check the key and the model name; say which session the request belongs to.
+
+        A session key arborl issued records into its own session only (and that session's
+        auxiliary tries): naming another one by path or header is refused with a 403.
+        """
         key = self.api_key(request)
-        if self.keys_required and key not in self.settings.api_keys and not (key and self.store.session_for_key(key)):
+        own_session = self.store.session_for_key(key) if key else None
+        if self.keys_required and own_session is None and not is_configured_key(key, self.settings.api_keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or x-api-key: KEY)")
         if body.model not in self.model_names:
             raise ModelNotFound(
@@ -112,8 +122,11 @@ class Gateway:
             headers=request.headers,
             api_key=key,
             body=body.model_dump(include={"metadata", "client_metadata"}),
-            session_for_key=self.store.session_for_key,
+            session_for_key=lambda _key: own_session,
         )
+        if own_session is not None and session.id != own_session:
+            raise Forbidden("this API key was issued for another session: a session key records into its own "
+                            "session only", param="session")
         purpose = call_purpose(request.headers, _LazyJson(request.scope.get("arborl.raw_body", b"")))
         return session.for_purpose(purpose.kind, purpose.branch)
 
@@ -154,6 +167,17 @@ class _LazyJson(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._data())
+
+
+def is_configured_key(key: str | None, keys: list[str]) -> bool:
+    """Whether ``key`` is one of ``keys``, compared in constant time (no early exit on a mismatch)."""
+    if not key:
+        return False
+    given = key.encode()
+    found = False
+    for candidate in keys:
+        found |= secrets.compare_digest(given, candidate.encode())
+    return found
 
 
 def _is_loopback(host: str) -> bool:
@@ -212,8 +236,16 @@ class RequestMetrics:
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
 
 
-class BodyLimit:
-    """Refuse bodies over the limit (413) and keep the raw bytes for the call record."""
+class RequestBody:
+    """Read the whole body once, refuse what no parser should see, keep the raw bytes for the record.
+
+    Refused here, in the dialect's error format: a body over ``max_bytes`` (413), and JSON nested
+    deeper than ``json_nesting.MAX_JSON_DEPTH`` (400), which would otherwise reach the JSON parser,
+    pydantic, jsonschema and the chat template as a RecursionError. Large bodies are checked in a
+    worker thread, so one client's 30 MB body does not stall the event loop for the others.
+    """
+
+    _INLINE_BYTES = 256 << 10
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -222,9 +254,10 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        too_large = PayloadTooLarge(f"request body exceeds the limit of {self.max_bytes} bytes")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _too_large(scope, self.max_bytes, send)
+            return await _refuse(scope, send, too_large)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -233,11 +266,17 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await _too_large(scope, self.max_bytes, send)
+                return await _refuse(scope, send, too_large)
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
+        too_deep = (nesting_exceeds(body) if len(body) <= self._INLINE_BYTES
+                    else await asyncio.to_thread(nesting_exceeds, body))
+        if too_deep:
+            return await _refuse(scope, send, InvalidRequest(
+                f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep "
+                f"(the gateway's limit)"))
         scope["arborl.raw_body"] = body
         replayed = False
 
@@ -251,14 +290,83 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(scope: Scope, limit: int, send: Send) -> None:
-    error = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+async def _refuse(scope: Scope, send: Send, error: GatewayError) -> None:
     response = error_response(Request(scope), error)
     await response(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+class InternalErrors:
+    """Any exception that is not one of the gateway's own errors: a bug in arborl, answered 500.
+
+    Answered here, not by Starlette's outermost error middleware, because that one re-raises
+    after answering and the server then drops the keep-alive connection without saying so (the
+    client's next request on it fails). Here the 500 is a complete response and the connection
+    stays usable. A failure after a response started (a stream) cannot change its status: the
+    dialects end their streams with their own error event (``http_streams.ending_with_error_event``),
+    so nothing reaches this point but the log line.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            route = getattr(scope.get("route"), "path", None)
+            log.exception("unhandled error on %s", route or ascii(scope.get("path", "")))
+            if started:
+                raise  # the response is broken half-way: the server must close the connection
+            await _refuse(scope, send, InternalError("internal error in arborl"))
+
+
+def validation_refusal(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """pydantic's complaints about a body -> one 400 naming the field, what is wrong, what came.
+
+    Of several complaints the most specific (deepest) is reported: for a value that matches no
+    member of a union, pydantic complains once per member, and the member the value was meant
+    for goes deepest. Union members' labels in the location (``str``, ``list[...]``, the tags of
+    typed items, which have a space) are left out, so the location reads as a path in the body.
+    """
+    first = max(errors, key=lambda error: len(error.get("loc", ())), default={})
+    location = ".".join(str(part) for part in first.get("loc", ())[1:] if not _union_label(part))
+    message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})")
+    if not location:
+        return InvalidRequest("a JSON request body is required" if first.get("type") == "missing" else message)
+    message = f"{location}: {message}"
+    given = first.get("input")
+    if isinstance(given, str | int | float) and first.get("type") != "missing":
+        shown = repr(given)
+        message += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    return InvalidRequest(message, param=location)
+
+
+def _union_label(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TYPE_LABELS or any(c in part for c in "[] "))
+
+
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def session_path(session_id: Annotated[str, Path(description="the session the call is recorded in")]) -> str:
+    """The ``/s/{session_id}`` prefix: declared for OpenAPI, checked before the route runs."""
+    return check_session_id(session_id, "the path")
 
 
 def create_app(
@@ -273,7 +381,7 @@ def create_app(
         yield
         await engine.shutdown()
 
-    app = FastAPI(title="arborl gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="arborl gateway", version="0.1.0", lifespan=lifespan, default_response_class=JSONResponse)
     app.state.gateway = gateway
 
     @app.exception_handler(GatewayError)
@@ -282,16 +390,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        location = ".".join(str(part) for part in first.get("loc", ())[1:])
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            message, location = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})", ""
-        elif location:
-            message = f"{location}: {message}"
-        elif first.get("type") == "missing":
-            message = "a JSON request body is required"
-        return error_response(request, InvalidRequest(message, param=location or None))
+        return error_response(request, validation_refusal(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -304,24 +403,22 @@ def create_app(
         error.error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(request, error)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(request, InternalError("internal error in arborl"))
-
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # Outermost last: metrics see every answer, the 500s of InternalErrors included.
+    app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InternalErrors)
     app.add_middleware(RequestMetrics, metrics=gateway.metrics)
 
+    # Under /s/{session_id} every route also declares (and checks) the session id path parameter,
+    # so the OpenAPI schema describes those operations completely.
+    in_session = {"prefix": "/s/{session_id}", "dependencies": [Depends(session_path)]}
     for dialect in (openai_chat.router, anthropic_messages.router, responses_api.router):
         app.include_router(dialect)
-        app.include_router(dialect, prefix="/s/{session_id}")
+        app.include_router(dialect, **in_session)
 
     meta = APIRouter()
 
     @meta.get("/v1/models", tags=["openai"])
-    async def list_models(request: Request) -> dict[str, Any]:
-        if session_id := request.path_params.get("session_id"):
-            check_session_id(session_id, "the path")
+    async def list_models() -> dict[str, Any]:
         return {
             "object": "list",
             "data": [
@@ -331,7 +428,7 @@ def create_app(
         }
 
     app.include_router(meta)
-    app.include_router(meta, prefix="/s/{session_id}")
+    app.include_router(meta, **in_session)
     app.include_router(admin.router)
     app.include_router(operations.router)
     app.include_router(feedback.router)

@@ -9,6 +9,7 @@ a response delivered to a client is never lost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -24,7 +25,7 @@ from .engines.base import Engine, EngineError, Finished, PromptTooLong, SampledT
 from .errors import ContextLengthExceeded, EngineUnavailable, Overloaded
 from .metrics import GatewayMetrics
 from .reasoning import ReasoningStreamer, reasoning_token_count
-from .rendering import ChatMessage, ChatRenderer
+from .rendering import ChatMessage, ChatRenderer, RenderedPrompt
 from .sessions import SessionIdentity
 from .stitching import PromptPlan, Stitcher
 from .tool_parsers import MalformedToolCall, TextDelta, ToolCall, ToolCallArgsDelta, ToolCallStart
@@ -114,22 +115,34 @@ class CompletionService:
 
         Backpressure: when ``max_waiting`` requests already wait for an engine slot, new ones are
         refused at once (429 / 529 with Retry-After) instead of piling up without bound.
+
+        Rendering, tokenising and reading the session's history run in a worker thread: a
+        prompt of megabytes takes seconds to tokenise, and on the event loop that would stall
+        every other session's stream (and /healthz) for as long.
         """
         refuse_when_paused(self.paused)
         refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
+        rendered, plan = await asyncio.to_thread(self._render_and_stitch, request)
+        return PreparedPrompt(request, plan, rendered.forced_prefix, rendered.starts_in_reasoning)
+
+    def _render_and_stitch(self, request: CompletionRequest) -> tuple[RenderedPrompt, PromptPlan]:
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
         rendered = self.renderer.render(
             request.messages, request.tools, tool_choice=request.tool_choice, enable_thinking=request.enable_thinking
         )
+        context = self.engine.context_length
+        fewest = self.renderer.fewest_tokens(rendered.text)
+        if fewest >= context:  # far too long to be worth tokenising: it cannot fit, whatever it says
+            self.store.record_refusal(request.session.id, "context_length")
+            raise ContextLengthExceeded(fewest, context, at_least=True)
         plan = self.stitcher.plan(
             request.session.id, request.messages, rendered.text, tools=request.tools,
             enable_thinking=request.enable_thinking,
         )
-        context = self.engine.context_length
         if len(plan.prompt_ids) >= context:
             self.store.record_refusal(request.session.id, "context_length")
             raise ContextLengthExceeded(len(plan.prompt_ids), context)
-        return PreparedPrompt(request, plan, rendered.forced_prefix, rendered.starts_in_reasoning)
+        return rendered, plan
 
     async def stream(self, prepared: PreparedPrompt, *, want_logprobs: bool = False) -> AsyncIterator[CompletionEvent]:
         request, plan = prepared.request, prepared.plan

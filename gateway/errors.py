@@ -60,10 +60,13 @@ class InvalidRequest(GatewayError):
 class ContextLengthExceeded(GatewayError):
     code = "context_length_exceeded"
 
-    def __init__(self, prompt_tokens: int, context_length: int, *, param: str | None = "messages"):
+    def __init__(self, prompt_tokens: int, context_length: int, *, param: str | None = "messages",
+                 at_least: bool = False):
+        # at_least: the prompt was too long to be worth tokenising; prompt_tokens is a lower bound.
+        counted = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
         super().__init__(
             f"This model's maximum context length is {context_length} tokens, but the prompt has "
-            f"{prompt_tokens} tokens. Shorten the conversation.",
+            f"{counted} tokens. Shorten the conversation.",
             param=param,
         )
         self.prompt_tokens = prompt_tokens

@@ -13,14 +13,15 @@ are graded by their verifiers and refuse feedback.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from .admin import admin_name
 from .errors import Conflict, Forbidden, GatewayError, InvalidRequest, NotFound, Unauthorized
+from .sessions import check_session_id
 
 router = APIRouter(tags=["feedback"])
 
@@ -32,30 +33,37 @@ class FeedbackBody(BaseModel):
     accept: bool | None = None
 
 
-def _sender(request: Request, session_id: str | None) -> tuple[str, str]:
-    """(who, session): an admin key for any session, else the session's own key."""
+@dataclass(frozen=True)
+class Sender:
+    who: str  # the admin key's name, or "session-key:<session>"
+    own_session: str | None  # the session of a session key; None for an admin
+
+
+def feedback_sender(request: Request) -> Sender:
+    """An admin key (feedback on any session) or a session's own key; checked before the body is."""
     gateway = request.app.state.gateway
     try:
-        who = admin_name(request)
+        return Sender(admin_name(request), None)
     except GatewayError:
-        who = None
-    if who is not None:
-        if not session_id:
-            raise InvalidRequest("session_id is required", param="session_id")
-        return who, session_id
+        pass
     key = gateway.api_key(request)
     own = gateway.store.session_for_key(key) if key else None
     if own is None:
         raise Unauthorized("feedback needs an admin key or the session's own key (Authorization: Bearer KEY)")
-    if session_id and session_id != own:
-        raise Forbidden("a session key may give feedback on its own session only")
-    return f"session-key:{own}", own
+    return Sender(f"session-key:{own}", own)
 
 
 @router.post("/v1/feedback")
-async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
+async def feedback(
+    body: FeedbackBody, request: Request, sender: Annotated[Sender, Depends(feedback_sender)]
+) -> dict[str, Any]:
     gateway = request.app.state.gateway
-    who, session_id = _sender(request, body.session_id)
+    who, session_id = sender.who, body.session_id or sender.own_session
+    if not session_id:
+        raise InvalidRequest("session_id is required", param="session_id")
+    check_session_id(session_id, "session_id")
+    if sender.own_session is not None and session_id != sender.own_session:
+        raise Forbidden("a session key may give feedback on its own session only")
     if body.reward is None and body.accept is None:
         raise InvalidRequest("give a reward or accept (true / false)")
     if body.reward is not None and not math.isfinite(body.reward):

@@ -7,18 +7,18 @@ sampling parameters), and ``CompletionService`` events into Chat Completions JSO
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
-from .errors import GatewayError, InvalidRequest
-from .http_streams import CLIENT_CLOSED_REQUEST, last_result, until_disconnected
+from .errors import InvalidRequest
+from .http_streams import CLIENT_CLOSED_REQUEST, ending_with_error_event, last_result, until_disconnected
+from .json_wire import JSONResponse, sse_event
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
 from .settings import GatewaySettings
@@ -189,7 +189,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunks = _sse_chunks(streams, header, want_logprobs, include_usage)
+    # Headers are gone once streaming: a failure is reported in the stream, the way OpenAI does.
+    chunks = ending_with_error_event(_sse_chunks(streams, header, want_logprobs, include_usage),
+                                     lambda exc: sse_event(None, exc.openai_body()))
     return StreamingResponse(
         chunks, media_type="text/event-stream", headers={"x-arborl-session": completion.session.id,
                                                          "cache-control": "no-cache"},
@@ -238,7 +240,7 @@ async def _sse_chunks(
         body = {**header, "object": "chat.completion.chunk", "choices": choices}
         if include_usage:
             body["usage"] = usage
-        return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+        return sse_event(None, body)
 
     results: list[CompletionResult] = []
     # Logprobs ride on the next chunk of their choice (the parser may hold text back a while).
@@ -251,22 +253,17 @@ async def _sse_chunks(
     for index in range(len(streams)):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    try:
-        async for index, event in _merged(streams):
-            delta = _delta(event)
-            if isinstance(event, TokenLogprob):
-                pending[index].append(event)
-            elif isinstance(event, CompletionResult):
-                results.append(event)
-                yield chunk([{"index": index, "delta": {}, "logprobs": logprobs_of(index),
-                              "finish_reason": event.finish_reason}])
-            elif delta is not None:
-                yield chunk([{"index": index, "delta": delta, "logprobs": logprobs_of(index),
-                              "finish_reason": None}])
-    except GatewayError as exc:
-        # Headers are gone: report the failure in the stream, the way OpenAI does.
-        yield b"data: " + json.dumps(exc.openai_body()).encode() + b"\n\n"
-        return
+    async for index, event in _merged(streams):
+        delta = _delta(event)
+        if isinstance(event, TokenLogprob):
+            pending[index].append(event)
+        elif isinstance(event, CompletionResult):
+            results.append(event)
+            yield chunk([{"index": index, "delta": {}, "logprobs": logprobs_of(index),
+                          "finish_reason": event.finish_reason}])
+        elif delta is not None:
+            yield chunk([{"index": index, "delta": delta, "logprobs": logprobs_of(index),
+                          "finish_reason": None}])
     if include_usage:
         yield chunk([], _usage(results))
     yield b"data: [DONE]\n\n"

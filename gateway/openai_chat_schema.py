@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .tool_schemas import TOOL_NAME_PATTERN
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -47,7 +49,7 @@ class Message(_Open):
 
 
 class FunctionDefinition(_Open):
-    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.\-]{1,64}$")]
+    name: Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None

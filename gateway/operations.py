@@ -22,18 +22,19 @@ import asyncio
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from arborl.rollout.controls import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED
 
-from .admin import admin_name
+from .admin import MAX_VERSION, admin_name
 from .engines.base import EngineError
 from .errors import InvalidRequest, NotFound
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+# The admin key is checked before anything else, the body included (see admin.router).
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(admin_name)])
 
 
 class LearnerUpdate(BaseModel):
@@ -47,7 +48,7 @@ class ServingPause(BaseModel):
 
 
 class VersionChoice(BaseModel):
-    version: int | None = Field(default=None, ge=0)
+    version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
 
 
 def _act(request: Request, action: str, details: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +69,6 @@ async def resume_training(request: Request) -> dict[str, Any]:
 
 @router.post("/learner")
 async def set_learner(body: LearnerUpdate, request: Request) -> dict[str, Any]:
-    admin_name(request)
     update = body.model_dump(exclude_none=True)
     if not update:
         raise InvalidRequest("give lr and/or max_staleness")
@@ -78,7 +78,6 @@ async def set_learner(body: LearnerUpdate, request: Request) -> dict[str, Any]:
 
 @router.post("/serving/pause")
 async def pause_serving(body: ServingPause, request: Request) -> dict[str, Any]:
-    admin_name(request)
     gateway = request.app.state.gateway
     gateway.completions.paused = True
     record = _act(request, "pause_serving", body.model_dump(), {})
@@ -93,7 +92,6 @@ async def pause_serving(body: ServingPause, request: Request) -> dict[str, Any]:
 
 @router.post("/serving/resume")
 async def resume_serving(request: Request) -> dict[str, Any]:
-    admin_name(request)
     request.app.state.gateway.completions.paused = False
     return _act(request, "resume_serving", {}, {})
 
@@ -125,7 +123,6 @@ async def _serve(request: Request, version: int) -> float:
 
 @router.post("/rollback")
 async def rollback(body: VersionChoice, request: Request) -> dict[str, Any]:
-    admin_name(request)
     if body.version is None:
         raise InvalidRequest("give the version to roll back to", param="version")
     seconds = await _serve(request, body.version)
@@ -137,7 +134,6 @@ async def rollback(body: VersionChoice, request: Request) -> dict[str, Any]:
 
 @router.post("/promote")
 async def promote(body: VersionChoice, request: Request) -> dict[str, Any]:
-    admin_name(request)
     gateway = request.app.state.gateway
     version = body.version
     if version is None:
@@ -154,14 +150,12 @@ async def promote(body: VersionChoice, request: Request) -> dict[str, Any]:
 
 
 @router.get("/actions")
-async def actions(request: Request, last: int = 100) -> dict[str, Any]:
-    admin_name(request)
+async def actions(request: Request, last: Annotated[int, Query(ge=1, le=10_000)] = 100) -> dict[str, Any]:
     return {"actions": [asdict(action) for action in request.app.state.gateway.controls.actions(last=last)]}
 
 
 @router.get("/controls")
 async def controls(request: Request) -> dict[str, Any]:
-    admin_name(request)
     gateway = request.app.state.gateway
     c = gateway.controls
     return {"training_paused": c.training_paused, "learner_overrides": c.learner_overrides,

@@ -22,6 +22,8 @@ from functools import cached_property
 from typing import Any
 
 from .engines.base import TokenizerLike
+from .errors import InvalidRequest
+from .json_nesting import MAX_JSON_DEPTH, nesting_exceeds
 from .tool_parsers import ToolCallParser
 
 ChatMessage = dict[str, Any]
@@ -66,6 +68,27 @@ class ChatRenderer:
         if not template:
             raise ValueError("the tokenizer has no chat template")
         self.native_tools = "tools" in template
+
+    @cached_property
+    def _longest_token_chars(self) -> int | None:
+        """The most characters of text one token stands for (None: the tokenizer does not say).
+
+        A vocabulary entry is written with at least one character per byte or character it
+        covers (byte-level BPE maps each byte to one character; SentencePiece writes the text),
+        so its length bounds what it covers; special tokens are their own text.
+        """
+        vocab = getattr(self.tokenizer, "get_vocab", None)
+        return max((len(token) for token in vocab()), default=None) if vocab else None
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens ``text`` encodes to, without encoding it (0: no bound known).
+
+        Used to refuse a prompt far beyond the context before spending seconds and memory on
+        tokenising megabytes. The margin of 4 covers normalisers that compose several characters
+        into one (NFC) before the vocabulary is applied.
+        """
+        longest = self._longest_token_chars
+        return len(text) // (4 * longest) if longest else 0
 
     def encode(self, text: str) -> list[int]:
         # JSON can carry lone UTF-16 surrogates ("\ud800") that no tokenizer accepts: make them U+FFFD.
@@ -130,7 +153,7 @@ class ChatRenderer:
                     {
                         "id": call["id"],
                         "type": "function",
-                        "function": {"name": call["name"], "arguments": _arguments_object(call["arguments"])},
+                        "function": {"name": call["name"], "arguments": _arguments_object(call)},
                     }
                     for call in message["tool_calls"]
                 ]
@@ -148,7 +171,7 @@ class ChatRenderer:
             role, content = message["role"], message.get("content", "")
             if role == "assistant" and message.get("tool_calls"):
                 calls = [
-                    self.tool_parser.format_call(call["name"], _arguments_object(call["arguments"]))
+                    self.tool_parser.format_call(call["name"], _arguments_object(call))
                     for call in message["tool_calls"]
                 ]
                 content = "\n".join(([content] if content else []) + calls)
@@ -173,9 +196,18 @@ class ChatRenderer:
         return [{k: v for k, v in m.items() if not k.startswith("_")} for m in out]
 
 
-def _arguments_object(arguments: str | dict[str, Any]) -> dict[str, Any] | str:
+def _arguments_object(call: dict[str, Any]) -> dict[str, Any] | str:
+    """An earlier tool call's arguments as the object the template writes (the text, if not JSON).
+
+    The arguments are JSON inside a string, which the request body's nesting limit does not see:
+    the same limit is applied here, before they are parsed.
+    """
+    arguments = call["arguments"]
     if isinstance(arguments, dict):
         return arguments
+    if nesting_exceeds(arguments):
+        raise InvalidRequest(f"the arguments of tool call {call['id']!r} nest arrays and objects more than "
+                             f"{MAX_JSON_DEPTH} levels deep (the gateway's limit)", param="messages")
     try:
         value = json.loads(arguments)
     except (TypeError, ValueError):

@@ -25,15 +25,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta
 from .engines.base import SamplingParams
 from .errors import ContextLengthExceeded, GatewayError, InvalidRequest, Overloaded
-from .http_streams import CLIENT_CLOSED_REQUEST, last_result, until_disconnected
+from .header_values import header_list
+from .http_streams import CLIENT_CLOSED_REQUEST, ending_with_error_event, last_result, until_disconnected
+from .json_wire import JSONResponse, sse_event
 from .openai_chat import DEFAULT_MAX_TOKENS
 from .rendering import ChatMessage
-from .responses_schema import ResponsesRequest
+from .responses_schema import (
+    ContentPart,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    MessageItem,
+    ReasoningItem,
+    ResponsesRequest,
+)
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
 from .tool_schemas import check_chosen_tool, check_function_tools
 
@@ -44,18 +53,16 @@ log = logging.getLogger(__name__)
 _FAILED_IN_STREAM = (ContextLengthExceeded, Overloaded)
 
 
-def _text(content: Any, where: str) -> str:
+_TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
+
+
+def _text(content: str | list[ContentPart], where: str) -> str:
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}.content must be a string or a list of parts", param="input")
-    texts = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
-            raise InvalidRequest(f"{where}: content part {kind!r} is not supported (text only)", param="input")
-        texts.append(str(part.get("text", "")))
-    return "".join(texts)
+        if part.type not in _TEXT_PARTS:
+            raise InvalidRequest(f"{where}: content part {part.type!r} is not supported (text only)", param="input")
+    return "".join(part.text or "" for part in content)
 
 
 def normalise_input(body: ResponsesRequest) -> list[ChatMessage]:
@@ -79,13 +86,9 @@ def normalise_input(body: ResponsesRequest) -> list[ChatMessage]:
 
     for i, item in enumerate(body.input):
         where = f"input[{i}]"
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if role not in ("user", "system", "developer", "assistant"):
-                raise InvalidRequest(f"{where}: unknown role {role!r}", param="input")
-            if role == "assistant":
-                text = _text(item.get("content"), where)
+        if isinstance(item, MessageItem):
+            text = _text(item.content, where)
+            if item.role == "assistant":
                 last = out[-1] if out else {}
                 if last.get("role") == "assistant" and last.get("tool_calls") and not pending_reasoning:
                     # Text the model wrote between or after its tool calls: the stream carried it in
@@ -96,38 +99,35 @@ def normalise_input(body: ResponsesRequest) -> list[ChatMessage]:
                     out.append({"role": "assistant", "content": text})
                 assistant()
             else:
-                out.append({"role": "system" if role == "developer" else role,
-                            "content": _text(item.get("content"), where)})
-        elif kind == "function_call":
-            if not all(isinstance(item.get(k), str) for k in ("call_id", "name")):
-                raise InvalidRequest(f"{where}: a function_call needs call_id and name", param="input")
+                out.append({"role": "system" if item.role == "developer" else item.role, "content": text})
+        elif isinstance(item, FunctionCallItem):
             message = assistant()
             message.setdefault("tool_calls", []).append(
-                {"id": item["call_id"], "name": item["name"], "arguments": item.get("arguments") or "{}"}
+                {"id": item.call_id, "name": item.name, "arguments": item.arguments or "{}"}
             )
-            open_calls.add(item["call_id"])
-        elif kind == "function_call_output":
-            call_id = item.get("call_id")
-            if call_id not in open_calls:
-                raise InvalidRequest(f"{where}: function_call_output for unknown call_id {call_id!r}", param="input")
-            output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": call_id,
+            open_calls.add(item.call_id)
+        elif isinstance(item, FunctionCallOutputItem):
+            if item.call_id not in open_calls:
+                raise InvalidRequest(f"{where}: function_call_output for unknown call_id {item.call_id!r}",
+                                     param="input")
+            output = item.output
+            out.append({"role": "tool", "tool_call_id": item.call_id,
                         "content": output if isinstance(output, str) else json.dumps(output)})
-        elif kind == "reasoning":
-            parts = (item.get("content") or []) + (item.get("summary") or [])
-            pending_reasoning.append(_text(parts, where) if parts else "")
+        elif isinstance(item, ReasoningItem):
+            pending_reasoning.append(_text((item.content or []) + (item.summary or []), where))
         else:
-            raise InvalidRequest(f"{where}: input item type {kind!r} is not supported", param="input")
+            raise InvalidRequest(f"{where}: input item type {item.type!r} is not supported", param="input")
     return out
 
 
 def function_tools(body: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, list[str]]:
-    """Function tools in Chat form, and the types of the tools that were ignored."""
+    """Function tools in Chat form, and the types of the tools that were ignored (built-in tools
+    such as ``web_search`` run at OpenAI, not here)."""
     tools, ignored = [], []
     for tool in body.tools or ():
-        if tool.get("type") == "function" and isinstance(tool.get("name"), str):
+        if tool.get("type") == "function":
             tools.append({"type": "function", "function": {
-                "name": tool["name"], "description": tool.get("description") or "",
+                "name": tool.get("name"), "description": tool.get("description") or "",
                 "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}})
         else:
             ignored.append(str(tool.get("type")))
@@ -144,7 +144,7 @@ async def create_response(body: ResponsesRequest, request: Request):
                              param="previous_response_id")
     tools, ignored = function_tools(body)
     if ignored:
-        log.info("ignoring tools of types %s (only function tools are served)", ignored)
+        log.info("ignoring tools of types %s (only function tools are served)", [ascii(kind) for kind in ignored])
     choice: Any = body.tool_choice
     if hasattr(choice, "name"):
         check_chosen_tool(tools, choice.name)
@@ -167,7 +167,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     )
     headers = {"x-arborl-session": completion.session.id}
     if ignored:
-        headers["x-arborl-ignored-tools"] = ",".join(ignored)
+        headers["x-arborl-ignored-tools"] = header_list(ignored)
     shell = _ResponseShell(body)
     try:
         prepared = await gateway.completions.prepare(completion)
@@ -181,8 +181,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(shell.completed(result), headers=headers)
-    return StreamingResponse(shell.events(stream), media_type="text/event-stream",
-                             headers={**headers, "cache-control": "no-cache"})
+    return StreamingResponse(ending_with_error_event(shell.events(stream), shell.failed),
+                             media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
 class _ResponseShell:
@@ -219,7 +219,7 @@ class _ResponseShell:
     def event(self, name: str, **data: Any) -> bytes:
         payload = {"type": name, "sequence_number": self.sequence, **data}
         self.sequence += 1
-        return f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+        return sse_event(name, payload)
 
     async def failed_stream(self, exc: GatewayError) -> AsyncIterator[bytes]:
         yield self.event("response.created", response=self.response("in_progress", []))
@@ -272,47 +272,44 @@ class _ResponseShell:
                                       content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
             return out
 
-        try:
-            async for event in stream:
-                chunks: list[bytes] = []
-                index = len(items) - 1
-                if isinstance(event, CompletionResult):
-                    for chunk in close():
-                        yield chunk
-                    current = None
-                    yield self.event("response.completed", response=self.completed_from(items, event))
-                    return
-                if isinstance(event, ReasoningDelta):
-                    if current is None or current["type"] != "reasoning":
-                        chunks += open_item(_reasoning_item(""))
-                        index = len(items) - 1
-                    current["content"][0]["text"] += event.text
-                    chunks.append(self.event("response.reasoning_text.delta", item_id=current["id"],
-                                             output_index=index, content_index=0, delta=event.text))
-                elif isinstance(event, TextDelta):
-                    text = event.text
-                    if current is None or current["type"] != "message":
-                        # Whitespace between tool calls (or after the reasoning) opens no message
-                        # item of its own; it goes out in front of the next text, if any comes.
-                        held += text
-                        if not held.strip():
-                            continue
-                        text, held = held, ""
-                        chunks += open_item(_message_item(""))
-                        index = len(items) - 1
-                    current["content"][0]["text"] += text
-                    chunks.append(self.event("response.output_text.delta", item_id=current["id"],
-                                             output_index=index, content_index=0, delta=text))
-                elif isinstance(event, ToolCallStart):
-                    chunks += open_item(_call_item(event.id, event.name, ""))
-                elif isinstance(event, ToolCallArgsDelta):
-                    current["arguments"] += event.fragment
-                    chunks.append(self.event("response.function_call_arguments.delta", item_id=current["id"],
-                                             output_index=index, delta=event.fragment))
-                for chunk in chunks:
+        async for event in stream:
+            chunks: list[bytes] = []
+            index = len(items) - 1
+            if isinstance(event, CompletionResult):
+                for chunk in close():
                     yield chunk
-        except GatewayError as exc:
-            yield self.failed(exc)
+                current = None
+                yield self.event("response.completed", response=self.completed_from(items, event))
+                return
+            if isinstance(event, ReasoningDelta):
+                if current is None or current["type"] != "reasoning":
+                    chunks += open_item(_reasoning_item(""))
+                    index = len(items) - 1
+                current["content"][0]["text"] += event.text
+                chunks.append(self.event("response.reasoning_text.delta", item_id=current["id"],
+                                         output_index=index, content_index=0, delta=event.text))
+            elif isinstance(event, TextDelta):
+                text = event.text
+                if current is None or current["type"] != "message":
+                    # Whitespace between tool calls (or after the reasoning) opens no message
+                    # item of its own; it goes out in front of the next text, if any comes.
+                    held += text
+                    if not held.strip():
+                        continue
+                    text, held = held, ""
+                    chunks += open_item(_message_item(""))
+                    index = len(items) - 1
+                current["content"][0]["text"] += text
+                chunks.append(self.event("response.output_text.delta", item_id=current["id"],
+                                         output_index=index, content_index=0, delta=text))
+            elif isinstance(event, ToolCallStart):
+                chunks += open_item(_call_item(event.id, event.name, ""))
+            elif isinstance(event, ToolCallArgsDelta):
+                current["arguments"] += event.fragment
+                chunks.append(self.event("response.function_call_arguments.delta", item_id=current["id"],
+                                         output_index=index, delta=event.fragment))
+            for chunk in chunks:
+                yield chunk
 
     def completed_from(self, items: list[dict[str, Any]], result: CompletionResult) -> dict[str, Any]:
         """The final response object; its output is exactly the items that were streamed."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import InvalidRequest
 
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _BRANCH_CHARS = re.compile(r"[^A-Za-z0-9._\-]")
 
 
@@ -37,9 +37,12 @@ class SessionIdentity:
 
 
 def check_session_id(session_id: str, where: str) -> str:
-    if not _VALID_ID.match(session_id):
+    """A session id names files and URLs later (trie exports, ``/s/{id}``): 1-128 characters of
+    a safe set, and never ``..``."""
+    if not _VALID_ID.fullmatch(session_id) or ".." in session_id:
         raise InvalidRequest(
-            f"invalid session id in {where}: use 1-128 characters from A-Z a-z 0-9 . _ : -", param="session"
+            f"invalid session id in {where}: use 1-128 characters from A-Z a-z 0-9 . _ : - (no '..')",
+            param="session",
         )
     return session_id
 
@@ -59,7 +62,7 @@ def identify_session(
     if api_key and (keyed := session_for_key(api_key)):
         return SessionIdentity(keyed, "session_key")
     if header := headers.get("x-claude-code-session-id"):
-        return SessionIdentity("claude-" + check_session_id(header, "X-Claude-Code-Session-Id"), "claude_code")
+        return SessionIdentity(check_session_id("claude-" + header, "X-Claude-Code-Session-Id"), "claude_code")
     # OpenCode: a sub-agent's calls name their parent, so they file under the parent's session
     # (the scaffold adapter then puts them in their own ``:agent-<id>`` trie).
     for name in ("x-parent-session-id", "x-session-id"):

@@ -217,12 +217,7 @@ class UpstreamCompletions:
         """Check the queue, then open the upstream calls (one per stream) so their failures are statuses."""
         refuse_when_paused(self.paused)
         refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
-        self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
-        prompt_ids: list[int] = []
-        if self.renderer is not None:
-            rendered = self.renderer.render(request.messages, request.tools, tool_choice=request.tool_choice,
-                                            enable_thinking=request.enable_thinking)
-            prompt_ids = self.renderer.encode(rendered.text)
+        prompt_ids = await asyncio.to_thread(self._prompt_ids, request)  # tokenising is slow: off the event loop
         prepared = PreparedPrompt(request, PromptPlan(prompt_ids), "", False)
         created = time.time()
         opened = await asyncio.gather(*(self.engine.open(request) for _ in range(streams)), return_exceptions=True)
@@ -235,6 +230,15 @@ class UpstreamCompletions:
             raise failure
         prepared.opened = list(opened)
         return prepared
+
+    def _prompt_ids(self, request: CompletionRequest) -> list[int]:
+        """The prompt as ids, to record the call by (none without a tokenizer)."""
+        self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
+        if self.renderer is None:
+            return []
+        rendered = self.renderer.render(request.messages, request.tools, tool_choice=request.tool_choice,
+                                        enable_thinking=request.enable_thinking)
+        return self.renderer.encode(rendered.text)
 
     def _record_refused(self, request: CompletionRequest, prompt_ids: list[int], created: float,
                         failure: BaseException) -> None:

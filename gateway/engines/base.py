@@ -92,6 +92,13 @@ class EngineError(Exception):
     """The engine cannot serve a request for a reason that is not the client's fault."""
 
 
+class InvalidCheckpoint(EngineError):
+    """Weights given to ``load_weights`` cannot be served: not a checkpoint, or not of this model.
+
+    The engine keeps serving what it served before; the caller (an operator, the learner) is told why.
+    """
+
+
 class PromptTooLong(ValueError):
     """The prompt does not fit in the model's context window."""
 

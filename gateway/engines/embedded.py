@@ -38,6 +38,7 @@ from .base import (
     EngineStats,
     Finished,
     GenerationEvent,
+    InvalidCheckpoint,
     PromptTooLong,
     SampledToken,
     SamplingParams,
@@ -109,9 +110,15 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file, or every safetensors file of a folder (Hugging Face layout)."""
     from safetensors.torch import load_file
 
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files:
+        raise InvalidCheckpoint(f"{path} holds no .safetensors files")
     state: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
-        state.update(load_file(str(file)))
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:  # safetensors' own error, OSError, ...: whatever it is, not a checkpoint
+            raise InvalidCheckpoint(f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     return state
 
 
@@ -473,7 +480,7 @@ class EmbeddedEngine(Engine):
         unexpected = sorted(set(state) - set(current))
         wrong_shape = sorted(k for k in state.keys() & current.keys() if state[k].shape != current[k].shape)
         if missing or unexpected or wrong_shape:
-            raise EngineError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            raise InvalidCheckpoint(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                               f"wrong shape {wrong_shape[:5]}")
         self.model.load_state_dict(state, strict=False)
         # KV computed by the old weights must not seed prompts of the new policy.
