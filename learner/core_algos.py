@@ -344,8 +344,10 @@ def turn_gspo_loss(
     Gradients reach ``logp`` only; when the clip binds (r above ``1 + eps_high`` with A > 0, or below
     ``1 - eps_low`` with A < 0) the turn gets no gradient.
 
-    stats: ``clip_frac`` (fraction of turns with tokens whose clipped branch binds), ``ratio_mean`` (over those
-    turns), ``turn_weight_mean``.
+    stats: ``clip_frac = clipped / clip_units``: the fraction of the active turns (those with a token of weight
+    > 0) whose clipped branch binds; ``clipped`` and ``clip_units`` are those counts, so a caller summing them
+    over micro-batches gets the same fraction whatever the layout. ``ratio_mean`` (over the active turns),
+    ``turn_weight_mean``.
     """
     num_calls = call_rollout.numel()
     log_r, call_weight = _turn_log_ratios(logp, logp_old, call_ids, num_calls, mode, token_weights)
@@ -358,9 +360,13 @@ def turn_gspo_loss(
 
     with torch.no_grad():
         active = call_weight > 0
-        n_active = active.sum().clamp_min(1).to(logp.dtype)
+        clipped = (binding & active).sum().to(logp.dtype)
+        units = active.sum().to(logp.dtype)
+        n_active = units.clamp_min(1)
         stats = {
-            "clip_frac": (binding & active).sum().to(logp.dtype) / n_active,
+            "clip_frac": clipped / n_active,
+            "clipped": clipped,
+            "clip_units": units,
             "ratio_mean": torch.where(active, ratio, 0.0).sum() / n_active,
             "turn_weight_mean": call_weight.mean() if num_calls else logp.new_zeros(()),
         }
@@ -385,8 +391,8 @@ def sequence_gspo_loss(
     ``loss = -(1/num_rollouts) sum_i w_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)``,
 
     ``advantages`` one per rollout. This is :func:`turn_gspo_loss` with each rollout as a single turn (same
-    ``mode`` and IcePop handling, ``w_i`` the mean token weight). The ratio is not additive over tokens, so all
-    of a rollout's tokens must be in the same call.
+    ``mode`` and IcePop handling, ``w_i`` the mean token weight, and stats: ``clip_frac`` is over rollouts). The
+    ratio is not additive over tokens, so all of a rollout's tokens must be in the same call.
     """
     return turn_gspo_loss(
         logp,
@@ -427,7 +433,10 @@ def token_ppo_loss(
     - ``agg="seq-mean-token-mean"`` (GRPO paper): mean over each rollout's tokens, then sum over rollouts
       divided by ``num_rollouts``; ``tokens_per_rollout`` gives batch-wide token counts for split rollouts.
 
-    stats: ``clip_frac`` (fraction of tokens whose clipped branch binds), ``ratio_mean``.
+    stats: ``clip_frac = clipped / clip_units``: the fraction of the kept tokens (weight > 0; all of them without
+    ``token_weights``) whose clipped branch binds, a token IcePop zeroed being neither trained nor clipped;
+    ``clipped`` and ``clip_units`` are those counts (sum them over micro-batches for a step's fraction).
+    ``ratio_mean`` (over all tokens).
     """
     log_ratio = (logp - _float(logp_old, logp)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
@@ -445,7 +454,10 @@ def token_ppo_loss(
         raise ValueError(f"agg must be 'token-mean' or 'seq-mean-token-mean', got {agg!r}")
     with torch.no_grad():
         n = max(ratio.numel(), 1)
-        stats = {"clip_frac": binding.sum().to(logp.dtype) / n, "ratio_mean": ratio.sum() / n}
+        kept = torch.ones_like(binding) if token_weights is None else _float(token_weights, logp) > 0
+        clipped, units = (binding & kept).sum().to(logp.dtype), kept.sum().to(logp.dtype)
+        stats = {"clip_frac": clipped / units.clamp_min(1), "clipped": clipped, "clip_units": units,
+                 "ratio_mean": ratio.sum() / n}
     return loss, stats
 
 

@@ -12,10 +12,22 @@ The rollouts of a group usually share one trie (``learner.group_data`` builds it
 prompt is computed once. Each micro-batch's loss is already its share of the batch loss (the
 "mean over rollouts" uses the batch's rollout count and each rollout's batch-wide call or token
 count), so gradients simply add up across micro-batches.
+
+Invariants:
+- every call's completion follows at least one prompt token (``plan_micro_batches`` refuses one
+  that does not: its first token would have no context, so a NaN logprob and entropy);
+- a step whose loss or gradient norm is not finite takes no optimizer (or schedule) step: the
+  weights and the optimizer state stay as they were, the gradients are dropped, and its metrics
+  say ``skipped = 1`` (the caller must not publish it; ``learner.loop`` drops its groups);
+- every model the step runs (policy, teachers, reference) ends on the attention implementation
+  it had (``tree_forward.tree_attention``);
+- metrics that are fractions are over the whole step, so they do not depend on the layout or the
+  token budget (``clip_frac``: see ``_micro_loss``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,8 +51,8 @@ from .core_algos import (
     turn_gspo_loss,
 )
 from .logp_old import logp_old_and_entropy
-from .packing import CallSpan, PackedBatch, pack, split_by_budget
-from .tree_forward import packed_logprobs_and_entropy, packed_token_logprobs
+from .packing import CallSpan, PackedBatch, pack, path_length, split_by_budget
+from .tree_forward import packed_logprobs_and_entropy, packed_token_logprobs, tree_attention
 
 Layout = Literal["tree", "per_rollout", "per_call"]
 LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo", "sft"]
@@ -114,7 +126,10 @@ def plan_micro_batches(rollouts: Sequence[RolloutSample], budget: int, layout: L
     - ``per_rollout``: each rollout on its own (one sequence per rollout, plus its own branches).
     - ``per_call``: each call as its own sequence, prompt included (what a trainer without
       prefix sharing computes).
+
+    Refuses (``ValueError``) a call without a prompt token: see :func:`check_calls_have_prompts`.
     """
+    check_calls_have_prompts(rollouts)
     owner: dict[Hashable, int] = {}
     pieces: list[tuple[Trie, list[CallSpan]]] = []
     if layout == "tree":
@@ -148,6 +163,19 @@ def plan_micro_batches(rollouts: Sequence[RolloutSample], budget: int, layout: L
             call_ids=torch.cat([torch.full((i.numel(),), n) for n, i in enumerate(index)]),
         ))
     return micro_batches
+
+
+def check_calls_have_prompts(rollouts: Sequence[RolloutSample]) -> None:
+    """Refuse (``ValueError``) a call whose completion is its whole path: its first token sits at a
+    trie root, with no context to read its logprob (and entropy) from, and one NaN in a step
+    reaches every parameter (entropy-aware rescaling spreads it to every advantage)."""
+    for rollout in rollouts:
+        for call in rollout.calls:
+            if call.completion_len >= path_length(rollout.trie, call):
+                raise ValueError(
+                    f"call {call.key!r} has no prompt ({call.completion_len} completion tokens on a path of "
+                    f"{path_length(rollout.trie, call)}): its first completion token has no context to train on"
+                )
 
 
 def forward_is_deterministic(model) -> bool:
@@ -208,13 +236,22 @@ def _rollout_entropy(micro_batches, num_rollouts: int) -> torch.Tensor:
 
 
 def _micro_loss(micro: MicroBatch, logp, advantages, rollouts, sizes, config: StepConfig, weights):
-    """The micro-batch's share of the batch loss, and the loss's stats."""
+    """The micro-batch's share of the batch loss, and the loss's stats.
+
+    The stats' ``clipped`` and ``clip_units`` are counts, so the step adds them up over its
+    micro-batches and ``clip_frac = sum clipped / sum clip_units`` is one definition whatever the
+    layout: the share of the step's turns (turn-level GSPO; rollouts for sequence-level GSPO;
+    tokens for token-level PPO and distillation) that have a token IcePop kept and whose clipped
+    branch binds. SFT clips nothing (no units).
+    """
     n = len(rollouts)
     if config.loss == "sft":
         # masked_sft_loss over the whole step: this micro-batch's tokens over every kept token
         mask = torch.cat([_sft_mask(rollouts[int(r)], call) for call, r in zip(micro.calls, micro.call_rollout)])
         share = mask.sum() / sizes["sft_tokens"].clamp_min(1)
-        return masked_sft_loss(logp, mask.to(logp)) * share.to(logp), {"clip_frac": torch.tensor(0.0)}
+        none = torch.tensor(0.0)
+        return masked_sft_loss(logp, mask.to(logp)) * share.to(logp), {"clip_frac": none, "clipped": none,
+                                                                        "clip_units": none}
     if micro.logp_teacher is not None or config.loss == "token_ppo":
         token_adv = advantages[micro.token_rollout].to(logp)
         if micro.logp_teacher is not None:
@@ -255,14 +292,38 @@ def train_step(
 
     ``teachers`` maps a task domain to a distillation teacher (same tokenizer; checked by whoever
     loads it); ``reference`` is the frozen policy for the optional KL term.
+
+    ``metrics["skipped"]`` is 1 when the loss or the gradient norm was not finite: then neither
+    the optimizer nor the schedule stepped and the weights are as they were (the metrics still
+    report the non-finite figures); 0 for a step taken.
     """
     started = time.perf_counter()
     if config.loss == "sequence_gspo" and config.layout != "per_rollout" and any(len(r.calls) > 1 for r in rollouts):
         # The sequence ratio is over a rollout's whole completion, so each rollout must sit in one micro-batch.
         config = replace(config, layout="per_rollout", token_budget=1 << 62)
     micro_batches = plan_micro_batches(rollouts, config.token_budget, config.layout)
+    # One scope for every pass and backward of the policy: a backward that recomputes a forward
+    # (gradient checkpointing) must see the tree attention too.
+    with tree_attention(model, config.attention):
+        return _run_step(model, optimizer, rollouts, micro_batches, config, scheduler=scheduler,
+                         teachers=teachers or {}, reference=reference, started=started)
+
+
+def _run_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    rollouts: Sequence[RolloutSample],
+    micro_batches: list[MicroBatch],
+    config: StepConfig,
+    *,
+    scheduler,
+    teachers: Mapping[str, object],
+    reference,
+    started: float,
+) -> dict[str, float]:
+    """The body of :func:`train_step` on its planned micro-batches, inside the tree attention scope."""
     policy_pass = old_pass_needed(model, config)
-    _old_pass(model, micro_batches, rollouts, config, teachers or {}, reference, policy=policy_pass)
+    _old_pass(model, micro_batches, rollouts, config, teachers, reference, policy=policy_pass)
 
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     groups = torch.tensor([r.group for r in rollouts])
@@ -285,7 +346,7 @@ def train_step(
         sizes["sft_tokens"] = torch.tensor(kept, dtype=dtype)
 
     optimizer.zero_grad(set_to_none=True)
-    totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0}
+    totals = {"loss": 0.0, "clipped": 0.0, "clip_units": 0.0, "kl": 0.0}
     tokens = completion_tokens = 0
     mismatch = []
     for micro in micro_batches:
@@ -297,7 +358,7 @@ def train_step(
         if config.icepop and all(x is not None for x in recorded):
             logp_rollout = torch.cat(recorded).to(micro.logp_old)
             weights = icepop_weights(micro.logp_old, logp_rollout)
-            mismatch.append(rollout_mismatch_stats(micro.logp_old, logp_rollout))
+            mismatch.append((rollout_mismatch_stats(micro.logp_old, logp_rollout), micro.flat.numel()))
         loss, stats = _micro_loss(micro, logp, advantages, rollouts, sizes, config, weights)
         if micro.logp_ref is not None:
             kl = kl_to_reference(logp, micro.logp_ref)
@@ -306,18 +367,26 @@ def train_step(
             totals["kl"] += float(kl_loss.detach())
         loss.backward()
         totals["loss"] += float(loss.detach())
-        totals["clip"] += float(stats["clip_frac"]) * len(micro.calls)
+        totals["clipped"] += float(stats["clipped"])
+        totals["clip_units"] += float(stats["clip_units"])
         tokens += micro.batch.num_tokens
         completion_tokens += int(micro.flat.numel())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+    skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
+    if skipped:
+        # A NaN or inf would reach every weight through the optimizer (and AdamW's moments would
+        # keep it): take no step, and drop the gradients so nothing non-finite is left behind.
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     seconds = time.perf_counter() - started
     metrics = {
         "loss": totals["loss"],
-        "clip_frac": totals["clip"] / max(sum(len(m.calls) for m in micro_batches), 1),
-        "grad_norm": float(grad_norm),
+        "clip_frac": totals["clipped"] / max(totals["clip_units"], 1.0),
+        "grad_norm": grad_norm,
+        "skipped": float(skipped),
         "entropy": float(_rollout_entropy(micro_batches, len(rollouts)).mean()),
         "reward_mean": float(rewards.mean()),
         "tokens": float(tokens),
@@ -329,7 +398,8 @@ def train_step(
     }
     if reference is not None and config.kl_coef > 0:
         metrics["kl_ref"] = totals["kl"]
-    if mismatch:  # mismatch_abs, mismatch_kl, icepop_zeroed_frac: the mean over micro-batches
-        for key in mismatch[0]:
-            metrics[key] = sum(float(m[key]) for m in mismatch) / len(mismatch)
+    if mismatch:  # mismatch_abs, mismatch_kl, icepop_zeroed_frac: token means, so over the step's tokens
+        scored = max(sum(n for _, n in mismatch), 1)
+        for key in mismatch[0][0]:
+            metrics[key] = sum(float(m[key]) * n for m, n in mismatch) / scored
     return metrics
