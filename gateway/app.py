@@ -334,6 +334,9 @@ class InternalErrors:
             await _refuse(scope, send, InternalError("internal error in arborl"))
 
 
+_KEYED_ROUTES = (("/admin/", admin.admin_name), ("/v1/feedback", feedback.feedback_sender))
+
+
 def validation_refusal(errors: list[dict[str, Any]]) -> InvalidRequest:
     """pydantic's complaints about a body -> one 400 naming the field, what is wrong, what came.
 
@@ -390,6 +393,11 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The key dependencies of admin and feedback routes run before the body is validated, but
+        # FastAPI parses JSON before any dependency: a caller without a key learns nothing of the body.
+        for prefix, check_key in _KEYED_ROUTES:
+            if request.url.path.startswith(prefix):
+                check_key(request)
         return error_response(request, validation_refusal(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)

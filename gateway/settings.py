@@ -20,6 +20,14 @@ class GatewaySettings(BaseModel):
     # An operator's cap on completion length, applied to every request's max_tokens.
     max_tokens_cap: int | None = None
     tool_parser: str | None = None  # hermes | qwen3_coder | llama3_json; None picks by model family
+    # The HTTP server's limits (ops/http_server.py). A connection that has not sent a request's
+    # line and headers within header_timeout_s, or sends more than max_header_bytes of them, is
+    # closed; an idle keep-alive connection closes after keep_alive_timeout_s; past
+    # max_connections open connections, new requests get 503.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_header_bytes: int = Field(default=64 << 10, ge=1024)
+    keep_alive_timeout_s: int = Field(default=5, ge=1)
+    max_connections: int = Field(default=2048, ge=1)
 
     def capped_max_tokens(self, requested: int) -> int:
         """A request's max_tokens after the operator's cap."""

@@ -80,6 +80,7 @@ def serve(config: ArborlConfig) -> None:
     from arborl.gateway.app import create_app
     from arborl.rollout.store import TrajectoryStore
 
+    from .http_server import server_config
     from .local_gateway import build_engine, restore_served_version, write_run_info
 
     run_dir = config.run_dir
@@ -95,7 +96,7 @@ def serve(config: ArborlConfig) -> None:
         f"recording into {run_dir}/store.sqlite",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    uvicorn.Server(server_config(app, config.gateway, host=host, port=port, access_log=False)).run()
 
 
 def _open_store(run_dir: Path):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arborl.gateway.settings import GatewaySettings
+
 from .config import ArborlConfig
 
 
@@ -94,11 +96,15 @@ class ServerThread:
     """uvicorn serving an ASGI app from a background thread, on a loopback port (a free one by
     default). ``with ServerThread(app) as url:`` serves for the block."""
 
-    def __init__(self, app: Any, port: int | None = None):
+    def __init__(self, app: Any, port: int | None = None, settings: GatewaySettings | None = None):
         import uvicorn
 
+        from .http_server import server_config
+
         self.port = port or free_loopback_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = server_config(app, settings or GatewaySettings(), host="127.0.0.1", port=self.port,
+                               log_level="warning")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="gateway", daemon=True)
 
     @property
@@ -147,7 +153,7 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
-    server = ServerThread(create_app(engine, store, config.gateway))
+    server = ServerThread(create_app(engine, store, config.gateway), settings=config.gateway)
     try:
         url = server.start()
     except RuntimeError:

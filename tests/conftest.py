@@ -86,8 +86,9 @@ class LiveGateway:
 def start_gateway(model_dir: Path, run_dir: Path, **settings) -> tuple[ServerThread, LiveGateway]:
     engine = EmbeddedEngine(model_dir, model_name="tiny")
     store = TrajectoryStore(run_dir / "store.sqlite")
-    app = create_app(engine, store, GatewaySettings(**settings))
-    server = ServerThread(app)
+    gateway_settings = GatewaySettings(**settings)
+    app = create_app(engine, store, gateway_settings)
+    server = ServerThread(app, settings=gateway_settings)
     return server, LiveGateway("", store, engine, app, run_dir)
 
 

@@ -146,6 +146,9 @@ def test_no_generated_request_gets_a_server_error(fuzzed_gateway: LiveGateway):
     schema = load_schema(fuzzed_gateway.url)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 7, [op.label for op in operations]
+    # The routes under /s/{session_id} are fuzzed too, session id included (it is a declared parameter).
+    in_session = [op.label for op in operations if op.path.startswith("/s/{session_id}/")]
+    assert len(in_session) >= 5, in_session
     tally = Tally()
     failures: list[str] = []
     started = time.perf_counter()
@@ -171,6 +174,7 @@ def test_no_generated_request_gets_a_server_error(fuzzed_gateway: LiveGateway):
     assert not failures, f"first 5xx of the run:\n{tally.first_server_error}\n\nfailures (shrunk):\n" + (
         "\n\n".join(failures))
     assert total >= MIN_CASES, dict(tally.cases)
+    assert all(tally.cases[f"{label} {GenerationMode.POSITIVE.value}"] > 0 for label in in_session), dict(tally.cases)
     assert tally.statuses[200] > 0 and any(400 <= status < 500 for status in tally.statuses), tally.statuses
 
     # The fuzzing left nothing running, the engine alive, and the gateway serving.
