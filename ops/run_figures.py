@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arborl.rollout.store import blob_ids, read_only
+from arborl.rollout.store import STORE_LAYOUT, blob_versions, read_only
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,16 @@ class RunFigures:
         return statistics.median(self.latencies_s) if self.latencies_s else None
 
 
-def first_served_by_version(calls: Iterable[tuple[float | None, float | None, bytes]]) -> dict[int, float]:
-    """For each version seen in (first_token_at, finished_at, completion_versions) rows: when the
-    first token of that version or a newer one was served. One pass over the calls."""
+def first_served_by_version(
+    calls: Iterable[tuple[float | None, float | None, bytes]], layout: int = STORE_LAYOUT
+) -> dict[int, float]:
+    """For each version seen in (first_token_at, finished_at, completion_versions) rows of a store
+    of ``layout``: when the first token of that version or a newer one was served. One pass."""
     first: dict[int, float] = {}  # the first token of exactly this version
     for first_token_at, finished_at, blob in calls:
         if first_token_at is None:
             continue
-        versions = blob_ids(blob)
+        versions = blob_versions(blob, layout)
         if not versions:
             continue
         end = finished_at if finished_at is not None else first_token_at
@@ -109,7 +111,7 @@ def read_figures(run_dir: Path, *, start: float | None = None, end: float | None
         published = [m["published_at"] for _, _, m, _ in window if "published_at" in m]
         served = {} if not published else first_served_by_version(db.execute(
             "SELECT first_token_at, finished_at, completion_versions FROM calls WHERE finished_at >= ?",
-            (min(published),)))
+            (min(published),)), layout=db.execute("PRAGMA user_version").fetchone()[0])
         rewarded = dict(db.execute("SELECT consumed_step, MAX(completed_at) FROM groups "
                                    "WHERE consumed_step IS NOT NULL GROUP BY consumed_step"))
         for step, version, metrics, _ in window:

@@ -5,8 +5,10 @@ together, so after ``record_call`` returns the call survives a ``kill -9`` of th
 (WAL with ``synchronous=NORMAL`` is durable against process crashes; pass
 ``synchronous="FULL"`` to also survive a power cut, at an fsync per call).
 
-Token ids are stored as little-endian int32 blobs, logprobs as float32 blobs: compact, and
-cheap to turn back into arrays.
+Token ids are stored as little-endian int32 blobs, logprobs as float32 blobs and policy
+versions as int64 blobs (versions are 64-bit: ``gateway.admin.MAX_VERSION``): compact, and cheap
+to turn back into arrays. Stores written before versions were 64-bit are converted when opened
+(``PRAGMA user_version`` says which layout a file has).
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ _CALL_COLUMNS = (
     "response_message, tools, tool_calls, request_body, response_body, error, created_at, first_token_at, "
     "finished_at, purpose"
 )
+# PRAGMA user_version of a store: 1 = policy versions in int64 blobs (0: the int32 of older stores).
+STORE_LAYOUT = 1
 _INSERT_CALL = f"INSERT INTO calls({_CALL_COLUMNS}) VALUES ({', '.join('?' for _ in _CALL_COLUMNS.split(','))})"
 
 
@@ -101,6 +105,17 @@ def _ids_blob(ids: list[int]) -> bytes:
 
 def blob_ids(blob: bytes) -> list[int]:
     out = array("i")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+def _versions_blob(versions: list[int]) -> bytes:
+    return array("q", versions).tobytes()
+
+
+def blob_versions(blob: bytes, layout: int = STORE_LAYOUT) -> list[int]:
+    """Policy versions from a blob of a store of ``layout`` (``PRAGMA user_version``: 0 was int32)."""
+    out = array("q" if layout >= 1 else "i")
     out.frombytes(blob)
     return out.tolist()
 
@@ -157,6 +172,18 @@ class TrajectoryStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
         if "purpose" not in columns:
             self._db.execute("ALTER TABLE calls ADD COLUMN purpose TEXT NOT NULL DEFAULT 'main'")
+        layout = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if layout > STORE_LAYOUT:
+            raise RuntimeError(f"{self.path} was written by a newer arborl (store layout {layout}); upgrade arborl")
+        if layout < STORE_LAYOUT:  # int32 policy versions -> int64, in one transaction
+            self._db.execute("BEGIN IMMEDIATE")
+            # Read again under the write lock: another process may have converted it meanwhile.
+            if self._db.execute("PRAGMA user_version").fetchone()[0] < STORE_LAYOUT:
+                rows = self._db.execute("SELECT id, completion_versions FROM calls").fetchall()
+                self._db.executemany("UPDATE calls SET completion_versions = ? WHERE id = ?",
+                                     [(_versions_blob(blob_ids(blob)), call_id) for call_id, blob in rows])
+                self._db.execute(f"PRAGMA user_version = {STORE_LAYOUT}")
+            self._db.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -280,7 +307,7 @@ class TrajectoryStore:
                         (
                             call.id, call.session_id, seq, call.dialect, call.model, call.status,
                             call.finish_reason, inserted.leaf, len(call.prompt_ids), len(call.completion_ids),
-                            _floats_blob(call.completion_logprobs), _ids_blob(call.completion_versions),
+                            _floats_blob(call.completion_logprobs), _versions_blob(call.completion_versions),
                             int(call.token_exact), call.stitched_from, call.branch_reason,
                             json.dumps(call.messages), json.dumps(call.response_message),
                             json.dumps(call.tools) if call.tools is not None else None,
@@ -317,7 +344,7 @@ class TrajectoryStore:
             StoredCall(
                 id=r[0], session_id=r[1], seq=r[2], dialect=r[3], status=r[4], finish_reason=r[5], node_id=r[6],
                 prompt_len=r[7], completion_len=r[8], completion_logprobs=_blob_floats(r[9]),
-                completion_versions=blob_ids(r[10]), messages=json.loads(r[11] or "[]"),
+                completion_versions=blob_versions(r[10]), messages=json.loads(r[11] or "[]"),
                 response_message=json.loads(r[12]) if r[12] else None, token_exact=bool(r[13]),
                 stitched_from=r[14], branch_reason=r[15], created_at=r[16], finished_at=r[17],
                 purpose=r[18],

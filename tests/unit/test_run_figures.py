@@ -9,7 +9,8 @@ from arborl.ops.run_figures import RunFigures, first_served_at, first_served_by_
 
 
 def versions(*values: int) -> bytes:
-    return array("i", values).tobytes()
+    """A completion_versions blob as the store writes it (int64)."""
+    return array("q", values).tobytes()
 
 
 def test_a_version_that_starts_a_call_is_served_at_its_first_token():
@@ -52,6 +53,6 @@ def test_one_pass_gives_every_version_what_a_scan_per_version_gives():
     for version in range(12):
         times = [first + (end - first) * i / max(len(vs) - 1, 1)
                  for first, end, blob in calls if first is not None
-                 for vs in [array("i", blob)] for i, v in enumerate(vs) if v >= version]
+                 for vs in [array("q", blob)] for i, v in enumerate(vs) if v >= version]
         expected = pytest.approx(min(times), rel=1e-12) if times else None
         assert served_at(served, version) == expected

@@ -98,6 +98,44 @@ def test_store_from_before_call_purposes_opens_and_keeps_its_calls(tmp_path):
     assert [c.purpose for c in store.calls("s")] == ["main", "title"]
 
 
+def test_versions_past_32_bits_are_stored_exactly(tmp_path):
+    store = TrajectoryStore(tmp_path / "s.sqlite")
+    call = _call(0, "s", [1, 2], [3, 4, 5])
+    call.completion_versions = [2**31 - 1, 2**31, 2**63 - 1]
+    store.record_call(call)
+    store.close()
+    assert TrajectoryStore(tmp_path / "s.sqlite").calls("s")[0].completion_versions == [2**31 - 1, 2**31, 2**63 - 1]
+
+
+def test_a_store_with_32_bit_versions_is_converted_once_when_opened(tmp_path):
+    """Stores written before versions were 64-bit keep every version, and say their layout after."""
+    import sqlite3
+    from array import array
+
+    from arborl.rollout.store import SCHEMA, STORE_LAYOUT
+
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO calls(id, session_id, seq, dialect, status, node_id, prompt_len, completion_len, "
+                   "completion_logprobs, completion_versions, token_exact, created_at) "
+                   "VALUES ('c0', 's', 0, 'x', 'ok', 0, 0, 3, ?, ?, 1, 0)",
+                   (array("f", [-1.0] * 3).tobytes(), array("i", [4, 5, 5]).tobytes()))
+    for _ in range(2):  # a second open converts nothing again
+        store = TrajectoryStore(tmp_path / "old.sqlite")
+        assert store.calls("s")[0].completion_versions == [4, 5, 5]
+        assert store.query("PRAGMA user_version") == [(STORE_LAYOUT,)]
+        store.close()
+
+
+def test_a_store_from_a_newer_arborl_is_refused(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "new.sqlite") as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError, match="newer arborl"):
+        TrajectoryStore(tmp_path / "new.sqlite")
+
+
 def test_store_refuses_inconsistent_call(tmp_path):
     store = TrajectoryStore(tmp_path / "s.sqlite")
     bad = _call(0, "s", [1], [2, 3])
