@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import torch
@@ -27,7 +28,7 @@ from arborl.rollout.ledger import Feedback, RunLedger
 from arborl.rollout.records import StoredCall
 from arborl.rollout.trie import Trie
 
-from .packing import CallSpan
+from .group_data import insert_calls
 from .train_step import RolloutSample
 
 # What a failed tool call's result looks like in the next request, across scaffolds.
@@ -41,6 +42,7 @@ class FeedbackBatch:
     used: list[int]  # feedback ids the step consumes (trained on or not)
     baseline: float  # the running baseline after this batch (pg)
     sessions: list[str]  # the sessions trained on
+    refused: Counter[str] = field(default_factory=Counter)  # calls not trained on, by reason (learner.group_data)
 
 
 def failed_calls(calls: list[StoredCall]) -> set[str]:
@@ -73,6 +75,7 @@ def load_feedback(ledger: RunLedger, items: list[Feedback], mode: str, baseline:
     store = ledger.store
     samples: list[RolloutSample] = []
     sessions: list[str] = []
+    refused: Counter[str] = Counter()
     for index, ((session, call_id), item) in enumerate(latest_per_target(items).items()):
         accepted = item.accept if item.accept is not None else (item.reward is not None and item.reward >= 1.0)
         if mode == "sft" and not accepted:
@@ -83,11 +86,12 @@ def load_feedback(ledger: RunLedger, items: list[Feedback], mode: str, baseline:
         failed = failed_calls(ledger.training_calls(session)) if mode == "sft" else set()
         trie = Trie()
         spans, logp_rollout, masks = [], {}, {}
-        for call in calls:
-            prompt, completion = store.call_tokens(call)
-            spans.append(CallSpan(call.id, trie.insert(prompt + completion).leaf, call.completion_len))
+        for call, span in insert_calls(store, trie, calls, refused):
+            spans.append(span)
             logp_rollout[call.id] = torch.tensor(call.completion_logprobs, dtype=torch.float32)
             masks[call.id] = torch.full((call.completion_len,), 0.0 if call.id in failed else 1.0)
+        if not spans:
+            continue
         advantage = None
         if mode == "pg":
             advantage = item.value - baseline
@@ -95,4 +99,4 @@ def load_feedback(ledger: RunLedger, items: list[Feedback], mode: str, baseline:
         samples.append(RolloutSample(trie, spans, item.value, group=index, logp_rollout=logp_rollout,
                                      advantage=advantage, sft_mask=masks if mode == "sft" else None))
         sessions.append(session)
-    return FeedbackBatch(samples, [item.id for item in items], baseline, sessions)
+    return FeedbackBatch(samples, [item.id for item in items], baseline, sessions, refused)

@@ -13,6 +13,14 @@ last committed step (weights, optimiser, schedule, RNG), deletes checkpoints no 
 and takes the groups no committed step consumed, so a ``kill -9`` anywhere neither loses nor
 repeats a group. If serving is behind the learner (a crash between commit and publish, or a
 restarted gateway), the latest version is published again at start.
+
+Non-finite steps: when ``train_step`` skips its optimizer step (a NaN or infinite loss or gradient
+norm), the weights are those of the last committed step, so there is nothing to checkpoint,
+commit or publish, and the step number stays free. Its groups are dropped with the reason
+``non_finite`` (and its feedback marked used), in one ledger transaction, counted and logged:
+kept pending, they would give the same non-finite step again and hold up every group behind them;
+dropped, they are neither trained nor lost (the ledger says which and why). Calls the learner
+refuses (``learner.group_data``) are counted when their group is consumed or dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +50,8 @@ from .train_step import train_step
 
 log = logging.getLogger("arborl.learner")
 
+NON_FINITE = "non_finite"  # why a skipped step's groups were dropped
+
 
 class LearnerError(RuntimeError):
     """The learner cannot start as asked (e.g. a run with committed steps, started without resume)."""
@@ -52,6 +63,7 @@ class StepReport:
     version: int
     groups: list[int]
     metrics: dict[str, float]
+    skipped: bool = False  # a non-finite step: nothing committed or published, its groups dropped
 
 
 class Learner:
@@ -74,6 +86,7 @@ class Learner:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress or log.info
+        self._progress_is_log = progress is None  # then warnings go to the log as warnings
         self.controls = RunControls(ledger.store)  # what operators set at run time (rollout/controls.py)
         self._paused_said = False
         self._open(resume)
@@ -216,6 +229,7 @@ class Learner:
             if reason:
                 self.ledger.drop_groups([group.id], reason)
                 self.metrics.groups_dropped.labels(reason).inc()
+                self._count_refused(data.refused)
                 self.progress(f"learner: dropped group {group.id} ({reason})")
                 continue
             taken.append(data)
@@ -237,9 +251,15 @@ class Learner:
         samples = [sample for g in groups for sample in g.samples]
         metrics = train_step(self.model, self.optimizer, samples, self.settings.step_config(),
                              scheduler=self.scheduler, teachers=self.teachers, reference=self.reference)
+        refused = sum((g.refused for g in groups), Counter())
         metrics.update(staleness_max=float(max(staleness)), staleness_mean=sum(staleness) / len(staleness),
-                       started_at=started_at)
-        return self._commit(step, version, metrics, ids, staleness)
+                       started_at=started_at, calls_refused=float(refused.total()))
+        if metrics["skipped"]:
+            report = self._skip(step, metrics, ids)
+        else:
+            report = self._commit(step, version, metrics, ids, staleness)
+        self._count_refused(refused)
+        return report
 
     def train_feedback_once(self) -> StepReport | None:
         """One step on production sessions' feedback (``learner.feedback``), if any is pending."""
@@ -251,6 +271,7 @@ class Learner:
                               decay=self.settings.feedback_baseline_decay)
         if not batch.samples:  # nothing this mode learns from (rejections under sft)
             self.ledger.skip_feedback(batch.used)
+            self._count_refused(batch.refused)
             return None
         step, version = self.step + 1, self.version + 1
         self.progress(f"step {step}: training on feedback for {len(batch.sessions)} sessions ({mode})")
@@ -259,9 +280,14 @@ class Learner:
             config = replace(config, loss="sft")
         metrics = train_step(self.model, self.optimizer, batch.samples, config, scheduler=self.scheduler,
                              reference=self.reference)
-        metrics.update(feedback_baseline=batch.baseline)
-        details = {"kind": f"feedback-{mode}", "sessions": batch.sessions}
-        return self._commit(step, version, {**metrics, **details}, [], [], feedback_ids=batch.used)
+        metrics.update(feedback_baseline=batch.baseline, calls_refused=float(batch.refused.total()))
+        if metrics["skipped"]:
+            report = self._skip(step, metrics, [], feedback_ids=batch.used)
+        else:
+            details = {"kind": f"feedback-{mode}", "sessions": batch.sessions}
+            report = self._commit(step, version, {**metrics, **details}, [], [], feedback_ids=batch.used)
+        self._count_refused(batch.refused)
+        return report
 
     def _feedback_baseline(self) -> float:
         for record in reversed(self.ledger.steps(last=50)):
@@ -288,6 +314,25 @@ class Learner:
         # when the step's work ended (the learner's busy time is finished_at - started_at)
         self.ledger.annotate_step(step, {"finished_at": time.time()})
         return StepReport(step, version, ids, metrics)
+
+    def _skip(self, step: int, metrics: dict, ids: list[int], *, feedback_ids: list[int] = ()) -> StepReport:
+        """A step ``train_step`` skipped (see the module docstring): drop its groups, mark its
+        feedback used, count and log it; no checkpoint, no commit, no new version, no publish."""
+        if ids:
+            self.ledger.drop_groups(ids, NON_FINITE)
+            self.metrics.groups_dropped.labels(NON_FINITE).inc(len(ids))
+        if feedback_ids:
+            self.ledger.skip_feedback(list(feedback_ids))
+        self.metrics.steps_skipped.labels(NON_FINITE).inc()
+        data = f"dropped groups {ids} ({NON_FINITE})" if ids else f"marked {len(feedback_ids)} feedback used"
+        message = (f"step {step}: skipped, the loss ({metrics['loss']:.4g}) or the gradient norm "
+                   f"({metrics['grad_norm']:.4g}) is not finite; weights unchanged, version {self.version} stays; {data}")
+        (log.warning if self._progress_is_log else self.progress)(message)
+        return StepReport(self.step, self.version, ids, metrics, skipped=True)
+
+    def _count_refused(self, refused: Counter[str]) -> None:
+        for reason, count in refused.items():
+            self.metrics.calls_refused.labels(reason).inc(count)
 
     def _publish(self, folder: Path) -> None:
         if self.publisher is None:

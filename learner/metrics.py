@@ -1,7 +1,9 @@
 """Prometheus metrics of the learner (DESIGN section 9), in a registry of its own.
 
 ``arborl train`` serves them on ``--metrics-port``; a process that runs the learner beside the
-gateway adds this registry to the gateway's scrape.
+gateway adds this registry to the gateway's scrape. Names start ``arborl_``, counters end
+``_total``, histograms of durations ``_seconds``; a labelled counter starts every known label
+value at 0, so alerts see the series before the first event.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ _STEP_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _STEP_GAUGES = {
     "arborl_learner_loss": ("loss", "Loss of the last step"),
     "arborl_learner_entropy": ("entropy", "Mean token entropy of the last step's rollouts"),
-    "arborl_learner_clip_fraction": ("clip_frac", "Fraction of turns whose clipped objective binds"),
+    "arborl_learner_clip_fraction": ("clip_frac", "Fraction of turns (tokens: token PPO) whose clip binds"),
     "arborl_learner_icepop_zeroed_fraction": ("icepop_zeroed_frac", "Fraction of tokens IcePop zeroed"),
     "arborl_train_rollout_mismatch": ("mismatch_abs", "Mean |logp_old - logp_rollout| of the last step"),
     "arborl_train_rollout_kl": ("mismatch_kl", "KL(rollout || train) estimate of the last step"),
@@ -44,9 +46,18 @@ class LearnerMetrics:
         self.publish_duration = Histogram("arborl_learner_publish_seconds", "Publishing a version to serving",
                                           buckets=_STEP_BUCKETS, registry=r)
         self.publish_failures = Counter("arborl_learner_publish_failures_total", "Failed publishes", registry=r)
+        self.calls_refused = Counter("arborl_learner_calls_refused_total",
+                                     "Recorded calls the learner refused to train on", ["reason"], registry=r)
+        self.steps_skipped = Counter(
+            "arborl_learner_steps_skipped_total", "Steps whose optimizer step was skipped (nothing published)",
+            ["reason"], registry=r,
+        )
         self.gauges = {name: Gauge(name, text, registry=r) for name, (_, text) in _STEP_GAUGES.items()}
-        for reason in ("stale", "uniform_reward", "no_tokens"):  # known label values start at 0
+        # known label values start at 0
+        for reason in ("stale", "uniform_reward", "no_tokens", "non_finite"):
             self.groups_dropped.labels(reason)
+        self.calls_refused.labels("empty_prompt")  # learner.group_data.REFUSAL_REASONS
+        self.steps_skipped.labels("non_finite")  # the loss or the gradient norm was NaN or infinite
 
     def observe_step(self, step: int, version: int, metrics: dict[str, float], staleness: list[int]) -> None:
         self.step.set(step)

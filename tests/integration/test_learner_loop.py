@@ -3,6 +3,8 @@
 - a group sampled through a live gateway (the ``openai`` SDK) is trained on and the new version
   is served, with the served weights equal to the committed checkpoint;
 - stale and uninformative groups are dropped and counted, never trained on;
+- a call without a prompt is refused and counted, its group trains on the rest; a step whose loss
+  is not finite commits and publishes nothing, and its groups are dropped (``non_finite``);
 - ``arborl train`` killed with SIGKILL in the middle of steps and resumed twice ends with the
   same weights, bit for bit, as an uninterrupted run on a copy of the same store, and the ledger
   shows every group trained by exactly one step.
@@ -24,10 +26,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from arborl.learner.group_data import load_group
 from arborl.learner.loop import Learner, LearnerError
 from arborl.learner.publish import GatewayPublisher, InProcessPublisher
 from arborl.learner.settings import LearnerSettings
 from arborl.rollout.ledger import RunLedger
+from arborl.rollout.records import CallRecord
 from arborl.rollout.store import TrajectoryStore
 from conftest import serve_live
 from learner_fixtures import record_group
@@ -115,6 +119,68 @@ def test_stale_and_uniform_groups_are_dropped_and_counted(tiny_model, tiny_model
         Learner(ledger, tmp_path, LearnerSettings(), base_model=tiny_model_dir, device="cpu")
     resumed = Learner(ledger, tmp_path, LearnerSettings(), base_model=tiny_model_dir, device="cpu", resume=True)
     assert (resumed.step, resumed.version) == (2, 2)
+
+
+class _RecordingPublisher:
+    """Serving as the learner sees it: which versions were published."""
+
+    def __init__(self):
+        self.versions: list[int] = []
+
+    def publish(self, model, checkpoint: Path, version: int) -> None:
+        self.versions.append(version)
+
+    def served_version(self) -> int:
+        return self.versions[-1] if self.versions else 0
+
+
+def test_a_call_without_a_prompt_is_refused_and_counted(tiny_model, tiny_model_dir: Path, tmp_path: Path):
+    """A main call with an empty prompt (a completions request with prompt "") is listed by the
+    ledger; its first token has no context, so no logprob: trained on, it made every weight NaN."""
+    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    group = record_group(ledger, tiny_model, "empty", random.Random(3))
+    ledger.store.record_call(CallRecord(
+        id="no-prompt", session_id="empty-rollout-0", dialect="openai", model="tiny", prompt_ids=[],
+        completion_ids=[5, 6, 7], completion_logprobs=[-4.0] * 3, completion_versions=[0] * 3,
+    ))
+    assert "no-prompt" in {call.id for call in ledger.training_calls("empty-rollout-0")}
+    data = load_group(ledger, ledger.group(group))
+    assert data.refused == {"empty_prompt": 1} and data.calls == 8
+    # entropy-aware rescaling on: a NaN entropy would reach every advantage
+    learner = Learner(ledger, tmp_path, LearnerSettings(lr=1e-3, entropy_mu=0.1), base_model=tiny_model_dir,
+                      device="cpu")
+    report = learner.train_once()
+    assert report is not None and not report.skipped and report.groups == [group]
+    assert report.metrics["calls_refused"] == 1.0 and report.metrics["skipped"] == 0.0
+    assert learner.metrics.calls_refused.labels("empty_prompt")._value.get() == 1
+    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+
+
+def test_a_non_finite_step_commits_and_publishes_nothing(tiny_model, tiny_model_dir: Path, tmp_path: Path):
+    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    rng = random.Random(4)
+    # a verifier's infinite reward: the group's mean is infinite, every advantage NaN
+    broken = record_group(ledger, tiny_model, "broken", rng, rewards=[float("inf"), 0.0, 1.0, 0.0])
+    fine = record_group(ledger, tiny_model, "fine", rng)
+    publisher = _RecordingPublisher()
+    learner = Learner(ledger, tmp_path, LearnerSettings(lr=1e-3), base_model=tiny_model_dir, device="cpu",
+                      publisher=publisher)
+    start = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+    report = learner.train_once()
+    assert report is not None and report.skipped and report.groups == [broken]
+    assert (report.step, report.version) == (0, 0) == (learner.step, learner.version)
+    assert publisher.versions == [] and ledger.steps() == []
+    for name, p in learner.model.named_parameters():
+        assert torch.equal(p.detach(), start[name]), name
+    # not lost: dropped, with the reason, so no later step trains it twice (or forever)
+    assert ledger.group(broken).dropped == "non_finite" and [g.id for g in ledger.pending_groups()] == [fine]
+    assert learner.metrics.steps_skipped.labels("non_finite")._value.get() == 1
+    assert learner.metrics.groups_dropped.labels("non_finite")._value.get() == 1
+
+    report = learner.train_once()  # the next group is step 1, version 1, published
+    assert not report.skipped and (report.step, report.version, report.groups) == (1, 1, [fine])
+    assert publisher.versions == [1] and ledger.consumed() == {fine: 1}
 
 
 def _train(run: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
