@@ -8,7 +8,8 @@ sequence::
     (content_block_start, content_block_delta*, content_block_stop)*   # thinking, text, tool_use
     message_delta (stop_reason, usage), message_stop
 
-with further ``ping`` events while the prompt is still being prefilled.
+with further ``ping`` events while nothing else comes (a long prefill), so clients with a read
+timeout keep waiting. Streamed or not, the content blocks are built by one ``ContentBlocks``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from .anthropic_schema import (
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta
 from .engines.base import SamplingParams
 from .errors import InvalidRequest
-from .http_streams import CLIENT_CLOSED_REQUEST, ending_with_error_event, last_result, until_disconnected
+from .http_streams import (
+    CLIENT_CLOSED_REQUEST,
+    ending_with_error_event,
+    until_disconnected,
+    with_keepalives,
+)
 from .json_wire import JSONResponse, sse_event
 from .rendering import ChatMessage
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
@@ -42,7 +48,6 @@ from .tool_schemas import check_chosen_tool, check_function_tools
 
 router = APIRouter()
 
-PING_SECONDS = 5.0
 _STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens"}
 
 
@@ -173,11 +178,13 @@ async def messages(body: MessagesRequest, request: Request):
     stream = gateway.completions.stream(prepared)
     headers = {"x-arborl-session": completion.session.id}
     if not body.stream:
-        result = await until_disconnected(request, last_result(stream))
-        if result is None:
+        collected = await until_disconnected(request, _collect(stream))
+        if collected is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return JSONResponse(_message(message_id, body.model, result), headers=headers)
-    events = ending_with_error_event(_sse(stream, message_id, body.model, len(prepared.plan.prompt_ids)),
+        blocks, result = collected
+        return JSONResponse(_message(message_id, body.model, blocks, result), headers=headers)
+    events = ending_with_error_event(_sse(stream, message_id, body.model, len(prepared.plan.prompt_ids),
+                                          gateway.settings.stream_keepalive_s),
                                      lambda exc: sse_event("error", exc.anthropic_body()))
     return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
@@ -197,96 +204,112 @@ def _usage(result: CompletionResult) -> dict[str, int]:
     }
 
 
-def _message(message_id: str, model: str, result: CompletionResult) -> dict[str, Any]:
-    content: list[dict[str, Any]] = []
-    if result.reasoning:
-        content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
-    if result.content:
-        content.append({"type": "text", "text": result.content})
-    for call in result.tool_calls:
-        content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)})
+def _message(message_id: str, model: str, blocks: ContentBlocks, result: CompletionResult) -> dict[str, Any]:
     stop_reason, stop_sequence = _stop(result)
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": blocks.content,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": _usage(result)}
+
+
+async def _collect(stream: AsyncIterator) -> tuple[ContentBlocks, CompletionResult]:
+    """A whole completion as the blocks it streamed, and its result (the non-streaming response)."""
+    blocks = ContentBlocks()
+    async for event in stream:
+        if isinstance(event, CompletionResult):
+            blocks.finish()
+            return blocks, event
+        blocks.feed(event)
+    raise AssertionError("the completion stream ended without a result")
+
+
+class ContentBlocks:
+    """Completion events -> Anthropic content blocks, in the order they were generated.
+
+    Both responses are built by it: the stream sends the events ``feed`` and ``finish`` return
+    as blocks open, grow and close; the JSON response is ``content``, the list it ends with. So a
+    streamed and a non-streamed answer to the same output hold the same blocks in the same order.
+    Whitespace-only text is held back and put in front of the next text (a text block of only
+    whitespace between two tool calls is one Anthropic's API refuses when a client sends it back);
+    held whitespace at the end is dropped. Joined, the text blocks are the reply's text (trailing
+    whitespace aside), which is what stitching compares the next request's assistant turn with.
+    """
+
+    def __init__(self) -> None:
+        self.content: list[dict[str, Any]] = []
+        self._open: str | None = None  # the kind of the last block, while it can still grow
+        self._held = ""
+        self._arguments = ""  # the open tool_use block's input, as streamed
+
+    def feed(self, event: Any) -> list[tuple[str, dict[str, Any]]]:
+        """The SSE events (name, data) that ``event`` makes."""
+        if isinstance(event, ReasoningDelta):
+            return self._grow("thinking", {"type": "thinking", "thinking": "", "signature": ""},
+                              "thinking", {"type": "thinking_delta", "thinking": event.text})
+        if isinstance(event, TextDelta):
+            text = self._held + event.text
+            if self._open != "text" and not text.strip():
+                self._held = text
+                return []
+            self._held = ""
+            return self._grow("text", {"type": "text", "text": ""}, "text", {"type": "text_delta", "text": text})
+        if isinstance(event, ToolCallStart):
+            out = self._close()
+            self._held, self._arguments = "", ""
+            block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+            return out + self._start("tool_use", block)
+        if isinstance(event, ToolCallArgsDelta):
+            self._arguments += event.fragment
+            return [("content_block_delta", {"index": len(self.content) - 1,
+                                             "delta": {"type": "input_json_delta", "partial_json": event.fragment}})]
+        return []
+
+    def finish(self) -> list[tuple[str, dict[str, Any]]]:
+        self._held = ""
+        return self._close()
+
+    def _grow(self, kind: str, empty: dict[str, Any], field: str, delta: dict[str, Any]) -> list[tuple[str, dict]]:
+        out = [] if self._open == kind else self._close() + self._start(kind, empty)
+        self.content[-1][field] += delta[field]
+        return out + [("content_block_delta", {"index": len(self.content) - 1, "delta": delta})]
+
+    def _start(self, kind: str, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        self.content.append(dict(block))
+        self._open = kind
+        return [("content_block_start", {"index": len(self.content) - 1, "content_block": block})]
+
+    def _close(self) -> list[tuple[str, dict[str, Any]]]:
+        if self._open is None:
+            return []
+        if self._open == "tool_use":
+            self.content[-1]["input"] = json.loads(self._arguments or "{}")
+        self._open = None
+        return [("content_block_stop", {"index": len(self.content) - 1})]
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
     return sse_event(name, {"type": name, **data})
 
 
-async def _with_pings(stream: AsyncIterator, seconds: float) -> AsyncIterator[Any]:
-    """The stream's events, with None whenever nothing arrived for ``seconds`` (a long prefill)."""
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump() -> None:
-        try:
-            async for event in stream:
-                await queue.put(event)
-        except Exception as exc:  # noqa: BLE001 - re-raised to the consumer
-            await queue.put(exc)
-        finally:
-            await queue.put(end)
-
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), seconds)
-            except TimeoutError:
-                yield None
-                continue
-            if event is end:
-                return
-            if isinstance(event, Exception):
-                raise event
-            yield event
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await stream.aclose()
-
-
-async def _sse(stream: AsyncIterator, message_id: str, model: str, prompt_tokens: int) -> AsyncIterator[bytes]:
+async def _sse(
+    stream: AsyncIterator, message_id: str, model: str, prompt_tokens: int, keepalive_s: float
+) -> AsyncIterator[bytes]:
     start_usage = {"input_tokens": prompt_tokens, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
                    "output_tokens": 0}
     yield _event("message_start", {"message": {
         "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": start_usage}})
     yield _event("ping", {})
-    index, open_kind = -1, None  # the content block being streamed
-
-    def close() -> list[bytes]:
-        return [_event("content_block_stop", {"index": index})] if open_kind else []
-
-    async for event in _with_pings(stream, PING_SECONDS):
-        if event is None:
+    blocks = ContentBlocks()
+    async for event in with_keepalives(stream, keepalive_s):
+        if event is None:  # nothing for a while (a long prefill): Anthropic's own keep-alive
             yield _event("ping", {})
             continue
         if isinstance(event, CompletionResult):
-            for chunk in close():
-                yield chunk
+            for name, data in blocks.finish():
+                yield _event(name, data)
             stop_reason, stop_sequence = _stop(event)
             yield _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                            "usage": _usage(event)})
             yield _event("message_stop", {})
             return
-        kind = {ReasoningDelta: "thinking", TextDelta: "text", ToolCallStart: "tool_use"}.get(type(event))
-        if kind is not None and (kind != open_kind or kind == "tool_use"):
-            for chunk in close():
-                yield chunk
-            index, open_kind = index + 1, kind
-            block = {"thinking": {"type": "thinking", "thinking": "", "signature": ""},
-                     "text": {"type": "text", "text": ""}}.get(kind)
-            if isinstance(event, ToolCallStart):
-                block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
-            yield _event("content_block_start", {"index": index, "content_block": block})
-        if isinstance(event, ReasoningDelta):
-            delta = {"type": "thinking_delta", "thinking": event.text}
-        elif isinstance(event, TextDelta):
-            delta = {"type": "text_delta", "text": event.text}
-        elif isinstance(event, ToolCallArgsDelta):
-            delta = {"type": "input_json_delta", "partial_json": event.fragment}
-        else:
-            continue
-        yield _event("content_block_delta", {"index": index, "delta": delta})
+        for name, data in blocks.feed(event):
+            yield _event(name, data)

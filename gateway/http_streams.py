@@ -15,6 +15,7 @@ from .errors import GatewayError, InternalError
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.25
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: every client's event parser skips it
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 T = TypeVar("T")
@@ -65,3 +66,41 @@ async def ending_with_error_event(
     except Exception:
         log.exception("a stream failed after its response started")
         yield error_event(InternalError("internal error in arborl"))
+
+
+async def with_keepalives(stream: AsyncIterator[T], seconds: float) -> AsyncIterator[T | None]:
+    """The stream's events, and None whenever nothing arrived for ``seconds`` (the dialect then
+    sends its keep-alive: ``gateway.stream_keepalive_s``). Agents give up on a stream that stays
+    silent past their read timeout, as it does during a long prefill, and then retry it. Closing
+    this closes ``stream``, which cancels the generation."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for event in stream:
+                await queue.put(event)
+        except Exception as exc:  # noqa: BLE001 - re-raised to the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(end)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), seconds)
+            except TimeoutError:
+                yield None
+                continue
+            if event is end:
+                return
+            if isinstance(event, Exception):
+                raise event
+            yield event
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()

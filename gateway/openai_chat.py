@@ -17,7 +17,14 @@ from fastapi.responses import Response, StreamingResponse
 from .completions import CompletionRequest, CompletionResult, ReasoningDelta, TokenLogprob
 from .engines.base import SamplingParams
 from .errors import InvalidRequest
-from .http_streams import CLIENT_CLOSED_REQUEST, ending_with_error_event, last_result, until_disconnected
+from .http_streams import (
+    CLIENT_CLOSED_REQUEST,
+    SSE_KEEPALIVE,
+    ending_with_error_event,
+    last_result,
+    until_disconnected,
+    with_keepalives,
+)
 from .json_wire import JSONResponse, sse_event
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
@@ -190,7 +197,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # Headers are gone once streaming: a failure is reported in the stream, the way OpenAI does.
-    chunks = ending_with_error_event(_sse_chunks(streams, header, want_logprobs, include_usage),
+    keepalive_s = gateway.settings.stream_keepalive_s
+    chunks = ending_with_error_event(_sse_chunks(streams, header, want_logprobs, include_usage, keepalive_s),
                                      lambda exc: sse_event(None, exc.openai_body()))
     return StreamingResponse(
         chunks, media_type="text/event-stream", headers={"x-arborl-session": completion.session.id,
@@ -234,7 +242,8 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]
 
 
 async def _sse_chunks(
-    streams: list[AsyncIterator], header: dict[str, Any], want_logprobs: bool, include_usage: bool
+    streams: list[AsyncIterator], header: dict[str, Any], want_logprobs: bool, include_usage: bool,
+    keepalive_s: float,
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         body = {**header, "object": "chat.completion.chunk", "choices": choices}
@@ -253,7 +262,11 @@ async def _sse_chunks(
     for index in range(len(streams)):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    async for index, event in _merged(streams):
+    async for item in with_keepalives(_merged(streams), keepalive_s):
+        if item is None:  # nothing for a while (a long prefill): an SSE comment keeps the client waiting
+            yield SSE_KEEPALIVE
+            continue
+        index, event = item
         delta = _delta(event)
         if isinstance(event, TokenLogprob):
             pending[index].append(event)

@@ -31,7 +31,14 @@ from .completions import CompletionRequest, CompletionResult, ReasoningDelta
 from .engines.base import SamplingParams
 from .errors import ContextLengthExceeded, GatewayError, InvalidRequest, Overloaded
 from .header_values import header_list
-from .http_streams import CLIENT_CLOSED_REQUEST, ending_with_error_event, last_result, until_disconnected
+from .http_streams import (
+    CLIENT_CLOSED_REQUEST,
+    SSE_KEEPALIVE,
+    ending_with_error_event,
+    last_result,
+    until_disconnected,
+    with_keepalives,
+)
 from .json_wire import JSONResponse, sse_event
 from .openai_chat import DEFAULT_MAX_TOKENS
 from .rendering import ChatMessage
@@ -181,7 +188,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         if result is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(shell.completed(result), headers=headers)
-    return StreamingResponse(ending_with_error_event(shell.events(stream), shell.failed),
+    events = shell.events(stream, gateway.settings.stream_keepalive_s)
+    return StreamingResponse(ending_with_error_event(events, shell.failed),
                              media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 
 
@@ -230,7 +238,7 @@ class _ResponseShell:
         return self.event("response.failed", response=self.response(
             "failed", [], error={"code": code, "message": exc.message}))
 
-    async def events(self, stream: AsyncIterator) -> AsyncIterator[bytes]:
+    async def events(self, stream: AsyncIterator, keepalive_s: float) -> AsyncIterator[bytes]:
         yield self.event("response.created", response=self.response("in_progress", []))
         yield self.event("response.in_progress", response=self.response("in_progress", []))
         items: list[dict[str, Any]] = []
@@ -272,7 +280,10 @@ class _ResponseShell:
                                       content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
             return out
 
-        async for event in stream:
+        async for event in with_keepalives(stream, keepalive_s):
+            if event is None:  # nothing for a while (a long prefill): an SSE comment keeps the client waiting
+                yield SSE_KEEPALIVE
+                continue
             chunks: list[bytes] = []
             index = len(items) - 1
             if isinstance(event, CompletionResult):

@@ -20,6 +20,9 @@ class GatewaySettings(BaseModel):
     # An operator's cap on completion length, applied to every request's max_tokens.
     max_tokens_cap: int | None = None
     tool_parser: str | None = None  # hermes | qwen3_coder | llama3_json; None picks by model family
+    # A stream with nothing to send for this long sends its dialect's keep-alive (Anthropic's
+    # ping, an SSE comment in OpenAI's dialects), so agents with a read timeout wait out a long prefill.
+    stream_keepalive_s: float = Field(default=5.0, gt=0)
     # The HTTP server's limits (ops/http_server.py). A connection that has not sent a request's
     # line and headers within header_timeout_s, or sends more than max_header_bytes of them, is
     # closed; an idle keep-alive connection closes after keep_alive_timeout_s; past

@@ -138,6 +138,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer
     kv: SequenceKV | None = None
     cached_prompt_tokens: int = 0
+    kv_version: int = 0  # the policy version that computes this sequence's KV (set when it starts)
     output_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
@@ -342,6 +343,7 @@ class EmbeddedEngine(Engine):
     def _start_sequence(self, request: _Request) -> None:
         """Give a waiting request its KV, reusing the longest cached prefix."""
         request.kv = SequenceKV(self.layout, capacity=len(request.prompt_ids) + min(request.max_new_tokens, 256))
+        request.kv_version = self.version
         entry, hit = self.prefix_cache.lookup(request.prompt_ids, request.cache_key)
         if entry is not None:
             request.kv.copy_prefix_from(entry.kv, hit)
@@ -445,7 +447,7 @@ class EmbeddedEngine(Engine):
         if request.done:
             return
         request.done = True
-        if request.kv is not None and request.cache_key and event.reason != "abort":
+        if self._worth_caching(request):
             self.prefix_cache.store(request.cache_key, request.prompt_ids + request.output_ids, request.kv)
         request.emit(
             Finished(
@@ -456,6 +458,21 @@ class EmbeddedEngine(Engine):
                 cached_prompt_tokens=request.cached_prompt_tokens,
             )
         )
+
+    def _worth_caching(self, request: _Request) -> bool:
+        """Whether a sequence's KV should seed later prompts of its session.
+
+        An aborted request's KV is kept too: whatever happened after it, a prefill's KV is valid,
+        and the client that gave up during a long prefill retries with the same prompt (then it
+        pays only for what was not computed yet). Not when the abort came before anything past its
+        cache hit was computed (it would replace a longer entry with a copy of part of it), and
+        never when a weight swap happened since the sequence started: part of its KV is then the
+        old policy's, which must not serve the new one.
+        """
+        kv = request.kv
+        if kv is None or not request.cache_key or request.kv_version != self.version:
+            return False
+        return kv.length > request.cached_prompt_tokens
 
     def _score(self, ids: list[int]) -> list[float]:
         kv = SequenceKV(self.layout, capacity=len(ids))

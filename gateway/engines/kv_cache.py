@@ -1,9 +1,10 @@
 """Per-sequence KV storage and the session prefix cache of the embedded engine.
 
 Each running sequence owns one key and one value buffer per layer, grown by doubling, so
-appending a token is a slice write and attention reads a view. When a sequence finishes,
-its KV (prompt plus completion, all but the last sampled token, whose KV was never
-computed) is kept in the ``PrefixCache`` under the session's key. The next request that
+appending a token is a slice write and attention reads a view. When a sequence ends, finished
+or aborted, the KV it computed (prompt plus completion, all but the last sampled token, whose
+KV was never computed; for an abort during prefill, the part of the prompt done) is kept in the
+``PrefixCache`` under the session's key (the engine's ``_worth_caching`` says when not). The next request that
 starts with the same tokens copies that prefix instead of recomputing it: an agent's turn
 ``n+1`` extends turn ``n``, so its time to first token pays only for the new tokens.
 """

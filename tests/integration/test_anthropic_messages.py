@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import pytest
@@ -164,3 +166,52 @@ def test_sdk_raises_typed_errors(gateway):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "word " * 6000}])
     malformed = httpx.post(gateway.url + "/v1/messages", content=b'{"model": ', headers={"content-type": "application/json"})
     assert malformed.status_code == 400 and malformed.json()["type"] == "error"
+
+
+@pytest.mark.parametrize(("reply", "kinds"), [
+    ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+     ["text", "tool_use"]),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\nThen I will report.',
+     ["tool_use", "text"]),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\nBoth asked.',
+     ["tool_use", "tool_use", "text"]),
+], ids=["text-then-call", "call-then-text", "calls-whitespace-text"])
+def test_streamed_and_json_answers_hold_the_same_blocks_in_the_same_order(tiny_model_dir, tmp_path, reply, kinds):
+    """The same output gives the same content blocks, streamed or not, in the order generated
+    (no text block of whitespace alone between two calls)."""
+    from transformers import AutoTokenizer
+
+    from arborl.gateway.app import create_app
+    from arborl.gateway.settings import GatewaySettings
+    from arborl.ops.local_gateway import ServerThread
+    from arborl.rollout.store import TrajectoryStore
+    from scripted_engine import ScriptedEngine
+
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: reply)
+    store = TrajectoryStore(tmp_path / "store.sqlite")
+    body = {"model": "tiny", "max_tokens": 200, "tools": [WEATHER], "messages": ASK}
+    with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
+        whole = httpx.post(url + "/v1/messages", json=body, timeout=30).json()["content"]
+        with httpx.stream("POST", url + "/v1/messages", json={**body, "stream": True}, timeout=30) as response:
+            events = sse_events(response)
+    streamed: list[dict] = []
+    arguments = ""
+    for name, data in events:
+        if name == "content_block_start":
+            streamed.append(dict(data["content_block"]))
+            arguments = ""
+        elif name == "content_block_delta" and data["delta"]["type"] == "text_delta":
+            streamed[-1]["text"] += data["delta"]["text"]
+        elif name == "content_block_delta" and data["delta"]["type"] == "input_json_delta":
+            arguments += data["delta"]["partial_json"]
+        elif name == "content_block_stop" and streamed[-1]["type"] == "tool_use":
+            streamed[-1]["input"] = json.loads(arguments)
+
+    def without_ids(blocks: list[dict]) -> list[dict]:  # each answer's tool calls get ids of their own
+        return [{k: v for k, v in block.items() if k != "id"} for block in blocks]
+
+    assert without_ids(streamed) == without_ids(whole)
+    assert [block["type"] for block in whole] == kinds
+    assert all(block["text"].strip() for block in whole if block["type"] == "text")
+    store.close()

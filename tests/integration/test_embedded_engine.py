@@ -114,3 +114,60 @@ async def test_weight_swap_between_steps_records_versions(engine):
     assert versions[0] == 0 and versions[-1] == 1
     assert versions == sorted(versions)
     assert engine.stats().policy_version == 1
+
+
+class _CancelMidPrefill:
+    """An observer that cancels the consumer once the engine has run ``steps`` prefill steps."""
+
+    def __init__(self, steps: int):
+        self.steps, self.seen = steps, 0
+        self.task: asyncio.Task | None = None
+        self.loop = asyncio.get_running_loop()
+
+    def observe_step(self, batch_size: int, new_tokens: int, seconds: float) -> None:
+        self.seen += 1
+        if self.seen == self.steps and self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+
+    def observe_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        pass
+
+    def observe_swap(self, version: int, seconds: float) -> None:
+        pass
+
+
+async def test_a_prefill_aborted_midway_keeps_what_it_computed(engine):
+    """A client that gives up during a long prefill retries with the same prompt: the retry
+    reuses the KV the aborted request computed (2 of its 5+ chunks of 64) instead of redoing it."""
+    prompt = _prompt(engine, "a long first prompt of an agent " * 45)
+    assert len(prompt) > 5 * engine.prefill_chunk
+    observer = _CancelMidPrefill(steps=2)
+    engine.observer = observer
+    observer.task = asyncio.ensure_future(_run(engine, prompt, SamplingParams(max_tokens=5), key="retry"))
+    with pytest.raises(asyncio.CancelledError):
+        await observer.task
+    engine.observer = None
+    for _ in range(200):  # the scheduler notices the abort at its next step
+        if engine.stats().running == 0:
+            break
+        await asyncio.sleep(0.01)
+    _, retry = await _run(engine, prompt, SamplingParams(max_tokens=5), key="retry")
+    assert retry.cached_prompt_tokens >= 2 * engine.prefill_chunk, retry
+    assert retry.cached_prompt_tokens < len(prompt) - 1  # only what was computed: the prefill had not finished
+
+
+async def test_a_sequence_that_spans_a_swap_seeds_no_later_prompt(engine):
+    """KV partly computed by the old weights must not serve the new version's prompts."""
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    prompt = _prompt(engine, "swap in the middle")
+    stream = engine.generate(prompt, SamplingParams(max_tokens=20, ignore_eos=True), cache_key="spans")
+    tokens = []
+    async for event in stream:
+        if isinstance(event, Finished):
+            break
+        tokens.append(event.token_id)
+        if len(tokens) == 3:
+            await engine.load_weights(state, version=1)
+    _, after = await _run(engine, prompt + tokens + _prompt(engine, "next"), SamplingParams(max_tokens=2),
+                          key="spans")
+    assert after.cached_prompt_tokens == 0

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -125,6 +126,38 @@ def test_a_500_keeps_the_keep_alive_connection_usable(broken, route):
     assert healthy.status == 200 and json.loads(healthy.read()) == {"status": "ok"}
     assert connection.sock is sock, "the client had to open a new connection"
     connection.close()
+
+
+class SlowToFirstToken(ScriptedEngine):
+    """The scripted engine, silent for 1.5 s before its first token (a long prefill on a busy CPU)."""
+
+    async def _stream(self, prompt_ids, params):
+        await asyncio.sleep(1.5)
+        async for event in super()._stream(prompt_ids, params):
+            yield event
+
+
+@pytest.mark.parametrize(("route", "body"), [
+    ("/v1/chat/completions", {"model": "tiny", "messages": [USER], "stream": True}),
+    ("/v1/responses", {"model": "tiny", "input": "Say hi.", "stream": True}),
+    ("/v1/messages", {"model": "tiny", "max_tokens": 20, "messages": [USER], "stream": True}),
+], ids=["chat", "responses", "messages"])
+def test_a_long_prefill_does_not_trip_a_clients_read_timeout(tiny_model_dir: Path, tmp_path: Path, route, body):
+    """Every dialect sends its keep-alive while nothing else comes, so a client with a read timeout
+    shorter than the prefill keeps reading (it used to give up, and retry the whole prefill)."""
+    from transformers import AutoTokenizer
+
+    engine = SlowToFirstToken(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: "all done here")
+    store = TrajectoryStore(tmp_path / "store.sqlite")
+    settings = GatewaySettings(stream_keepalive_s=0.1)
+    with ServerThread(create_app(engine, store, settings), settings=settings) as url:
+        with httpx.stream("POST", url + route, json=body, timeout=httpx.Timeout(30, read=0.5)) as response:
+            assert response.status_code == 200
+            text = response.read().decode()
+    assert ": keep-alive" in text or "event: ping" in text
+    (call,) = store.calls(store.sessions()[0]["id"])
+    assert call.status == "ok" and call.response_message["content"] == "all done here"
+    store.close()
 
 
 # -- work off the event loop ----------------------------------------------------------------------------
