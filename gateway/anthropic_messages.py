@@ -36,13 +36,13 @@ from .completions import CompletionRequest, CompletionResult, ReasoningDelta
 from .engines.base import SamplingParams
 from .errors import InvalidRequest
 from .http_streams import (
-    CLIENT_CLOSED_REQUEST,
     ending_with_error_event,
     until_disconnected,
     with_keepalives,
 )
 from .json_wire import JSONResponse, sse_event
 from .rendering import ChatMessage
+from .request_log import CLIENT_CLOSED_REQUEST
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
 from .tool_schemas import check_chosen_tool, check_function_tools
 

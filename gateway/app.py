@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import secrets
-import time
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
@@ -44,6 +43,7 @@ from .json_nesting import MAX_JSON_DEPTH, nesting_exceeds
 from .json_wire import JSONResponse
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
+from .request_log import RequestLog
 from .sessions import SessionIdentity, check_session_id, identify_session
 from .settings import GatewaySettings
 from .tool_parsers import get_parser
@@ -207,33 +207,6 @@ def error_response(request: Request, exc: GatewayError) -> JSONResponse:
     if is_anthropic(request):
         return JSONResponse(exc.anthropic_body(), status_code=exc.anthropic_status, headers=headers)
     return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=headers)
-
-
-class RequestMetrics:
-    """Count requests by route and status and time them to their last byte (streams included)."""
-
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
 
 
 class RequestBody:
@@ -414,7 +387,7 @@ def create_app(
     # Outermost last: metrics see every answer, the 500s of InternalErrors included.
     app.add_middleware(RequestBody, max_bytes=settings.max_body_bytes)
     app.add_middleware(InternalErrors)
-    app.add_middleware(RequestMetrics, metrics=gateway.metrics)
+    app.add_middleware(RequestLog, metrics=gateway.metrics)
 
     # Under /s/{session_id} every route also declares (and checks) the session id path parameter,
     # so the OpenAPI schema describes those operations completely.

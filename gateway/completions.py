@@ -26,6 +26,7 @@ from .errors import ContextLengthExceeded, EngineUnavailable, Overloaded
 from .metrics import GatewayMetrics
 from .reasoning import ReasoningStreamer, reasoning_token_count
 from .rendering import ChatMessage, ChatRenderer, RenderedPrompt
+from .request_log import note_call
 from .sessions import SessionIdentity
 from .stitching import PromptPlan, Stitcher
 from .tool_parsers import MalformedToolCall, TextDelta, ToolCall, ToolCallArgsDelta, ToolCallStart
@@ -252,6 +253,7 @@ def record_call(store: TrajectoryStore, metrics: GatewayMetrics, call: CallRecor
     call.finished_at = time.time()
     started = time.perf_counter()
     store.record_call(call)
+    note_call(call)
     metrics.record_duration.observe(time.perf_counter() - started)
     metrics.calls_recorded.labels(call.status).inc()
     if call.purpose != "main":

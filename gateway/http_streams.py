@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.25
 SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: every client's event parser skips it
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
 T = TypeVar("T")
 

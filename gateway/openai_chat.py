@@ -18,7 +18,6 @@ from .completions import CompletionRequest, CompletionResult, ReasoningDelta, To
 from .engines.base import SamplingParams
 from .errors import InvalidRequest
 from .http_streams import (
-    CLIENT_CLOSED_REQUEST,
     SSE_KEEPALIVE,
     ending_with_error_event,
     last_result,
@@ -28,6 +27,7 @@ from .http_streams import (
 from .json_wire import JSONResponse, sse_event
 from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
 from .rendering import ChatMessage
+from .request_log import CLIENT_CLOSED_REQUEST
 from .settings import GatewaySettings
 from .tool_parsers import TextDelta, ToolCallArgsDelta, ToolCallStart
 from .tool_schemas import check_chosen_tool, check_function_tools

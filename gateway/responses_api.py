@@ -32,7 +32,6 @@ from .engines.base import SamplingParams
 from .errors import ContextLengthExceeded, GatewayError, InvalidRequest, Overloaded
 from .header_values import header_list
 from .http_streams import (
-    CLIENT_CLOSED_REQUEST,
     SSE_KEEPALIVE,
     ending_with_error_event,
     last_result,
@@ -42,6 +41,7 @@ from .http_streams import (
 from .json_wire import JSONResponse, sse_event
 from .openai_chat import DEFAULT_MAX_TOKENS
 from .rendering import ChatMessage
+from .request_log import CLIENT_CLOSED_REQUEST
 from .responses_schema import (
     ContentPart,
     FunctionCallItem,

@@ -8,6 +8,7 @@ the run's store, so a single command is enough to evaluate a model.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -153,6 +154,8 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
     store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
+    # The command's own progress lines are what its user reads: no line per model call.
+    logging.getLogger("arborl.access").setLevel(logging.WARNING)
     server = ServerThread(create_app(engine, store, config.gateway), settings=config.gateway)
     try:
         url = server.start()

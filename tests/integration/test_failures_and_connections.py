@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import socket
 import threading
 import time
@@ -262,3 +263,36 @@ def test_an_oversized_head_gets_431(strict_server: LiveGateway):
     assert reply.startswith(b"HTTP/1.1 431"), reply
     sock.close()
     assert httpx.get(strict_server.url + "/healthz", headers={"x-small": "b" * 1000}).status_code == 200
+
+
+def test_every_request_is_logged_and_an_abandoned_stream_counts_as_499(gateway: LiveGateway, caplog):
+    """One access line per request (method, route, session, status, tokens; never the body), and a
+    stream the client left is 499 in /metrics, as the store records it cancelled."""
+    caplog.set_level(logging.INFO, logger="arborl.access")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "secret words"}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", gateway.url + "/s/left-early/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content":' in line and '"content":""' not in line:
+                break  # hang up after the first token
+    assert httpx.post(gateway.url + "/s/stayed/v1/chat/completions", timeout=60,
+                      json={**body, "stream": False, "max_tokens": 3}).status_code == 200
+    deadline = time.time() + 30
+    while not (calls := gateway.store.calls("left-early")):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert calls[0].status == "cancelled"
+    deadline = time.time() + 30
+    while gateway.metrics().get("arborl_requests_total{route=/v1/chat/completions,status=499}") is None:
+        assert time.time() < deadline, gateway.metrics()
+        time.sleep(0.05)
+    metrics = gateway.metrics()
+    route = "/v1/chat/completions"  # the route's label, with or without the /s/{session_id} prefix
+    assert metrics.get(f"arborl_requests_total{{route={route},status=499}}") == 1, metrics
+    assert metrics.get(f"arborl_requests_total{{route={route},status=200}}") == 1, metrics
+    lines = [r.getMessage() for r in caplog.records if r.name == "arborl.access"]
+    left = [line for line in lines if "session=left-early" in line]
+    stayed = [line for line in lines if "session=stayed" in line]
+    assert len(left) == 1 and "status=499" in left[0] and route in left[0], lines
+    assert len(stayed) == 1 and "status=200" in stayed[0] and "completion_tokens=3" in stayed[0], lines
+    assert not any("secret words" in line for line in lines)
