@@ -112,7 +112,7 @@ class Gateway:
         own_session = self.store.session_for_key(key) if key else None
         if self.keys_required and own_session is None and not is_configured_key(key, self.settings.api_keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or x-api-key: KEY)")
-        if body.model not in self.model_names:
+        if body.model not in self.model_names and not self.settings.any_model_name:
             raise ModelNotFound(
                 f"The model {body.model!r} does not exist; this gateway serves {sorted(self.model_names)}",
                 param="model",

@@ -10,6 +10,11 @@ class GatewaySettings(BaseModel):
     port: int = 8000
     # Names clients may use for the served model, besides the engine's own model name.
     model_aliases: list[str] = Field(default_factory=list)
+    # Serve the policy under whatever model name a request asks for (the name asked for is
+    # recorded with the call): an agent pointed at the URL alone asks for its vendor's models
+    # (Claude Code: claude-opus-..., and claude-haiku-... for side calls). Off, an unknown name is
+    # a 404 (a gateway in front of several models). `arborl serve` and `arborl up` turn it on.
+    any_model_name: bool = False
     # When non-empty, requests need one of these keys (or a session key arborl issued).
     api_keys: list[str] = Field(default_factory=list)
     admin_token: str | None = None  # the operator key, logged as "admin"

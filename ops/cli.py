@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import UP_DEFAULTS, ArborlConfig, load_config
+from .config import SERVE_DEFAULTS, UP_DEFAULTS, ArborlConfig, load_config
 from .ops_command import add_ops_flags, ops_command
 from .rollout_commands import add_rollout_flags, eval_command, rollout_command
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["up"] = {k: v for k, v in up_flags.items() if v is not None}
         run_up(load_config(args.config, overrides, defaults=UP_DEFAULTS), max_seconds=args.max_seconds)
     elif args.command == "serve":
-        serve(load_config(args.config, _overrides(args)))
+        serve(load_config(args.config, _overrides(args), defaults=SERVE_DEFAULTS))
     elif args.command == "connect":
         connect(args)
     elif args.command == "train":

@@ -67,10 +67,13 @@ class UpSettings(BaseModel):
 # (a group whose rollouts all fail teaches nothing and costs four rollouts). A bigger model wants
 # train_difficulty null, more turns and tokens: set them in the config file.
 UP_DEFAULTS: dict[str, Any] = {
+    "gateway": {"any_model_name": True},  # an agent pointed at the URL alone just works (SERVE_DEFAULTS)
     "rollout": {"temperature": 0.7, "max_tokens": 256, "max_turns": 4, "concurrency": 4},
     "learner": {"lr": 2e-5},
     "up": {"train_difficulty": ["easy"]},
 }
+# What `arborl serve` starts from: the policy answers any model name an agent asks for.
+SERVE_DEFAULTS: dict[str, Any] = {"gateway": {"any_model_name": True}}
 
 
 class ArborlConfig(BaseModel):

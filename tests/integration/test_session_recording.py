@@ -151,3 +151,31 @@ def test_an_edit_behind_a_later_turn_is_a_break_even_when_an_earlier_turn_stitch
     calls = gateway.store.calls("edit-2")
     assert [c.stitched_from for c in calls] == [None, calls[0].id, calls[0].id]
     assert [c.branch_reason for c in calls] == [None, None, "history_edited"]
+
+
+def test_any_model_name_is_served_as_the_policy_and_recorded_as_asked(tiny_model_dir, tmp_path):
+    """An agent pointed at the URL alone asks for its vendor's model names: with any_model_name the
+    policy answers them all (each call records the name asked for); /v1/models lists what is served."""
+    from conftest import serve_live
+
+    for live in serve_live(tiny_model_dir, tmp_path, any_model_name=True):
+        user = [{"role": "user", "content": "hi"}]
+        chat = httpx.post(live.url + "/s/any/v1/chat/completions", timeout=60,
+                          json={"model": "gpt-5-codex", "messages": user, "max_tokens": 2})
+        claude = httpx.post(live.url + "/s/any/v1/messages", timeout=60,
+                            json={"model": "claude-opus-4-1-20250805", "messages": user, "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["model"] == "gpt-5-codex", chat.text
+        assert claude.status_code == 200 and claude.json()["model"] == "claude-opus-4-1-20250805", claude.text
+        recorded = live.store.query("SELECT model FROM calls WHERE session_id = 'any' ORDER BY seq")
+        assert recorded == [("gpt-5-codex",), ("claude-opus-4-1-20250805",)]
+        assert [m["id"] for m in httpx.get(live.v1 + "/models").json()["data"]] == ["tiny"]
+
+
+def test_serve_and_up_answer_any_model_name_unless_told_otherwise(tmp_path):
+    from arborl.ops.config import SERVE_DEFAULTS, UP_DEFAULTS, load_config
+
+    assert load_config(environ={}, defaults=SERVE_DEFAULTS).gateway.any_model_name
+    assert load_config(environ={}, defaults=UP_DEFAULTS).gateway.any_model_name
+    assert not load_config(environ={}).gateway.any_model_name  # a gateway built as a library is strict
+    strict = load_config(environ={"ARBORL_GATEWAY__ANY_MODEL_NAME": "false"}, defaults=SERVE_DEFAULTS)
+    assert not strict.gateway.any_model_name
