@@ -28,6 +28,15 @@ from .rollout_commands import add_rollout_flags, eval_command, rollout_command
 log = logging.getLogger("arborl")
 
 
+def run_dir_flag(parser: argparse.ArgumentParser, old_spellings: tuple[str, ...] = ("--run",)) -> None:
+    """``--run-dir DIR``, the run folder, spelled the same by every command; the spellings some
+    commands used before (``--run``, ``--store``) still work, unlisted."""
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/default"),
+                        help="the run folder: store, logs, checkpoints (default runs/default)")
+    for spelling in old_spellings:
+        parser.add_argument(spelling, dest="run_dir", type=Path, help=argparse.SUPPRESS)
+
+
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or TOML configuration file")
     parser.add_argument("--run-dir", help="folder for the store and logs (default runs/default)")
@@ -104,7 +113,7 @@ def _open_store(run_dir: Path):
 
     path = run_dir / "store.sqlite"
     if not path.is_file():
-        raise SystemExit(f"arborl: no store at {path} (use --run DIR)")
+        raise SystemExit(f"arborl: no store at {path} (use --run-dir DIR)")
     return TrajectoryStore(path)
 
 
@@ -117,19 +126,46 @@ def _tokenizer(run_dir: Path):
     return AutoTokenizer.from_pretrained(json.loads(info.read_text())["model_dir"])
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def trie_list(run_dir: Path) -> None:
     store = _open_store(run_dir)
     sessions = store.sessions()
     if not sessions:
         print("no sessions recorded yet")
     for session in sessions:
-        print(f"{session['id']}\t{session['calls']} calls\tidentified by {session['identified_by'] or '-'}")
+        refused = f", {session['refused']} refused" if session["refused"] else ""
+        print(f"{session['id']}\t{_count(session['calls'], 'call')}{refused}\t"
+              f"identified by {session['identified_by'] or '-'}")
+
+
+def resolve_session(sessions: list[str], given: str) -> str:
+    """The stored session ``given`` names: itself, or the one an agent's own id was filed under
+    (Claude Code's session ``X`` is stored as ``claude-X``). Exits with the candidates otherwise."""
+    if given in sessions:
+        return given
+
+    def named(session: str) -> bool:  # the main trie or an auxiliary one (":title", ...) of the agent's session
+        base = session.split(":", 1)[0]
+        return base == given or base.endswith("-" + given)
+
+    matches = sorted(s for s in sessions if named(s))
+    mains = [s for s in matches if ":" not in s]
+    if len(mains) == 1 or len(matches) == 1:
+        return (mains or matches)[0]
+    if matches:
+        raise SystemExit(f"arborl: {given!r} could be any of {', '.join(matches)}: name one")
+    raise SystemExit(f"arborl: no session {given!r} (`arborl trie list` names them; Claude Code's "
+                     "session X is stored as claude-X)")
 
 
 def trie_show(run_dir: Path, session: str, html: Path | None, show_tokens: int) -> None:
     from .trie_view import render_trie_html, render_trie_text
 
     store = _open_store(run_dir)
+    session = resolve_session([s["id"] for s in store.sessions()], session)
     tokenizer = _tokenizer(run_dir)
     try:
         if html is not None:
@@ -155,7 +191,7 @@ def train(args: argparse.Namespace) -> None:
         "lr": args.lr, "groups_per_step": args.groups_per_step, "max_staleness": args.max_staleness,
         "mcla_passes": args.mcla_passes}.items() if v is not None}}
     config = load_config(args.config, overrides)
-    run_dir = args.store
+    run_dir = args.run_dir
     ledger = RunLedger(_open_store(run_dir))
     info = run_dir / "run.json"
     model = args.model or (json.loads(info.read_text()).get("model_dir") if info.is_file() else None)
@@ -185,19 +221,28 @@ def train(args: argparse.Namespace) -> None:
 
 def connect(args: argparse.Namespace) -> None:
     from arborl.scaffold_adapters.base import GatewayTarget
+    from arborl.scaffold_adapters.registry import get_adapter
 
-    from .connect import connect_text, served_model
+    from .connect import connect_text, new_session_id, served_model
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # stdout is for the lines to eval, stderr for advice
+    try:
+        adapter = get_adapter(args.scaffold)
+    except KeyError as exc:
+        raise SystemExit(f"arborl: {exc.args[0]}") from None
     config = load_config(args.config)
     url = args.url or f"http://{config.gateway.host}:{config.gateway.port}"
     key = args.key or (config.gateway.api_keys[0] if config.gateway.api_keys else "arborl")
     model = args.model or config.engine.served_name or served_model(url, key)
     if model is None:
-        raise SystemExit(f"arborl: no gateway answers at {url}; start one (`arborl up`) or pass --model NAME")
-    try:
-        print(connect_text(args.scaffold, GatewayTarget(url, key, model, args.session), args.write_home))
-    except KeyError as exc:
-        raise SystemExit(f"arborl: {exc.args[0]}") from None
+        # Still print the configuration (`eval "$(arborl connect ...)"` must not silently set
+        # nothing and send the agent to its vendor): it points at the configured address, under the
+        # name `arborl serve` would serve (which answers any model name anyway).
+        model = Path(config.engine.model).name
+        print(f"arborl: no gateway answers at {url} yet: start one (`arborl up` or `arborl serve`), or give "
+              f"its address with --url URL. The configuration below points at {url}.", file=sys.stderr)
+    session = args.session or (new_session_id(adapter.name) if adapter.names_its_session is None else None)
+    print(connect_text(args.scaffold, GatewayTarget(url, key, model, session), args.write_home))
 
 
 def _stop_when_the_supervisor_dies() -> None:
@@ -235,10 +280,7 @@ def _interruptible() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def main(argv: list[str] | None = None) -> None:
-    _interruptible()
-    _stop_when_the_supervisor_dies()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="arborl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="the whole loop: gateway, rollout workers and learner (the main job)")
@@ -250,14 +292,14 @@ def main(argv: list[str] | None = None) -> None:
     trie = commands.add_parser("trie", help="inspect recorded prefix trees").add_subparsers(dest="trie_command",
                                                                                                required=True)
     listing = trie.add_parser("list", help="sessions in a run")
-    listing.add_argument("--run", type=Path, default=Path("runs/default"))
+    run_dir_flag(listing)
     show = trie.add_parser("show", help="one session's trie")
-    show.add_argument("session")
-    show.add_argument("--run", type=Path, default=Path("runs/default"))
+    show.add_argument("session", help="a session id (or the agent's own: Claude Code's X is stored as claude-X)")
+    run_dir_flag(show)
     show.add_argument("--html", type=Path, help="write an HTML picture of the tree to this file")
     show.add_argument("--tokens", type=int, default=8, help="token ids to show per node")
     learn = commands.add_parser("train", help="the learner: train on a run's complete groups and publish")
-    learn.add_argument("--store", type=Path, required=True, help="the run folder (holding store.sqlite)")
+    run_dir_flag(learn, old_spellings=("--store",))
     learn.add_argument("--gateway", help="gateway root URL to publish each new version to (admin route)")
     learn.add_argument("--admin-token", help="the gateway's admin token (or ARBORL_ADMIN_TOKEN)")
     learn.add_argument("--resume", action="store_true", help="continue from the run's last committed step")
@@ -294,8 +336,16 @@ def main(argv: list[str] | None = None) -> None:
     link.add_argument("--session", help="file every call of this agent under this session id")
     link.add_argument("--write-home", type=Path, help="write the configuration files into this HOME folder")
     report = commands.add_parser("report", help="write RUN/report.html: charts and tables of a training run")
-    report.add_argument("run", type=Path, help="the run folder (holding store.sqlite)")
-    args = parser.parse_args(argv)
+    run_dir_flag(report)
+    report.add_argument("run", type=Path, nargs="?", help=argparse.SUPPRESS)  # the older spelling: arborl report RUN
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _interruptible()
+    _stop_when_the_supervisor_dies()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
 
     if args.command == "up":
         from .up import run_up
@@ -320,13 +370,13 @@ def main(argv: list[str] | None = None) -> None:
         from .run_report import write_run_report
 
         try:
-            print(write_run_report(args.run))
+            print(write_run_report(args.run or args.run_dir))
         except FileNotFoundError as exc:
             raise SystemExit(f"arborl: {exc}") from None
     elif args.trie_command == "list":
-        trie_list(args.run)
+        trie_list(args.run_dir)
     else:
-        trie_show(args.run, args.session, args.html, args.tokens)
+        trie_show(args.run_dir, args.session, args.html, args.tokens)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shlex
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import httpx
 
 from arborl.scaffold_adapters.base import GatewayTarget
 from arborl.scaffold_adapters.registry import get_adapter
+
+
+def new_session_id(scaffold: str) -> str:
+    """A session of its own for one configuration of a scaffold that names no session itself."""
+    return f"{scaffold}-{secrets.token_hex(6)}"
 
 
 def served_model(url: str, api_key: str) -> str | None:
@@ -27,8 +33,11 @@ def connect_text(scaffold: str, target: GatewayTarget, write_home: Path | None =
     adapter = get_adapter(scaffold)
     setup = adapter.setup(target)
     lines = [f"# {adapter.name} -> arborl at {target.root} (model {target.model!r}, {adapter.dialect} API)"]
-    if adapter.npm_package:
-        lines.append(f"# install: npm install -g {adapter.npm_package}")
+    if adapter.install_hint:
+        lines.append(f"# install (the tested version): {adapter.install_hint}")
+    if target.session_id and adapter.names_its_session is None:
+        lines.append(f"# every call goes to session {target.session_id} ({adapter.name} names no session of its "
+                     "own): run `arborl connect` again for the next task, so each task gets its own trie")
     if setup.env:
         lines.append(setup.shell_exports())
     if write_home is not None:

@@ -27,9 +27,13 @@ def build_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
     if config.engine.kind == "upstream":
         return _upstream_engine(config)
     from arborl.gateway.engines.embedded import EmbeddedEngine  # torch: only when running a model here
-    from arborl.gateway.engines.model_source import resolve_model
+    from arborl.gateway.engines.model_source import needs_preparing, resolve_model
 
-    print(f"arborl: preparing model {config.engine.model} (the first start converts it once)...", flush=True)
+    if needs_preparing(config.engine.model):
+        print(f"arborl: preparing model {config.engine.model} once (converted into the cache; later starts "
+              "skip this)...", flush=True)
+    else:
+        print(f"arborl: loading model {config.engine.model}...", flush=True)
     model_dir = resolve_model(config.engine.model)
     engine = EmbeddedEngine(
         model_dir,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ class _SessionView:
 def _collect(store: TrajectoryStore, session_id: str) -> _SessionView:
     trie = store.trie(session_id)
     calls = sorted(store.calls(session_id), key=lambda c: c.seq)
-    if not trie.nodes and not calls:
+    if not trie.nodes and not calls and not store.refusals(session_id):
         raise KeyError(f"no session {session_id!r} in {store.path}")
     nodes = trie.nodes
 
@@ -193,7 +194,8 @@ def render_trie_text(
     view = _collect(store, session_id)
     ratio = f"{view.ratio:.3f}" if view.ratio is not None else "-"
     header = (
-        f"session {session_id}: {len(view.calls)} calls, {len(view.trie.nodes)} nodes, "
+        f"session {session_id}: {len(view.calls)} call{'' if len(view.calls) == 1 else 's'}, "
+        f"{len(view.trie.nodes)} nodes, "
         f"{view.stored_tokens} stored tok, {view.path_tokens} call tok, stored/sum {ratio}, "
         f"breaks: {_breaks_text(view.breaks)}"
     )
@@ -230,6 +232,8 @@ def render_trie_text(
 
     for call in view.orphans:
         lines.append(f"! {_call_fields(call)}: node {call.node_id} missing from the trie")
+    for at, reason in store.refusals(session_id):
+        lines.append(f"refused before any token at {_when(at)}: {reason}")
     return "\n".join(lines) + "\n"
 
 
@@ -403,6 +407,13 @@ def render_trie_html(store: TrajectoryStore, session_id: str, *, tokenizer: Deco
         + 'prompt tokens<span class="swatch c"></span>completion tokens</p>',
         '<div class="tree">',
         *_html_tree(view, tokenizer),
-        "</div></body></html>",
+        "</div>",
+        *[f"<p>refused before any token at {_when(at)}: {html.escape(reason)}</p>"
+          for at, reason in store.refusals(session_id)],
+        "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))

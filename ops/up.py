@@ -142,7 +142,7 @@ class Supervisor:
             children.append(Child("rollouts", argv, self._env(), logs / "rollouts.log"))
         if up.learner:
             children.append(Child("learner", self._command(
-                "train", "--config", str(self.config_path), "--store", run, "--gateway", self.url, "--resume",
+                "train", "--config", str(self.config_path), "--run-dir", run, "--gateway", self.url, "--resume",
                 "--metrics-port", str(up.learner_metrics_port),
             ), self._env(), logs / "learner.log"))
         return children

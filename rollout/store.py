@@ -225,11 +225,20 @@ class TrajectoryStore:
     def sessions(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT s.id, s.created_at, s.identified_by, s.scaffold, COUNT(c.id) "
-                "FROM sessions s LEFT JOIN calls c ON c.session_id = s.id GROUP BY s.id ORDER BY s.created_at"
+                "SELECT s.id, s.created_at, s.identified_by, s.scaffold, "
+                "(SELECT COUNT(*) FROM calls c WHERE c.session_id = s.id), "
+                "(SELECT COUNT(*) FROM refused_requests r WHERE r.session_id = s.id) "
+                "FROM sessions s ORDER BY s.created_at"
             ).fetchall()
-        keys = ("id", "created_at", "identified_by", "scaffold", "calls")
+        keys = ("id", "created_at", "identified_by", "scaffold", "calls", "refused")
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def refusals(self, session_id: str) -> list[tuple[float, str]]:
+        """(when, why) of the session's requests refused before any token."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT at, reason FROM refused_requests WHERE session_id = ? ORDER BY at", (session_id,)
+            ).fetchall()
 
     def record_refusal(self, session_id: str, reason: str) -> None:
         """A request of the session the gateway refused before any token (its prompt does not fit

@@ -83,7 +83,21 @@ class ScaffoldAdapter(ABC):
     executable: str  # the CLI's command
     npm_package: str | None = None
     pypi_package: str | None = None
+    tested_version: str | None = None  # the version the e2e tests run (.ci/run installs exactly this)
+    # How the scaffold names its session to the gateway; None: it does not, so without a session
+    # in its base URL every run would share one anonymous session (`arborl connect` gives each
+    # configuration it prints a session of its own).
+    names_its_session: str | None = None
     dialect: Dialect
+
+    @property
+    def install_hint(self) -> str | None:
+        """The command that installs the tested version."""
+        if self.npm_package:
+            return f"npm install -g {self.npm_package}@{self.tested_version}"
+        if self.pypi_package:
+            return f"pip install {self.pypi_package}=={self.tested_version}"
+        return None
 
     @abstractmethod
     def setup(self, target: GatewayTarget) -> ScaffoldSetup:

@@ -23,6 +23,8 @@ class ClaudeCodeAdapter(ScaffoldAdapter):
     name = "claude-code"
     executable = "claude"
     npm_package = "@anthropic-ai/claude-code"
+    tested_version = "2.1.197"
+    names_its_session = "X-Claude-Code-Session-Id (stored as claude-<id>)"
     dialect = "messages"
 
     def setup(self, target: GatewayTarget) -> ScaffoldSetup:

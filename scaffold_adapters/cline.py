@@ -64,6 +64,7 @@ class ClineAdapter(ScaffoldAdapter):
     name = "cline"
     executable = "cline"
     npm_package = "cline"
+    tested_version = "3.0.65"
     dialect = "chat"
 
     def setup(self, target: GatewayTarget) -> ScaffoldSetup:

@@ -63,6 +63,8 @@ class CodexAdapter(ScaffoldAdapter):
     name = "codex"
     executable = "codex"
     npm_package = "@openai/codex"
+    tested_version = TESTED_VERSION
+    names_its_session = "client_metadata.session_id"
     dialect = "responses"
 
     def setup(self, target: GatewayTarget) -> ScaffoldSetup:

@@ -66,6 +66,7 @@ class MiniSweAgentAdapter(ScaffoldAdapter):
     executable = "mini"
     npm_package = None
     pypi_package = "mini-swe-agent"
+    tested_version = TESTED_VERSION
     dialect = "chat"
 
     def __init__(self, step_limit: int = DEFAULT_STEP_LIMIT):

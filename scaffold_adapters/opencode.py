@@ -54,6 +54,8 @@ class OpenCodeAdapter(ScaffoldAdapter):
     name = "opencode"
     executable = "opencode"
     npm_package = "opencode-ai"
+    tested_version = "1.18.33"
+    names_its_session = "X-Session-Id"
     dialect = "chat"
 
     def setup(self, target: GatewayTarget) -> ScaffoldSetup:

