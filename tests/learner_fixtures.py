@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from arborl.rollout.ledger import RunLedger
@@ -38,3 +39,18 @@ def record_group(ledger: RunLedger, model, task: str, rng: random.Random, *, rol
             context += completion + [rng.randrange(vocab) for _ in range(5)]  # the tool's output
         ledger.finish_rollout(session, rewards[r] if rewards else float(r % 2))
     return group
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a tiny-model test on one intra-op thread (restored after it).
+
+    Its ops are far too small to gain from a second thread, and on a busy machine (the suite beside
+    other work on two cores) every parallel region waits for a descheduled thread: with both cores
+    busy, test_mcla's variance test took 19.6 s on two threads and 5.2 s on one. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` after importing it.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,11 +7,15 @@ target token, and takes one turn-level GSPO step on the group's trie.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from arborl.learner.packing import CallSpan
 from arborl.learner.train_step import RolloutSample, StepConfig, train_step
 from arborl.rollout.trie import Trie
+from learner_fixtures import one_torch_thread  # noqa: F401 - the fixture, used below
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB, TARGET, PROMPT = 61, 7, [3, 14, 15, 9, 26]
 

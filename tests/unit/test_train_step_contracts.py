@@ -22,6 +22,9 @@ from arborl.learner.logp_old import estimate_logp_old
 from arborl.learner.packing import CallSpan, pack
 from arborl.learner.train_step import RolloutSample, StepConfig, plan_micro_batches, train_step
 from arborl.rollout.trie import Trie
+from learner_fixtures import one_torch_thread  # noqa: F401 - the fixture, used below
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 61
 
