@@ -183,6 +183,27 @@ def test_a_non_finite_step_commits_and_publishes_nothing(tiny_model, tiny_model_
     assert publisher.versions == [1] and ledger.consumed() == {fine: 1}
 
 
+def test_a_non_finite_feedback_step_is_skipped_and_its_feedback_used(tiny_model, tiny_model_dir: Path,
+                                                                     tmp_path: Path):
+    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    rng = random.Random(5)
+    prompt = [rng.randrange(tiny_model.config.vocab_size) for _ in range(12)]
+    completion = [rng.randrange(tiny_model.config.vocab_size) for _ in range(6)]
+    ledger.store.record_call(CallRecord(
+        id="production-call", session_id="production", dialect="openai", model="tiny", prompt_ids=prompt,
+        completion_ids=completion, completion_logprobs=[-4.0] * 6, completion_versions=[0] * 6,
+    ))
+    ledger.add_feedback("production", who="operator", reward=float("inf"))  # pg advantage inf: loss not finite
+    publisher = _RecordingPublisher()
+    learner = Learner(ledger, tmp_path, LearnerSettings(lr=1e-3, feedback="pg"), base_model=tiny_model_dir,
+                      device="cpu", publisher=publisher)
+    report = learner.train_feedback_once()
+    assert report is not None and report.skipped and (report.step, report.version) == (0, 0)
+    assert publisher.versions == [] and ledger.steps() == [] and ledger.pending_feedback() == []
+    assert learner.metrics.steps_skipped.labels("non_finite")._value.get() == 1
+    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+
+
 def _train(run: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "arborl.ops.cli", "train", "--store", str(run), "--model", str(model_dir),
                "--device", "cpu", "--lr", "1e-3", "--groups-per-step", "2", "--idle-exit", "0", *extra]
