@@ -18,6 +18,9 @@ from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA, tree_mask
 from arborl.learner.packing import CallSpan, pack, packing_stats, split_by_budget
 from arborl.learner.tree_forward import packed_token_logprobs
 from arborl.rollout.trie import Trie
+from learner_fixtures import one_torch_thread  # noqa: F401 - the fixture, used below
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 61
 
