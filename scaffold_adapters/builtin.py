@@ -20,6 +20,13 @@ A reply with no tool call and no command ends the run, its text the final answer
 without tool calls ends Claude Code's or Codex's turn: a small model that answers in prose
 stops there instead of being prodded through its remaining turns.
 
+The deadline and a stop end a model call at once, whatever the server does (accepts and never
+answers, or answers its headers and then nothing): each call runs as a task on an event loop of
+the agent's own, and the agent checks the deadline and ``should_stop`` every ``STOP_POLL_S``
+while it waits, cancelling the task when either says so. Cancelling closes the connection, which
+is how the gateway learns to cancel the generation. Only a tool command can hold the agent past
+its deadline, and by at most one second (its timeout is cut to the time left, at least 1 s).
+
 Every turn is one model call, so ``max_turns`` bounds the calls. A tool's output is cut to its
 head and tail beyond ``max_output_chars``, so one ``cat`` of a large file does not fill a small
 model's context. File tools run as commands too (``cat``, a ``bash`` that writes stdin), so the
@@ -28,16 +35,25 @@ sandbox's uid does every read and write, never the host.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
 from .base import GatewayTarget
+
+# How often a model call that is under way checks the deadline and the stop.
+STOP_POLL_S = 0.1
+# Connecting (and sending the request) must not take longer than this; the answer may take as long
+# as the deadline allows.
+CONNECT_TIMEOUT_S = 30.0
+_T = TypeVar("_T")
 
 # Why a run ended (the same words as arborl.rollout.results).
 SUBMITTED, TURN_LIMIT, TIME_LIMIT, AGENT_ERROR, STOPPED = "submitted", "turn_limit", "time_limit", "agent_error", "stopped"
@@ -216,7 +232,7 @@ class BuiltinAgent:
         max_tokens: int = 1024,
         temperature: float | None = None,
         max_output_chars: int = 3000,
-        http: httpx.Client | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         log: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ):
@@ -228,52 +244,76 @@ class BuiltinAgent:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.max_output_chars = max_output_chars
-        self._http = http
+        self._transport = transport  # tests substitute the network
         self._log = log or (lambda line: None)
         self._should_stop = should_stop or (lambda: False)
 
     def run(self, instruction: str) -> AgentRun:
+        # One event loop and one client for the whole run: connections are reused between turns,
+        # and every model call is a task the loop can cancel (see the module docstring).
+        with asyncio.Runner() as loop:
+            http = httpx.AsyncClient(timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=None), transport=self._transport)
+            try:
+                return self._turns(instruction, lambda messages, turns: loop.run(
+                    self._until_cut(self._complete(http, messages, turns))))
+            finally:
+                loop.run(http.aclose())
+
+    def _turns(self, instruction: str,
+               complete: Callable[[list[dict[str, Any]], int], dict[str, Any] | None]) -> AgentRun:
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": instruction},
         ]
         turns, tools_s, answer = 0, 0.0, ""
-        own_client = self._http is None
-        http = self._http or httpx.Client(timeout=None)
-        try:
-            while True:
-                if self._should_stop():
-                    return AgentRun(STOPPED, turns, tools_s, answer)
-                if turns >= self.max_turns:
-                    return AgentRun(TURN_LIMIT, turns, tools_s, answer)
-                if self._seconds_left() <= 0:
-                    return AgentRun(TIME_LIMIT, turns, tools_s, answer)
-                try:
-                    message = self._complete(http, messages, turns)
-                except AgentError as exc:
-                    if turns == 0:
-                        raise
-                    return AgentRun(AGENT_ERROR, turns, tools_s, answer, error=str(exc))
-                if message is None:  # cut short: the next check says why
-                    continue
-                turns += 1
-                messages.append(_assistant_echo(message))
-                text = message.get("content") or ""
-                answer = text or answer
-                started = time.monotonic()
-                submitted = self._act(message, messages)
-                tools_s += time.monotonic() - started
-                if submitted is not None:
-                    return AgentRun(SUBMITTED, turns, tools_s, submitted or answer)
-        finally:
-            if own_client:
-                http.close()
+        while True:
+            if self._should_stop():
+                return AgentRun(STOPPED, turns, tools_s, answer)
+            if turns >= self.max_turns:
+                return AgentRun(TURN_LIMIT, turns, tools_s, answer)
+            if self._seconds_left() <= 0:
+                return AgentRun(TIME_LIMIT, turns, tools_s, answer)
+            try:
+                message = complete(messages, turns)
+            except AgentError as exc:
+                if turns == 0:
+                    raise
+                return AgentRun(AGENT_ERROR, turns, tools_s, answer, error=str(exc))
+            if message is None:  # cut short: the next check says why
+                continue
+            turns += 1
+            messages.append(_assistant_echo(message))
+            text = message.get("content") or ""
+            answer = text or answer
+            started = time.monotonic()
+            submitted = self._act(message, messages)
+            tools_s += time.monotonic() - started
+            if submitted is not None:
+                return AgentRun(SUBMITTED, turns, tools_s, submitted or answer)
 
     # -- one turn -------------------------------------------------------------------------------
 
-    def _complete(self, http: httpx.Client, messages: list[dict[str, Any]], turns: int) -> dict[str, Any] | None:
-        """One model call, streamed, so a stop or the deadline can end it between two tokens
-        (closing the stream cancels the generation at the gateway); None when it was cut."""
+    async def _until_cut(self, work: Coroutine[Any, Any, _T]) -> _T | None:
+        """``work``'s result, or None once a stop or the deadline cut it off (cancelled: its
+        connection closes). Checked every ``STOP_POLL_S``, and exactly at the deadline."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                left = self._seconds_left()
+                if self._should_stop() or left <= 0:
+                    return None
+                done, _ = await asyncio.wait({task}, timeout=min(STOP_POLL_S, left))
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _complete(self, http: httpx.AsyncClient, messages: list[dict[str, Any]],
+                        turns: int) -> dict[str, Any]:
+        """One model call, streamed (the stream is what a cut closes)."""
         body: dict[str, Any] = {"model": self.target.model, "messages": messages, "tools": TOOLS,
                                 "max_tokens": self.max_tokens, "stream": True}
         if self.temperature is not None:
@@ -282,31 +322,29 @@ class BuiltinAgent:
         headers = {"authorization": f"Bearer {self.target.api_key}"}
         for attempt in range(8):
             try:
-                with http.stream("POST", url, json=body, headers=headers, timeout=httpx.Timeout(30.0, read=None)) as response:
+                async with http.stream("POST", url, json=body, headers=headers) as response:
                     if response.status_code == 429 and attempt < 7:  # the gateway's queue is full: back off
-                        response.close()
-                        time.sleep(min(0.25 * 2**attempt, 5.0, max(self._seconds_left(), 0)))
+                        await response.aclose()
+                        await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
                         continue
                     if response.status_code != 200:
-                        text = response.read().decode(errors="replace")
+                        text = (await response.aread()).decode(errors="replace")
                         raise AgentError(f"the gateway answered {response.status_code}: {text[:500]}", calls=turns)
-                    message = self._read_stream(response)
+                    message = await self._read_stream(response)
             except httpx.HTTPError as exc:
                 raise AgentError(f"the gateway could not be reached: {exc}", calls=turns) from exc
-            if message is not None:
-                self._log(f"turn {turns + 1}: finish={message.pop('finish_reason', None)} "
-                          f"{json.dumps(message, ensure_ascii=False)[:2000]}")
+            self._log(f"turn {turns + 1}: finish={message.pop('finish_reason', None)} "
+                      f"{json.dumps(message, ensure_ascii=False)[:2000]}")
             return message
         raise AgentError("the gateway stayed busy (429)", calls=turns)
 
-    def _read_stream(self, response: httpx.Response) -> dict[str, Any] | None:
-        """The assistant message a Chat Completions stream builds up; None if cut short."""
+    @staticmethod
+    async def _read_stream(response: httpx.Response) -> dict[str, Any]:
+        """The assistant message a Chat Completions stream builds up."""
         content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         finish = None
-        for line in response.iter_lines():
-            if self._should_stop() or self._seconds_left() <= 0:
-                return None
+        async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()

@@ -1,13 +1,26 @@
-"""The builtin agent's reading of small models' tool calls (the loop itself runs against a live
-gateway in tests/integration/test_orchestrator.py)."""
+"""The builtin agent's reading of small models' tool calls, and its deadline and stop against a
+server that never answers (the loop itself runs against a live gateway in
+tests/integration/test_orchestrator.py)."""
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 
 import pytest
 
-from arborl.scaffold_adapters.builtin import TOOLS, clip, fenced_shell, parse_tool_call
+from arborl.scaffold_adapters.base import GatewayTarget
+from arborl.scaffold_adapters.builtin import (
+    STOPPED,
+    TIME_LIMIT,
+    TOOLS,
+    BuiltinAgent,
+    clip,
+    fenced_shell,
+    parse_tool_call,
+)
 
 
 def raw(name: str, arguments) -> dict:
@@ -67,3 +80,98 @@ def test_every_tool_is_declared_with_its_required_arguments():
     declared = {tool["function"]["name"]: tool["function"]["parameters"]["required"] for tool in TOOLS}
     assert declared == {"bash": ["command"], "read_file": ["path"], "write_file": ["path", "content"],
                         "edit": ["path", "old", "new"], "submit": []}
+
+
+# -- the deadline and a stop end a model call at once, whatever the server does ------------------
+
+
+class SilentServer:
+    """A TCP server that reads a request and then answers with ``answer`` (maybe nothing) and
+    nothing more, keeping the connection open: a gateway stuck in a long prefill, or dead after
+    its headers. ``got_request`` is set once a request arrived; ``closed_by_client`` once the
+    client hung up (how the gateway learns to cancel the generation)."""
+
+    def __init__(self, answer: bytes = b""):
+        self.answer = answer
+        self.got_request = threading.Event()
+        self.closed_by_client = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self._connections.append(connection)
+            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+
+    def _handle(self, connection: socket.socket) -> None:
+        received = b""
+        try:
+            while b"\r\n\r\n" not in received:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                received += chunk
+            self.got_request.set()
+            connection.sendall(self.answer)
+            while connection.recv(65536):  # wait for the client to hang up
+                pass
+            self.closed_by_client.set()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for connection in self._connections:
+            connection.close()
+
+
+class NoCommands:
+    def run(self, command, *, timeout_s=None, stdin=None):  # pragma: no cover - never reached
+        raise AssertionError("no model reply, so no command")
+
+
+HEADERS_ONLY = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def run_in_thread(agent: BuiltinAgent) -> tuple[threading.Thread, list]:
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(agent.run("do it")), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("answer", [b"", HEADERS_ONLY], ids=["no-answer", "headers-then-nothing"])
+def test_the_deadline_ends_a_model_call_the_server_never_answers(answer):
+    server = SilentServer(answer)
+    try:
+        target = GatewayTarget(f"http://127.0.0.1:{server.port}", "key", "tiny")
+        agent = BuiltinAgent(target, NoCommands(), deadline=time.monotonic() + 1.0)
+        thread, outcome = run_in_thread(agent)
+        thread.join(timeout=30)  # a 1 s deadline: generously bounded
+        assert not thread.is_alive(), "the agent waited on the server past its deadline"
+        assert (outcome[0].ended_by, outcome[0].turns) == (TIME_LIMIT, 0)
+        assert server.closed_by_client.wait(10)  # the call was cut off, so the gateway can cancel it
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("answer", [b"", HEADERS_ONLY], ids=["no-answer", "headers-then-nothing"])
+def test_a_stop_ends_a_model_call_the_server_never_answers(answer):
+    server = SilentServer(answer)
+    try:
+        target = GatewayTarget(f"http://127.0.0.1:{server.port}", "key", "tiny")
+        # no deadline: only the stop (Ctrl-C, SIGTERM) ends it, once the request is at the server
+        agent = BuiltinAgent(target, NoCommands(), should_stop=server.got_request.is_set)
+        thread, outcome = run_in_thread(agent)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the agent ignored the stop while it waited on the server"
+        assert (outcome[0].ended_by, outcome[0].turns) == (STOPPED, 0)
+        assert server.closed_by_client.wait(10)
+    finally:
+        server.close()
