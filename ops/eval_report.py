@@ -18,9 +18,10 @@ The report is two files in the run's output folder:
   column per scaffold showing c/n, where every rollout links to its trie page and its log.
 
 Only finished rollouts (``status == "done"``) are samples. A rollout that failed for
-infrastructure reasons even after its retries says nothing about the policy, so it is counted
-apart and never enters a pass rate; a task left with fewer than k samples still counts towards
-pass@j for every j up to its sample count.
+infrastructure reasons even after its retries, or whose task's verifier gave no reward (a
+verifier failure: a broken task), says nothing about the policy, so it is counted apart, each
+kind in its own column, and never enters a pass rate; a task left with fewer than k samples
+still counts towards pass@j for every j up to its sample count.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class ScaffoldSummary:
     tasks: int
     rollouts: int
     infra_failed: int
+    verifier_failed: int
     pass_at: dict[int, PassRate]
     mean_reward: float
     mean_prompt_tokens: float
@@ -145,6 +147,7 @@ class TaskCell:
     n: int
     c: int
     infra_failed: int
+    verifier_failed: int
     rewards: list[float]
     mean_tokens: float  # prompt + completion per finished rollout
     mean_seconds: float
@@ -162,6 +165,7 @@ class EvalSummary:
     results: int  # every record, finished or not
     rollouts: int  # finished
     infra_failed: int
+    verifier_failed: int
     solved: int
 
     def cell(self, task_id: str, scaffold: str) -> TaskCell | None:
@@ -185,6 +189,10 @@ def _reward(result: RolloutResult) -> float:
     return result.reward if result.reward is not None else 0.0
 
 
+def _count_status(results: Iterable[RolloutResult], status: str) -> int:
+    return sum(r.status == status for r in results)
+
+
 def _task_cell(task_id: str, scaffold: str, results: Sequence[RolloutResult]) -> TaskCell:
     done = [r for r in results if r.status == "done"]
     return TaskCell(
@@ -192,7 +200,8 @@ def _task_cell(task_id: str, scaffold: str, results: Sequence[RolloutResult]) ->
         scaffold=scaffold,
         n=len(done),
         c=sum(r.solved for r in done),
-        infra_failed=len(results) - len(done),
+        infra_failed=_count_status(results, "infra_failed"),
+        verifier_failed=_count_status(results, "verifier_failed"),
         rewards=[_reward(r) for r in done],
         mean_tokens=_mean(r.prompt_tokens + r.completion_tokens for r in done),
         mean_seconds=_mean(r.timings.total_s for r in done),
@@ -233,7 +242,8 @@ def _scaffold_summary(
         scaffold=scaffold,
         tasks=len(cells),
         rollouts=len(done),
-        infra_failed=len(results) - len(done),
+        infra_failed=_count_status(results, "infra_failed"),
+        verifier_failed=_count_status(results, "verifier_failed"),
         pass_at={rate.k: rate for rate in rates if rate is not None},
         mean_reward=_mean(_reward(r) for r in done),
         mean_prompt_tokens=_mean(r.prompt_tokens for r in done),
@@ -278,7 +288,8 @@ def summarize(
         cells=tuple(sorted(cells.values(), key=lambda c: (c.task_id, c.scaffold))),
         results=len(records),
         rollouts=len(done),
-        infra_failed=len(records) - len(done),
+        infra_failed=_count_status(records, "infra_failed"),
+        verifier_failed=_count_status(records, "verifier_failed"),
         solved=sum(r.solved for r in done),
     )
 
@@ -330,6 +341,7 @@ table.tasks td.cell { min-width: 7em; }
 .r.ok a.trie { color: #1a7f37; }
 .r.fail a.trie { color: #b42318; }
 .r.infra a.trie, .r.infra { color: #888; }
+.r.verifier a.trie, .r.verifier { color: #9a6700; }
 .r a.log { color: #777; font-size: 10px; vertical-align: super; }
 svg text { font: 11px system-ui, sans-serif; fill: #333; }
 .none { color: #888; font-style: italic; }
@@ -385,6 +397,7 @@ def _meta_section(summary: EvalSummary, meta: dict[str, Any]) -> str:
     rows = dict(meta)
     rows["rollouts"] = (
         f"{summary.rollouts} finished ({summary.solved} solved), {summary.infra_failed} infra failures, "
+        f"{summary.verifier_failed} verifier failures, "
         f"{len(summary.task_ids)} tasks, {len(summary.scaffolds)} scaffolds"
     )
     body = "".join(f"<tr><th>{_esc(key)}</th><td>{_esc(value)}</td></tr>" for key, value in rows.items())
@@ -400,6 +413,7 @@ def _scaffold_table(summary: EvalSummary) -> str:
         "completion tok",
         "s / rollout",
         "infra failed",
+        "verifier failed",
         "ended by",
         "resolution",
     ]
@@ -423,6 +437,7 @@ def _scaffold_table(summary: EvalSummary) -> str:
             cells.append(f'<td class="num">{format(value, fmt) if finished else "-"}</td>')
         cells += [
             f'<td class="num">{s.infra_failed}</td>',
+            f'<td class="num">{s.verifier_failed}</td>',
             f'<td class="small">{_esc(_counts_text(s.ended_by))}</td>',
             f'<td class="small">{_esc(_counts_text(s.resolutions))}</td>',
         ]
@@ -531,8 +546,11 @@ def _time_chart(summary: EvalSummary) -> str:
 
 
 def _rollout_link(result: RolloutResult, trie_href: TrieHref | None, log_href: LogHref | None) -> str:
-    """One rollout as a mark (✓ solved, ✗ not, ! infra failure) linking to its trie, plus its log."""
-    if result.status != "done":
+    """One rollout as a mark (✓ solved, ✗ not, ! infra failure, ? verifier failure) linking to its
+    trie, plus its log."""
+    if result.status == "verifier_failed":
+        kind, mark = "verifier", "?"
+    elif result.status != "done":
         kind, mark = "infra", "!"
     else:
         kind, mark = ("ok", "✓") if result.solved else ("fail", "✗")
@@ -606,7 +624,7 @@ def _render_html(
             _scaffold_table(summary),
             (
                 '<p class="small">Intervals: 95% percentile bootstrap over tasks. Means are per '
-                "finished rollout; infra failures are never samples.</p>"
+                "finished rollout; infra and verifier failures are never samples.</p>"
             ),
             "<h2>Pass rates</h2>",
             _pass_chart(summary),
@@ -615,7 +633,8 @@ def _render_html(
             "<h2>Tasks</h2>",
             (
                 '<p class="small">c/n: solved / finished samples. ✓ solved, ✗ not solved, ! infra '
-                "failure; each mark links to the rollout's trie, <em>log</em> to its log.</p>"
+                "failure, ? verifier failure (the task's verifier gave no reward); each mark links to "
+                "the rollout's trie, <em>log</em> to its log.</p>"
             ),
             _task_table(summary, results, trie_href, log_href),
         ]

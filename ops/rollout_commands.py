@@ -167,7 +167,7 @@ class ProgressLine:
     def __init__(self, total: int | None, label: str):
         self.total = total
         self.label = label
-        self.done = self.solved = self.failed = 0
+        self.done = self.solved = self.failed = self.verifier_failed = 0
         self.reward = 0.0
         self.started = time.monotonic()
         self._bar: Any = None
@@ -184,16 +184,20 @@ class ProgressLine:
         if result.status == "done":
             self.solved += int(result.solved)
             self.reward += result.reward or 0.0
+        elif result.status == "verifier_failed":
+            self.verifier_failed += 1
         else:
             self.failed += 1
-        graded = self.done - self.failed
+        graded = self.done - self.failed - self.verifier_failed
         stats = (f"solved {self.solved}/{graded}  mean reward {self.reward / max(graded, 1):.3f}"
-                 + (f"  infra failures {self.failed}" if self.failed else ""))
+                 + (f"  infra failures {self.failed}" if self.failed else "")
+                 + (f"  verifier failures {self.verifier_failed}" if self.verifier_failed else ""))
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, stats=stats)
             return
         where = "(done before)" if resumed else f"{result.timings.total_s:6.1f}s"
-        outcome = f"reward {result.reward:g}" if result.status == "done" else f"infra failure: {result.details[:80]}"
+        outcome = (f"reward {result.reward:g}" if result.status == "done"
+                   else f"{result.status.replace('_', ' ')}: {result.details[:80]!r}")
         total = f"/{self.total}" if self.total else ""
         print(f"[{self.done}{total}] {result.task_id} {result.scaffold}: {outcome} {result.ended_by} {where}  "
               f"| {stats}", flush=True)
@@ -293,14 +297,14 @@ def print_summary(results: list[RolloutResult], k: int) -> None:
     table = Table(title=f"pass rates (95% bootstrap intervals over tasks), k = {k}")
     ks = [1, k] if k > 1 else [1]
     for column in ("scaffold", "tasks", "rollouts", *(f"pass@{j}" for j in ks), "mean reward", "tokens/rollout",
-                   "s/rollout", "infra failures"):
+                   "s/rollout", "infra failures", "verifier failures"):
         table.add_column(column, justify="left" if column == "scaffold" else "right")
     for row in summary.scaffolds:
         rates = [row.pass_at.get(j) for j in ks]
         shown = [f"{r.value:.1%} [{r.low:.0%}, {r.high:.0%}]" if r is not None else "-" for r in rates]
         table.add_row(row.scaffold, str(row.tasks), str(row.rollouts), *shown, f"{row.mean_reward:.3f}",
                       f"{row.mean_prompt_tokens + row.mean_completion_tokens:,.0f}", f"{row.mean_seconds:.1f}",
-                      str(row.infra_failed))
+                      str(row.infra_failed), str(row.verifier_failed))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 

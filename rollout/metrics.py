@@ -15,17 +15,18 @@ _SECONDS_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 _REWARD_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 _TURN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PHASES = ("setup", "agent", "model", "tools", "verify", "teardown")
-OUTCOMES = ("solved", "failed", "infra_failed")
+OUTCOMES = ("solved", "failed", "infra_failed", "verifier_failed")
 
 
 class RolloutMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.rollouts = Counter("arborl_rollouts_total", "Finished rollouts by scaffold and outcome "
-                                "(solved, failed: graded below 1, infra_failed: not graded)",
+                                "(solved, failed: graded below 1, infra_failed: not graded, "
+                                "verifier_failed: the task's verifier gave no reward)",
                                 ["scaffold", "outcome"], registry=r)
         self.infra_attempts = Counter("arborl_rollout_infra_failures_total",
-                                      "Attempts lost to an infrastructure failure (each is retried)", ["scaffold"],
+                                      "Attempts lost to an infrastructure or verifier failure (each is retried)", ["scaffold"],
                                       registry=r)
         self.running = Gauge("arborl_rollouts_running", "Rollouts under way", registry=r)
         self.reward = Histogram("arborl_rollout_reward", "Reward of graded rollouts", ["scaffold"],
@@ -52,7 +53,7 @@ class RolloutMetrics:
 
     def observe(self, result: RolloutResult) -> None:
         if result.status != "done":
-            self.rollouts.labels(result.scaffold, "infra_failed").inc()
+            self.rollouts.labels(result.scaffold, result.status).inc()
             return
         self.rollouts.labels(result.scaffold, "solved" if result.solved else "failed").inc()
         self.reward.labels(result.scaffold).observe(result.reward or 0.0)

@@ -16,8 +16,10 @@ the rollouts that group still lacks, ``concurrency`` at a time. One rollout:
 Failures are told apart. A wrong answer, a crash after the model was used, or a limit reached
 is a reward (often 0) and a training sample. An infrastructure failure -- the sandbox or the
 workspace could not be made, the scaffold died before its first model call, grading could not
-run -- is marked ``infra_failed`` in the ledger (never trained on, not counted in its group) and
-retried under a new session, up to ``infra_retries`` times.
+run -- and a verifier failure -- the task's own verifier ran and gave no reward (its script
+timed out, wrote no reward file, or one that is not a number) -- are marked ``infra_failed`` in
+the ledger (never trained on, not counted in its group) and retried under a new session, up to
+``infra_retries`` times; a result that fails every attempt says which of the two it was.
 
 Interrupting (``stop``) stops the running agents; their rollouts are marked ``infra_failed`` as
 "interrupted". A later run with the same plans finds each group by its key, counts what is done,
@@ -54,7 +56,7 @@ from .results import STOPPED, RolloutResult, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
 from .settings import RolloutSettings
 from .tasks import Task, WorkspaceError
-from .verification import VerificationError, verify_in_sandbox
+from .verification import VerificationError, VerifierFailed, verify_in_sandbox
 from .verifiers import JudgeClient, Verdict, verifier_for
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,15 @@ class OrchestratorError(RuntimeError):
 
 class InfraFailure(Exception):
     """Not the agent's doing: the attempt is marked and retried."""
+
+    status = "infra_failed"  # the result's status when the last attempt failed so
+
+
+class VerifierFailure(InfraFailure):
+    """The task's verifier gave no reward: retried like an infrastructure failure, and reported
+    as a verifier failure (a broken task, not a broken machine)."""
+
+    status = "verifier_failed"
 
 
 class Interrupted(Exception):
@@ -285,6 +296,7 @@ class Orchestrator:
 
     def _run_attempts(self, job: Job) -> RolloutResult | None:
         errors: list[str] = []
+        status = InfraFailure.status
         for attempt in range(1, self.settings.infra_retries + 2):
             if self.stop.is_set():
                 return None
@@ -304,11 +316,12 @@ class Orchestrator:
                 self.ledger.fail_rollout(session, str(exc))
                 self.metrics.infra_attempts.labels(job.scaffold).inc()
                 errors.append(str(exc))
+                status = exc.status
                 continue
             if self.ledger.finish_rollout(session, verdict.reward, outcome=result.dumps()):
                 self.metrics.groups_completed.inc()
             return result
-        return RolloutResult(session, job.plan.task.id, job.scaffold, job.group_id, "infra_failed",
+        return RolloutResult(session, job.plan.task.id, job.scaffold, job.group_id, status,
                              details="; ".join(errors)[-2000:], attempts=len(errors))
 
     def _attempt(self, job: Job, session: str, attempt: int) -> tuple[RolloutResult, Verdict]:
@@ -335,6 +348,8 @@ class Orchestrator:
                 verify_started = time.monotonic()
                 try:
                     verdict = verify_in_sandbox(task, sandbox, answer=outcome.answer, verifier=self._verifier(task))
+                except VerifierFailed as exc:
+                    raise VerifierFailure(f"the verifier failed: {exc}") from exc
                 except VerificationError as exc:
                     raise InfraFailure(f"grading failed: {exc}") from exc
                 verify_s = time.monotonic() - verify_started

@@ -1,10 +1,13 @@
 """What one rollout came to: the record the orchestrator writes and `arborl eval` reports on.
 
 A rollout either ran to the end (``status == "done"``: the agent worked, the verifier graded the
-workspace, ``reward`` is set; a wrong answer is reward 0) or failed for infrastructure reasons
-before its first model call (``status == "infra_failed"``: the sandbox did not start, the
-scaffold crashed at launch). Infrastructure failures are retried under a new session and never
-become training samples; ``attempts`` counts the tries a result took.
+workspace, ``reward`` is set; a wrong answer is reward 0), or failed for infrastructure reasons
+(``status == "infra_failed"``: the sandbox did not start, the scaffold crashed before its first
+model call, grading could not run), or its task's verifier gave no reward
+(``status == "verifier_failed"``: the task's script timed out, wrote no reward file, or one that
+is not a number). Both failures are retried under a new session and never become training
+samples; ``attempts`` counts the tries a result took, and the result of the last try decides
+which failure it is.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Status = Literal["done", "infra_failed"]
+Status = Literal["done", "infra_failed", "verifier_failed"]
+FAILED_STATUSES: tuple[Status, ...] = ("infra_failed", "verifier_failed")
 
 # Why the agent phase ended.
 SUBMITTED = "submitted"  # the scaffold said it was done (builtin: the submit tool; a CLI: exit 0)

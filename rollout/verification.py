@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .sandbox import Sandbox, SandboxError
 from .tasks import ARBORL_DIR, FolderOverlay, InlineFiles, Overlay, Patch, ShellScript, Task
-from .verifiers import CommandOutput, RewardFileError, Verdict, Verifier, VerifierError, verifier_for
+from .verifiers import BrokenVerifier, CommandOutput, Verdict, Verifier, VerifierError, verifier_for
 
 HIDDEN_PATCH = f"{ARBORL_DIR}/hidden-tests.diff"
 HIDDEN_SCRIPT = f"{ARBORL_DIR}/hidden-tests.sh"
@@ -24,6 +24,11 @@ HIDDEN_SCRIPT = f"{ARBORL_DIR}/hidden-tests.sh"
 
 class VerificationError(RuntimeError):
     """Grading could not run (the sandbox failed, a judge was unreachable): not the agent's doing."""
+
+
+class VerifierFailed(VerificationError):
+    """Grading ran, and the task's own verifier gave no reward (``verifiers.BrokenVerifier``):
+    not the agent's doing either, and told apart so a report can show a dataset's broken tasks."""
 
 
 def install_hidden_tests(task: Task, sandbox: Sandbox) -> str:
@@ -78,7 +83,7 @@ def verify_in_sandbox(task: Task, sandbox: Sandbox, *, answer: str = "", verifie
         outcome = (sandbox.run(command, timeout_s=task.verify_timeout_s) if command
                    else CommandOutput(exit_code=0, stdout=answer))
         return verifier.grade(task, outcome)
-    except RewardFileError as exc:  # the task's script wrote a reward it cannot mean: graded, as 0
-        return Verdict(reward=0.0, details=str(exc))
+    except BrokenVerifier as exc:
+        raise VerifierFailed(str(exc)) from exc
     except (SandboxError, VerifierError, OSError) as exc:
         raise VerificationError(f"{type(exc).__name__}: {exc}") from exc

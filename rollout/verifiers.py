@@ -27,8 +27,10 @@ Kinds:
 - ``script``: the task's own script (Harbor's tests/test.sh) writes ``reward.json`` or
   ``reward.txt`` into ``$ARBORL_VERIFIER_DIR``; the command prints both files between markers
   after the script, and ``grade`` reads them from the output (reward.json first, as Harbor does).
-  No reward file, or a script that ran out of time, is a reward of 0; a reward file that holds
-  no number raises ``RewardFileError`` (the task's script is broken: not the agent's fault).
+  A script that ran out of time, wrote no reward file, or wrote one that holds no number raises
+  ``BrokenVerifier``: the verifier failed, not the agent, so there is no reward (as in Harbor,
+  where these are trial errors, not zeros). The orchestrator retries such a rollout and never
+  trains on it; a report counts it apart from graded rollouts.
 - ``exact`` / ``regex``: the test command's stdout (or the agent's answer) compared with
   ``task.verifier.expected``: exact compares with surrounding whitespace stripped; regex is
   ``re.search`` with MULTILINE (anchor the pattern to demand a full match).
@@ -80,6 +82,11 @@ class Resolution(str, enum.Enum):
 
 class VerifierError(RuntimeError):
     """Verification could not produce a verdict (not a wrong answer: retry, do not train on it)."""
+
+
+class BrokenVerifier(VerifierError):
+    """The task's own verifier ran but gave no reward (its script timed out, wrote no reward file,
+    or one that holds no number): a fault of the task's verifier, never a reward of 0."""
 
 
 class JudgeError(VerifierError):
@@ -298,7 +305,7 @@ REWARD_TXT_MARK = "<<<arborl:reward.txt>>>"
 REWARD_END_MARK = "<<<arborl:end>>>"
 
 
-class RewardFileError(VerifierError):
+class RewardFileError(BrokenVerifier):
     """A reward file that exists but holds no reward (not a number, not a JSON object of numbers)."""
 
 
@@ -362,6 +369,10 @@ class ScriptVerifier:
         )
 
     def grade(self, task: Task, result: CommandOutcome) -> Verdict:
+        """The reward the script wrote; raises ``BrokenVerifier`` when it gave none (a script cut
+        off at its timeout gave none, whatever it had written by then)."""
+        if result.timed_out:
+            raise BrokenVerifier(f"the script ran out of time ({task.verify_timeout_s:g} s)")
         log = _log_tail(result)
         json_text = _between(result.stdout, REWARD_JSON_MARK, REWARD_TXT_MARK)
         txt_text = _between(result.stdout, REWARD_TXT_MARK, REWARD_END_MARK)
@@ -369,8 +380,8 @@ class ScriptVerifier:
             return Verdict(parse_reward_json(json_text), details="reward.json", log=log)
         if txt_text is not None and txt_text.strip():
             return Verdict(parse_reward_txt(txt_text), details="reward.txt", log=log)
-        why = "the script ran out of time" if result.timed_out else "the script wrote no reward file"
-        return Verdict(0.0, details=why, log=log)
+        raise BrokenVerifier(f"the script wrote no reward file (exit code {result.exit_code}); its output ends: "
+                             f"{log[-300:]!r}" if log.strip() else "the script wrote no reward file")
 
 
 # -- exact and regex output ---------------------------------------------------------------------

@@ -160,3 +160,43 @@ def test_eval_of_a_humaneval_subset_with_the_default_model(run_root, capsys, mon
     assert "pass@1" in out and "pass@2" in out
     html = (run / "eval" / "report.html").read_text()
     assert "SmolLM2-135M-Instruct" in html and "HumanEval/0" in html and "pass@2" in html
+
+
+BROKEN_VERIFIERS = {
+    "times-out": "sleep 30\necho 1 > /logs/verifier/reward.txt\n",
+    "writes-passed": "echo PASSED > /logs/verifier/reward.txt\n",
+    "writes-nothing": "echo all good\n",
+}
+
+
+def test_a_broken_verifier_is_a_verifier_failure_not_the_agents_zero(run_root, capsys, monkeypatch):
+    dataset = run_root / "tasks"
+    write_harbor_task(dataset / "sound")
+    for name, script in BROKEN_VERIFIERS.items():
+        folder = write_harbor_task(dataset / name)
+        (folder / "tests" / "test.sh").write_text("#!/bin/bash\nmkdir -p /logs/verifier\n" + script)
+        (folder / "task.toml").write_text((folder / "task.toml").read_text().replace("timeout_sec = 45.0",
+                                                                                    "timeout_sec = 2.0"))
+    monkeypatch.setenv("ARBORL_ROLLOUT__INFRA_RETRIES", "1")
+    run = run_root / "run"
+    main(["eval", "--dataset", str(dataset), "--scaffold", "oracle", "--run-dir", str(run), "--model",
+          "tiny-random-llama"])
+    out = capsys.readouterr().out
+    results = {r.task_id: r for r in load_results(run / "eval" / "results.json")}
+    assert (results["sound"].status, results["sound"].reward) == ("done", 1.0)
+    for name in BROKEN_VERIFIERS:
+        broken = results[name]
+        assert (broken.status, broken.reward, broken.attempts) == ("verifier_failed", None, 2), broken
+    assert "ran out of time" in results["times-out"].details
+    assert "'PASSED', not a number" in results["writes-passed"].details
+    assert "no reward file" in results["writes-nothing"].details
+    store = TrajectoryStore(run / "store.sqlite")
+    graded = store.query("SELECT task_id FROM rollouts WHERE status = 'done'")
+    store.close()
+    assert graded == [("sound",)]  # nothing of a broken verifier is ever a sample
+    data = json.loads((run / "eval" / "results.json").read_text())
+    [oracle] = data["summary"]["scaffolds"]
+    assert (oracle["rollouts"], oracle["verifier_failed"], oracle["infra_failed"]) == (1, 3, 0)
+    assert "verifier failures" in out
+    html = (run / "eval" / "report.html").read_text()
+    assert "<th>verifier failed</th>" in html

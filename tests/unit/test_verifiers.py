@@ -16,6 +16,10 @@ import pytest
 
 from arborl.rollout.tasks import InlineFiles, Task, TaskError, VerifierSpec
 from arborl.rollout.verifiers import (
+    REWARD_END_MARK,
+    REWARD_JSON_MARK,
+    REWARD_TXT_MARK,
+    BrokenVerifier,
     CommandOutput,
     JudgeError,
     JudgeVerifier,
@@ -227,25 +231,50 @@ def test_reward_files(tmp_path):
     assert read_reward_files(tmp_path) == 0.5  # reward.json first, as Harbor reads them
 
 
+def run_script_verifier(task: Task, folder: Path) -> CommandOutput:
+    done = subprocess.run(["bash", "-c", ScriptVerifier().command(task)], cwd=folder, capture_output=True, text=True,
+                          timeout=30, check=False)
+    return CommandOutput(done.returncode, done.stdout, done.stderr)
+
+
 @pytest.mark.parametrize("script, reward, details", [
     ('echo 0.5 > "$ARBORL_VERIFIER_DIR/reward.txt"', 0.5, "reward.txt"),
     ('echo \'{"reward": 1.0}\' > "$ARBORL_VERIFIER_DIR/reward.json"; echo 0 > "$ARBORL_VERIFIER_DIR/reward.txt"',
      1.0, "reward.json"),
-    ("echo no reward; exit 3", 0.0, "the script wrote no reward file"),
+    ('echo 0 > "$ARBORL_VERIFIER_DIR/reward.txt"; exit 3', 0.0, "reward.txt"),
 ])
 def test_script_verifier_reads_the_reward_its_command_prints(tmp_path, script, reward, details):
     (tmp_path / "check.sh").write_text(script + "\n")
     task = task_with("script", test_command="bash check.sh")
-    verifier = ScriptVerifier()
-    for _ in range(2):  # a second run starts without the first run's reward files
-        done = subprocess.run(["bash", "-c", verifier.command(task)], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=30, check=False)
-        verdict = verifier.grade(task, CommandOutput(done.returncode, done.stdout, done.stderr))
-        assert (verdict.reward, verdict.details) == (reward, details)
-        if reward:
-            (tmp_path / "check.sh").write_text("true\n")
-            reward, details = 0.0, "the script wrote no reward file"
-    assert verifier.grade(task, CommandOutput(124, "", "", timed_out=True)).details == "the script ran out of time"
+    verdict = ScriptVerifier().grade(task, run_script_verifier(task, tmp_path))
+    assert (verdict.reward, verdict.details) == (reward, details)
+    # a second run starts without the first run's reward files: one that writes none is broken
+    (tmp_path / "check.sh").write_text("true\n")
+    with pytest.raises(BrokenVerifier, match="the script wrote no reward file"):
+        ScriptVerifier().grade(task, run_script_verifier(task, tmp_path))
+
+
+@pytest.mark.parametrize("script, message", [
+    ("echo no reward; exit 3", "the script wrote no reward file"),
+    ('echo PASSED > "$ARBORL_VERIFIER_DIR/reward.txt"', "reward.txt holds 'PASSED', not a number"),
+    ('echo \'{"reward": "high"}\' > "$ARBORL_VERIFIER_DIR/reward.json"', "not a number"),
+])
+def test_a_script_that_gives_no_reward_is_a_broken_verifier_not_a_zero(tmp_path, script, message):
+    # the verifier's own failure is not the agent's: no reward at all, so nothing to train on
+    (tmp_path / "check.sh").write_text(script + "\n")
+    task = task_with("script", test_command="bash check.sh")
+    with pytest.raises(BrokenVerifier, match=message):
+        ScriptVerifier().grade(task, run_script_verifier(task, tmp_path))
+
+
+def test_a_script_that_ran_out_of_time_is_a_broken_verifier(tmp_path):
+    task = task_with("script", test_command="bash check.sh", verify_timeout_s=5.0)
+    with pytest.raises(BrokenVerifier, match=r"the script ran out of time \(5 s\)"):
+        ScriptVerifier().grade(task, CommandOutput(124, "", "", timed_out=True))
+    # even with a reward file: a script cut off mid-way may have written a reward it had not finished
+    partial = f"{REWARD_JSON_MARK}\n\n{REWARD_TXT_MARK}\n1\n{REWARD_END_MARK}\n"
+    with pytest.raises(BrokenVerifier, match="ran out of time"):
+        ScriptVerifier().grade(task, CommandOutput(124, partial, "", timed_out=True))
 
 
 # -- exact and regex ---------------------------------------------------------------------------
