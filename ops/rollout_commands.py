@@ -48,6 +48,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-timeout", type=float, help="seconds per rollout's agent (at most the task's own)")
     parser.add_argument("--keep-workspaces", action="store_true", help="keep each rollout's sandbox folder")
     parser.add_argument("--metrics-port", type=int, help="serve the rollouts' Prometheus metrics on this port")
+    parser.add_argument("--strict", action="store_true", help="stop at a malformed task (default: report it, skip "
+                                                              "it, run the others)")
 
 
 def _config(args: argparse.Namespace, scaffolds: dict[str, float], extra: dict[str, Any]) -> ArborlConfig:
@@ -76,14 +78,28 @@ def parse_scaffolds(text: str) -> dict[str, float]:
     return out
 
 
+def report_problems(problems: list, *, strict: bool) -> None:
+    """Say what is wrong with each malformed task (or task and scaffold that cannot go together);
+    under ``--strict`` stop there."""
+    if not problems:
+        return
+    lines = [f"  {problem}" for problem in problems]
+    if strict:
+        raise SystemExit("arborl: malformed tasks (--strict):\n" + "\n".join(lines))
+    print(f"arborl: skipping {len(problems)} malformed task(s) or task/scaffold pair(s) (--strict stops instead):\n"
+          + "\n".join(lines), flush=True)
+
+
 def _tasks(args: argparse.Namespace) -> list:
     from arborl.rollout.task_loaders import load_dataset
     from arborl.rollout.tasks import TaskError
 
+    problems: list[TaskError] | None = None if args.strict else []
     try:
-        tasks = load_dataset(args.dataset, split=args.split)
+        tasks = load_dataset(args.dataset, split=args.split, problems=problems)
     except (TaskError, FileNotFoundError) as exc:
         raise SystemExit(f"arborl: {exc}") from None
+    report_problems(problems or [], strict=False)
     if args.tasks:
         wanted = [name.strip() for name in args.tasks.split(",")]
         known = {task.id: task for task in tasks}
@@ -103,6 +119,15 @@ def _tasks(args: argparse.Namespace) -> list:
     if not tasks:
         raise SystemExit(f"arborl: {args.dataset} has no tasks to run")
     return tasks
+
+
+def _runnable(tasks: list, scaffolds: list[str], *, strict: bool) -> list:
+    """The tasks every scaffold of a mixture can run (any of them may be drawn for any task)."""
+    from arborl.rollout.agent_runs import cannot_run
+
+    problems = [problem for task in tasks for name in scaffolds if (problem := cannot_run(name, task))]
+    report_problems(problems, strict=strict)
+    return [task for task in tasks if not any(cannot_run(name, task) for name in scaffolds)]
 
 
 @dataclass
@@ -234,7 +259,9 @@ def eval_command(args: argparse.Namespace) -> None:
         args.run_dir = Path("runs") / f"eval-{Path(args.dataset).stem}"
     config = _config(args, scaffolds, {})
     tasks = _tasks(args)
-    plans = eval_plans(tasks, list(scaffolds), args.k, prefix=args.prefix)
+    unrunnable: list = []
+    plans = eval_plans(tasks, list(scaffolds), args.k, prefix=args.prefix, problems=unrunnable)
+    report_problems(unrunnable, strict=args.strict)
     progress = ProgressLine(len(plans) * args.k, f"eval {args.dataset}")
     interrupted = False
     with _session(config, args.gateway) as session:
@@ -315,7 +342,7 @@ def rollout_command(args: argparse.Namespace) -> None:
     if args.run_dir is None:
         args.run_dir = Path("runs/default")
     config = _config(args, scaffolds, {"group_size": args.group_size})
-    tasks = _tasks(args)
+    tasks = _runnable(_tasks(args), [name for name, weight in scaffolds.items() if weight > 0], strict=args.strict)
     total = args.groups * config.rollout.group_size if args.groups else None
     progress = ProgressLine(total, f"rollouts {args.dataset}")
     with _session(config, args.gateway) as session:

@@ -62,6 +62,18 @@ def check_scaffold(name: str) -> str:
     return name
 
 
+def cannot_run(name: str, task: Task) -> str | None:
+    """Why scaffold ``name`` cannot run ``task`` at all (naming where the task is and what it
+    lacks), or None. Only the oracle needs more than a task has to have: a reference solution,
+    or for an answer-graded task the answer (the expected text, or a ``reference_answer``)."""
+    if name != "oracle" or task.reference is not None:
+        return None
+    if task.verifier.kind == "exact" or task.metadata.get("reference_answer"):
+        return None
+    missing = f"no {task.reference_at}" if task.reference_at else "no reference solution"
+    return f"{task.origin or task.id}: {missing}, so the oracle has nothing to apply"
+
+
 @dataclass(frozen=True)
 class AgentOutcome:
     ended_by: str  # results.SUBMITTED, AGENT_ERROR, TIME_LIMIT, TURN_LIMIT, NO_ACTION, or STOPPED

@@ -46,6 +46,7 @@ from .agent_runs import (
     MODEL_FREE_SCAFFOLDS,
     AgentContext,
     AgentOutcome,
+    cannot_run,
     check_scaffold,
     install_prefix,
     run_scaffold,
@@ -55,7 +56,7 @@ from .metrics import RolloutMetrics
 from .results import STOPPED, RolloutResult, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
 from .settings import RolloutSettings
-from .tasks import Task, WorkspaceError
+from .tasks import Task, TaskError, WorkspaceError
 from .verification import VerificationError, VerifierFailed, verify_in_sandbox
 from .verifiers import JudgeClient, Verdict, verifier_for
 
@@ -80,12 +81,26 @@ class GroupPlan:
             raise ValueError(f"group {self.key!r} has no rollouts")
         for name in self.scaffolds:
             check_scaffold(name)
+            problem = cannot_run(name, self.task)
+            if problem is not None:  # it would score 0 without saying why
+                raise TaskError(problem)
 
 
-def eval_plans(tasks: Iterable[Task], scaffolds: Sequence[str], k: int, *, prefix: str = "eval") -> list[GroupPlan]:
-    """A group of ``k`` rollouts per task and scaffold, never trained on."""
-    return [GroupPlan(f"{prefix}/{scaffold}/{task.id}", task, (scaffold,) * k, trainable=False)
-            for task in tasks for scaffold in scaffolds]
+def eval_plans(tasks: Iterable[Task], scaffolds: Sequence[str], k: int, *, prefix: str = "eval",
+               problems: list[TaskError] | None = None) -> list[GroupPlan]:
+    """A group of ``k`` rollouts per task and scaffold, never trained on. A scaffold that cannot
+    run a task (the oracle on a task without a reference) raises its ``TaskError``, unless
+    ``problems`` is given: then the error goes there and only that pair is left out."""
+    plans = []
+    for task in tasks:
+        for scaffold in scaffolds:
+            try:
+                plans.append(GroupPlan(f"{prefix}/{scaffold}/{task.id}", task, (scaffold,) * k, trainable=False))
+            except TaskError as exc:
+                if problems is None:
+                    raise
+                problems.append(exc)
+    return plans
 
 
 def training_plans(tasks: Sequence[Task], settings: RolloutSettings, *, rounds: int | None = None,

@@ -183,6 +183,11 @@ class Task:
     domain: str = ""
     source: str = ""  # the dataset it came from: "builtin", "humaneval", a file or folder path
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # Where it was defined (a Harbor task's folder, FILE:LINE of a JSONL record) and where its
+    # reference solution would be (a Harbor task's "solution/solve.sh"): what a message about a
+    # malformed task names. Neither is part of what the task is.
+    origin: str = field(default="", compare=False)
+    reference_at: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -5,6 +5,7 @@ as real tasks write them)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -95,3 +96,13 @@ def write_harbor_task(folder: Path, *, reward_json: bool = False) -> Path:
     (folder / "solution" / "solve.sh").write_text(SOLVE_SH)
     (folder / "solution" / "answer.txt").write_text("hello from the oracle\n")
     return folder
+
+
+def malformed_dataset(root: Path) -> Path:
+    """One sound Harbor task and three that each lack a file, next to a folder that is no task."""
+    write_harbor_task(root / "sound")
+    (write_harbor_task(root / "no-instruction") / "instruction.md").unlink()
+    (write_harbor_task(root / "no-test-sh") / "tests" / "test.sh").unlink()
+    shutil.rmtree(write_harbor_task(root / "no-solution") / "solution")
+    (root / "notes").mkdir()  # neither task.toml nor instruction.md: not a task, and not a problem
+    return root

@@ -135,11 +135,11 @@ def _reference(folder: Path) -> Overlay | None:
 
 
 def load_harbor_task(folder: Path, *, source: str = "") -> Task:
-    """One task folder."""
+    """One task folder. Every error names the folder and the file that is missing or wrong."""
     folder = Path(folder)
     toml_path = folder / "task.toml"
     if not toml_path.is_file():
-        raise TaskError(f"{folder} has no task.toml")
+        raise TaskError(f"{folder}: no task.toml")
     config = _read_toml(toml_path)
     metadata = _table(config, "metadata", toml_path)
     agent = _table(config, "agent", toml_path)
@@ -147,16 +147,20 @@ def load_harbor_task(folder: Path, *, source: str = "") -> Task:
     ours = _table(config, "arborl", toml_path)
     instruction_path = folder / "instruction.md"
     if not instruction_path.is_file():
-        raise TaskError(f"{folder} has no instruction.md")
+        raise TaskError(f"{folder}: no instruction.md (what the agent is told)")
 
     tests = folder / "tests"
-    kind = ours.get("verifier", "script" if (tests / "test.sh").is_file() else "tests")
+    has_script = (tests / "test.sh").is_file()
     fail_to_pass = _ids(ours.get("fail_to_pass", []), "fail_to_pass", toml_path)
     pass_to_pass = _ids(ours.get("pass_to_pass", []), "pass_to_pass", toml_path)
+    if "verifier" not in ours and not has_script and not fail_to_pass:
+        raise TaskError(f"{folder}: no tests/test.sh (the script that writes the reward), and task.toml names no "
+                        "[arborl] fail_to_pass tests to grade by instead")
+    kind = ours.get("verifier", "script" if has_script else "tests")
     hidden: Overlay | None = None
     if kind == "script":
-        if not (tests / "test.sh").is_file():
-            raise TaskError(f"{folder}: the script verifier needs tests/test.sh")
+        if not has_script:
+            raise TaskError(f"{folder}: no tests/test.sh, which the script verifier runs")
         env = verifier.get("env", {})
         if not isinstance(env, dict):
             raise TaskError(f"{toml_path}: [verifier] env must be a table")
@@ -175,32 +179,46 @@ def load_harbor_task(folder: Path, *, source: str = "") -> Task:
     if split not in SPLITS:
         raise TaskError(f"{toml_path}: split {split!r} is not one of {', '.join(SPLITS)}")
     extra = {key: value for key, value in metadata.items() if key not in ("difficulty", "category")}
-    return Task(
-        id=str(ours.get("id", folder.name)),
-        instruction=instruction_path.read_text(),
-        workspace=workspace,
-        verifier=VerifierSpec(kind, expected=str(ours.get("expected", "")), rubric=str(ours.get("rubric", ""))),
-        test_command=str(ours.get("test_command", default_command)),
-        fail_to_pass=fail_to_pass,
-        pass_to_pass=pass_to_pass,
-        hidden_tests=hidden,
-        reference=_reference(folder),
-        agent_timeout_s=_timeout(agent, DEFAULT_AGENT_TIMEOUT_S, "agent", toml_path),
-        verify_timeout_s=_timeout(verifier, DEFAULT_VERIFY_TIMEOUT_S, "verifier", toml_path),
-        split=split,
-        difficulty=str(metadata.get("difficulty", "medium")),
-        domain=str(metadata.get("category", "")),
-        source=source or str(folder.parent),
-        metadata=extra,
-    )
+    agent_timeout_s = _timeout(agent, DEFAULT_AGENT_TIMEOUT_S, "agent", toml_path)
+    verify_timeout_s = _timeout(verifier, DEFAULT_VERIFY_TIMEOUT_S, "verifier", toml_path)
+    reference = _reference(folder)
+    try:  # the task model's own checks name the task, not the folder: add it
+        return Task(
+            id=str(ours.get("id", folder.name)),
+            instruction=instruction_path.read_text(),
+            workspace=workspace,
+            verifier=VerifierSpec(kind, expected=str(ours.get("expected", "")), rubric=str(ours.get("rubric", ""))),
+            test_command=str(ours.get("test_command", default_command)),
+            fail_to_pass=fail_to_pass,
+            pass_to_pass=pass_to_pass,
+            hidden_tests=hidden,
+            reference=reference,
+            agent_timeout_s=agent_timeout_s,
+            verify_timeout_s=verify_timeout_s,
+            split=split,
+            difficulty=str(metadata.get("difficulty", "medium")),
+            domain=str(metadata.get("category", "")),
+            source=source or str(folder.parent),
+            metadata=extra,
+            origin=str(folder),
+            reference_at="solution/solve.sh",
+        )
+    except TaskError as exc:
+        raise TaskError(f"{folder}: {exc}") from exc
 
 
 def is_task_folder(folder: Path) -> bool:
-    return (folder / "task.toml").is_file() and (folder / "instruction.md").is_file()
+    """A folder meant as a task: it has a task.toml or an instruction.md (one without the other is
+    a malformed task, reported as such, not a folder to pass over)."""
+    return (folder / "task.toml").is_file() or (folder / "instruction.md").is_file()
 
 
-def load_harbor_dir(root: Path, *, split: str | None = None, source: str = "") -> list[Task]:
-    """Every task folder directly under ``root`` (or ``root`` itself if it is one), sorted by name."""
+def load_harbor_dir(root: Path, *, split: str | None = None, source: str = "",
+                    problems: list[TaskError] | None = None) -> list[Task]:
+    """Every task folder directly under ``root`` (or ``root`` itself if it is one), sorted by name.
+
+    A malformed task raises its ``TaskError`` (naming its folder and the file at fault), unless
+    ``problems`` is given: then the error is appended there, the task skipped, and the rest load."""
     root = Path(root)
     if is_task_folder(root):
         folders = [root]
@@ -208,7 +226,14 @@ def load_harbor_dir(root: Path, *, split: str | None = None, source: str = "") -
         folders = sorted(child for child in root.iterdir() if child.is_dir() and is_task_folder(child))
         if not folders:
             raise TaskError(f"{root} holds no task folders (each needs task.toml and instruction.md)")
-    tasks = [load_harbor_task(folder, source=source or str(root)) for folder in folders]
+    tasks = []
+    for folder in folders:
+        try:
+            tasks.append(load_harbor_task(folder, source=source or str(root)))
+        except TaskError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
     ids = [task.id for task in tasks]
     duplicates = sorted({task_id for task_id in ids if ids.count(task_id) > 1})
     if duplicates:

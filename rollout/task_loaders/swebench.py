@@ -124,12 +124,27 @@ def task_from_record(record: dict[str, Any], *, base: Path, where: str, source: 
             domain=str(record.get("domain") or (repo if isinstance(repo, str) else "") or "swe"),
             source=source,
             metadata={key: value for key, value in record.items() if key not in _KNOWN_FIELDS},
+            origin=where,
+            reference_at="patch (the gold patch)",
         )
     except TaskError as exc:
         raise TaskError(f"{where}: {exc}") from exc
 
 
-def load_swebench_jsonl(path: Path, *, split: str | None = None) -> list[Task]:
+def _record_task(line: str, path: Path, where: str) -> Task:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TaskError(f"{where}: not JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise TaskError(f"{where}: expected a JSON object")
+    return task_from_record(record, base=path.parent, where=where, source=str(path))
+
+
+def load_swebench_jsonl(path: Path, *, split: str | None = None, problems: list[TaskError] | None = None
+                        ) -> list[Task]:
+    """Every instance of the file. A malformed record raises its ``TaskError`` (naming FILE:LINE),
+    unless ``problems`` is given: then it is appended there and the other records load."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -141,12 +156,12 @@ def load_swebench_jsonl(path: Path, *, split: str | None = None) -> list[Task]:
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TaskError(f"{where}: not JSON: {exc}") from exc
-        if not isinstance(record, dict):
-            raise TaskError(f"{where}: expected a JSON object")
-        task = task_from_record(record, base=path.parent, where=where, source=str(path))
+            task = _record_task(line, path, where)
+        except TaskError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
+            continue
         if task.id in seen:
             raise TaskError(f"{where}: duplicate instance_id {task.id!r}")
         seen.add(task.id)

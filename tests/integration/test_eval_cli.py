@@ -17,7 +17,7 @@ from arborl.rollout.ledger import RunLedger
 from arborl.rollout.store import TrajectoryStore
 from arborl.rollout.tasks import pytest_command
 from arborl.rollout.verifiers import Resolution
-from task_fixtures import git, write_harbor_task
+from task_fixtures import git, malformed_dataset, write_harbor_task
 
 HERMES = get_parser("hermes")
 
@@ -200,3 +200,19 @@ def test_a_broken_verifier_is_a_verifier_failure_not_the_agents_zero(run_root, c
     assert "verifier failures" in out
     html = (run / "eval" / "report.html").read_text()
     assert "<th>verifier failed</th>" in html
+
+
+def test_eval_reports_and_skips_malformed_tasks_unless_strict(run_root, capsys):
+    dataset = malformed_dataset(run_root / "tasks")
+    run = run_root / "run"
+    argv = ["eval", "--dataset", str(dataset), "--scaffold", "oracle,nop", "--run-dir", str(run), "--model",
+            "tiny-random-llama"]
+    main(argv)
+    out = capsys.readouterr().out
+    assert f"{dataset / 'no-instruction'}: no instruction.md" in out
+    assert f"{dataset / 'no-test-sh'}: no tests/test.sh" in out
+    assert f"{dataset / 'no-solution'}: no solution/solve.sh" in out
+    results = sorted((r.task_id, r.scaffold, r.reward) for r in load_results(run / "eval" / "results.json"))
+    assert results == [("no-solution", "nop", 0.0), ("sound", "nop", 0.0), ("sound", "oracle", 1.0)]
+    with pytest.raises(SystemExit, match=r"no-instruction: no instruction\.md"):
+        main([*argv, "--strict", "--run-dir", str(run_root / "strict")])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from arborl.rollout.orchestrator import eval_plans
 from arborl.rollout.task_loaders import load_dataset, load_harbor_task, load_humaneval, load_swebench_jsonl
 from arborl.rollout.task_loaders.builtin import BUILTIN_DIR
 from arborl.rollout.tasks import (
@@ -34,7 +35,7 @@ from arborl.rollout.tasks import (
     pytest_command,
 )
 from arborl.rollout.verifiers import CommandOutput, Resolution, Verdict, regex_match, verifier_for
-from task_fixtures import CALC_BUGGY, HARBOR_TOML, git, make_swe_repo, write_harbor_task
+from task_fixtures import CALC_BUGGY, HARBOR_TOML, git, make_swe_repo, malformed_dataset, write_harbor_task
 
 # `python3` in a task's command must be the interpreter running these tests (it has pytest).
 ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -209,6 +210,30 @@ def test_harbor_bad_task_toml(tmp_path):
     (folder / "task.toml").write_text("this is = = not toml")
     with pytest.raises(TaskError, match="task.toml"):
         load_harbor_task(folder)
+
+
+def test_each_malformed_task_is_named_and_skipped_not_fatal(tmp_path):
+    root = malformed_dataset(tmp_path / "tasks")
+    problems: list[TaskError] = []
+    tasks = load_dataset(str(root), problems=problems)
+    assert [task.id for task in tasks] == ["no-solution", "sound"]  # a task without solution/ still loads
+    said = sorted(str(problem) for problem in problems)
+    assert len(said) == 2
+    assert f"{root / 'no-instruction'}: no instruction.md" in said[0]
+    assert f"{root / 'no-test-sh'}: no tests/test.sh" in said[1]
+    # strict (no list to report into): the first bad task ends the load, named the same way
+    with pytest.raises(TaskError, match=r"no-instruction: no instruction\.md"):
+        load_dataset(str(root))
+    # a task that lacks what the oracle needs cannot be planned for it, and says what is missing
+    no_solution = next(task for task in tasks if task.id == "no-solution")
+    assert no_solution.origin == str(root / "no-solution")
+    skipped: list[TaskError] = []
+    plans = eval_plans(tasks, ["oracle", "nop"], 1, problems=skipped)
+    assert sorted(plan.key for plan in plans) == ["eval/nop/no-solution", "eval/nop/sound", "eval/oracle/sound"]
+    [problem] = skipped
+    assert f"{root / 'no-solution'}: no solution/solve.sh" in str(problem) and "oracle" in str(problem)
+    with pytest.raises(TaskError, match="no solution/solve.sh"):
+        eval_plans(tasks, ["oracle"], 1)
 
 
 # -- the task model ----------------------------------------------------------------------------
