@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GatewaySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
+
     host: str = "127.0.0.1"
     port: int = 8000
     # Names clients may use for the served model, besides the engine's own model name.

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LearnerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
+
     # The optimiser: AdamW with gradient clipping, linear warm-up, then constant or cosine decay.
     lr: float = 1e-6
     weight_decay: float = 0.0

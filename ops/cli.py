@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import SERVE_DEFAULTS, UP_DEFAULTS, ArborlConfig, load_config
+from .config import SERVE_DEFAULTS, UP_DEFAULTS, ArborlConfig, ConfigError, load_config
 from .ops_command import add_ops_flags, ops_command
 from .rollout_commands import add_rollout_flags, eval_command, rollout_command
 
@@ -346,7 +346,13 @@ def main(argv: list[str] | None = None) -> None:
     _stop_when_the_supervisor_dies()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        _run_command(args)
+    except ConfigError as exc:  # the user's mistake, said plainly: no traceback
+        raise SystemExit("\n".join(f"arborl: {line}" for line in str(exc).splitlines())) from None
 
+
+def _run_command(args: argparse.Namespace) -> None:
     if args.command == "up":
         from .up import run_up
 

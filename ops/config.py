@@ -1,26 +1,59 @@
 """arborl's configuration: typed, loadable from YAML or TOML, overridable by env vars and flags.
 
-Precedence, lowest first: defaults < config file < ``ARBORL_<SECTION>__<FIELD>`` environment
-variables (for example ``ARBORL_ENGINE__MODEL=/models/qwen``) < command-line flags.
+Precedence, lowest first: a command's own defaults (``UP_DEFAULTS``, ``SERVE_DEFAULTS``) < the
+config file < ``ARBORL_<SECTION>__<FIELD>`` environment variables (for example
+``ARBORL_ENGINE__MODEL=/models/qwen``) < command-line flags (``load_config``'s ``overrides``).
+A layer replaces single keys of a section, never the whole section.
+
+Invariants:
+- Every key is known. Every settings model forbids fields it does not have, so a typo in the file,
+  an env var or an override is a ConfigError naming ``section.key`` (and the closest known key, and
+  the env var that set it), never a setting silently left at its default.
+- Only ``ARBORL_`` names with a double underscore are configuration, and each must name a section:
+  ``ARBORL_LERNER__LR`` is refused. The single-underscore ones (``ARBORL_ADMIN_TOKEN``,
+  ``ARBORL_SUPERVISOR_PID``, ``ARBORL_CACHE``, ``ARBORL_RUN_DIR``, ...) belong to the CLI and its
+  children and are neither read nor refused here; ``run_dir`` is set by the file or ``--run-dir``.
+- Env values (pydantic-settings' env source, with YAML for containers): a scalar field takes the
+  string as pydantic coerces it (``8`` -> 8, ``false`` -> False, ``1e-5`` -> 1e-05) and ``null`` is
+  None; a list, tuple or dict field parses it as YAML, so JSON too (``[easy]``, ``{"builtin": 3}``).
+  A key of a dict field may be its own variable: ``ARBORL_GATEWAY__ADMIN_KEYS__ALICE=...``.
+- An ``ArborlConfig`` built in code is exactly what it is given: only ``load_config`` reads files
+  and the environment.
+- Errors name keys, never values: configuration holds secrets (operator, API and upstream keys).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from arborl.gateway.engines.model_source import DEFAULT_MODEL
 from arborl.gateway.settings import GatewaySettings
 from arborl.learner.settings import LearnerSettings
 from arborl.rollout.settings import RolloutSettings
 
+ENV_PREFIX = "ARBORL_"
+ENV_DELIMITER = "__"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, one line per problem (the CLI prints it, no traceback)."""
+
 
 class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # hide: upstream_api_key
+
     kind: Literal["embedded", "upstream"] = "embedded"
     model: str = DEFAULT_MODEL  # the default, "tiny-random-llama", or a Hugging Face model folder
     served_name: str | None = None  # the name clients use; defaults to the model folder's name
@@ -38,11 +71,15 @@ class EngineConfig(BaseModel):
 
 
 class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
 
 class UpSettings(BaseModel):
     """What ``arborl up`` runs besides the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = "builtin"  # the rollout workers' tasks (and the held-out evaluation's)
     train_split: str = "train"
@@ -76,7 +113,18 @@ UP_DEFAULTS: dict[str, Any] = {
 SERVE_DEFAULTS: dict[str, Any] = {"gateway": {"any_model_name": True}}
 
 
-class ArborlConfig(BaseModel):
+class ArborlConfig(BaseSettings):
+    """The whole configuration; each field but run_dir is a section.
+
+    A BaseSettings for its environment form (model_config), but built in code it reads nothing
+    (settings_customise_sources): load_config layers the file and the environment.
+    """
+
+    model_config = SettingsConfigDict(
+        extra="forbid", hide_input_in_errors=True,
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, env_parse_none_str="null",
+    )
+
     run_dir: Path = Path("runs/default")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -84,6 +132,53 @@ class ArborlConfig(BaseModel):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     up: UpSettings = Field(default_factory=UpSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        *other_sources: PydanticBaseSettingsSource, **named_sources: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+SECTIONS = tuple(name for name, field in ArborlConfig.model_fields.items() if _model_of(field.annotation))
+
+
+class SectionEnvironment(EnvSettingsSource):
+    """The ``ARBORL_<SECTION>__<FIELD>`` variables of ``environ``, as a partial configuration."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        super().__init__(ArborlConfig)
+        self.env_vars = parse_env_vars(environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+        self._refuse_unknown_sections()
+
+    def _refuse_unknown_sections(self) -> None:
+        # The env source only looks for the fields it knows, so a mistyped section would be ignored.
+        problems = []
+        for name in sorted(self.env_vars):
+            if name.startswith(self.env_prefix.lower()) and ENV_DELIMITER in name:
+                section = name[len(self.env_prefix):].split(ENV_DELIMITER, 1)[0]
+                if section not in SECTIONS:
+                    problems.append(f"{name.upper()}: unknown section {section}{_did_you_mean(section, SECTIONS)}")
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Never a field from one variable of its own name (ARBORL_RUN_DIR, ARBORL_LEARNER are the
+        # CLI's or nothing); a section's keys come from ARBORL_<SECTION>__<KEY> (explode_env_vars).
+        return None, field_name, False
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        # YAML, as env values were before pydantic-settings (JSON is YAML too). Unparsable, the raw
+        # string goes on, and validation names the key and the variable.
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -93,29 +188,79 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith("ARBORL_") or "__" not in name:
-            continue
-        path = name[len("ARBORL_") :].lower().split("__")
-        target = out
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-        target[path[-1]] = yaml.safe_load(value) if value else value
-    return out
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        # The problem and its place only: YAML's own message quotes the line, which may hold a key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or 'unparsable'}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the configuration must be a mapping of sections, not a {type(data).__name__}")
+    return data
+
+
+def _did_you_mean(key: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _keys_beside(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys a mistyped key at ``loc`` could have meant: its model's fields, if it is in one."""
+    model: type[BaseModel] | None = ArborlConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        model = _model_of(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _setting_variables(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> list[str]:
+    """The env variables that set the value at ``loc``: its own, its container's, or its parts'."""
+    path = (ENV_PREFIX + ENV_DELIMITER.join(str(part) for part in loc)).lower()
+    return sorted(name for name in environ if ENV_DELIMITER in name and (
+        (lowered := name.lower()) == path or lowered.startswith(path + ENV_DELIMITER)
+        or path.startswith(lowered + ENV_DELIMITER)))
+
+
+def _describe(error: ErrorDetails, environ: Mapping[str, str]) -> str:
+    loc = error["loc"]
+    if error["type"] == "extra_forbidden":
+        problem = "unknown setting" + _did_you_mean(str(loc[-1]), _keys_beside(loc))
+    elif error["type"] == "value_error":
+        problem = str(error["ctx"]["error"])  # the validator's own words, without pydantic's "Value error, "
+    else:
+        problem = error["msg"]
+    variables = _setting_variables(loc, environ)
+    return ".".join(str(part) for part in loc) + ": " + problem + (f", from {' and '.join(variables)}" if variables
+                                                                   else "")
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None,
-    *, defaults: dict[str, Any] | None = None,
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None, *, defaults: dict[str, Any] | None = None,
 ) -> ArborlConfig:
-    """``defaults`` (a command's own, like UP_DEFAULTS) < the file < env vars < ``overrides``."""
+    """``defaults`` (a command's own, like UP_DEFAULTS) < the file < env vars < ``overrides``.
+
+    ``environ`` defaults to the process's environment. Raises ConfigError, naming every bad key.
+    """
+    environ = os.environ if environ is None else environ
     data: dict[str, Any] = dict(defaults or {})
     if path is not None:
-        path = Path(path)
-        text = path.read_text()
-        data = _merge(data, tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {})
-    data = _merge(data, _env_overrides(dict(os.environ if environ is None else environ)))
+        data = _merge(data, _read_file(Path(path)))
+    data = _merge(data, SectionEnvironment(environ)())
     data = _merge(data, overrides or {})
-    return ArborlConfig.model_validate(data)
+    try:
+        return ArborlConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(error, environ) for error in exc.errors())) from None

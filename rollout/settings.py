@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RolloutSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
+
     # Which agent runs each rollout: one scaffold, or a mixture {name: weight} sampled per rollout
     # (names: builtin, mini-swe-agent, claude-code, codex, opencode, cline, oracle, nop).
     scaffolds: dict[str, float] = Field(default_factory=lambda: {"builtin": 1.0})
