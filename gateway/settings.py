@@ -1,12 +1,35 @@
-"""The gateway's own settings (the CLI's configuration builds these)."""
+"""The gateway's own settings (the CLI's configuration builds these).
+
+Every key a client or operator presents is checked against these settings, so each configured key
+(``admin_token``, every value of ``admin_keys``, every entry of ``api_keys``) is at least
+MIN_KEY_CHARS characters with no whitespace or control characters: an empty or short key would
+let a request with no key, or a guessed one, in. An error names the field and the key's name or
+index, never the key itself (hide_input_in_errors keeps pydantic from echoing it).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+MIN_KEY_CHARS = 16
+
+
+def _a_real_key(key: str) -> str:
+    # The messages describe the key, never quote it: they end up in logs and terminals.
+    if len(key) < MIN_KEY_CHARS:
+        raise ValueError(f"a key of {len(key)} characters; keys need at least {MIN_KEY_CHARS}")
+    if any(char.isspace() or not char.isprintable() for char in key):
+        raise ValueError("a key with whitespace or a control character in it")
+    return key
+
+
+Key = Annotated[str, AfterValidator(_a_real_key)]
 
 
 class GatewaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # typos are errors; keys are never echoed
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -18,9 +41,9 @@ class GatewaySettings(BaseModel):
     # a 404 (a gateway in front of several models). `arborl serve` and `arborl up` turn it on.
     any_model_name: bool = False
     # When non-empty, requests need one of these keys (or a session key arborl issued).
-    api_keys: list[str] = Field(default_factory=list)
-    admin_token: str | None = None  # the operator key, logged as "admin"
-    admin_keys: dict[str, str] = Field(default_factory=dict)  # more operator keys: name -> key (the log names them)
+    api_keys: list[Key] = Field(default_factory=list)
+    admin_token: Key | None = None  # the operator key, logged as "admin"
+    admin_keys: dict[str, Key] = Field(default_factory=dict)  # more operator keys: name -> key (the log names them)
     max_body_bytes: int = 32 << 20
     # Requests allowed to wait for an engine slot; beyond it, 429 (OpenAI) / 529 (Anthropic).
     max_waiting: int = 256

@@ -61,18 +61,18 @@ def test_full_queue_is_refused_with_retry_after(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3"])
 def test_keys_required_off_loopback(tiny_model_dir, tmp_path, host):
-    server, _ = _serve(tiny_model_dir, tmp_path, host=host, api_keys=["sk-good"])
+    server, _ = _serve(tiny_model_dir, tmp_path, host=host, api_keys=["sk-good-0123456789abcdef"])
     with server as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="sk-bad", max_retries=0).chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        good = openai.OpenAI(base_url=url + "/v1", api_key="sk-good", max_retries=0)
+        good = openai.OpenAI(base_url=url + "/v1", api_key="sk-good-0123456789abcdef", max_retries=0)
         assert good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=url, api_key="sk-bad", max_retries=0).messages.create(
                 model="tiny", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
         # x-api-key (Anthropic's header) and Bearer both carry the key
-        assert anthropic.Anthropic(base_url=url, api_key="sk-good", max_retries=0).messages.create(
+        assert anthropic.Anthropic(base_url=url, api_key="sk-good-0123456789abcdef", max_retries=0).messages.create(
             model="tiny", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
         missing = httpx.post(url + "/v1/messages", json={"model": "tiny", "max_tokens": 2,
                                                           "messages": [{"role": "user", "content": "hi"}]})

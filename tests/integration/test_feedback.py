@@ -17,7 +17,7 @@ from arborl.learner.settings import LearnerSettings
 from arborl.rollout.ledger import RunLedger
 from conftest import serve_live
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-0123456789"
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from conftest import serve_live
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-0123456789"
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from arborl.rollout.store import TrajectoryStore
 from conftest import serve_live
 from learner_fixtures import record_group
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-0123456789"
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from arborl.rollout.ledger import RunLedger
 from conftest import serve_live
 from learner_fixtures import record_group
 
-ADMIN, OPERATOR = "admin-secret", "ops-alice-secret"
+ADMIN, OPERATOR = "admin-secret-0123456789", "ops-alice-secret-0123456789"
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Configuration: every key is known (a typo in a file, an env var or a flag is an error naming it),
-env values parse as documented, and the precedence holds."""
+env values parse as documented, the precedence holds, and operator and API keys in configuration
+are long enough and never echoed in an error."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from arborl.ops.config import (
 )
 from arborl.rollout.settings import RolloutSettings
 
+KEY = "k" * 16  # the shortest key the gateway accepts
 ADMIN = "admin-key-0123456789abcdef"
 
 
@@ -154,3 +156,40 @@ def test_the_cli_prints_a_config_error_without_a_traceback(tmp_path):
                               env={**os.environ, **extra_env}, timeout=120, check=False)
         assert done.returncode != 0
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"admin_keys": {"alice": ""}}, r"admin_keys\.alice"),
+    ({"admin_keys": {"alice": ADMIN, "bob": "short-key"}}, r"admin_keys\.bob"),
+    ({"admin_token": "secret"}, "admin_token"),
+    ({"admin_token": ""}, "admin_token"),
+    ({"api_keys": [KEY, "sk-test"]}, r"api_keys\.1"),
+    ({"api_keys": ["sk-with a-space-inside"]}, r"api_keys\.0"),
+    ({"api_keys": ["sk-0123456789abcdef\n"]}, r"api_keys\.0"),
+    ({"admin_token": "admin-0123456789\x00abc"}, "admin_token"),
+    ({"admin_token": "\tadmin-0123456789abc"}, "admin_token"),
+])
+def test_short_or_unprintable_keys_are_refused_without_echoing_them(settings, named):
+    with pytest.raises(ValidationError, match=named) as caught:
+        GatewaySettings(**settings)
+    secrets = [value for value in [settings.get("admin_token"), *settings.get("api_keys", []),
+                                   *settings.get("admin_keys", {}).values()] if value]
+    assert not any(secret in str(caught.value) for secret in secrets)
+    with pytest.raises(ConfigError, match=named) as caught:
+        load_config(overrides={"gateway": settings}, environ={})
+    assert not any(secret in str(caught.value) for secret in secrets)
+
+
+def test_long_printable_keys_are_accepted():
+    settings = GatewaySettings(admin_token=ADMIN, admin_keys={"alice": KEY}, api_keys=[KEY, KEY + "-2"])
+    assert settings.admin_keys == {"alice": KEY} and settings.admin_token == ADMIN
+    assert GatewaySettings().admin_token is None  # no key configured: none needed on loopback
+
+
+def test_a_short_key_from_the_environment_is_refused_and_not_echoed():
+    with pytest.raises(ConfigError, match=r"gateway\.admin_token.*16.*ARBORL_GATEWAY__ADMIN_TOKEN") as caught:
+        load_config(environ={"ARBORL_GATEWAY__ADMIN_TOKEN": "hunter2"})
+    assert "hunter2" not in str(caught.value)
