@@ -7,9 +7,13 @@ Scaffolds by kind:
 - the agent CLIs (``claude-code``, ``codex``, ``opencode``, ``cline``, ``mini-swe-agent``): the
   adapter writes its configuration into the sandbox's HOME and the CLI runs headless inside the
   sandbox. The gateway counts its calls; once it has made ``max_turns`` it is stopped.
-- ``oracle`` applies the task's reference solution and ``nop`` does nothing, as Harbor's agents
-  of those names: they check that a dataset's verifiers discriminate (the oracle must score
-  100%, nop 0%), and use no model.
+- ``oracle`` applies the task's reference solution (inside the sandbox, as an agent would) and
+  ``nop`` does nothing, as Harbor's agents of those names: they check that a dataset's verifiers
+  discriminate (the oracle must score 100%, nop 0%), and use no model. A reference that does not
+  apply is the oracle's crash.
+
+Every scaffold gets the instruction for the folder its workspace is in (``Task.instruction_in``:
+a Harbor task's "/app" names the workspace wherever the sandbox has it).
 
 What comes back says why the agent phase ended and whether the scaffold itself failed
 (``crashed``): a crash before any model call is an infrastructure failure, which the
@@ -34,6 +38,7 @@ from .results import AGENT_ERROR, NO_ACTION, STOPPED, SUBMITTED, TIME_LIMIT, TUR
 from .sandbox import SYSTEM_PATH, CommandResult, Sandbox
 from .settings import RolloutSettings
 from .tasks import Task
+from .verification import apply_in_sandbox
 
 MODEL_FREE_SCAFFOLDS = ("oracle", "nop")
 SCAFFOLDS: tuple[str, ...] = ("builtin", *sorted(ADAPTERS), *MODEL_FREE_SCAFFOLDS)
@@ -121,11 +126,14 @@ def run_scaffold(name: str, task: Task, context: AgentContext) -> AgentOutcome:
 
 
 def _oracle(task: Task, context: AgentContext) -> AgentOutcome:
-    # The reference is the task's own (trusted) content, applied before any agent touched the
-    # workspace, so the host may write it; the files are then handed to the sandbox's uid.
+    # The reference runs inside the sandbox, as an agent would: its script sees the workspace
+    # where the tests will (Harbor's /app under bwrap), and runs as the sandbox's uid under its
+    # limits, not as the host's root.
     if task.reference is not None:  # a question has only a reference answer
-        task.apply_reference(context.sandbox.workspace)
-        context.sandbox.hand_over()
+        problem = apply_in_sandbox(task.reference, context.sandbox, what="the reference solution", env=context.env)
+        if problem:
+            context.log.write(f"oracle: {problem}\n")
+            return AgentOutcome(AGENT_ERROR, crashed=True, error=problem)
     answer = task.verifier.expected if task.verifier.kind == "exact" else str(task.metadata.get("reference_answer", ""))
     return AgentOutcome(NO_ACTION, answer=answer)
 
@@ -149,7 +157,7 @@ def _builtin(task: Task, context: AgentContext) -> AgentOutcome:
         should_stop=context.should_stop,
     )
     try:
-        run = agent.run(task.instruction)
+        run = agent.run(task.instruction_in(context.sandbox.workspace_inside))
     except AgentError as exc:  # raised only before the first successful call
         log(f"agent error: {exc}")
         return AgentOutcome(AGENT_ERROR, crashed=True, error=str(exc))
@@ -164,7 +172,7 @@ def _cli(name: str, task: Task, context: AgentContext) -> AgentOutcome:
     setup.write(sandbox.home)
     sandbox.hand_over()
     env = {**context.env, **setup.env}
-    argv = adapter.command(task.instruction)
+    argv = adapter.command(task.instruction_in(sandbox.workspace_inside))
     context.log.write(f"$ {' '.join(argv[:1])} ... (in {sandbox.kind} sandbox {sandbox.id})\n")
     context.log.flush()
     output_path = sandbox.dir / "agent-output.txt"

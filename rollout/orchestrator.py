@@ -397,7 +397,7 @@ class Orchestrator:
                         memory_mb=settings.memory_mb, processes=settings.processes)
         try:
             sandbox = make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
-                                   keep=settings.keep_workspaces, expose=expose)
+                                   keep=settings.keep_workspaces, expose=expose, workspace_at=task.workdir or None)
         except (SandboxError, OSError) as exc:
             raise InfraFailure(f"the sandbox did not start: {exc}") from exc
         try:
@@ -418,6 +418,8 @@ class Orchestrator:
         # the model's context did reach the model, and fails for a reason retrying cannot fix.
         if outcome.crashed and calls == 0 and job.scaffold not in MODEL_FREE_SCAFFOLDS:
             raise InfraFailure(f"{job.scaffold} failed before its first model call: {outcome.error}")
+        if outcome.crashed and job.scaffold == "oracle":  # its reference did not apply: a broken task, no sample
+            raise InfraFailure(f"the oracle failed: {outcome.error}")
 
     def _verifier(self, task: Task):
         return verifier_for(task, judge=self.judge)

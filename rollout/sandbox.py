@@ -60,8 +60,9 @@ on top of what already runs), and ``close`` relies on process groups and the env
 which a process can shed by re-executing with a clean environment.
 
 ``bwrap``: every command runs under bubblewrap with a read-only view of the system (/usr, /etc,
-the /bin and /lib links) plus ``expose`` paths, the workspace at ``/workspace`` and the home at
-``/home/agent`` (writable), a private tmpfs ``/tmp`` (at most ``memory_mb``), a fresh ``/proc``
+the /bin and /lib links) plus ``expose`` paths, the workspace at ``/workspace`` (or at
+``workspace_at``, the folder a task takes as its working directory: Harbor's ``/app``) and the
+home at ``/home/agent`` (writable), a private tmpfs ``/tmp`` (at most ``memory_mb``), a fresh ``/proc``
 and ``/dev``, and new pid, ipc, uts and cgroup namespaces. It sees no other workspace, no run
 folder and nothing of the caller's root but its own two folders. The network namespace is
 shared on purpose: the agent must reach the gateway on 127.0.0.1 (so it can also reach anything
@@ -112,6 +113,9 @@ UID_POOL_SIZE = 4096
 DRAIN_AFTER_EXIT_S = 0.2
 BWRAP_WORKSPACE = "/workspace"
 BWRAP_HOME = "/home/agent"
+# Where a bwrap workspace may not go: the system it sees, and the mounts it makes itself.
+_RESERVED_INSIDE = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/dev", "/tmp",
+                    "/home")
 
 
 class SandboxError(RuntimeError):
@@ -995,14 +999,16 @@ class BwrapSandbox(Sandbox):
         source: Path | None = None,
         keep: bool = False,
         expose: Sequence[Path] = (),
+        workspace_at: str | None = None,
     ):
         # host paths made visible read-only at the same path (a toolchain under /opt, a venv)
         self.expose = tuple(Path(path).absolute() for path in expose)
+        self._workspace_at = _checked_workspace_at(workspace_at or BWRAP_WORKSPACE, self.expose)
         super().__init__(root, name=name, limits=limits, source=source, keep=keep)
 
     @property
     def workspace_inside(self) -> str:
-        return BWRAP_WORKSPACE
+        return self._workspace_at
 
     @property
     def home_inside(self) -> str:
@@ -1052,9 +1058,9 @@ class BwrapSandbox(Sandbox):
             "--perms", "1777", *_tmpfs_size_args(self.limits.memory_mb), "--tmpfs", "/tmp",
             "--perms", "0755", "--dir", "/home",
             "--bind", str(self.home), BWRAP_HOME,
-            "--bind", str(self.workspace), BWRAP_WORKSPACE,
+            "--bind", str(self.workspace), self._workspace_at,
             *self._expose_args(),
-            "--chdir", BWRAP_WORKSPACE,
+            "--chdir", self._workspace_at,
             # pid: killing the namespace's init kills all in it; no "--unshare-net": the agent
             # must reach the gateway on 127.0.0.1, which a new network namespace would hide
             "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -1067,6 +1073,18 @@ class BwrapSandbox(Sandbox):
         # its own root-owned init outside the uid's reach.
         prefix = _setpriv_argv(self.uid, self.gid) + ["--"] if self.switches_uid else []
         return outer + prefix + self._inner_argv(argv, cwd), self.dir
+
+
+def _checked_workspace_at(path: str, expose: Sequence[Path]) -> str:
+    """Where a bwrap workspace appears: an absolute, normalised folder that hides nothing the
+    sandbox needs (not the system, /proc, /dev, /tmp, /home, an exposed path, or above one)."""
+    pure = PurePosixPath(path)
+    reserved = [PurePosixPath(folder) for folder in _RESERVED_INSIDE] + [PurePosixPath(p) for p in expose]
+    if (not pure.is_absolute() or ".." in pure.parts or str(pure) != path or len(pure.parts) < 2
+            or any(pure == folder or folder in pure.parents or pure in folder.parents for folder in reserved)):
+        raise SandboxError(f"a bwrap workspace cannot be placed at {path!r}: it must be an absolute folder outside "
+                           f"{', '.join(_RESERVED_INSIDE)} and the exposed paths")
+    return path
 
 
 def _child_pidfd(parent: int) -> int | None:
@@ -1147,13 +1165,19 @@ def make_sandbox(
     source: Path | None = None,
     keep: bool = False,
     expose: Sequence[Path] = (),
+    workspace_at: str | None = None,
 ) -> Sandbox:
     """A fresh sandbox of ``kind`` under ``root``, its workspace seeded with a copy of ``source``.
-    ``expose``: host paths a ``bwrap`` sandbox sees read-only (a ``local`` one sees them anyway)."""
+    ``expose``: host paths a ``bwrap`` sandbox sees read-only (a ``local`` one sees them anyway).
+    ``workspace_at``: where a ``bwrap`` sandbox's commands find the workspace (default
+    /workspace), the folder a task takes as its working directory (Harbor's /app). A ``local``
+    one cannot move it: its ``workspace_inside`` is the host folder, and a task's text that names
+    ``workspace_at`` must be rewritten to that (``Task.instruction_in``)."""
     if kind == "local":
         return LocalSandbox(root, name=name, limits=limits, source=source, keep=keep)
     if kind == "bwrap":
-        return BwrapSandbox(root, name=name, limits=limits, source=source, keep=keep, expose=expose)
+        return BwrapSandbox(root, name=name, limits=limits, source=source, keep=keep, expose=expose,
+                            workspace_at=workspace_at)
     raise SandboxError(f"unknown sandbox kind {kind!r}; known: local, bwrap")
 
 

@@ -12,7 +12,10 @@ A task is what a rollout needs to start and to be graded:
 - ``test_command``: a shell command run in the workspace (its working directory) to verify;
 - ``fail_to_pass`` / ``pass_to_pass``: pytest node ids, as in SWE-bench;
 - ``verifier``: how the command's outcome becomes a reward (``rollout/verifiers.py``);
-- ``reference``: an oracle's solution, applied by ``task.apply_reference(workspace)``.
+- ``reference``: an oracle's solution, applied by ``task.apply_reference(workspace)``;
+- ``workdir``: the absolute folder the task's own text takes as its working directory (Harbor's
+  ``/app``), if any. A sandbox that can put the workspace there does (``bwrap``); otherwise the
+  agent gets ``task.instruction_in(folder)``, which names the folder the workspace really is.
 
 Invariants:
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -188,6 +192,7 @@ class Task:
     # malformed task names. Neither is part of what the task is.
     origin: str = field(default="", compare=False)
     reference_at: str = field(default="", compare=False)
+    workdir: str = ""  # see the module docstring
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -203,6 +208,15 @@ class Task:
             raise TaskError(f"task {self.id!r} is graded by {self.verifier.kind} but has no test command")
         if self.agent_timeout_s <= 0 or self.verify_timeout_s <= 0:
             raise TaskError(f"task {self.id!r}: timeouts must be positive")
+        if self.workdir and not PurePosixPath(self.workdir).is_absolute():
+            raise TaskError(f"task {self.id!r}: workdir {self.workdir!r} must be an absolute path")
+
+    def instruction_in(self, workspace: str) -> str:
+        """The instruction for an agent whose workspace is the folder ``workspace``: where the
+        task's ``workdir`` is not that folder, every path under it names the same file there."""
+        if not self.workdir or self.workdir == workspace:
+            return self.instruction
+        return relocate_path(self.instruction, self.workdir, workspace)
 
     def materialize(self, dest: Path) -> Path:
         """Write the starting workspace into ``dest`` (created if missing, else must be empty)."""
@@ -361,6 +375,16 @@ def _checkout_fresh(repo: Path, commit: str, dest: Path) -> None:
 
 
 # -- shared by loaders -------------------------------------------------------------------------
+
+
+def relocate_path(text: str, old: str, new: str) -> str:
+    """``text`` with the absolute path ``old`` replaced by ``new`` where it starts a path (not
+    after a letter, digit, '_', '.', '/' or '-', so ``/data/app`` stays) and ends a component
+    (``/app/x`` moves, ``/apple`` and ``/app.py`` stay): the rule of the Harbor loader's script
+    rewriting (``task_loaders.harbor.localize_paths``), except that prose may end a sentence
+    with the path (``... in /app.`` moves)."""
+    pattern = re.compile(rf"(?<![A-Za-z0-9_./-]){re.escape(old)}(?![A-Za-z0-9_-]|\.[A-Za-z0-9_])")
+    return pattern.sub(lambda match: new, text)
 
 
 def pytest_command(test_ids: Iterable[str], *, isolated: bool = False) -> str:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import shlex
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from .sandbox import Sandbox, SandboxError
 from .tasks import ARBORL_DIR, FolderOverlay, InlineFiles, Overlay, Patch, ShellScript, Task
 from .verifiers import BrokenVerifier, CommandOutput, Verdict, Verifier, VerifierError, verifier_for
 
-HIDDEN_PATCH = f"{ARBORL_DIR}/hidden-tests.diff"
-HIDDEN_SCRIPT = f"{ARBORL_DIR}/hidden-tests.sh"
+OVERLAY_PATCH = f"{ARBORL_DIR}/overlay.diff"
+OVERLAY_SCRIPT = f"{ARBORL_DIR}/overlay.sh"
 
 
 class VerificationError(RuntimeError):
@@ -34,14 +35,21 @@ class VerifierFailed(VerificationError):
 def install_hidden_tests(task: Task, sandbox: Sandbox) -> str:
     """Put ``task.hidden_tests`` into the sandbox's workspace; returns "" or, when the agent's
     changes stop them from installing (say, a test patch no longer applies), why not."""
-    overlay = task.hidden_tests
-    if overlay is None:
+    if task.hidden_tests is None:
         return ""
-    with tempfile.TemporaryDirectory(prefix="arborl-hidden-") as staging:
-        return _install(overlay, sandbox, Path(staging))
+    return apply_in_sandbox(task.hidden_tests, sandbox, what="the hidden tests")
 
 
-def _install(overlay: Overlay, sandbox: Sandbox, staging: Path) -> str:
+def apply_in_sandbox(overlay: Overlay, sandbox: Sandbox, *, what: str, env: Mapping[str, str] | None = None) -> str:
+    """Apply ``overlay`` to the workspace from inside the sandbox, as its uid and where its
+    commands see the workspace (a script that writes ``/app`` paths under ``bwrap`` writes the
+    /app the tests will read). Returns "" or why it did not apply, naming it as ``what``. The
+    hidden tests go in this way, and so does the oracle's reference solution."""
+    with tempfile.TemporaryDirectory(prefix="arborl-overlay-") as staging:
+        return _install(overlay, sandbox, Path(staging), what, env)
+
+
+def _install(overlay: Overlay, sandbox: Sandbox, staging: Path, what: str, env: Mapping[str, str] | None) -> str:
     if isinstance(overlay, InlineFiles):
         overlay.write(staging)
         sandbox.copy_in(staging, ".")
@@ -50,24 +58,26 @@ def _install(overlay: Overlay, sandbox: Sandbox, staging: Path) -> str:
         sandbox.copy_in(overlay.path, overlay.dest or ".")
         return ""
     if isinstance(overlay, Patch):
-        diff = staging / "hidden.diff"
+        diff = staging / "overlay.diff"
         diff.write_text(overlay.text if overlay.text.endswith("\n") else overlay.text + "\n")
-        sandbox.copy_in(diff, HIDDEN_PATCH)
-        patch = shlex.quote(HIDDEN_PATCH)
+        sandbox.copy_in(diff, OVERLAY_PATCH)
+        patch = shlex.quote(OVERLAY_PATCH)
         # as tasks.apply_patch: git apply, then GNU patch with fuzz, as SWE-bench does
         result = sandbox.run(f"git apply --whitespace=nowarn -p1 {patch} || patch --batch --forward --fuzz=5 -p1 "
-                             f"-i {patch}; status=$?; rm -f {patch}; exit $status", timeout_s=120)
-        return "" if result.ok else f"the hidden tests do not apply: {(result.stdout + result.stderr)[-2000:]}"
+                             f"-i {patch}; status=$?; rm -f {patch}; exit $status", timeout_s=120, env=env)
+        return "" if result.ok else f"{what} do not apply: {(result.stdout + result.stderr)[-2000:]}"
     if isinstance(overlay, ShellScript):
-        script = staging / "hidden.sh"
+        script = staging / "overlay.sh"
         script.write_text(overlay.text)
-        sandbox.copy_in(script, HIDDEN_SCRIPT)
+        sandbox.copy_in(script, OVERLAY_SCRIPT)
         if overlay.files is not None:
             sandbox.copy_in(overlay.files, overlay.files_dest)
         support = shlex.quote(overlay.files_dest) if overlay.files is not None else ""
-        result = sandbox.run(f"bash {shlex.quote(HIDDEN_SCRIPT)}; status=$?; rm -rf {shlex.quote(HIDDEN_SCRIPT)} "
-                             f"{support}; exit $status", timeout_s=overlay.timeout_s)
-        return "" if result.ok else f"the hidden-test script failed: {(result.stdout + result.stderr)[-2000:]}"
+        result = sandbox.run(f"bash {shlex.quote(OVERLAY_SCRIPT)}; status=$?; rm -rf {shlex.quote(OVERLAY_SCRIPT)} "
+                             f"{support}; exit $status", timeout_s=overlay.timeout_s, env=env)
+        if result.timed_out:
+            return f"the script of {what} ran past {overlay.timeout_s:g} s"
+        return "" if result.ok else f"the script of {what} failed: {(result.stdout + result.stderr)[-2000:]}"
     raise VerificationError(f"unknown overlay {overlay!r}")  # pragma: no cover - the union is closed
 
 

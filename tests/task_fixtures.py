@@ -106,3 +106,45 @@ def malformed_dataset(root: Path) -> Path:
     shutil.rmtree(write_harbor_task(root / "no-solution") / "solution")
     (root / "notes").mkdir()  # neither task.toml nor instruction.md: not a task, and not a problem
     return root
+
+
+# A Harbor task that takes /app as its working directory the way real ones do: the instruction
+# says "in /app", the solution and the tests cd there, and the solution writes a file that itself
+# names /app (so its path must be right where the tests run, not only in the scripts' text).
+APP_INSTRUCTION = """\
+In /app there is a program, greet.py, that prints a greeting. Create an executable script
+/app/hello.sh that prints that greeting when run from any folder (it must change into /app
+first).
+"""
+APP_TEST_SH = """\
+#!/bin/bash
+cd /app
+mkdir -p /logs/verifier
+if [ -x /app/hello.sh ] && [ "$(cd / && /app/hello.sh)" = "$(python3 greet.py)" ]; then
+  echo 1 > /logs/verifier/reward.txt
+else
+  echo 0 > /logs/verifier/reward.txt
+fi
+"""
+APP_SOLVE_SH = """\
+#!/bin/bash
+cd /app
+cat > /app/hello.sh <<'EOF'
+#!/bin/bash
+cd /app && python3 greet.py
+EOF
+chmod +x /app/hello.sh
+"""
+
+
+def write_app_task(folder: Path) -> Path:
+    for sub in ("environment", "tests", "solution"):
+        (folder / sub).mkdir(parents=True)
+    (folder / "task.toml").write_text('version = "1.0"\n\n[verifier]\ntimeout_sec = 60.0\n\n[agent]\n'
+                                      "timeout_sec = 120.0\n")
+    (folder / "instruction.md").write_text(APP_INSTRUCTION)
+    (folder / "environment" / "Dockerfile").write_text("FROM python:3.12-slim\nWORKDIR /app\nCOPY greet.py .\n")
+    (folder / "environment" / "greet.py").write_text("print('hello from greet.py')\n")
+    (folder / "tests" / "test.sh").write_text(APP_TEST_SH)
+    (folder / "solution" / "solve.sh").write_text(APP_SOLVE_SH)
+    return folder

@@ -12,7 +12,13 @@ A task folder::
                       number) or reward.json ({"reward": x, ...}); other files in tests/ with it
     solution/solve.sh the reference solution (an oracle runs it)
 
-Without Docker there is no /app, /tests, /solution or /logs: the hidden tests are installed at
+Harbor tasks take ``/app`` as their working directory (the instruction says "in /app", the
+tests and the solution ``cd /app``): a task's ``workdir`` is ``/app``, so the ``bwrap`` sandbox
+puts the workspace there, and under ``local`` (which cannot) the agent's instruction names the
+workspace's real folder instead (``Task.instruction_in``). The oracle's solution and the tests
+run inside the sandbox, so they see the workspace where the agent did.
+
+Without Docker there is no /tests, /solution or /logs: the hidden tests are installed at
 ``.arborl/tests/`` in the workspace, the solution at ``.arborl/solution/``, and just before they
 run, every text file in those folders has the absolute paths Harbor's container uses rewritten
 (with sed, so it also works in single-quoted heredocs) to the real ones:
@@ -23,8 +29,9 @@ run, every text file in those folders has the absolute paths Harbor's container 
     /app           -> $PWD                          (Harbor's conventional working directory)
 
 A path is rewritten only where it starts a path (after a quote, space, '=', '(' ...), so
-``/data/app`` stays. A sandbox that can bind-mount these paths may do so instead; the rewrite
-then points at the same files.
+``/data/app`` stays. Under ``bwrap`` $PWD is /app itself, so /app stays /app; a sandbox that can
+bind-mount the other paths may do so instead, and the rewrite then points at the same files.
+Files of ``environment/`` are not rewritten: the agent gets them as the task wrote them.
 
 arborl's extension, ``[arborl]`` in task.toml (all optional):
 
@@ -68,6 +75,7 @@ from ..tasks import (
     select_split,
 )
 
+WORKDIR = "/app"  # Harbor's working directory (its images' WORKDIR)
 TESTS_DIR = f"{ARBORL_DIR}/tests"
 SOLUTION_DIR = f"{ARBORL_DIR}/solution"
 # Harbor's container paths and where they live in a workspace ("" is the workspace itself).
@@ -75,7 +83,7 @@ CONTAINER_PATHS: tuple[tuple[str, str], ...] = (
     ("/logs/verifier", VERIFIER_DIR),
     ("/tests", TESTS_DIR),
     ("/solution", SOLUTION_DIR),
-    ("/app", ""),
+    (WORKDIR, ""),
 )
 ENVIRONMENT_EXCLUDE = ("Dockerfile", "docker-compose.yaml", "docker-compose.yml", ".dockerignore")
 
@@ -202,6 +210,7 @@ def load_harbor_task(folder: Path, *, source: str = "") -> Task:
             metadata=extra,
             origin=str(folder),
             reference_at="solution/solve.sh",
+            workdir=WORKDIR,
         )
     except TaskError as exc:
         raise TaskError(f"{folder}: {exc}") from exc

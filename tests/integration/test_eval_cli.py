@@ -17,7 +17,7 @@ from arborl.rollout.ledger import RunLedger
 from arborl.rollout.store import TrajectoryStore
 from arborl.rollout.tasks import pytest_command
 from arborl.rollout.verifiers import Resolution
-from task_fixtures import git, malformed_dataset, write_harbor_task
+from task_fixtures import git, malformed_dataset, write_app_task, write_harbor_task
 
 HERMES = get_parser("hermes")
 
@@ -216,3 +216,19 @@ def test_eval_reports_and_skips_malformed_tasks_unless_strict(run_root, capsys):
     assert results == [("no-solution", "nop", 0.0), ("sound", "nop", 0.0), ("sound", "oracle", 1.0)]
     with pytest.raises(SystemExit, match=r"no-instruction: no instruction\.md"):
         main([*argv, "--strict", "--run-dir", str(run_root / "strict")])
+
+
+@pytest.mark.parametrize("kind", ["local", "bwrap"])
+def test_a_harbor_task_that_works_in_app_runs_unmodified_in_both_sandboxes(kind, run_root, capsys):
+    from arborl.rollout.sandbox import bwrap_unavailable_reason
+
+    if kind == "bwrap" and bwrap_unavailable_reason():
+        pytest.skip(bwrap_unavailable_reason())
+    dataset = run_root / "tasks"
+    write_app_task(dataset / "hello-script")
+    run = run_root / "run"
+    main(["eval", "--dataset", str(dataset), "--scaffold", "oracle,nop", "--run-dir", str(run), "--model",
+          "tiny-random-llama", "--sandbox", kind])
+    results = {r.scaffold: r for r in load_results(run / "eval" / "results.json")}
+    assert (results["oracle"].status, results["oracle"].reward) == ("done", 1.0), results["oracle"].details
+    assert (results["nop"].status, results["nop"].reward) == ("done", 0.0)

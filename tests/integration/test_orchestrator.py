@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from arborl.rollout.sandbox import UID_POOL_BASE, UID_POOL_SIZE, bwrap_unavailab
 from arborl.rollout.settings import RolloutSettings
 from arborl.rollout.task_loaders import load_dataset
 from arborl.rollout.tasks import InlineFiles, Task, VerifierSpec
+from task_fixtures import write_app_task
 
 HERMES = get_parser("hermes")
 BWRAP_MISSING = bwrap_unavailable_reason()
@@ -197,6 +199,32 @@ def test_turn_and_time_limits_end_the_agent_and_still_grade(tiny_model_dir, run_
         [timed] = orchestrator.run(eval_plans([task], ["builtin"], 1, prefix="time"))
     assert (timed.ended_by, timed.reward, timed.status) == ("time_limit", 0.0, "done")
     assert timed.timings.agent_s < 10
+    assert not sandbox_processes()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_agent_that_does_what_a_harbor_instruction_says_in_app_is_graded_right(kind, tiny_model_dir, run_root):
+    # The agent takes the instruction at its word: the folder it names is where the files are,
+    # and where the tests look (bwrap puts the workspace at /app; local names its own folder).
+    task = load_dataset(str(write_app_task(run_root / "tasks" / "hello-script")))[0]
+    seen: list[str] = []
+
+    def script(prompt: str) -> str:
+        seen.append(prompt)
+        folder = re.search(r"script\s+(\S+)/hello\.sh", prompt).group(1)
+        turn = tool_turn(prompt)
+        if turn == 0:
+            return call("write_file", path=f"{folder}/hello.sh", content=f"#!/bin/bash\ncd {folder} && python3 greet.py\n")
+        if turn == 1:
+            return call("bash", command=f"chmod +x {folder}/hello.sh && cd / && {folder}/hello.sh")
+        return call("submit")
+
+    with orchestrated(tiny_model_dir, run_root, script, sandbox=kind) as orchestrator:
+        [result] = orchestrator.run(eval_plans([task], ["builtin"], 1))
+    assert "hello from greet.py" in seen[-1]  # the script the agent wrote ran where the instruction said
+    assert (result.status, result.reward) == ("done", 1.0), result.details
+    if kind == "bwrap":
+        assert "In /app there is a program" in seen[0]  # the instruction as the task wrote it
     assert not sandbox_processes()
 
 

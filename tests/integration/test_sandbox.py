@@ -437,3 +437,26 @@ def test_bwrap_exposes_host_paths_read_only(layout: Path):
         assert sandbox.run([str(tools / "tool.sh")]).stdout == "tool ran\n"
         assert not sandbox.run(["touch", str(tools / "new")]).ok
         assert not sandbox.run(["ls", str(layout / "run")]).ok  # only what was exposed
+
+
+@needs_bwrap
+def test_bwrap_puts_the_workspace_where_the_task_expects_it(layout: Path):
+    # Harbor tasks assume their working directory is /app: there it is, and nowhere else
+    with make_sandbox("bwrap", layout / "sandboxes", name="x", limits=LIMITS, workspace_at="/app") as sandbox:
+        (sandbox.workspace / "given.txt").write_text("from the task\n")
+        assert sandbox.workspace_inside == "/app"
+        assert sandbox.run("pwd && cat /app/given.txt && touch /app/made.txt").stdout == "/app\nfrom the task\n"
+        assert (sandbox.workspace / "made.txt").exists()
+        assert not sandbox.run(["ls", "/workspace"]).ok
+        (sandbox.workspace / "sub").mkdir()
+        sandbox.hand_over()
+        assert sandbox.run("pwd", cwd="sub").stdout == "/app/sub\n"
+    for where in ("app", "/", "/usr/app", "/proc", "/home/agent", "/tmp/x", "/a/../etc"):
+        with pytest.raises(SandboxError, match="workspace"):
+            make_sandbox("bwrap", layout / "sandboxes", name="x", limits=LIMITS, workspace_at=where)
+
+
+def test_local_cannot_move_its_workspace_and_says_where_it_is(layout: Path):
+    with make_sandbox("local", layout / "sandboxes", name="x", limits=LIMITS, workspace_at="/app") as sandbox:
+        assert sandbox.workspace_inside == str(sandbox.workspace)  # the caller rewrites /app to this
+        assert sandbox.run("pwd").stdout == f"{sandbox.workspace}\n"
