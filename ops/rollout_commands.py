@@ -140,6 +140,7 @@ class Session:
     ledger: Any
     engine: Any  # the in-process engine, or None for an external gateway
     tokenizer: Any
+    policy_version: int | None = None  # what the gateway serves, as it says (None: it did not say)
 
 
 @contextlib.contextmanager
@@ -156,7 +157,8 @@ def _session(config: ArborlConfig, gateway_url: str | None) -> Iterator[Session]
         gateway = start_local_gateway(config, run_dir)
         try:
             yield Session(gateway.url, gateway.engine.model_name, gateway.store, RunLedger(gateway.store),
-                          gateway.engine, getattr(gateway.engine, "tokenizer", None))
+                          gateway.engine, getattr(gateway.engine, "tokenizer", None),
+                          getattr(gateway.engine, "version", None))
         finally:
             gateway.stop()
             gateway.store.close()
@@ -169,9 +171,21 @@ def _session(config: ArborlConfig, gateway_url: str | None) -> Iterator[Session]
         raise SystemExit(f"arborl: no gateway answers at {gateway_url}")
     store = TrajectoryStore(store_path)
     try:
-        yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, _run_tokenizer(run_dir))
+        yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, _run_tokenizer(run_dir),
+                      served_version(gateway_url))
     finally:
         store.close()
+
+
+def served_version(url: str) -> int | None:
+    """The policy version a running gateway serves (GET /readyz), or None if it does not say."""
+    import httpx
+
+    try:
+        version = httpx.get(url.rstrip("/") + "/readyz", timeout=5.0).json().get("policy_version")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
 
 
 def _run_tokenizer(run_dir: Path) -> Any:
@@ -193,6 +207,7 @@ class ProgressLine:
         self.total = total
         self.label = label
         self.done = self.solved = self.failed = self.verifier_failed = 0
+        self.reused = 0  # results of an earlier run of the same plan
         self.reward = 0.0
         self.started = time.monotonic()
         self._bar: Any = None
@@ -206,6 +221,7 @@ class ProgressLine:
 
     def __call__(self, result: RolloutResult, resumed: bool) -> None:
         self.done += 1
+        self.reused += int(resumed)
         if result.status == "done":
             self.solved += int(result.solved)
             self.reward += result.reward or 0.0
@@ -247,7 +263,7 @@ def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[R
 
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
     orchestrator = Orchestrator(session.ledger, config.run_dir, session.url, session.model, settings=config.rollout,
-                                on_result=on_result, metrics=metrics)
+                                on_result=on_result, metrics=metrics, policy_version=session.policy_version)
     return orchestrator
 
 
@@ -276,14 +292,16 @@ def eval_command(args: argparse.Namespace) -> None:
             results = orchestrator.finished(plans)
         finally:
             progress.close()
-        version = getattr(session.engine, "version", None)
+        version = session.policy_version
         meta = {"dataset": args.dataset, "split": args.split or "all", "tasks": len(tasks), "model": session.model,
                 "policy_version": version if version is not None else "served by " + session.url,
                 "sandbox": config.rollout.sandbox, "scaffolds": ", ".join(scaffolds), "k": args.k,
-                "complete": not interrupted}
+                "complete": not interrupted, "reused results": progress.reused,
+                "plans changed since the last run": orchestrator.changed_plans}
         out = args.report_dir or config.run_dir / "eval"
         json_path, html_path = write_eval_report(config.run_dir, out, results, args.k, meta, session)
     print_summary(results, args.k)
+    print_reuse(progress.reused, progress.done, orchestrator.changed_plans)
     print(f"arborl: wrote {html_path} and {json_path}")
     if interrupted:
         print("arborl: interrupted; run the same command again to finish the rollouts that did not", flush=True)
@@ -335,6 +353,14 @@ def print_summary(results: list[RolloutResult], k: int) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+def print_reuse(reused: int, total: int, changed: int) -> None:
+    """How much of the result came from an earlier run, and how much ran again because its plan
+    changed (task content, scaffold, sandbox, model or limits)."""
+    if reused or changed:
+        print(f"arborl: {reused} of {total} results reused from an earlier run of the same plans; "
+              f"{changed} group(s) ran again because their plan changed", flush=True)
+
+
 def rollout_command(args: argparse.Namespace) -> None:
     from arborl.rollout.orchestrator import OrchestratorError, training_plans
 
@@ -365,4 +391,5 @@ def rollout_command(args: argparse.Namespace) -> None:
         finally:
             progress.close()
         complete = len(session.ledger.pending_groups())
+    print_reuse(progress.reused, progress.done, orchestrator.changed_plans)
     print(f"arborl: {progress.done} rollouts; {complete} complete groups wait for the learner in {config.run_dir}")

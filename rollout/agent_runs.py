@@ -22,8 +22,12 @@ orchestrator retries and never trains on.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,6 +63,33 @@ def install_prefix(name: str) -> Path | None:
     if real.parts[1] in ("usr", "bin", "sbin", "lib", "lib64", "etc"):
         return None
     return real.parent.parent if real.parent.name == "bin" else real.parent
+
+
+@functools.cache
+def scaffold_version(name: str) -> str:
+    """What identifies the scaffold's behaviour, for a plan's key: arborl's version and the
+    source of the code that drives it (the builtin agent, a CLI's adapter), and for a CLI the
+    installed executable (its resolved path, size and modification time: an upgrade changes
+    them without running anything). The oracle and nop do what the task's content says."""
+    check_scaffold(name)
+    if name in MODEL_FREE_SCAFFOLDS:
+        return name
+    try:
+        arborl = importlib.metadata.version("arborl")
+    except importlib.metadata.PackageNotFoundError:
+        arborl = "unknown"
+    module = BuiltinAgent if name == "builtin" else type(get_adapter(name))
+    source = hashlib.sha256(Path(sys.modules[module.__module__].__file__ or "").read_bytes()).hexdigest()[:16]
+    parts = [f"arborl {arborl}", f"code {source}"]
+    if name in ADAPTERS:
+        found = shutil.which(get_adapter(name).executable, path=SYSTEM_PATH)
+        if found is None:
+            parts.append("not installed")
+        else:
+            real = Path(found).resolve()
+            info = real.stat()
+            parts.append(f"{real} {info.st_size} {info.st_mtime_ns}")
+    return "; ".join(parts)
 
 
 def check_scaffold(name: str) -> str:

@@ -199,11 +199,18 @@ class RunLedger:
                 return True
             return False
 
-    def group_by_key(self, key: str) -> Group | None:
-        """The group an orchestrator plan opened under ``key`` (how a resumed run finds its groups)."""
-        rows = self.store.query(
-            f"SELECT {_GROUP_COLUMNS} FROM groups WHERE json_extract(meta, '$.key') = ? ORDER BY id LIMIT 1", (key,)
-        )
+    def group_by_key(self, key: str, *, fingerprint: str | None = None) -> Group | None:
+        """The group an orchestrator plan opened under ``key`` (how a resumed run finds its groups),
+        the first one; with ``fingerprint``, the first opened for a plan with that fingerprint (a
+        plan whose task, scaffolds, sandbox, model or limits changed has another one)."""
+        if fingerprint is None:
+            rows = self.store.query(
+                f"SELECT {_GROUP_COLUMNS} FROM groups WHERE json_extract(meta, '$.key') = ? ORDER BY id LIMIT 1",
+                (key,))
+        else:
+            rows = self.store.query(
+                f"SELECT {_GROUP_COLUMNS} FROM groups WHERE json_extract(meta, '$.key') = ? "
+                "AND json_extract(meta, '$.fingerprint') = ? ORDER BY id LIMIT 1", (key, fingerprint))
         return Group(*rows[0]) if rows else None
 
     def rollout_outcomes(self, group_id: int, *, status: str = DONE) -> list[str]:

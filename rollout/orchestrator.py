@@ -22,12 +22,21 @@ the ledger (never trained on, not counted in its group) and retried under a new 
 ``infra_retries`` times; a result that fails every attempt says which of the two it was.
 
 Interrupting (``stop``) stops the running agents; their rollouts are marked ``infra_failed`` as
-"interrupted". A later run with the same plans finds each group by its key, counts what is done,
-marks rollouts a killed process left ``running`` as interrupted, and runs only what is missing.
+"interrupted". A later run with the same plans finds each group by its key and fingerprint,
+counts what is done, marks rollouts a killed process left ``running`` as interrupted, and runs
+only what is missing.
+
+A plan's fingerprint (``Orchestrator.fingerprint``) is a digest of everything that decides its
+results: the task's content (``Task.content_hash``: its text and the bytes of its files), each
+scaffold and its version, the sandbox kind, the limits and sampling settings, and -- when a
+scaffold uses the model -- the model and, for an evaluation, the policy version it is served at
+(a training group is on-policy at whatever version serves it, so its fingerprint leaves the
+version out). A changed plan opens a new group and runs again; the old group stays in the ledger.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -50,6 +59,7 @@ from .agent_runs import (
     check_scaffold,
     install_prefix,
     run_scaffold,
+    scaffold_version,
 )
 from .ledger import RUNNING, RunLedger
 from .metrics import RolloutMetrics
@@ -161,13 +171,16 @@ class Orchestrator:
         judge: JudgeClient | None = None,
         on_result: Callable[[RolloutResult, bool], None] | None = None,
         metrics: RolloutMetrics | None = None,
+        policy_version: int | str | None = None,
     ):
         self.ledger = ledger
         self.store = ledger.store
         self.run_dir = Path(run_dir)
         self.gateway_url = gateway_url
         self.model = model
+        self.policy_version = policy_version  # what the gateway serves: part of an evaluation's fingerprint
         self.settings = settings or RolloutSettings()
+        self.changed_plans = 0  # plans found under their key with another fingerprint, so run again
         self.judge = judge or _configured_judge(self.settings)
         self.on_result = on_result or (lambda result, resumed: None)
         self.metrics = metrics or RolloutMetrics()
@@ -273,11 +286,40 @@ class Orchestrator:
                     missing[scaffold] -= 1
                     yield Job(plan, group_id, scaffold)
 
+    def fingerprint(self, plan: GroupPlan) -> tuple[str, dict[str, object]]:
+        """The digest of what decides the plan's results, and what it was made of (see the module
+        docstring)."""
+        settings = self.settings
+        inputs: dict[str, object] = {
+            "task": plan.task.content_hash(),
+            "scaffolds": [[name, scaffold_version(name)] for name in plan.scaffolds],
+            "sandbox": settings.sandbox,
+            "limits": {"agent_timeout_s": self._agent_timeout(plan.task), "max_turns": settings.max_turns,
+                       "command_timeout_s": settings.command_timeout_s, "memory_mb": settings.memory_mb,
+                       "processes": settings.processes},
+            "task_path": settings.task_path,
+        }
+        if any(name not in MODEL_FREE_SCAFFOLDS for name in plan.scaffolds):
+            inputs["model"] = self.model
+            inputs["sampling"] = {"max_tokens": settings.max_tokens, "temperature": settings.temperature}
+            if not plan.trainable:
+                inputs["policy_version"] = self.policy_version
+        if plan.task.verifier.kind == "judge":
+            inputs["judge"] = [settings.judge_url, settings.judge_model]
+        text = json.dumps(inputs, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest(), inputs
+
     def _open_or_resume(self, plan: GroupPlan) -> tuple[int, list[RolloutResult]]:
-        group = self.ledger.group_by_key(plan.key)
+        fingerprint, inputs = self.fingerprint(plan)
+        group = self.ledger.group_by_key(plan.key, fingerprint=fingerprint)
         if group is None:
+            if self.ledger.group_by_key(plan.key) is not None:
+                self.changed_plans += 1
+                log.info("group %r: its plan changed since it last ran (task, scaffold, sandbox, model or limits); "
+                         "running it again", plan.key)
             group_id = self.ledger.open_group(plan.task.id, len(plan.scaffolds), domain=plan.task.domain,
-                                              meta={"key": plan.key, "scaffolds": list(plan.scaffolds)},
+                                              meta={"key": plan.key, "scaffolds": list(plan.scaffolds),
+                                                    "fingerprint": fingerprint, "plan": inputs},
                                               trainable=plan.trainable)
             return group_id, []
         if group.size != len(plan.scaffolds) or group.task_id != plan.task.id:
@@ -292,7 +334,7 @@ class Orchestrator:
 
     def finished(self, plans: Iterable[GroupPlan]) -> list[RolloutResult]:
         """Every result these plans have so far (after an interrupted run, say)."""
-        groups = (self.ledger.group_by_key(plan.key) for plan in plans)
+        groups = (self.ledger.group_by_key(plan.key, fingerprint=self.fingerprint(plan)[0]) for plan in plans)
         return [result for group in groups if group is not None for result in self._done(group.id)]
 
     # -- one rollout ----------------------------------------------------------------------------

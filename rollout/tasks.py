@@ -19,6 +19,9 @@ A task is what a rollout needs to start and to be graded:
 
 Invariants:
 
+- ``task.content_hash()`` changes whenever anything that decides a rollout's result changes:
+  the task's fields and the bytes of every file it draws on (workspace, hidden tests, reference;
+  a git source by its resolved commit). Where it was loaded from does not count.
 - Tasks are immutable values; materialising, installing tests and applying the reference only
   write inside the folder they are given.
 - A workspace from a git source is a fresh repository with exactly one commit (the base), so no
@@ -29,7 +32,11 @@ Invariants:
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import hashlib
 import io
+import json
 import os
 import re
 import shlex
@@ -211,6 +218,28 @@ class Task:
         if self.workdir and not PurePosixPath(self.workdir).is_absolute():
             raise TaskError(f"task {self.id!r}: workdir {self.workdir!r} must be an absolute path")
 
+    @functools.cached_property
+    def _content_hash(self) -> str:
+        digest = hashlib.sha256()
+        fields = {"id": self.id, "instruction": self.instruction, "verifier": [self.verifier.kind,
+                  self.verifier.expected, self.verifier.rubric], "test_command": self.test_command,
+                  "fail_to_pass": self.fail_to_pass, "pass_to_pass": self.pass_to_pass,
+                  "agent_timeout_s": self.agent_timeout_s, "verify_timeout_s": self.verify_timeout_s,
+                  "split": self.split, "difficulty": self.difficulty, "domain": self.domain, "workdir": self.workdir,
+                  "metadata": self.metadata}
+        _feed(digest, "task", json.dumps(fields, sort_keys=True, default=str))
+        for name, part in (("workspace", self.workspace), ("hidden_tests", self.hidden_tests),
+                           ("reference", self.reference)):
+            _feed(digest, name, type(part).__name__)
+            if part is not None:
+                _hash_part(digest, part)
+        return digest.hexdigest()
+
+    def content_hash(self) -> str:
+        """A digest of everything about the task that decides a rollout's result (see the module
+        docstring); read once per task value, its files included."""
+        return self._content_hash
+
     def instruction_in(self, workspace: str) -> str:
         """The instruction for an agent whose workspace is the folder ``workspace``: where the
         task's ``workdir`` is not that folder, every path under it names the same file there."""
@@ -247,6 +276,72 @@ class Task:
         if self.reference is None:
             raise TaskError(f"task {self.id!r} has no reference solution")
         apply_overlay(self.reference, Path(workspace))
+
+
+# -- hashing what a task is made of ------------------------------------------------------------
+
+
+def _feed(digest: Any, label: str, value: str | bytes) -> None:
+    """Length-prefixed, so no two different sequences of parts feed the same bytes."""
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    digest.update(f"{label}:{len(data)}:".encode())
+    digest.update(data)
+
+
+def _hash_part(digest: Any, part: WorkspaceSource | Overlay) -> None:
+    if isinstance(part, InlineFiles):
+        _feed(digest, "files", json.dumps(part.files))
+    elif isinstance(part, FolderSource):
+        _hash_folder(digest, part.path, part.exclude)
+    elif isinstance(part, TarballSource):
+        _hash_file(digest, part.path)
+    elif isinstance(part, GitSource):
+        _feed(digest, "commit", _resolved_commit(part.repo, part.commit))
+    elif isinstance(part, FolderOverlay):
+        _feed(digest, "dest", part.dest)
+        _hash_folder(digest, part.path, ())
+    elif isinstance(part, Patch):
+        _feed(digest, "patch", part.text)
+    elif isinstance(part, ShellScript):
+        _feed(digest, "script", json.dumps([part.text, part.files_dest, part.timeout_s]))
+        if part.files is not None:
+            _hash_folder(digest, part.files, ())
+
+
+def _hash_file(digest: Any, path: Path) -> None:
+    try:
+        with open(path, "rb") as handle:
+            _feed(digest, "bytes", hashlib.file_digest(handle, "sha256").digest())
+    except OSError as exc:  # materialising will fail on it too, and say so
+        _feed(digest, "unreadable", str(exc))
+
+
+def _hash_folder(digest: Any, top: Path, exclude: Iterable[str]) -> None:
+    """Names, kinds, executable bits and contents under ``top``, in a fixed order, leaving out
+    what materialising leaves out (``exclude`` names, matched as shutil.ignore_patterns does)."""
+    patterns = tuple(exclude)
+    for folder, dirs, files in os.walk(top):
+        dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, p) for p in patterns))
+        for name in sorted(f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)):
+            path = Path(folder) / name
+            _feed(digest, "name", str(path.relative_to(top)))
+            if path.is_symlink():
+                _feed(digest, "link", os.readlink(path))
+                continue
+            _feed(digest, "mode", "x" if os.access(path, os.X_OK) else "-")
+            _hash_file(digest, path)
+        for name in dirs:
+            _feed(digest, "dir", str((Path(folder) / name).relative_to(top)))
+
+
+def _resolved_commit(repo: Path, commit: str) -> str:
+    """The commit id ``commit`` names (a branch or tag moves; an id does not)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"], cwd=repo,
+                              capture_output=True, text=True, env=_git_env(), check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return commit
+    return done.stdout.strip() or commit
 
 
 # -- applying files ----------------------------------------------------------------------------

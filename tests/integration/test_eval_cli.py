@@ -232,3 +232,41 @@ def test_a_harbor_task_that_works_in_app_runs_unmodified_in_both_sandboxes(kind,
     results = {r.scaffold: r for r in load_results(run / "eval" / "results.json")}
     assert (results["oracle"].status, results["oracle"].reward) == ("done", 1.0), results["oracle"].details
     assert (results["nop"].status, results["nop"].reward) == ("done", 0.0)
+
+
+def test_resuming_reuses_only_results_of_the_same_plan(run_root, capsys):
+    from arborl.rollout.sandbox import bwrap_unavailable_reason
+
+    dataset = harbor_tasks(run_root / "tasks")
+    run = run_root / "run"
+    argv = ["eval", "--dataset", str(dataset), "--scaffold", "oracle", "--run-dir", str(run), "--model",
+            "tiny-random-llama", "--sandbox", "local"]
+
+    def reused() -> tuple[int, dict]:
+        out = capsys.readouterr().out
+        return out.count("(done before)"), json.loads((run / "eval" / "results.json").read_text())["meta"]
+
+    main(argv)
+    assert reused()[0] == 0
+    main(argv)  # the same plan: everything is reused, and the report says so
+    count, meta = reused()
+    assert count == 2 and meta["reused results"] == 2
+    if not bwrap_unavailable_reason():  # another sandbox decides results too: run again
+        main([*argv[:-1], "bwrap"])
+        count, meta = reused()
+        assert count == 0 and meta["reused results"] == 0
+    # the task's solution changed (now wrong): its result is not the old one
+    (dataset / "greet-txt" / "solution" / "answer.txt").write_text("a wrong greeting\n")
+    main(argv)
+    count, meta = reused()
+    assert count == 1 and meta["reused results"] == 1  # greet-json is unchanged
+    rewards = {r.task_id: r.reward for r in load_results(run / "eval" / "results.json")}
+    assert rewards == {"greet-txt": 0.0, "greet-json": 1.0}
+    # so did its tests: run again
+    (dataset / "greet-json" / "tests" / "check.py").write_text("raise SystemExit(1)\n")
+    main(argv)
+    assert reused()[0] == 1
+    assert {r.task_id: r.reward for r in load_results(run / "eval" / "results.json")}["greet-json"] == 0.0
+    # a changed limit decides results too
+    main([*argv, "--agent-timeout", "30"])
+    assert reused()[0] == 0

@@ -394,6 +394,36 @@ def test_training_plans_mix_scaffolds_by_weight_and_are_deterministic():
     assert {plan.task.id for plan in plans[:10]} == {task.id for task in BUILTIN[:10]}  # a round covers every task
 
 
+def test_a_plans_fingerprint_covers_what_decides_its_results(run_root):
+    from arborl.rollout.store import TrajectoryStore
+
+    store = TrajectoryStore(run_root / "store.sqlite")
+    ledger = RunLedger(store)
+
+    def fingerprint(plan: GroupPlan, *, model: str = "m", version: int | None = 3, **settings) -> str:
+        orchestrator = Orchestrator(ledger, run_root / "run", "http://127.0.0.1:9", model,
+                                    settings=RolloutSettings(**settings), policy_version=version)
+        return orchestrator.fingerprint(plan)[0]
+
+    task = HUMANEVAL["HumanEval/2"]
+    [builtin] = eval_plans([task], ["builtin"], 1)
+    [oracle] = eval_plans([task], ["oracle"], 1)
+    [training] = list(training_plans([task], RolloutSettings(group_size=2), rounds=1))
+    base = fingerprint(builtin)
+    assert fingerprint(builtin) == base  # deterministic: a rerun finds its groups
+    for changed in ({"sandbox": "bwrap"}, {"max_turns": 7}, {"agent_timeout_s": 30.0}, {"memory_mb": 1024},
+                    {"max_tokens": 64}, {"temperature": 0.5}, {"model": "other"}, {"version": 4}):
+        assert fingerprint(builtin, **changed) != base, changed
+    [other_task] = eval_plans([HUMANEVAL["HumanEval/3"]], ["builtin"], 1)
+    assert fingerprint(other_task) != base and fingerprint(oracle) != base
+    # the oracle uses no model: which one is served, and its version, decide nothing
+    assert fingerprint(oracle, model="other", version=9) == fingerprint(oracle)
+    # a training group is on-policy at whatever version serves it
+    assert fingerprint(training, version=9) == fingerprint(training)
+    assert fingerprint(training, model="other") != fingerprint(training)
+    store.close()
+
+
 def test_a_judge_graded_task_through_a_configured_judge(tiny_model_dir, run_root):
     from arborl.rollout.orchestrator import OrchestratorError
 
