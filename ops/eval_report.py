@@ -15,7 +15,12 @@ The report is two files in the run's output folder:
   infrastructure failures, how the rollouts ended); a bar chart of pass@1 and pass@k per
   scaffold with the intervals as whiskers; a stacked bar of where a rollout's time goes (model,
   the agent's tools, the verifier, everything else); and a table with a row per task and a
-  column per scaffold showing c/n, where every rollout links to its trie page and its log.
+  column per scaffold showing c/n, where every rollout links to its trie page and its log and
+  says, in the table itself, why it did not solve the task (how it ended, after how many turns,
+  how many calls were cut off, the verifier's or the failure's reason, earlier failed attempts).
+
+Every planned task has its row, also when an interrupted run left it unfinished: a cell counts
+the rollouts that did not run, and the attempts that failed on the way (``Planned``).
 
 Only finished rollouts (``status == "done"``) are samples. A rollout that failed for
 infrastructure reasons even after its retries, or whose task's verifier gave no reward (a
@@ -104,6 +109,17 @@ class PassRate:
 
 
 @dataclass(frozen=True)
+class Planned:
+    """What a run planned for one task under one scaffold: ``rollouts`` of them, and the errors
+    of attempts that led to no result (an interrupted rollout, a retry cut short)."""
+
+    task_id: str
+    scaffold: str
+    rollouts: int
+    failed_attempts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TimeSplit:
     """Mean seconds per rollout in each phase; the four add up to the mean total."""
 
@@ -152,6 +168,8 @@ class TaskCell:
     mean_tokens: float  # prompt + completion per finished rollout
     mean_seconds: float
     session_ids: list[str]  # finished rollouts, in the order the results came
+    unfinished: int = 0  # planned rollouts with no result (an interrupted run)
+    failed_attempts: tuple[str, ...] = ()  # errors of attempts that led to no result
 
 
 @dataclass(frozen=True)
@@ -167,6 +185,7 @@ class EvalSummary:
     infra_failed: int
     verifier_failed: int
     solved: int
+    unfinished: int = 0  # planned rollouts with no result
 
     def cell(self, task_id: str, scaffold: str) -> TaskCell | None:
         return next((c for c in self.cells if c.task_id == task_id and c.scaffold == scaffold), None)
@@ -193,9 +212,11 @@ def _count_status(results: Iterable[RolloutResult], status: str) -> int:
     return sum(r.status == status for r in results)
 
 
-def _task_cell(task_id: str, scaffold: str, results: Sequence[RolloutResult]) -> TaskCell:
+def _task_cell(task_id: str, scaffold: str, results: Sequence[RolloutResult], planned: Planned | None) -> TaskCell:
     done = [r for r in results if r.status == "done"]
     return TaskCell(
+        unfinished=max(0, planned.rollouts - len(results)) if planned else 0,
+        failed_attempts=planned.failed_attempts if planned else (),
         task_id=task_id,
         scaffold=scaffold,
         n=len(done),
@@ -256,17 +277,21 @@ def _scaffold_summary(
 
 
 def summarize(
-    results: Iterable[RolloutResult], k: int, *, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+    results: Iterable[RolloutResult], k: int, *, planned: Iterable[Planned] = (), seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES
 ) -> EvalSummary:
     """Pass rates and costs per scaffold and per task. Scaffolds and tasks come out sorted by
-    name, so the same results always give the same summary (intervals included, for a seed)."""
+    name, so the same results always give the same summary (intervals included, for a seed).
+    ``planned`` adds the tasks and scaffolds a run planned but left without results, and counts
+    what each cell still lacks."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     records = list(results)
-    groups: dict[tuple[str, str], list[RolloutResult]] = {}
+    plan = {(p.scaffold, p.task_id): p for p in planned}
+    groups: dict[tuple[str, str], list[RolloutResult]] = {key: [] for key in plan}
     for r in records:
         groups.setdefault((r.scaffold, r.task_id), []).append(r)
-    cells = {key: _task_cell(key[1], key[0], rs) for key, rs in groups.items()}
+    cells = {key: _task_cell(key[1], key[0], rs, plan.get(key)) for key, rs in groups.items()}
 
     scaffolds = sorted({scaffold for scaffold, _ in groups})
     summaries = tuple(
@@ -284,13 +309,14 @@ def summarize(
     return EvalSummary(
         k=k,
         scaffolds=summaries,
-        task_ids=tuple(sorted({r.task_id for r in records})),
+        task_ids=tuple(sorted({task_id for _, task_id in groups})),
         cells=tuple(sorted(cells.values(), key=lambda c: (c.task_id, c.scaffold))),
         results=len(records),
         rollouts=len(done),
         infra_failed=_count_status(records, "infra_failed"),
         verifier_failed=_count_status(records, "verifier_failed"),
         solved=sum(r.solved for r in done),
+        unfinished=sum(cell.unfinished for cell in cells.values()),
     )
 
 
@@ -336,7 +362,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .small { color: #555; font-size: 12px; }
 table.tasks td.cell { min-width: 7em; }
 .cn { display: inline-block; min-width: 2.6em; font-weight: 600; }
-.r { display: inline-block; margin-right: 3px; font-size: 12px; }
+.r { margin: 1px 0; font-size: 12px; }
+.why { color: #444; font-size: 11px; }
 .r a { text-decoration: none; }
 .r.ok a.trie { color: #1a7f37; }
 .r.fail a.trie { color: #b42318; }
@@ -397,7 +424,7 @@ def _meta_section(summary: EvalSummary, meta: dict[str, Any]) -> str:
     rows = dict(meta)
     rows["rollouts"] = (
         f"{summary.rollouts} finished ({summary.solved} solved), {summary.infra_failed} infra failures, "
-        f"{summary.verifier_failed} verifier failures, "
+        f"{summary.verifier_failed} verifier failures, {summary.unfinished} not run, "
         f"{len(summary.task_ids)} tasks, {len(summary.scaffolds)} scaffolds"
     )
     body = "".join(f"<tr><th>{_esc(key)}</th><td>{_esc(value)}</td></tr>" for key, value in rows.items())
@@ -545,9 +572,41 @@ def _time_chart(summary: EvalSummary) -> str:
     return "".join(parts)
 
 
+_FAILURE_WORDS = {"infra_failed": "infra failure", "verifier_failed": "verifier failure"}
+_SHOWN_CHARS = 200  # of a reason in the table; the tooltip has all of it
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _attempts_text(errors: Sequence[str]) -> str:
+    """``N failed attempt(s): first; second; third; +M more``."""
+    shown = "; ".join(error[:_SHOWN_CHARS] for error in errors[:3])
+    more = f"; +{len(errors) - 3} more" if len(errors) > 3 else ""
+    return f"{_plural(len(errors), 'failed attempt')}: {shown}{more}"
+
+
+def rollout_reason(result: RolloutResult) -> str:
+    """Why a rollout did not solve its task, in a line the task table shows ("" when it did)."""
+    if result.status != "done":
+        word = _FAILURE_WORDS.get(result.status, result.status)
+        after = f" after {_plural(result.attempts, 'attempt')}" if result.attempts > 1 else ""
+        return f"{word}{after}: {result.details[:_SHOWN_CHARS]}"
+    parts = []
+    if not result.solved:
+        ended = f"{result.ended_by or 'ended'} after {_plural(result.turns, 'turn')}"
+        if result.cancelled_calls:
+            ended += f" ({_plural(result.cancelled_calls, 'call')} cut off)"
+        parts.append(ended + (f": {result.details[:_SHOWN_CHARS]}" if result.details else ""))
+    if result.failed_attempts:
+        parts.append("after " + _attempts_text(result.failed_attempts))
+    return "; ".join(parts)
+
+
 def _rollout_link(result: RolloutResult, trie_href: TrieHref | None, log_href: LogHref | None) -> str:
     """One rollout as a mark (✓ solved, ✗ not, ! infra failure, ? verifier failure) linking to its
-    trie, plus its log."""
+    trie, plus its log and, when it did not solve the task, why not."""
     if result.status == "verifier_failed":
         kind, mark = "verifier", "?"
     elif result.status != "done":
@@ -566,7 +625,19 @@ def _rollout_link(result: RolloutResult, trie_href: TrieHref | None, log_href: L
     )
     log = log_href(result) if log_href else None
     log_html = f'<a class="log" href="{_esc(log)}" title="log">log</a>' if log else ""
-    return f'<span class="r {kind}">{mark_html}{log_html}</span>'
+    reason = rollout_reason(result)
+    why = f' <span class="why">{_esc(reward)} · {_esc(reason)}</span>' if reason else ""
+    return f'<div class="r {kind}">{mark_html}{log_html}{why}</div>'
+
+
+def _unfinished_html(cell: TaskCell) -> str:
+    if not cell.unfinished and not cell.failed_attempts:
+        return ""
+    parts = [f"{cell.unfinished} not run"] if cell.unfinished else []
+    if cell.failed_attempts:
+        parts.append(_attempts_text(cell.failed_attempts))
+    text = parts[0] + (f" ({'; '.join(parts[1:])})" if len(parts) > 1 else "")
+    return f'<div class="why unfinished">{_esc(text)}</div>'
 
 
 def _task_table(
@@ -593,7 +664,7 @@ def _task_table(
             tip = f"mean {cell.mean_tokens:.0f} tok, {cell.mean_seconds:.1f} s per rollout"
             tds.append(
                 f'<td class="cell" style="background:{_cell_colour(cell)}" title="{_esc(tip)}">'
-                f'<span class="cn">{cell.c}/{cell.n}</span> {links}</td>'
+                f'<span class="cn">{cell.c}/{cell.n}</span> {links}{_unfinished_html(cell)}</td>'
             )
         rows.append("<tr>" + "".join(tds) + "</tr>")
     return f'<table class="tasks">{header}{"".join(rows)}</table>'
@@ -633,8 +704,9 @@ def _render_html(
             "<h2>Tasks</h2>",
             (
                 '<p class="small">c/n: solved / finished samples. ✓ solved, ✗ not solved, ! infra '
-                "failure, ? verifier failure (the task's verifier gave no reward); each mark links to "
-                "the rollout's trie, <em>log</em> to its log.</p>"
+                "failure, ? verifier failure (the task's verifier gave no reward), each with its reward "
+                "and why it did not solve the task; each mark links to the rollout's trie, <em>log</em> "
+                "to its log; <em>not run</em>: planned rollouts an interrupted run left undone.</p>"
             ),
             _task_table(summary, results, trie_href, log_href),
         ]

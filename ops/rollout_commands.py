@@ -201,13 +201,15 @@ def _run_tokenizer(run_dir: Path) -> Any:
 
 
 class ProgressLine:
-    """Progress of a rollout command: a live bar on a terminal, one line per rollout otherwise."""
+    """Progress of a rollout command: a live bar on a terminal, one line per rollout otherwise.
+    It keeps every result it was shown (``results``): what an interrupted run reports."""
 
     def __init__(self, total: int | None, label: str):
         self.total = total
         self.label = label
         self.done = self.solved = self.failed = self.verifier_failed = 0
         self.reused = 0  # results of an earlier run of the same plan
+        self.results: list[RolloutResult] = []
         self.reward = 0.0
         self.started = time.monotonic()
         self._bar: Any = None
@@ -220,6 +222,7 @@ class ProgressLine:
             self._bar.start()
 
     def __call__(self, result: RolloutResult, resumed: bool) -> None:
+        self.results.append(result)
         self.done += 1
         self.reused += int(resumed)
         if result.status == "done":
@@ -270,6 +273,8 @@ def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[R
 def eval_command(args: argparse.Namespace) -> None:
     from arborl.rollout.orchestrator import OrchestratorError, eval_plans
 
+    from .eval_report import Planned
+
     scaffolds = parse_scaffolds(args.scaffold)
     if args.run_dir is None:
         args.run_dir = Path("runs") / f"eval-{Path(args.dataset).stem}"
@@ -284,14 +289,18 @@ def eval_command(args: argparse.Namespace) -> None:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
-            results = orchestrator.run(plans)
+            orchestrator.run(plans)
         except OrchestratorError as exc:
             raise SystemExit(f"arborl: {exc}") from None
         except KeyboardInterrupt:
             interrupted = True
-            results = orchestrator.finished(plans)
         finally:
             progress.close()
+        # what was reported as it came, failures included (an interrupted run's too)
+        results = list(progress.results)
+        planned = [Planned(plan.task.id, plan.scaffolds[0], len(plan.scaffolds),
+                           tuple(orchestrator.abandoned_attempts.get((plan.task.id, plan.scaffolds[0]), ())))
+                   for plan in plans]
         version = session.policy_version
         meta = {"dataset": args.dataset, "split": args.split or "all", "tasks": len(tasks), "model": session.model,
                 "policy_version": version if version is not None else "served by " + session.url,
@@ -299,7 +308,7 @@ def eval_command(args: argparse.Namespace) -> None:
                 "complete": not interrupted, "reused results": progress.reused,
                 "plans changed since the last run": orchestrator.changed_plans}
         out = args.report_dir or config.run_dir / "eval"
-        json_path, html_path = write_eval_report(config.run_dir, out, results, args.k, meta, session)
+        json_path, html_path = write_eval_report(config.run_dir, out, results, args.k, meta, session, planned)
     print_summary(results, args.k)
     print_reuse(progress.reused, progress.done, orchestrator.changed_plans)
     print(f"arborl: wrote {html_path} and {json_path}")
@@ -309,7 +318,7 @@ def eval_command(args: argparse.Namespace) -> None:
 
 
 def write_eval_report(run_dir: Path, out: Path, results: list[RolloutResult], k: int, meta: dict[str, Any],
-                      session: Session) -> tuple[Path, Path]:
+                      session: Session, planned: list | None = None) -> tuple[Path, Path]:
     from .eval_report import summarize, write_report
     from .trie_view import render_trie_html
 
@@ -324,7 +333,7 @@ def write_eval_report(run_dir: Path, out: Path, results: list[RolloutResult], k:
                 continue
             (tries / f"{result.session_id}.html").write_text(html)
             drawn.add(result.session_id)
-    summary = summarize(results, k)
+    summary = summarize(results, k, planned=planned or ())
     return write_report(
         summary, results, out, title=f"arborl eval: {meta['dataset']}", meta=meta,
         trie_href=lambda session_id: f"tries/{session_id}.html" if session_id in drawn else None,

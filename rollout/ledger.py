@@ -133,11 +133,16 @@ class Feedback:
 
 @dataclass(frozen=True)
 class CallStats:
+    """A rollout's model calls. ``calls`` counts those that got an answer (its turns); the time
+    and tokens count every call, cancelled ones too: a call the agent cut off at its deadline
+    still took the model's time and read its prompt."""
+
     calls: int
     prompt_tokens: int
     completion_tokens: int
     model_s: float
     refused: int = 0  # requests refused before any token (the prompt did not fit the context)
+    cancelled: int = 0  # calls the client cut off (a deadline, a stop) before the answer was complete
 
 
 _GROUP_COLUMNS = "id, task_id, size, domain, created_at, completed_at, consumed_step, dropped"
@@ -222,21 +227,21 @@ class RunLedger:
 
     def call_stats(self, session_id: str) -> CallStats:
         """Model calls a rollout made so far (its session and sub-sessions; main and sub-agent
-        calls that got an answer: a call the client cut off is not a turn), their tokens, and the
-        seconds they took."""
+        calls): how many got an answer (a call the client cut off is not a turn), how many were
+        cut off, and the tokens and seconds of all of them (see ``CallStats``)."""
         placeholders = ", ".join("?" for _ in TRAINABLE_PURPOSES)
         row = self.store.query(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_len), 0), COALESCE(SUM(completion_len), 0), "
-            "COALESCE(SUM(COALESCE(finished_at, created_at) - created_at), 0) FROM calls "
-            f"WHERE (session_id = ? OR (session_id > ? AND session_id < ?)) AND purpose IN ({placeholders}) "
-            "AND status != 'cancelled'",
+            "SELECT COALESCE(SUM(status != 'cancelled'), 0), COALESCE(SUM(prompt_len), 0), "
+            "COALESCE(SUM(completion_len), 0), COALESCE(SUM(COALESCE(finished_at, created_at) - created_at), 0), "
+            "COALESCE(SUM(status = 'cancelled'), 0) FROM calls "
+            f"WHERE (session_id = ? OR (session_id > ? AND session_id < ?)) AND purpose IN ({placeholders})",
             (session_id, session_id + ":", session_id + ";", *sorted(TRAINABLE_PURPOSES)),
         )[0]
         refused = self.store.query(
             "SELECT COUNT(*) FROM refused_requests WHERE session_id = ? OR (session_id > ? AND session_id < ?)",
             (session_id, session_id + ":", session_id + ";"),
         )[0][0]
-        return CallStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(refused))
+        return CallStats(int(row[0]), int(row[1]), int(row[2]), float(row[3]), int(refused), cancelled=int(row[4]))
 
     def fail_rollout(self, session_id: str, error: str) -> None:
         """An infrastructure failure: kept for the record, never trained on, not counted in its group."""

@@ -36,6 +36,7 @@ version out). A changed plan opens a new group and runs again; the old group sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -181,6 +182,8 @@ class Orchestrator:
         self.policy_version = policy_version  # what the gateway serves: part of an evaluation's fingerprint
         self.settings = settings or RolloutSettings()
         self.changed_plans = 0  # plans found under their key with another fingerprint, so run again
+        # (task id, scaffold) -> errors of attempts of rollouts that got no result (a stop came first)
+        self.abandoned_attempts: dict[tuple[str, str], list[str]] = {}
         self.judge = judge or _configured_judge(self.settings)
         self.on_result = on_result or (lambda result, resumed: None)
         self.metrics = metrics or RolloutMetrics()
@@ -356,6 +359,7 @@ class Orchestrator:
         status = InfraFailure.status
         for attempt in range(1, self.settings.infra_retries + 2):
             if self.stop.is_set():
+                self._abandon(job, errors)
                 return None
             session = f"rollout-{job.group_id}-{secrets.token_hex(5)}"
             self.ledger.start_rollout(session, job.group_id, scaffold=job.scaffold)
@@ -363,23 +367,31 @@ class Orchestrator:
                 result, verdict = self._attempt(job, session, attempt)
             except Interrupted:
                 self.ledger.fail_rollout(session, INTERRUPTED)
+                self._abandon(job, [*errors, INTERRUPTED])
                 return None
             except Exception as exc:  # one broken rollout must not end the whole run
                 if not isinstance(exc, InfraFailure):
                     log.exception("rollout %s: unexpected error", session)
                     exc = InfraFailure(f"internal error: {type(exc).__name__}: {exc}")
-                log.warning("rollout %s (%s, %s) failed for infrastructure reasons: %s", session, job.plan.task.id,
-                            job.scaffold, exc)
+                log.warning("rollout %s (%r, %s) failed (%s): %r", session, job.plan.task.id, job.scaffold,
+                            exc.status, str(exc))
                 self.ledger.fail_rollout(session, str(exc))
                 self.metrics.infra_attempts.labels(job.scaffold).inc()
-                errors.append(str(exc))
+                errors.append(str(exc)[-2000:])
                 status = exc.status
                 continue
+            result = dataclasses.replace(result, failed_attempts=tuple(errors))
             if self.ledger.finish_rollout(session, verdict.reward, outcome=result.dumps()):
                 self.metrics.groups_completed.inc()
             return result
         return RolloutResult(session, job.plan.task.id, job.scaffold, job.group_id, status,
-                             details="; ".join(errors)[-2000:], attempts=len(errors))
+                             details=errors[-1], attempts=len(errors), failed_attempts=tuple(errors[:-1]))
+
+    def _abandon(self, job: Job, errors: list[str]) -> None:
+        """Keep the errors of a rollout the run gave up on (a stop), for its report."""
+        if errors:
+            with self._active_lock:
+                self.abandoned_attempts.setdefault((job.plan.task.id, job.scaffold), []).extend(errors)
 
     def _attempt(self, job: Job, session: str, attempt: int) -> tuple[RolloutResult, Verdict]:
         task, settings = job.plan.task, self.settings
@@ -406,7 +418,7 @@ class Orchestrator:
                 try:
                     verdict = verify_in_sandbox(task, sandbox, answer=outcome.answer, verifier=self._verifier(task))
                 except VerifierFailed as exc:
-                    raise VerifierFailure(f"the verifier failed: {exc}") from exc
+                    raise VerifierFailure(str(exc)) from exc
                 except VerificationError as exc:
                     raise InfraFailure(f"grading failed: {exc}") from exc
                 verify_s = time.monotonic() - verify_started
@@ -416,6 +428,9 @@ class Orchestrator:
                 teardown_started = time.monotonic()
                 self._close(sandbox)
             teardown_s = time.monotonic() - teardown_started
+        # Read again for the figures: a call the agent cut off is recorded once the gateway has seen
+        # the connection close, which may come after the agent phase; its time and tokens count.
+        stats = self.ledger.call_stats(session)
         # tools_s: the builtin agent measures its commands; a CLI's own time is what the model did not take
         tools_s = outcome.tools_s if job.scaffold == "builtin" else max(0.0, agent_s - stats.model_s)
         timings = Timings(total_s=time.monotonic() - started, setup_s=setup_s, agent_s=agent_s,
@@ -426,7 +441,7 @@ class Orchestrator:
             resolution=verdict.resolution.value if verdict.resolution is not None else None,
             details=verdict.details, ended_by=outcome.ended_by, attempts=attempt, turns=stats.calls,
             prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens, timings=timings,
-            log=str(log_path.relative_to(self.run_dir)),
+            log=str(log_path.relative_to(self.run_dir)), cancelled_calls=stats.cancelled,
         )
         return result, verdict
 

@@ -67,6 +67,8 @@ class RolloutResult:
     completion_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
     log: str = ""  # the rollout's log file, relative to the run folder
+    cancelled_calls: int = 0  # model calls the agent cut off (its deadline, a stop): in the time, not turns
+    failed_attempts: tuple[str, ...] = ()  # errors of the attempts before this one (infra, verifier failures)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +77,7 @@ class RolloutResult:
     def from_json(cls, data: dict[str, Any]) -> RolloutResult:
         data = dict(data)
         data["timings"] = Timings(**data.get("timings") or {})
+        data["failed_attempts"] = tuple(data.get("failed_attempts") or ())
         return cls(**data)
 
     def dumps(self) -> str:

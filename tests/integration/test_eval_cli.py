@@ -270,3 +270,29 @@ def test_resuming_reuses_only_results_of_the_same_plan(run_root, capsys):
     # a changed limit decides results too
     main([*argv, "--agent-timeout", "30"])
     assert reused()[0] == 0
+
+
+def test_an_interrupted_eval_reports_every_task_and_what_became_of_it(run_root, capsys, monkeypatch):
+    from arborl.ops import rollout_commands
+
+    dataset = run_root / "tasks"
+    for name in ("greet-a", "greet-b", "greet-c"):
+        write_harbor_task(dataset / name)
+    shown = rollout_commands.ProgressLine.__call__
+
+    def interrupt_after_the_first(self, result, resumed):
+        shown(self, result, resumed)
+        raise KeyboardInterrupt  # Ctrl-C, as the first result comes in
+
+    monkeypatch.setattr(rollout_commands.ProgressLine, "__call__", interrupt_after_the_first)
+    run = run_root / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", "--dataset", str(dataset), "--scaffold", "oracle", "--k", "2", "--concurrency", "1",
+              "--run-dir", str(run), "--model", "tiny-random-llama"])
+    assert stopped.value.code == 130
+    assert len(load_results(run / "eval" / "results.json")) == 1
+    page = (run / "eval" / "report.html").read_text()
+    for name in ("greet-a", "greet-b", "greet-c"):  # unfinished tasks keep their rows
+        assert f"<code>{name}</code>" in page
+    assert page.count("2 not run") == 2 and page.count("1 not run") == 1
+    assert json.loads((run / "eval" / "results.json").read_text())["summary"]["unfinished"] == 5

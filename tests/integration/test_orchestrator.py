@@ -381,6 +381,7 @@ def test_stop_interrupts_a_running_agent(tiny_model_dir, run_root):
         timer.join()
         [group] = [orchestrator.ledger.group_by_key(f"eval/builtin/{task.id}")]
         assert [r.status for r in orchestrator.ledger.rollouts(group.id, status=INFRA_FAILED)] == [INFRA_FAILED]
+        assert orchestrator.abandoned_attempts == {(task.id, "builtin"): ["interrupted"]}  # for the report
     assert not sandbox_processes()
 
 

@@ -11,7 +11,7 @@ from itertools import combinations
 
 import pytest
 
-from arborl.ops.eval_report import load_results, pass_at_k, summarize, write_report
+from arborl.ops.eval_report import Planned, load_results, pass_at_k, summarize, write_report
 from arborl.rollout.results import NO_ACTION, SUBMITTED, TURN_LIMIT, RolloutResult, Timings
 
 T1, T2, T3 = "t1", "t2", "t3<script>alert(1)</script>"
@@ -268,3 +268,61 @@ def test_report_with_no_results(tmp_path):
     _parse(page)
     assert "no results" in page
     assert load_results(json_path) == []
+
+
+class TextOnly(HTMLParser):
+    """The page's visible text: what a reader sees without hovering (no attributes, no tooltips)."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._hidden += tag in ("title", "style")
+
+    def handle_endtag(self, tag):
+        self._hidden -= tag in ("title", "style")
+
+    def handle_data(self, data):
+        if not self._hidden:
+            self.parts.append(data)
+
+    @classmethod
+    def of(cls, page: str) -> str:
+        parser = cls()
+        parser.feed(page)
+        return " ".join(" ".join(parser.parts).split())
+
+
+def test_the_task_table_says_why_a_rollout_failed(tmp_path):
+    from arborl.rollout.results import TIME_LIMIT
+
+    results = [
+        _result("timed", T1, "alpha", False, ended_by=TIME_LIMIT, turns=0, cancelled_calls=1,
+                details="FAIL_TO_PASS 0/1, PASS_TO_PASS 0/0: RESOLVED_NO"),
+        RolloutResult(session_id="broken", task_id=T2, scaffold="alpha", group_id=0, status="verifier_failed",
+                      details="the script ran out of time (45 s)", attempts=3),
+        _result("retried", T3, "alpha", False, attempts=2, failed_attempts=("the sandbox did not start: no <space>",)),
+    ]
+    _, html_path = write_report(summarize(results, 1), results, tmp_path, title="t", meta={})
+    text = TextOnly.of(html_path.read_text())
+    assert "time_limit after 0 turns (1 call cut off)" in text
+    assert "verifier failure after 3 attempts: the script ran out of time (45 s)" in text
+    assert "after 1 failed attempt: the sandbox did not start: no <space>" in text  # escaped in the page, shown as is
+
+
+def test_an_interrupted_eval_shows_every_planned_task_and_what_became_of_it(tmp_path):
+    results = [_result("done", T1, "alpha", True)]
+    planned = [Planned(T1, "alpha", 2), Planned(T2, "alpha", 2, failed_attempts=("interrupted",)),
+               Planned(T2, "beta", 2)]
+    summary = summarize(results, 2, planned=planned)
+    assert summary.task_ids == (T1, T2) and [s.scaffold for s in summary.scaffolds] == ["alpha", "beta"]
+    assert summary.unfinished == 5  # one of T1's two, both of T2's under each scaffold
+    assert (summary.cell(T1, "alpha").unfinished, summary.cell(T2, "beta").unfinished) == (1, 2)
+    _, html_path = write_report(summary, results, tmp_path, title="t", meta={"complete": False})
+    page = html_path.read_text()
+    _parse(page)
+    text = TextOnly.of(page)
+    assert f"{T2}" in text and "2 not run" in text and "1 not run" in text
+    assert "1 failed attempt: interrupted" in text
