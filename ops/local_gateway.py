@@ -149,7 +149,8 @@ class LocalGateway:
         self.server.stop()
 
 
-def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
+def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None = None) -> LocalGateway:
+    """The configured engine served on loopback, on ``port`` (default: a free one)."""
     from arborl.gateway.app import create_app
     from arborl.rollout.store import TrajectoryStore
 
@@ -160,7 +161,7 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path) -> LocalGateway:
     restore_served_version(engine, store)
     # The command's own progress lines are what its user reads: no line per model call.
     logging.getLogger("arborl.access").setLevel(logging.WARNING)
-    server = ServerThread(create_app(engine, store, config.gateway), settings=config.gateway)
+    server = ServerThread(create_app(engine, store, config.gateway), port=port, settings=config.gateway)
     try:
         url = server.start()
     except RuntimeError:

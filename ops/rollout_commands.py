@@ -3,10 +3,15 @@
     arborl eval --dataset humaneval --scaffold builtin,claude-code --k 3
     arborl rollout --dataset builtin --split train --scaffold builtin:3,opencode:1 --groups 20
 
-Both serve the policy from a gateway in this process (recording into the run folder's store)
-unless ``--gateway URL`` names a running one; then ``--run-dir`` must be that gateway's run
-folder, so the rollouts' calls and the ledger land in the same store. Both show progress, and
-both resume: run the same command again and only the rollouts that did not finish run.
+Both serve the policy from a gateway in this process (recording into the run folder's store, on
+``--port`` or a free loopback port) unless ``--gateway URL`` names a running one; then
+``--run-dir`` must be that gateway's run folder, so the rollouts' calls and the ledger land in
+the same store. Both show progress, and both resume: run the same command again and only the
+rollouts that did not finish run.
+
+They load only what the scaffolds need: the model-free ``oracle`` and ``nop`` get no gateway and
+no model (only the run's store), and a tokenizer (transformers) is loaded only to draw the trie
+page of a rollout that made model calls.
 
 ``eval`` writes ``RUN/eval/results.json`` and ``RUN/eval/report.html`` (pass@1 and pass@k per
 scaffold with 95% intervals, per-task results, tokens and time, a trie page per rollout).
@@ -21,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="only the first N tasks")
     parser.add_argument("--run-dir", type=Path, help="the run folder (store, logs, report)")
     parser.add_argument("--gateway", help="a running gateway's root URL (default: serve one in this process)")
+    parser.add_argument("--port", type=int, help="the port of the gateway served in this process (default: a free "
+                                                 "one)")
     parser.add_argument("--config", help="YAML or TOML configuration file (engine and rollout sections)")
     parser.add_argument("--model", help="the model to serve in this process (default SmolLM2-135M-Instruct)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (the model served in this process)")
@@ -134,31 +141,57 @@ def _runnable(tasks: list, scaffolds: list[str], *, strict: bool) -> list:
 class Session:
     """What a rollout command works against: the gateway, the run's store and ledger."""
 
-    url: str
+    url: str  # "" when no scaffold uses a model: no gateway
     model: str
     store: Any
     ledger: Any
-    engine: Any  # the in-process engine, or None for an external gateway
-    tokenizer: Any
+    engine: Any  # the in-process engine, or None for an external gateway (or none at all)
+    load_tokenizer: Callable[[], Any]  # the served model's tokenizer, or None; called when one is needed
     policy_version: int | None = None  # what the gateway serves, as it says (None: it did not say)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
+    _loaded: bool = field(default=False, init=False, repr=False)
+
+    def tokenizer(self) -> Any:
+        """Loaded on first use (transformers takes seconds to import), then kept."""
+        if not self._loaded:
+            self._tokenizer, self._loaded = self.load_tokenizer(), True
+        return self._tokenizer
+
+
+NO_MODEL = "none (model-free scaffolds)"
+
+
+def uses_model(scaffolds: dict[str, float]) -> bool:
+    from arborl.rollout.agent_runs import MODEL_FREE_SCAFFOLDS
+
+    return any(weight > 0 and name not in MODEL_FREE_SCAFFOLDS for name, weight in scaffolds.items())
 
 
 @contextlib.contextmanager
-def _session(config: ArborlConfig, gateway_url: str | None) -> Iterator[Session]:
+def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool = True,
+             port: int | None = None) -> Iterator[Session]:
     from arborl.rollout.ledger import RunLedger
     from arborl.rollout.store import TrajectoryStore
 
     from .connect import served_model
 
     run_dir = config.run_dir
+    if gateway_url is None and not needs_model:  # only the store: no gateway, no model
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+        try:
+            yield Session("", NO_MODEL, store, RunLedger(store), None, lambda: None)
+        finally:
+            store.close()
+        return
     if gateway_url is None:
         from .local_gateway import start_local_gateway
 
-        gateway = start_local_gateway(config, run_dir)
+        gateway = start_local_gateway(config, run_dir, port=port)
         try:
+            tokenizer = getattr(gateway.engine, "tokenizer", None)
             yield Session(gateway.url, gateway.engine.model_name, gateway.store, RunLedger(gateway.store),
-                          gateway.engine, getattr(gateway.engine, "tokenizer", None),
-                          getattr(gateway.engine, "version", None))
+                          gateway.engine, lambda: tokenizer, getattr(gateway.engine, "version", None))
         finally:
             gateway.stop()
             gateway.store.close()
@@ -171,7 +204,7 @@ def _session(config: ArborlConfig, gateway_url: str | None) -> Iterator[Session]
         raise SystemExit(f"arborl: no gateway answers at {gateway_url}")
     store = TrajectoryStore(store_path)
     try:
-        yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, _run_tokenizer(run_dir),
+        yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, lambda: _run_tokenizer(run_dir),
                       served_version(gateway_url))
     finally:
         store.close()
@@ -285,7 +318,7 @@ def eval_command(args: argparse.Namespace) -> None:
     report_problems(unrunnable, strict=args.strict)
     progress = ProgressLine(len(plans) * args.k, f"eval {args.dataset}")
     interrupted = False
-    with _session(config, args.gateway) as session:
+    with _session(config, args.gateway, needs_model=uses_model(scaffolds), port=args.port) as session:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
@@ -303,7 +336,8 @@ def eval_command(args: argparse.Namespace) -> None:
                    for plan in plans]
         version = session.policy_version
         meta = {"dataset": args.dataset, "split": args.split or "all", "tasks": len(tasks), "model": session.model,
-                "policy_version": version if version is not None else "served by " + session.url,
+                "policy_version": version if version is not None else
+                ("served by " + session.url if session.url else "none (no model used)"),
                 "sandbox": config.rollout.sandbox, "scaffolds": ", ".join(scaffolds), "k": args.k,
                 "complete": not interrupted, "reused results": progress.reused,
                 "plans changed since the last run": orchestrator.changed_plans}
@@ -328,7 +362,7 @@ def write_eval_report(run_dir: Path, out: Path, results: list[RolloutResult], k:
     for result in results:
         if result.status == "done" and result.turns > 0:
             try:
-                html = render_trie_html(session.store, result.session_id, tokenizer=session.tokenizer)
+                html = render_trie_html(session.store, result.session_id, tokenizer=session.tokenizer())
             except KeyError:
                 continue
             (tries / f"{result.session_id}.html").write_text(html)
@@ -380,7 +414,7 @@ def rollout_command(args: argparse.Namespace) -> None:
     tasks = _runnable(_tasks(args), [name for name, weight in scaffolds.items() if weight > 0], strict=args.strict)
     total = args.groups * config.rollout.group_size if args.groups else None
     progress = ProgressLine(total, f"rollouts {args.dataset}")
-    with _session(config, args.gateway) as session:
+    with _session(config, args.gateway, needs_model=uses_model(scaffolds), port=args.port) as session:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)

@@ -5,6 +5,8 @@ resuming."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -296,3 +298,50 @@ def test_an_interrupted_eval_reports_every_task_and_what_became_of_it(run_root, 
         assert f"<code>{name}</code>" in page
     assert page.count("2 not run") == 2 and page.count("1 not run") == 1
     assert json.loads((run / "eval" / "results.json").read_text())["summary"]["unfinished"] == 5
+
+
+HEAVY_MODULES_AFTER = (
+    "import sys\n"
+    "from arborl.ops.cli import main\n"
+    "try:\n"
+    "    main(sys.argv[1:])\n"
+    "finally:\n"
+    "    print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), flush=True)\n"
+)
+
+
+def eval_in_a_process(*argv: str) -> str:
+    done = subprocess.run([sys.executable, "-c", HEAVY_MODULES_AFTER, "eval", *argv], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_model_free_scaffolds_load_no_model_and_no_tokenizer(tiny_model_dir, run_root):
+    dataset = str(harbor_tasks(run_root / "tasks"))
+    # in the process: oracle and nop use no model, so no gateway and no model are started
+    out = eval_in_a_process("--dataset", dataset, "--scaffold", "oracle,nop", "--run-dir", str(run_root / "own"),
+                            "--model", "tiny-random-llama")
+    assert "HEAVY []" in out and "serving" not in out
+    assert len(load_results(run_root / "own" / "eval" / "results.json")) == 4
+    # against a running gateway whose run names its model (run.json, as `arborl serve` writes it): no tokenizer
+    # is loaded, since no rollout has a trie to draw
+    with scripted_gateway(tiny_model_dir, run_root / "gw", lambda prompt: "") as gateway:
+        run = run_root / "gw" / "run"
+        (run / "run.json").write_text(json.dumps({"model_dir": str(tiny_model_dir), "model": "tiny"}))
+        out = eval_in_a_process("--dataset", dataset, "--scaffold", "oracle,nop", "--gateway", gateway.url,
+                                "--run-dir", str(run))
+        gateway.store.close()
+    assert "HEAVY []" in out
+    assert len(load_results(run / "eval" / "results.json")) == 4
+
+
+@pytest.mark.slow
+def test_the_in_process_gateway_listens_on_the_port_asked_for(run_root, capsys):
+    from arborl.ops.local_gateway import free_loopback_port
+
+    port = free_loopback_port()
+    dataset = harbor_tasks(run_root / "tasks")
+    main(["eval", "--dataset", str(dataset), "--tasks", "greet-txt", "--scaffold", "builtin", "--max-turns", "1",
+          "--run-dir", str(run_root / "run"), "--model", "tiny-random-llama", "--port", str(port)])
+    assert f"on http://127.0.0.1:{port}/v1" in capsys.readouterr().out
