@@ -414,7 +414,9 @@ def rollout_command(args: argparse.Namespace) -> None:
     tasks = _runnable(_tasks(args), [name for name, weight in scaffolds.items() if weight > 0], strict=args.strict)
     total = args.groups * config.rollout.group_size if args.groups else None
     progress = ProgressLine(total, f"rollouts {args.dataset}")
-    with _session(config, args.gateway, needs_model=uses_model(scaffolds), port=args.port) as session:
+    # a synchronous run waits on the gateway for each new version, whatever its scaffolds
+    needs_gateway = uses_model(scaffolds) or config.rollout.synchronous
+    with _session(config, args.gateway, needs_model=needs_gateway, port=args.port) as session:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
