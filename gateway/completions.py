@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from arborl.rollout.records import CallRecord
@@ -124,6 +124,8 @@ class CompletionService:
         refuse_when_paused(self.paused)
         refuse_when_full(self.engine.stats().waiting, self.max_waiting, self.metrics)
         rendered, plan = await asyncio.to_thread(self._render_and_stitch, request)
+        if rendered.forced_call is not None:  # tool_choice forces a call: the engine keeps it well-formed
+            request = replace(request, sampling=replace(request.sampling, forced_call=rendered.forced_call))
         return PreparedPrompt(request, plan, rendered.forced_prefix, rendered.starts_in_reasoning)
 
     def _render_and_stitch(self, request: CompletionRequest) -> tuple[RenderedPrompt, PromptPlan]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .engines.base import TokenizerLike
+from .engines.base import ForcedToolCall, TokenizerLike
 from .errors import InvalidRequest
 from .json_nesting import MAX_JSON_DEPTH, nesting_exceeds
 from .tool_parsers import ToolCallParser
@@ -47,6 +47,14 @@ _FORCED_CALL_PREFIX = {
     "qwen3_coder": ("<tool_call>\n<function=", "<tool_call>\n<function={name}>\n"),
     "llama3_json": ('{"name": "', '{{"name": "{name}", "parameters": '),
 }
+# What the model must write after that opening for the call to parse (engines constrain their
+# sampling to it): (after the name, arguments as a JSON object, the call's end). Qwen3-Coder's
+# parameters are XML, so only its name is constrained.
+_FORCED_CALL_REST = {
+    "hermes": ('", "arguments": ', True, "}\n</tool_call>"),
+    "qwen3_coder": (">\n", False, ""),
+    "llama3_json": ('", "parameters": ', True, "}"),
+}
 
 _SENTINEL = "\x00arborl-turn-end\x00"
 
@@ -58,6 +66,7 @@ class RenderedPrompt:
     # opened <think>); the parsers see it in front of the generated text.
     forced_prefix: str = ""
     starts_in_reasoning: bool = False
+    forced_call: ForcedToolCall | None = None  # what the completion must begin with (tool_choice forces a call)
 
 
 class ChatRenderer:
@@ -116,11 +125,12 @@ class ChatRenderer:
             text = self._apply(self._native_messages(messages), tools, add_generation_prompt, **extra)
         else:
             text = self._apply(self._hermes_messages(messages, tools), None, add_generation_prompt, **extra)
-        forced = ""
+        forced, forced_call = "", None
         if add_generation_prompt and tools:
             forced = self._forced_prefix(tool_choice)
+            forced_call = self._forced_call(tool_choice, tools) if forced else None
         starts_in_reasoning = add_generation_prompt and text.rstrip().endswith("<think>")
-        return RenderedPrompt(text + forced, forced, starts_in_reasoning)
+        return RenderedPrompt(text + forced, forced, starts_in_reasoning, forced_call)
 
     @cached_property
     def turn_suffix(self) -> str:
@@ -142,6 +152,13 @@ class ChatRenderer:
         if isinstance(tool_choice, dict):
             return named.format(name=tool_choice["function"]["name"])
         return ""
+
+    def _forced_call(self, tool_choice: str | dict[str, Any] | None, tools: list[dict[str, Any]]) -> ForcedToolCall:
+        after_name, json_arguments, closer = _FORCED_CALL_REST.get(self.tool_parser.name, _FORCED_CALL_REST["hermes"])
+        if isinstance(tool_choice, dict):  # the prompt names the tool already: only its arguments remain
+            return ForcedToolCall((), "", json_arguments, closer)
+        names = tuple(tool["function"]["name"] for tool in tools)
+        return ForcedToolCall(names, after_name, json_arguments, closer)
 
     @staticmethod
     def _native_messages(messages: list[ChatMessage]) -> list[ChatMessage]:

@@ -46,6 +46,26 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     top_logprobs: int = 0
+    # tool_choice "required" or a named tool: the completion must begin with a well-formed call
+    # of a declared tool (an engine constrains its sampling; see ForcedToolCall).
+    forced_call: ForcedToolCall | None = None
+
+
+@dataclass(frozen=True)
+class ForcedToolCall:
+    """What a completion must begin with when the request forces a tool call.
+
+    The prompt already ends with the call's opening (``<tool_call>\n{"name": "`` for Hermes, say);
+    the completion must then be one of ``names`` (none when the prompt named the tool already),
+    ``after_name``, a JSON object (the arguments) when ``json_arguments``, and ``closer``; after that,
+    anything. Tokens sampled under it record their logprob under the constrained distribution
+    (the one they were drawn from). An engine that cannot constrain sampling must say so.
+    """
+
+    names: tuple[str, ...]
+    after_name: str
+    json_arguments: bool
+    closer: str
 
 
 @dataclass(frozen=True)

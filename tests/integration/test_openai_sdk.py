@@ -147,17 +147,30 @@ def test_models_health_and_metrics(gateway):
     assert metrics["arborl_time_to_first_token_seconds_count"] == 1
 
 
-def test_malformed_tool_call_comes_back_as_text_and_is_counted(gateway):
-    """The random model continues a forced call with garbage: text, not a 500, and counted."""
-    client = openai.OpenAI(base_url=gateway.v1, api_key="test")
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    response = client.chat.completions.create(
-        model="tiny", messages=conversation(0), tools=[WEATHER_TOOL], tool_choice=named, max_tokens=12, seed=3
-    )
-    message = response.choices[0].message
-    assert message.tool_calls is None
-    assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
-    assert gateway.metrics()["arborl_tool_call_parse_failures_total{parser=hermes}"] == 1
+def test_malformed_tool_call_comes_back_as_text_and_is_counted(tiny_model_dir, tmp_path):
+    """A model that writes a call it cannot finish (unforced: tool_choice auto): text, not a 500, and counted.
+    (A forced call cannot come out malformed: the engine constrains it, test_forced_tool_choice.)"""
+    from transformers import AutoTokenizer
+
+    from arborl.gateway.app import create_app
+    from arborl.gateway.settings import GatewaySettings
+    from arborl.ops.local_gateway import ServerThread
+    from arborl.rollout.store import TrajectoryStore
+    from scripted_engine import ScriptedEngine
+
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {city: Paris'
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: broken)
+    store = TrajectoryStore(tmp_path / "store.sqlite")
+    app = create_app(engine, store, GatewaySettings(tool_parser="hermes"))
+    with ServerThread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="test")
+        response = client.chat.completions.create(model="tiny", messages=conversation(0), tools=[WEATHER_TOOL],
+                                                  tool_choice="auto", max_tokens=60)
+        message = response.choices[0].message
+        assert message.tool_calls is None
+        assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+        assert "arborl_tool_call_parse_failures_total{parser=\"hermes\"} 1.0" in httpx.get(url + "/metrics").text
+    store.close()
 
 
 def test_streamed_logprobs_arrive_with_the_content(gateway):

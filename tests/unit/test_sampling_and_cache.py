@@ -100,3 +100,25 @@ def test_top_logprobs_outside_the_support_are_finite():
     _, _, top = sample_token(logits, SamplingParams(top_k=1, top_logprobs=3), torch.Generator().manual_seed(0))
     assert top[0][0] == 0
     assert all(math.isfinite(lp) for _, lp in top) and top[1][1] == -9999.0
+
+
+def test_constrained_sampling_draws_only_allowed_tokens_and_reports_their_constrained_logprob():
+    from arborl.gateway.engines.sampling import NoAllowedToken
+
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    allowed = {1, 3}
+    params = SamplingParams(temperature=1.0)
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        token, logprob, _ = sample_token(logits, params, generator, lambda t: t in allowed)
+        seen.add(token)
+        assert token in allowed and logprob <= 0
+    assert seen == allowed
+    # Among the shortlist only, the constrained logprob is exact: log p(t) / sum over the allowed.
+    token, logprob, _ = sample_token(logits, SamplingParams(temperature=0.0), generator,
+                                     lambda t: t in allowed, shortlist=[1, 3])
+    exact = torch.log_softmax(logits[[1, 3]], dim=-1)[0]
+    assert token == 1 and math.isclose(logprob, float(exact), rel_tol=1e-6)
+    with pytest.raises(NoAllowedToken):
+        sample_token(logits, params, generator, lambda t: False)
