@@ -4,8 +4,8 @@ Every dialect encodes through ``json_bytes``, so one rule holds everywhere: what
 can always be sent back. JSON lets a request carry a lone UTF-16 surrogate (``"\\ud800"``) that
 UTF-8 cannot encode; echoing it (Responses echoes ``instructions`` and ``metadata``) must not fail
 after the model ran. Such a body goes out with non-ASCII characters escaped, which is the same
-JSON value, so the client reads back exactly what it sent. Everything else goes out as UTF-8. NaN and infinities are not JSON and are refused (as by
-FastAPI's own encoder): none should ever reach a response.
+JSON value, so the client reads back exactly what it sent. Everything else goes out as UTF-8.
+NaN and infinities are not JSON and are refused (as by FastAPI's own encoder): none should ever reach a response.
 """
 
 from __future__ import annotations

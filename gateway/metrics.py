@@ -18,7 +18,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("arborl_requests_total", "API requests by route and status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "arborl_requests_total", "API requests by route and status", ["route", "status"], registry=r
+        )
         self.request_duration = Histogram(
             "arborl_request_duration_seconds", "Time from request to last byte", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,

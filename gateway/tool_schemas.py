@@ -38,7 +38,8 @@ def check_function_tools(tools: list[dict[str, Any]], *, field: str = "tools") -
     for i, tool in enumerate(tools):
         parameters = tool["function"].get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
-            raise InvalidRequest(f"{field}[{i}] has parameters that are not a JSON schema object", param=f"{field}[{i}]")
+            where = f"{field}[{i}]"
+            raise InvalidRequest(f"{where} has parameters that are not a JSON schema object", param=where)
         try:
             jsonschema.validators.validator_for(parameters).check_schema(parameters)
         except jsonschema.SchemaError as exc:

@@ -42,5 +42,5 @@ def logp_old_and_entropy(
         raise ValueError(f"passes must be >= 1, got {passes}")
     with torch.no_grad():
         logp, entropy = zip(*(packed_logprobs_and_entropy(model, batch, attention=attention, at=at)
-                              for _ in range(passes)))
+                              for _ in range(passes)), strict=True)
     return mcla_logp_old(torch.stack(logp), space=space), torch.stack(entropy).mean(0)

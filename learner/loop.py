@@ -185,7 +185,8 @@ class Learner:
     def apply_overrides(self) -> None:
         """Run-time settings an operator set (``arborl ops set lr=...``), from this step on."""
         overrides = self.controls.learner_overrides
-        changed = {k: v for k, v in overrides.items() if k in ("lr", "max_staleness") and getattr(self.settings, k) != v}
+        live = ("lr", "max_staleness")
+        changed = {k: v for k, v in overrides.items() if k in live and getattr(self.settings, k) != v}
         if not changed:
             return
         self.settings = self.settings.model_copy(update=changed)
@@ -326,7 +327,8 @@ class Learner:
         self.metrics.steps_skipped.labels(NON_FINITE).inc()
         data = f"dropped groups {ids} ({NON_FINITE})" if ids else f"marked {len(feedback_ids)} feedback used"
         message = (f"step {step}: skipped, the loss ({metrics['loss']:.4g}) or the gradient norm "
-                   f"({metrics['grad_norm']:.4g}) is not finite; weights unchanged, version {self.version} stays; {data}")
+                   f"({metrics['grad_norm']:.4g}) is not finite; weights unchanged, "
+                   f"version {self.version} stays; {data}")
         (log.warning if self._progress_is_log else self.progress)(message)
         return StepReport(self.step, self.version, ids, metrics, skipped=True)
 

@@ -37,7 +37,8 @@ class LearnerSettings(BaseModel):
     difficulty_lambda: float = 0.0
     entropy_mu: float = 0.0
     token_budget: int = 8192
-    attention: str = "arborl_tree_blocks"  # kernels.tree_attention: arborl_tree_blocks | arborl_tree_sdpa | arborl_tree_flex
+    # kernels.tree_attention: arborl_tree_blocks | arborl_tree_sdpa | arborl_tree_flex
+    attention: str = "arborl_tree_blocks"
     kl_coef: float = 0.0  # > 0 loads a frozen copy of the starting weights as the reference policy
     opd_lambda: float = 1.0
     teachers: dict[str, str] = Field(default_factory=dict)  # task domain -> teacher model (same tokenizer)

@@ -247,7 +247,8 @@ def _micro_loss(micro: MicroBatch, logp, advantages, rollouts, sizes, config: St
     n = len(rollouts)
     if config.loss == "sft":
         # masked_sft_loss over the whole step: this micro-batch's tokens over every kept token
-        mask = torch.cat([_sft_mask(rollouts[int(r)], call) for call, r in zip(micro.calls, micro.call_rollout)])
+        owners = zip(micro.calls, micro.call_rollout, strict=True)
+        mask = torch.cat([_sft_mask(rollouts[int(r)], call) for call, r in owners])
         share = mask.sum() / sizes["sft_tokens"].clamp_min(1)
         none = torch.tensor(0.0)
         return masked_sft_loss(logp, mask.to(logp)) * share.to(logp), {"clip_frac": none, "clipped": none,
@@ -354,7 +355,8 @@ def _run_step(
         if not policy_pass:  # one deterministic pass: this forward's own logp is logp_old
             micro.logp_old, micro.entropy = logp.detach(), entropy.detach()
         weights = None
-        recorded = [rollouts[int(r)].logp_rollout.get(c.key) for c, r in zip(micro.calls, micro.call_rollout)]
+        owners = zip(micro.calls, micro.call_rollout, strict=True)
+        recorded = [rollouts[int(r)].logp_rollout.get(c.key) for c, r in owners]
         if config.icepop and all(x is not None for x in recorded):
             logp_rollout = torch.cat(recorded).to(micro.logp_old)
             weights = icepop_weights(micro.logp_old, logp_rollout)

@@ -208,8 +208,9 @@ def train(args: argparse.Namespace) -> None:
 
         start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
     try:
+        teachers = {domain: resolve_model(model) for domain, model in config.learner.teachers.items()}
         learner = Learner(ledger, run_dir, config.learner, base_model=base, publisher=publisher, resume=args.resume,
-                          device=args.device, teachers={d: resolve_model(m) for d, m in config.learner.teachers.items()},
+                          device=args.device, teachers=teachers,
                           metrics=metrics, progress=lambda line: print(line, flush=True))
     except LearnerError as exc:
         raise SystemExit(f"arborl: {exc}") from None

@@ -46,7 +46,8 @@ def connect_text(scaffold: str, target: GatewayTarget, write_home: Path | None =
     else:
         for relative, text in setup.files.items():
             lines.append(f"# write ~/{relative} (or rerun with --write-home DIR):")
-            lines.append(f"mkdir -p ~/{shlex.quote(str(Path(relative).parent))} && cat > ~/{shlex.quote(relative)} <<'ARBORL'")
+            folder, file = shlex.quote(str(Path(relative).parent)), shlex.quote(relative)
+            lines.append(f"mkdir -p ~/{folder} && cat > ~/{file} <<'ARBORL'")
             lines.append(text.rstrip("\n"))
             lines.append("ARBORL")
     lines.append("# then, in your project: " + shlex.join(adapter.command("describe your task here")))

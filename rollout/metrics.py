@@ -26,8 +26,8 @@ class RolloutMetrics:
                                 "verifier_failed: the task's verifier gave no reward)",
                                 ["scaffold", "outcome"], registry=r)
         self.infra_attempts = Counter("arborl_rollout_infra_failures_total",
-                                      "Attempts lost to an infrastructure or verifier failure (each is retried)", ["scaffold"],
-                                      registry=r)
+                                      "Attempts lost to an infrastructure or verifier failure (each is retried)",
+                                      ["scaffold"], registry=r)
         self.running = Gauge("arborl_rollouts_running", "Rollouts under way", registry=r)
         self.reward = Histogram("arborl_rollout_reward", "Reward of graded rollouts", ["scaffold"],
                                 buckets=_REWARD_BUCKETS, registry=r)

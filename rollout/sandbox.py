@@ -538,10 +538,10 @@ class Sandbox(ABC):
     @abstractmethod
     def tmp_inside(self) -> str: ...
 
-    def _check_available(self) -> None:
+    def _check_available(self) -> None:  # noqa: B027 (an optional hook: a no-op unless overridden)
         """Raise SandboxUnavailable if this kind cannot run here."""
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 (an optional hook)
         """Extra set-up of the scratch folder, before it is handed to the sandbox's uid."""
 
     @abstractmethod
@@ -963,7 +963,7 @@ class LocalSandbox(Sandbox):
     def tmp_inside(self) -> str:
         return str(self.tmp)
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 (an optional hook)
         if not self.switches_uid:
             return
         for folder in [self.dir.parent, *self.dir.parent.parents]:
@@ -1018,7 +1018,7 @@ class BwrapSandbox(Sandbox):
     def tmp_inside(self) -> str:
         return "/tmp"
 
-    def _check_available(self) -> None:
+    def _check_available(self) -> None:  # noqa: B027 (an optional hook: a no-op unless overridden)
         problem = _bwrap_problem()
         if problem is not None:
             raise SandboxUnavailable(problem)

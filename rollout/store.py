@@ -346,7 +346,8 @@ class TrajectoryStore:
             rows = self._db.execute(
                 "SELECT id, session_id, seq, dialect, status, finish_reason, node_id, prompt_len, completion_len, "
                 "completion_logprobs, completion_versions, messages, response_message, token_exact, "
-                "stitched_from, branch_reason, created_at, finished_at, purpose FROM calls WHERE session_id = ? ORDER BY seq",
+                "stitched_from, branch_reason, created_at, finished_at, purpose "
+                "FROM calls WHERE session_id = ? ORDER BY seq",
                 (session_id,),
             ).fetchall()
         return [

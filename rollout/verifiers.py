@@ -57,7 +57,7 @@ from .tasks import VERIFIER_DIR, Task, TaskError
 LOG_TAIL_CHARS = 20_000
 
 
-class TestStatus(str, enum.Enum):
+class TestStatus(enum.StrEnum):
     __test__ = False  # not a pytest test class, whatever its name
 
     PASSED = "PASSED"
@@ -72,7 +72,7 @@ class TestStatus(str, enum.Enum):
         return self in (TestStatus.PASSED, TestStatus.XFAIL, TestStatus.XPASS)
 
 
-class Resolution(str, enum.Enum):
+class Resolution(enum.StrEnum):
     """SWE-bench's ``ResolvedStatus``, with the same values."""
 
     FULL = "RESOLVED_FULL"

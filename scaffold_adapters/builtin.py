@@ -56,7 +56,8 @@ CONNECT_TIMEOUT_S = 30.0
 _T = TypeVar("_T")
 
 # Why a run ended (the same words as arborl.rollout.results).
-SUBMITTED, TURN_LIMIT, TIME_LIMIT, AGENT_ERROR, STOPPED = "submitted", "turn_limit", "time_limit", "agent_error", "stopped"
+SUBMITTED, TURN_LIMIT, TIME_LIMIT = "submitted", "turn_limit", "time_limit"
+AGENT_ERROR, STOPPED = "agent_error", "stopped"
 
 SYSTEM_PROMPT = """You are a coding agent working in a repository (your current directory).
 Do the task with the tools: bash runs a shell command, read_file shows a file, write_file writes
@@ -410,9 +411,10 @@ class BuiltinAgent:
 
     def _bash(self, command: str) -> str:
         result = self._command(command)
+        output = clip(_output(result), self.max_output_chars)
         if result.exit_code is None:
-            return f"the command was stopped after {self._timeout():.0f} s\n" + clip(_output(result), self.max_output_chars)
-        return f"exit code {result.exit_code}\n" + clip(_output(result), self.max_output_chars)
+            return f"the command was stopped after {self._timeout():.0f} s\n" + output
+        return f"exit code {result.exit_code}\n" + output
 
     def _write(self, path: str, content: str) -> str:
         script = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'

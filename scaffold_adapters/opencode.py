@@ -10,9 +10,9 @@ makes no other request to the gateway (no ``/v1/models``).
 - Main calls carry its tools (bash, edit, glob, grep, read, skill, task, todowrite, webfetch,
   write) with ``tool_choice: "auto"``; the system prompt starts "You are opencode, an
   interactive CLI tool". The task arrives as the user message wrapped in double quotes, inner
-  quotes backslash-escaped (``run`` quotes every argument that contains a space). History comes back faithfully: tool-call ids
-  and argument strings as sampled, ``reasoning_content`` with each assistant turn, so every
-  main call stitches onto the previous one.
+  quotes backslash-escaped (``run`` quotes every argument that contains a space). History comes
+  back faithfully: tool-call ids and argument strings as sampled, ``reasoning_content`` with each
+  assistant turn, so every main call stitches onto the previous one.
 - The title call runs alongside the first main call, on the ``small_model``: no tools, a system
   message "You are a title generator. You output ONLY a thread title. ...", then the user
   messages "Generate a title for this conversation:\\n" and the quoted task.

@@ -90,7 +90,8 @@ def write_harbor_task(folder: Path, *, reward_json: bool = False) -> Path:
     (folder / "environment" / "data" / "input.txt").write_text("in\n")
     test_sh = TEST_SH
     if reward_json:
-        test_sh = test_sh.replace("echo 1 > /logs/verifier/reward.txt", """echo '{"reward": 1.0, "style": 0.5}' > /logs/verifier/reward.json""")
+        test_sh = test_sh.replace("echo 1 > /logs/verifier/reward.txt",
+                                  """echo '{"reward": 1.0, "style": 0.5}' > /logs/verifier/reward.json""")
     (folder / "tests" / "test.sh").write_text(test_sh)
     (folder / "tests" / "check.py").write_text(CHECK_PY)
     (folder / "solution" / "solve.sh").write_text(SOLVE_SH)

@@ -164,8 +164,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool: ...
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (an optional hook: a no-op unless overridden)
         """Start background work (the scheduler); called once by the app on startup."""
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> None:  # noqa: B027 (an optional hook)
         """Stop background work; in-flight generations finish with reason ``abort``."""

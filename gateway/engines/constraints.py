@@ -9,8 +9,9 @@ still acceptable:
 
 ``check(constraint, text)`` says ``INVALID`` (no continuation of ``text`` satisfies it), ``OPEN``
 (some continuation does: with the shortest one, and the characters that may come next) or
-``DONE`` (a prefix of ``text`` already satisfies it: the call is complete and the rest is free). The JSON object is checked by a character-level pushdown
-automaton (``JsonObjectPrefix``), so a forced call's arguments always parse.
+``DONE`` (a prefix of ``text`` already satisfies it: the call is complete and the rest is free).
+The JSON object is checked by a character-level pushdown automaton (``JsonObjectPrefix``), so a
+forced call's arguments always parse.
 
 Invariant (tested): for every valid JSON object ``o``, every prefix of ``json.dumps(o)`` (any
 indentation, so long as no run of whitespace exceeds ``MAX_BLANK_RUN``: a model sampled under the
@@ -150,7 +151,8 @@ class JsonObjectPrefix:
         elif self.literal:
             out, expect = self.literal, "comma_or_end"
         elif self.number:
-            out, expect = ("0" if self.number in ("sign", "frac_start", "exp_start", "exp_sign") else ""), "comma_or_end"
+            unfinished = self.number in ("sign", "frac_start", "exp_start", "exp_sign")
+            out, expect = ("0" if unfinished else ""), "comma_or_end"
         out += {"start": "{", "key": '"":0', "colon": ":0", "value": "0"}.get(expect, "")
         stack = self.stack if expect != "start" else ["{"]
         return out + "".join("}" if opener == "{" else "]" for opener in reversed(stack))

@@ -83,7 +83,8 @@ def _flattened_attention(module, query, key, value, attention_mask, scaling=None
     offset = 0
     for seg in segments:
         q = query[:, :, offset : offset + seg.length]
-        seg.kv.write(layer, seg.start, key[:, :, offset : offset + seg.length], value[:, :, offset : offset + seg.length])
+        span = slice(offset, offset + seg.length)
+        seg.kv.write(layer, seg.start, key[:, :, span], value[:, :, span])
         total = seg.start + seg.length
         k, v = seg.kv.view(layer, total)
         if seg.length == 1:
@@ -568,8 +569,8 @@ class EmbeddedEngine(Engine):
         unexpected = sorted(set(state) - set(current))
         wrong_shape = sorted(k for k in state.keys() & current.keys() if state[k].shape != current[k].shape)
         if missing or unexpected or wrong_shape:
-            raise InvalidCheckpoint(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                              f"wrong shape {wrong_shape[:5]}")
+            raise InvalidCheckpoint(f"weights do not fit the model: missing {missing[:5]}, "
+                                    f"unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}")
         self.model.load_state_dict(state, strict=False)
         # KV computed by the old weights must not seed prompts of the new policy.
         self.prefix_cache.clear()

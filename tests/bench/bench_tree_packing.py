@@ -22,7 +22,8 @@ On two CPU cores the full shape is hours per layout; the README's figures use ``
 The micro-batch budget matters on the CPU: at 8,192 tokens the group is one micro-batch (the
 prompt computed once) but elementwise ops cost 3.5x more per token out of cache, so 2,048 wins.
 
-    .venv/bin/python tests/bench/bench_tree_packing.py --scale 0.125 --budget 2048   # writes tests/bench/results/tree_packing.json
+    # writes tests/bench/results/tree_packing.json
+    .venv/bin/python tests/bench/bench_tree_packing.py --scale 0.125 --budget 2048
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from arborl.rollout.trie import Trie
 HERE = Path(__file__).resolve().parent
 
 
-def agent_group(vocab: int, scale: float, *, rollouts: int = 8, turns: int = 10, compact_after: int = 6) -> list[RolloutSample]:
+def agent_group(
+    vocab: int, scale: float, *, rollouts: int = 8, turns: int = 10, compact_after: int = 6
+) -> list[RolloutSample]:
     """One group's rollouts in one shared trie (what ``learner.group_data`` builds from the store)."""
     rng = random.Random(0)
     size = {name: max(1, round(n * scale)) for name, n in
@@ -81,7 +84,8 @@ def _time_step(model, optimizer, rollouts, config: StepConfig) -> tuple[float, i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=float, default=0.125, help="multiply every length of the shape (1 = the issue's)")
+    parser.add_argument("--scale", type=float, default=0.125,
+                        help="multiply every length of the shape (1 = the issue's)")
     parser.add_argument("--budget", type=int, default=2048, help="tokens per micro-batch")
     parser.add_argument("--attention", default=BLOCKS, help="tree attention implementation")
     parser.add_argument("--per-call-full", action="store_true", help="time per-call on all rollouts")
@@ -125,7 +129,8 @@ def main() -> None:
     print("\n| layout | tokens computed | step time | tokens/s |\n| --- | --- | --- | --- |")
     for layout in config:
         print(f"| {layout} | {tokens[layout]} | {seconds[layout]:.1f} s | {tokens[layout] / seconds[layout]:.0f} |")
-    print("\n| tree packing vs | token reduction | step-time speed-up | speed-up / reduction |\n| --- | --- | --- | --- |")
+    print("\n| tree packing vs | token reduction | step-time speed-up | speed-up / reduction |")
+    print("| --- | --- | --- | --- |")
     results: dict = {"scale": args.scale, "budget": args.budget, "attention": args.attention, "device": args.device,
                      "per_call_timing": how, "tokens": tokens, "seconds": seconds, "vs": {}}
     for baseline in ("per_rollout", "per_call"):

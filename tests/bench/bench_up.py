@@ -175,7 +175,8 @@ def curve(args: argparse.Namespace) -> None:
         interval = f"[{100 * p['low']:.0f}%, {100 * p['high']:.0f}%]"
         print(f"{row['minutes']:>8g} {row['version']:>8} {100 * p['value']:>7.1f}% {interval:>16}")
     latency = figures.latency_median_s
-    print(f"\nrollouts per hour {figures.rollouts_per_hour:.0f}; learner busy {100 * figures.learner_busy_fraction:.0f}%;"
+    print(f"\nrollouts per hour {figures.rollouts_per_hour:.0f}; "
+          f"learner busy {100 * figures.learner_busy_fraction:.0f}%;"
           f" {figures.steps} steps; reward-to-served latency median "
           f"{'-' if latency is None else f'{latency:.0f} s'} over {len(figures.latencies_s)} steps")
     chart = line_chart([Series("held-out pass@1", [(r["minutes"], r["pass_at_1"]["value"]) for r in rows]),
@@ -207,7 +208,8 @@ def sync(args: argparse.Namespace) -> None:
         finally:
             stop_up(up)
         figures = read_figures(run)  # from its first rollout: the model's start-up is not counted
-        rows[name] = {"rollouts": figures.rollouts, "hours": figures.hours, "rollouts_per_hour": figures.rollouts_per_hour,
+        rows[name] = {"rollouts": figures.rollouts, "hours": figures.hours,
+                      "rollouts_per_hour": figures.rollouts_per_hour,
                       "steps": figures.steps, "learner_busy_fraction": figures.learner_busy_fraction,
                       "reward_to_served_median_s": figures.latency_median_s}
     print(f"\n`arborl up`, {args.minutes:g} min each, same configuration")

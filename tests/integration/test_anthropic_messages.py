@@ -26,7 +26,8 @@ def _client(live, session: str | None = None) -> anthropic.Anthropic:
 
 def test_non_streaming_text(gateway):
     message = _client(gateway).messages.create(
-        model="tiny", max_tokens=12, system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        model="tiny", max_tokens=12,
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
         messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
         metadata={"user_id": "u1"}, extra_body={"context_management": {"edits": []}},
     )
@@ -111,8 +112,9 @@ def test_count_tokens_matches_the_prompt(gateway):
 def test_system_mid_conversation_and_tool_error_results(gateway):
     messages = [
         {"role": "user", "content": "Run it."},
-        {"role": "assistant", "content": [{"type": "thinking", "thinking": "I should run it.", "signature": "x"},
-                                          {"type": "tool_use", "id": "toolu_1", "name": "run", "input": {"cmd": "ls"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should run it.", "signature": "x"},
+            {"type": "tool_use", "id": "toolu_1", "name": "run", "input": {"cmd": "ls"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
                                       "content": [{"type": "text", "text": "permission denied"}]}]},
         {"role": "system", "content": "Reminder: be careful."},
@@ -164,7 +166,8 @@ def test_sdk_raises_typed_errors(gateway):
         client.messages.create(model="claude-nope", max_tokens=5, messages=ASK)
     with pytest.raises(anthropic.BadRequestError, match="prompt is too long"):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "word " * 6000}])
-    malformed = httpx.post(gateway.url + "/v1/messages", content=b'{"model": ', headers={"content-type": "application/json"})
+    malformed = httpx.post(gateway.url + "/v1/messages", content=b'{"model": ',
+                           headers={"content-type": "application/json"})
     assert malformed.status_code == 400 and malformed.json()["type"] == "error"
 
 

@@ -214,7 +214,8 @@ def test_an_agent_that_does_what_a_harbor_instruction_says_in_app_is_graded_righ
         folder = re.search(r"script\s+(\S+)/hello\.sh", prompt).group(1)
         turn = tool_turn(prompt)
         if turn == 0:
-            return call("write_file", path=f"{folder}/hello.sh", content=f"#!/bin/bash\ncd {folder} && python3 greet.py\n")
+            script = f"#!/bin/bash\ncd {folder} && python3 greet.py\n"
+            return call("write_file", path=f"{folder}/hello.sh", content=script)
         if turn == 1:
             return call("bash", command=f"chmod +x {folder}/hello.sh && cd / && {folder}/hello.sh")
         return call("submit")

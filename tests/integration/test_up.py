@@ -55,7 +55,8 @@ def up_config(root: Path, **sections: dict) -> Path:
         "rollout": {"group_size": 4, "concurrency": 2, "max_turns": 1, "max_tokens": 12, "temperature": None},
         "learner": {"lr": 1e-3, "groups_per_step": 1, "max_staleness": 8, "token_budget": 2048,
                     "attention": "arborl_tree_sdpa", "poll_interval_s": 0.2},
-        "up": {"dataset": str(regex_tasks(root / "tasks")), "heldout_every": 2, "train_difficulty": None, "learner_metrics_port": free_port(),
+        "up": {"dataset": str(regex_tasks(root / "tasks")), "heldout_every": 2, "train_difficulty": None,
+               "learner_metrics_port": free_port(),
                "rollout_metrics_port": free_port(), "max_restarts": 3},
     }
     for name, values in sections.items():

@@ -56,7 +56,8 @@ def test_arguments_that_are_not_json():
     assert "not valid JSON" in broken.problem
     assert "must be a JSON object" in parse_tool_call(raw("write_file", "[1, 2]")).problem
     # a non-string value is passed on as JSON text, not dropped
-    assert parse_tool_call(raw("write_file", {"path": "a.json", "content": {"k": 1}})).arguments["content"] == '{"k": 1}'
+    parsed = parse_tool_call(raw("write_file", {"path": "a.json", "content": {"k": 1}}))
+    assert parsed.arguments["content"] == '{"k": 1}'
 
 
 def test_unknown_tools_and_missing_arguments_are_explained():

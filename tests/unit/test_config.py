@@ -75,7 +75,8 @@ def test_every_settings_model_refuses_unknown_fields(model: type[BaseModel]):
 
 def test_the_clis_own_single_underscore_variables_are_neither_read_nor_refused():
     environ = {"ARBORL_ADMIN_TOKEN": "x", "ARBORL_SUPERVISOR_PID": "1", "ARBORL_CACHE": "/tmp/c",
-               "ARBORL_RUN_DIR": "/elsewhere", "ARBORL_API_KEY": "y", "ARBORL_TORCH": "torch", "ARBORL_LEARNER": '{"lr": 5}'}
+               "ARBORL_RUN_DIR": "/elsewhere", "ARBORL_API_KEY": "y", "ARBORL_TORCH": "torch",
+               "ARBORL_LEARNER": '{"lr": 5}'}
     assert load_config(environ=environ) == load_config(environ={})
 
 

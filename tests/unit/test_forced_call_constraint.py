@@ -21,7 +21,8 @@ def _value(rng: random.Random, depth: int):
                            "tab\tline\nend", "\u00e9\u4e2d\U0001f600", "\x01"])
     if kind < 0.65:
         return [_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {rng.choice(["k", "key", "\u00fc", 'x"y']) + str(i): _value(rng, depth + 1) for i in range(rng.randint(0, 3))}
+    keys = ["k", "key", "\u00fc", 'x"y']
+    return {rng.choice(keys) + str(i): _value(rng, depth + 1) for i in range(rng.randint(0, 3))}
 
 
 def _feed(text: str) -> tuple[bool, bool, int]:

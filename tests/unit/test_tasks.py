@@ -318,7 +318,8 @@ def test_builtin_set_shape():
     for task in questions:
         answer = task.metadata["reference_answer"]
         assert task.verifier.kind == "regex" and task.difficulty == "easy" and task.source == "builtin"
-        assert regex_match(answer, task.verifier.expected) and regex_match(f"It prints {answer}.", task.verifier.expected)
+        expected = task.verifier.expected
+        assert regex_match(answer, expected) and regex_match(f"It prints {answer}.", expected)
         assert not regex_match(f"{answer}0", task.verifier.expected) and not regex_match("", task.verifier.expected)
     size = sum(path.stat().st_size for path in BUILTIN_DIR.rglob("*") if path.is_file())
     assert size < 1_000_000

@@ -72,7 +72,8 @@ def test_store_records_reloads_and_continues(tmp_path):
     reopened = TrajectoryStore(tmp_path / "s.sqlite")
     assert (reopened.total_nodes, reopened.total_tokens) == (nodes, tokens)
     calls = reopened.calls("s")
-    assert [reopened.call_tokens(c) for c in calls] == [([1, 2, 3], [4, 5]), ([1, 2, 3, 4, 5, 6], [7]), ([1, 2, 9], [8])]
+    expected = [([1, 2, 3], [4, 5]), ([1, 2, 3, 4, 5, 6], [7]), ([1, 2, 9], [8])]
+    assert [reopened.call_tokens(c) for c in calls] == expected
     assert calls[0].completion_versions == [3, 3] and calls[0].versions == [3]
     assert calls[2].branch_reason == "history_edited"
     # node ids keep increasing after a restart, and the trie keeps growing from disk
