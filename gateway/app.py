@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 def default_tool_parser(engine: Engine | UpstreamEngine) -> str:
     """The tool-call syntax a model family was trained on."""
     model_type = getattr(getattr(getattr(engine, "model", None), "config", None), "model_type", "")
-    vocab = getattr(engine.tokenizer, "get_vocab", dict)()
+    vocab: dict[str, int] = getattr(engine.tokenizer, "get_vocab", dict)()
     if "coder" in engine.model_name.lower() and model_type.startswith("qwen3"):
         return "qwen3_coder"
     if "<|python_tag|>" in vocab:
@@ -74,7 +74,7 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         if hasattr(engine, "observer"):
-            engine.observer = self.metrics  # type: ignore[attr-defined]
+            engine.observer = self.metrics
         parser = get_parser(settings.tool_parser or default_tool_parser(engine))
         self.completions: CompletionService | UpstreamCompletions
         if isinstance(engine, UpstreamEngine):
@@ -391,7 +391,7 @@ def create_app(
 
     # Under /s/{session_id} every route also declares (and checks) the session id path parameter,
     # so the OpenAPI schema describes those operations completely.
-    in_session = {"prefix": "/s/{session_id}", "dependencies": [Depends(session_path)]}
+    in_session: dict[str, Any] = {"prefix": "/s/{session_id}", "dependencies": [Depends(session_path)]}
     for dialect in (openai_chat.router, anthropic_messages.router, responses_api.router):
         app.include_router(dialect)
         app.include_router(dialect, **in_session)

@@ -25,7 +25,7 @@ from .http_streams import (
     with_keepalives,
 )
 from .json_wire import JSONResponse, sse_event
-from .openai_chat_schema import ChatCompletionRequest, Message, TextPart
+from .openai_chat_schema import ChatCompletionRequest, Message, NamedToolChoice, TextPart
 from .rendering import ChatMessage
 from .request_log import CLIENT_CLOSED_REQUEST
 from .settings import GatewaySettings
@@ -166,7 +166,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages=normalise_messages(body.messages),
         sampling=sampling_params(body, gateway.settings),
         tools=validate_tools(body),
-        tool_choice=body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice,
+        tool_choice=(body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice)
+                     else body.tool_choice),
         request_body=gateway.raw_body(request),
     )
     n = body.n or 1

@@ -32,7 +32,6 @@ from .engines.base import SamplingParams
 from .errors import ContextLengthExceeded, GatewayError, InvalidRequest, Overloaded
 from .header_values import header_list
 from .http_streams import (
-    SSE_KEEPALIVE,
     ending_with_error_event,
     last_result,
     until_disconnected,
@@ -281,8 +280,10 @@ class _ResponseShell:
             return out
 
         async for event in with_keepalives(stream, keepalive_s):
-            if event is None:  # nothing for a while (a long prefill): an SSE comment keeps the client waiting
-                yield SSE_KEEPALIVE
+            if event is None:  # nothing for a while (a long prefill): say the response is still in progress
+                # An event, not an SSE comment: Codex's idle timeout (stream_idle_timeout_ms) counts
+                # only events, so a comment would not keep it waiting.
+                yield self.event("response.in_progress", response=self.response("in_progress", items))
                 continue
             chunks: list[bytes] = []
             index = len(items) - 1
@@ -296,6 +297,7 @@ class _ResponseShell:
                 if current is None or current["type"] != "reasoning":
                     chunks += open_item(_reasoning_item(""))
                     index = len(items) - 1
+                assert current is not None  # open or just opened by open_item
                 current["content"][0]["text"] += event.text
                 chunks.append(self.event("response.reasoning_text.delta", item_id=current["id"],
                                          output_index=index, content_index=0, delta=event.text))
@@ -310,12 +312,14 @@ class _ResponseShell:
                     text, held = held, ""
                     chunks += open_item(_message_item(""))
                     index = len(items) - 1
+                assert current is not None  # open or just opened by open_item
                 current["content"][0]["text"] += text
                 chunks.append(self.event("response.output_text.delta", item_id=current["id"],
                                          output_index=index, content_index=0, delta=text))
             elif isinstance(event, ToolCallStart):
                 chunks += open_item(_call_item(event.id, event.name, ""))
             elif isinstance(event, ToolCallArgsDelta):
+                assert current is not None  # the call's ToolCallStart opened its item
                 current["arguments"] += event.fragment
                 chunks.append(self.event("response.function_call_arguments.delta", item_id=current["id"],
                                          output_index=index, delta=event.fragment))

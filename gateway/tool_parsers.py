@@ -136,8 +136,10 @@ class ToolCallParser(abc.ABC):
         """A new incremental parser for one output."""
 
     @abc.abstractmethod
-    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
-        """One call written the way this family writes it (to re-render history)."""
+    def format_call(self, name: str, arguments: dict[str, Any] | str) -> str:
+        """One call written the way this family writes it (to re-render history). ``arguments``
+        is a JSON object, or the text a client sent as a call's arguments when that text is not
+        one (it is written as it is, not dropped)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +337,7 @@ class Hermes(_TaggedBlockParser):
         # "parameters" is accepted too: models trained on Llama-style data mix the two up.
         return _json_call(obj, args_keys=("arguments", "parameters"))
 
-    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+    def format_call(self, name: str, arguments: dict[str, Any] | str) -> str:
         # Same spacing as the Qwen chat templates' ``tojson``, so re-rendered history matches
         # what the model produced.
         body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
@@ -402,11 +404,14 @@ class Qwen3Coder(_TaggedBlockParser):
             arguments[pname] = _guess_value(value)
             pos = close + len(_PARAM_CLOSE)
 
-    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+    def format_call(self, name: str, arguments: dict[str, Any] | str) -> str:
         lines = [self.start_marker, f"<function={name}>"]
-        for key, value in arguments.items():
-            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-            lines += [f"{_PARAM_OPEN}{key}>", text, _PARAM_CLOSE]
+        if isinstance(arguments, str):  # not a JSON object, so no parameters: the text as it is
+            lines.append(arguments)
+        else:
+            for key, value in arguments.items():
+                text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                lines += [f"{_PARAM_OPEN}{key}>", text, _PARAM_CLOSE]
         lines += [_FUNCTION_CLOSE, self.end_marker]
         return "\n".join(lines)
 
@@ -482,7 +487,7 @@ class Llama3Json(ToolCallParser):
     def streamer(self) -> ToolCallStreamer:
         return _Llama3Streamer(self)
 
-    def format_call(self, name: str, arguments: dict[str, Any]) -> str:
+    def format_call(self, name: str, arguments: dict[str, Any] | str) -> str:
         return json.dumps({"name": name, "parameters": arguments}, ensure_ascii=False)
 
 

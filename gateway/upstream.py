@@ -20,7 +20,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
@@ -144,7 +144,7 @@ class UpstreamEngine:
         self.in_flight -= 1
         await response.aclose()
 
-    async def events(self, response: httpx.Response, state: StreamState) -> AsyncIterator[Any]:
+    async def events(self, response: httpx.Response, state: StreamState) -> AsyncGenerator[Any, None]:
         """The opened completion as gateway events; ``state`` gathers it for the record."""
         parse = openai_events if self.api == "openai" else anthropic_events
         try:

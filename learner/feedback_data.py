@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -85,7 +86,9 @@ def load_feedback(ledger: RunLedger, items: list[Feedback], mode: str, baseline:
             continue
         failed = failed_calls(ledger.training_calls(session)) if mode == "sft" else set()
         trie = Trie()
-        spans, logp_rollout, masks = [], {}, {}
+        spans = []
+        logp_rollout: dict[Hashable, torch.Tensor] = {}  # these two keyed as CallSpan.key
+        masks: dict[Hashable, torch.Tensor] = {}
         for call, span in insert_calls(store, trie, calls, refused):
             spans.append(span)
             logp_rollout[call.id] = torch.tensor(call.completion_logprobs, dtype=torch.float32)

@@ -13,7 +13,7 @@ token, whose first completion token has no context, so no logprob or entropy (Na
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,15 +63,18 @@ def insert_calls(store: TrajectoryStore, trie: Trie, calls: Iterable[StoredCall]
 
 def load_group(ledger: RunLedger, group: Group) -> GroupSamples:
     trie = Trie()
-    samples, oldest, calls, refused = [], None, 0, Counter()
+    samples, oldest, calls = [], None, 0
+    refused: Counter[str] = Counter()
     for rollout in ledger.rollouts(group.id):
-        spans, logp_rollout = [], {}
+        spans = []
+        logp_rollout: dict[Hashable, torch.Tensor] = {}  # keyed as CallSpan.key
         for call, span in insert_calls(ledger.store, trie, ledger.training_calls(rollout.session_id), refused):
             spans.append(span)
             logp_rollout[call.id] = torch.tensor(call.completion_logprobs, dtype=torch.float32)
             first = min(call.completion_versions)
             oldest = first if oldest is None else min(oldest, first)
         calls += len(spans)
+        assert rollout.reward is not None  # ledger.rollouts gives done rollouts, and finish_rollout set their reward
         samples.append(RolloutSample(trie, spans, float(rollout.reward), group=group.id,
                                      logp_rollout=logp_rollout, domain=group.domain))
     return GroupSamples(group, samples, oldest, calls, refused)

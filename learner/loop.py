@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,7 +106,9 @@ class Learner:
             )
         torch.manual_seed(self.settings.seed)
         source = Path(last.checkpoint) if last else self.base_model
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(self.device)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        # ignore: transformers types PreTrainedModel.to as a _Wrapped that takes the model as its first argument
+        self.model = model.to(self.device)  # type: ignore[arg-type]
         self.model.train()
         s = self.settings
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.betas,
@@ -136,7 +138,9 @@ class Learner:
     def _load_frozen(self, folder: Path):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        # ignore: transformers types PreTrainedModel.to as a _Wrapped that takes the model as its first argument
+        model = model.to(self.device).eval()  # type: ignore[arg-type]
         return model.requires_grad_(False)
 
     def _load_teacher(self, folder: Path):
@@ -208,7 +212,9 @@ class Learner:
             self.progress(f"learner: cannot ask serving for its version ({exc}); publishing after the next step")
             return
         if served < self.version:
-            self._publish(Path(self.ledger.last_step().checkpoint))
+            last = self.ledger.last_step()
+            assert last is not None  # self.step > 0: a step is committed
+            self._publish(Path(last.checkpoint))
 
     def take_groups(self) -> list[GroupSamples] | None:
         """The next ``groups_per_step`` trainable groups, oldest first; dropping the ones never to train on."""
@@ -247,7 +253,10 @@ class Learner:
             return None
         step, version = self.step + 1, self.version + 1
         ids = [g.group.id for g in groups]
-        staleness = [self.version - g.oldest_version for g in groups]
+        staleness = []
+        for g in groups:
+            assert g.oldest_version is not None  # take_groups drops the groups without tokens
+            staleness.append(self.version - g.oldest_version)
         self.progress(f"step {step}: training on groups {ids} ({sum(g.calls for g in groups)} calls)")
         samples = [sample for g in groups for sample in g.samples]
         metrics = train_step(self.model, self.optimizer, samples, self.settings.step_config(),
@@ -297,7 +306,7 @@ class Learner:
         return self.settings.feedback_baseline
 
     def _commit(self, step: int, version: int, metrics: dict, ids: list[int], staleness: list[int], *,
-                feedback_ids: list[int] = ()) -> StepReport:
+                feedback_ids: Sequence[int] = ()) -> StepReport:
         """Checkpoint, commit (the step and what it consumed, atomically), publish, prune."""
         self.progress(f"step {step}: saving checkpoint")
         folder = save_checkpoint(checkpoint_folder(self.run_dir, step), self.model, tokenizer_dir=self.base_model,
@@ -316,7 +325,7 @@ class Learner:
         self.ledger.annotate_step(step, {"finished_at": time.time()})
         return StepReport(step, version, ids, metrics)
 
-    def _skip(self, step: int, metrics: dict, ids: list[int], *, feedback_ids: list[int] = ()) -> StepReport:
+    def _skip(self, step: int, metrics: dict, ids: list[int], *, feedback_ids: Sequence[int] = ()) -> StepReport:
         """A step ``train_step`` skipped (see the module docstring): drop its groups, mark its
         feedback used, count and log it; no checkpoint, no commit, no new version, no publish."""
         if ids:

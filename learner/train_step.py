@@ -154,13 +154,13 @@ def plan_micro_batches(rollouts: Sequence[RolloutSample], budget: int, layout: L
     micro_batches = []
     for trie, calls in pieces:
         batch = pack([(trie, calls)])
-        index = [batch.completion_index[c.key] for c in calls]
+        call_tokens = [batch.completion_index[c.key] for c in calls]
         micro_batches.append(MicroBatch(
             batch=batch,
             calls=list(calls),
             call_rollout=torch.tensor([owner[c.key] for c in calls]),
-            flat=torch.cat(index),
-            call_ids=torch.cat([torch.full((i.numel(),), n) for n, i in enumerate(index)]),
+            flat=torch.cat(call_tokens),
+            call_ids=torch.cat([torch.full((i.numel(),), n) for n, i in enumerate(call_tokens)]),
         ))
     return micro_batches
 
@@ -253,6 +253,7 @@ def _micro_loss(micro: MicroBatch, logp, advantages, rollouts, sizes, config: St
         none = torch.tensor(0.0)
         return masked_sft_loss(logp, mask.to(logp)) * share.to(logp), {"clip_frac": none, "clipped": none,
                                                                         "clip_units": none}
+    assert micro.logp_old is not None  # the old pass or the step's own forward set it
     if micro.logp_teacher is not None or config.loss == "token_ppo":
         token_adv = advantages[micro.token_rollout].to(logp)
         if micro.logp_teacher is not None:
@@ -354,10 +355,12 @@ def _run_step(
         logp, entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention, at=micro.flat)
         if not policy_pass:  # one deterministic pass: this forward's own logp is logp_old
             micro.logp_old, micro.entropy = logp.detach(), entropy.detach()
+        assert micro.logp_old is not None  # the old pass set it otherwise
         weights = None
         owners = zip(micro.calls, micro.call_rollout, strict=True)
-        recorded = [rollouts[int(r)].logp_rollout.get(c.key) for c, r in owners]
-        if config.icepop and all(x is not None for x in recorded):
+        found = (rollouts[int(r)].logp_rollout.get(c.key) for c, r in owners)
+        recorded = [call_logp for call_logp in found if call_logp is not None]
+        if config.icepop and len(recorded) == len(micro.calls):
             logp_rollout = torch.cat(recorded).to(micro.logp_old)
             weights = icepop_weights(micro.logp_old, logp_rollout)
             mismatch.append((rollout_mismatch_stats(micro.logp_old, logp_rollout), micro.flat.numel()))

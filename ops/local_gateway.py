@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from arborl.gateway.settings import GatewaySettings
 
@@ -47,6 +47,7 @@ def build_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
 
 
 def _upstream_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
+    from arborl.gateway.engines.base import TokenizerLike
     from arborl.gateway.engines.model_source import resolve_model
     from arborl.gateway.upstream import UpstreamEngine
 
@@ -56,12 +57,14 @@ def _upstream_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
     model = settings.upstream_model or settings.served_name
     if not model:
         raise SystemExit("arborl: the upstream engine needs --upstream-model or --served-name")
-    tokenizer, model_dir = None, None
+    tokenizer: TokenizerLike | None = None
+    model_dir = None
     if settings.tokenizer:
         from transformers import AutoTokenizer
 
         model_dir = resolve_model(settings.tokenizer)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # cast: transformers types decode and convert_ids_to_tokens as str | list[str] whatever they are given
+        tokenizer = cast(TokenizerLike, AutoTokenizer.from_pretrained(model_dir))
     engine = UpstreamEngine(
         settings.upstream_url, model=model, api=settings.upstream_api, api_key=settings.upstream_api_key,
         served_name=settings.served_name, tokenizer=tokenizer, timeout_s=settings.upstream_timeout_s,

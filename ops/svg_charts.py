@@ -10,7 +10,7 @@ so a run of many thousand rollouts still gives a small page. Every label is esca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .eval_report import _esc
@@ -117,7 +117,7 @@ def line_chart(
         return f'<p class="none">{_esc(empty)}</p>'
     xs = [x for _, pts in drawn for x, _ in pts]
     ys = [y for _, pts in drawn for _, y in pts]
-    fmt_y: Callable[[float, float], str] = format_percent if percent else format_number
+    fmt_y = format_percent if percent else format_number
     if percent:
         y_ticks = [0.0, 0.25, 0.5, 0.75, 1.0]
         if max(ys) > 1 or min(ys) < 0:

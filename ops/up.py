@@ -163,6 +163,7 @@ class Supervisor:
         (self.run_dir / "up.json").write_text(json.dumps(state))
 
     def wait_for_gateway(self, child: Child, timeout_s: float = 600.0) -> None:
+        assert child.process is not None  # called after child.start()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not child.running:

@@ -76,7 +76,8 @@ class RunControls:
                 )
             cursor = db.execute("INSERT INTO admin_actions(at, who, action, details) VALUES (?, ?, ?, ?)",
                                 (now, who, action, json.dumps(details)))
-            return AdminAction(int(cursor.lastrowid), now, who, action, details)
+            assert cursor.lastrowid is not None  # set by the INSERT just run
+            return AdminAction(cursor.lastrowid, now, who, action, details)
 
     def actions(self, *, last: int = 100) -> list[AdminAction]:
         rows = self.store.query(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,7 +172,8 @@ class RunLedger:
                 "INSERT INTO groups(task_id, size, domain, created_at, meta, trainable) VALUES (?, ?, ?, ?, ?, ?)",
                 (task_id, size, domain, time.time(), json.dumps(meta or {}), int(trainable)),
             )
-            return int(cursor.lastrowid)
+            assert cursor.lastrowid is not None  # set by the INSERT just run
+            return cursor.lastrowid
 
     def start_rollout(self, session_id: str, group_id: int, *, scaffold: str) -> None:
         task_id = self.group(group_id).task_id
@@ -309,7 +311,8 @@ class RunLedger:
                 "INSERT INTO feedback(at, who, session_id, call_id, reward, accept) VALUES (?, ?, ?, ?, ?, ?)",
                 (at, who, session_id, call_id, reward, None if accept is None else int(accept)),
             )
-            return Feedback(int(cursor.lastrowid), at, who, session_id, call_id, reward, accept, None)
+            assert cursor.lastrowid is not None  # set by the INSERT just run
+            return Feedback(cursor.lastrowid, at, who, session_id, call_id, reward, accept, None)
 
     def pending_feedback(self) -> list[Feedback]:
         rows = self.store.query(
@@ -330,7 +333,7 @@ class RunLedger:
         return bool(self.store.query("SELECT 1 FROM rollouts WHERE session_id = ?", (session_id,)))
 
     def commit_step(self, step: int, version: int, checkpoint: str, group_ids: list[int],
-                    metrics: dict[str, Any], *, feedback_ids: list[int] = ()) -> None:
+                    metrics: dict[str, Any], *, feedback_ids: Sequence[int] = ()) -> None:
         """The step's record and its groups' (and feedback's) consumption, atomically (see the
         module docstring)."""
         with self.store.transaction() as db:

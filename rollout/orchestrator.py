@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from arborl.scaffold_adapters.base import GatewayTarget
 
@@ -64,7 +65,7 @@ from .agent_runs import (
 )
 from .ledger import RUNNING, RunLedger
 from .metrics import RolloutMetrics
-from .results import STOPPED, RolloutResult, Timings
+from .results import STOPPED, RolloutResult, Status, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
 from .settings import RolloutSettings
 from .tasks import Task, TaskError, WorkspaceError
@@ -146,7 +147,7 @@ class OrchestratorError(RuntimeError):
 class InfraFailure(Exception):
     """Not the agent's doing: the attempt is marked and retried."""
 
-    status = "infra_failed"  # the result's status when the last attempt failed so
+    status: ClassVar[Status] = "infra_failed"  # the result's status when the last attempt failed so
 
 
 class VerifierFailure(InfraFailure):

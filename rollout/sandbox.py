@@ -96,7 +96,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, ClassVar, Literal, Self
+from typing import IO, TYPE_CHECKING, ClassVar, Literal, Self
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 SandboxKind = Literal["local", "bwrap"]
 
@@ -870,11 +873,16 @@ class Sandbox(ABC):
     def _communicate(self, proc: subprocess.Popen, data: bytes | None, deadline: float) -> tuple[str, str, bool]:
         """Feed stdin, capture both streams up to the limit, and kill the process group at the
         deadline. -> (stdout, stderr, killed by the deadline)."""
-        captures = {proc.stdout: _Capture(self.limits.output_bytes), proc.stderr: _Capture(self.limits.output_bytes)}
+        # _run opens both output streams as pipes, and stdin as one whenever there is data to feed
+        assert proc.stdout is not None and proc.stderr is not None
+        # keyed by the selector's fileobj, which is what select() hands back
+        captures: dict[FileDescriptorLike, _Capture] = {proc.stdout: _Capture(self.limits.output_bytes),
+                                                        proc.stderr: _Capture(self.limits.output_bytes)}
         selector = selectors.DefaultSelector()
-        for stream in captures:
-            selector.register(stream, selectors.EVENT_READ)
+        for output in captures:
+            selector.register(output, selectors.EVENT_READ)
         if data is not None:
+            assert proc.stdin is not None
             if data:
                 # non-blocking: a command that writes before it reads must not stall us mid-write
                 os.set_blocking(proc.stdin.fileno(), False)
@@ -920,6 +928,7 @@ class Sandbox(ABC):
                     if key.fileobj == pidfd:
                         selector.unregister(pidfd)
                     elif key.fileobj is proc.stdin:
+                        assert data is not None  # stdin is registered only when there is data to feed
                         try:
                             offset += os.write(proc.stdin.fileno(), data[offset : offset + 65536])
                         except BlockingIOError:

@@ -94,19 +94,24 @@ class JudgeError(VerifierError):
 
 
 class CommandOutcome(Protocol):
-    """What a sandbox returns for a command (``sandbox.run``)."""
+    """What a sandbox returns for a command (``sandbox.run``'s ``CommandResult``). Read-only
+    members, so that frozen dataclasses satisfy it."""
 
-    exit_code: int
-    stdout: str
-    stderr: str
-    timed_out: bool
+    @property
+    def exit_code(self) -> int | None: ...  # None: the command was stopped (timed out)
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+    @property
+    def timed_out(self) -> bool: ...
 
 
 @dataclass(frozen=True)
 class CommandOutput:
     """A plain ``CommandOutcome``: for a local subprocess, or to grade an agent's final answer."""
 
-    exit_code: int = 0
+    exit_code: int | None = 0
     stdout: str = ""
     stderr: str = ""
     timed_out: bool = False
@@ -261,7 +266,8 @@ class TestsReport:
 def swebench_report(results: Mapping[str, TestStatus], fail_to_pass: Iterable[str],
                  pass_to_pass: Iterable[str]) -> TestsReport:
     def split(ids: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        passed, failed = [], []
+        passed: list[str] = []
+        failed: list[str] = []
         for test_id in ids:
             status = status_of(results, test_id)
             (passed if status is not None and status.passed else failed).append(test_id)

@@ -125,10 +125,16 @@ _FENCED_SHELL = re.compile(r"```(?:bash|sh|shell|console)[ \t]*\n(.*?)```", re.D
 
 
 class CommandOutcome(Protocol):
-    exit_code: int | None  # None: killed at its timeout
-    stdout: str
-    stderr: str
-    timed_out: bool
+    """What ``CommandRunner.run`` returns (the sandbox's frozen ``CommandResult``): read-only."""
+
+    @property
+    def exit_code(self) -> int | None: ...  # None: killed at its timeout
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+    @property
+    def timed_out(self) -> bool: ...
 
 
 class CommandRunner(Protocol):

@@ -50,17 +50,20 @@ class ScriptedGateway:
 
 
 @contextlib.contextmanager
-def scripted_gateway(model_dir: Path, tmp_path: Path, script: Script) -> Iterator[ScriptedGateway]:
-    """A live gateway whose policy is ``script``, recording into a fresh store (the test closes it)."""
+def scripted_gateway(model_dir: Path, tmp_path: Path, script: Script, *, first_token_delay_s: float = 0.0,
+                     stream_keepalive_s: float = 5.0) -> Iterator[ScriptedGateway]:
+    """A live gateway whose policy is ``script``, recording into a fresh store (the test closes it);
+    ``first_token_delay_s`` plays a long prefill before every reply."""
     from transformers import AutoTokenizer
 
-    engine = ScriptedEngine(AutoTokenizer.from_pretrained(model_dir), script)
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(model_dir), script, first_token_delay_s=first_token_delay_s)
     store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
     work, home = tmp_path / "work", tmp_path / "home"
     for folder in (work, home):
         folder.mkdir()
-    app = RecordHeaders(create_app(engine, store, GatewaySettings(tool_parser="hermes")))
-    with ServerThread(app) as url:
+    settings = GatewaySettings(tool_parser="hermes", stream_keepalive_s=stream_keepalive_s)
+    app = RecordHeaders(create_app(engine, store, settings))
+    with ServerThread(app, settings=settings) as url:
         yield ScriptedGateway(url, store, app, work, home)
 
 

@@ -19,9 +19,10 @@ Script = Callable[[str], str]  # decoded prompt -> reply text
 
 
 class ScriptedEngine(Engine):
-    def __init__(self, tokenizer, script: Script, model_name: str = "tiny"):
+    def __init__(self, tokenizer, script: Script, model_name: str = "tiny", first_token_delay_s: float = 0.0):
         self.tokenizer = tokenizer
         self.script = script
+        self.first_token_delay_s = first_token_delay_s  # > 0 plays a long prefill: silence before the first token
         self.model_name = model_name
         self.context_length = 1_000_000
         self.replies: list[str] = []
@@ -30,6 +31,7 @@ class ScriptedEngine(Engine):
         return self._stream(list(prompt_ids), params)
 
     async def _stream(self, prompt_ids, params):
+        await asyncio.sleep(self.first_token_delay_s)
         reply = self.script(self.tokenizer.decode(prompt_ids))
         self.replies.append(reply)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)

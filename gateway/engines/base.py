@@ -8,7 +8,7 @@ produced it, so the gateway can record exactly what the policy did.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -23,6 +23,7 @@ class TokenizerLike(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
     def convert_ids_to_tokens(self, ids: int) -> str: ...
+    def __len__(self) -> int: ...  # the vocabulary, added tokens included
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, *, cache_key: str | None = None
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream sampled tokens, then one ``Finished``.
 
         ``cache_key`` names the session so its KV cache can be kept for the next call.

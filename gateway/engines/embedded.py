@@ -24,10 +24,10 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from .base import (
     PromptTooLong,
     SampledToken,
     SamplingParams,
+    TokenizerLike,
 )
 from .constraints import Verdict, check
 from .detokenizer import IncrementalDetokenizer
@@ -134,7 +135,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     cache_key: str | None
-    emit: Callable[[GenerationEvent], None]
+    emit: Callable[[GenerationEvent | BaseException], object]  # an exception: the engine failed the request
     max_new_tokens: int
     generator: torch.Generator
     detokenizer: IncrementalDetokenizer
@@ -216,8 +217,11 @@ class EmbeddedEngine(Engine):
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         model_dir = Path(model_dir)
         self.model_name = model_name or model_dir.name
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # cast: transformers types decode and convert_ids_to_tokens as str | list[str] whatever they are given
+        self.tokenizer = cast(TokenizerLike, AutoTokenizer.from_pretrained(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        # ignore: transformers types PreTrainedModel.to as a _Wrapped that takes the model as its first argument
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.model.config._attn_implementation = ATTENTION_NAME
         config = self.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 4096))
@@ -283,7 +287,7 @@ class EmbeddedEngine(Engine):
 
     def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams, *, cache_key: str | None = None
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         self.check_prompt(len(prompt_ids))
         if not self.healthy:
             raise EngineError(f"engine stopped: {self._failed!r}")
@@ -291,7 +295,7 @@ class EmbeddedEngine(Engine):
 
     async def _stream(
         self, prompt_ids: list[int], params: SamplingParams, cache_key: str | None
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncGenerator[GenerationEvent, None]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         # torch's CPU generator keeps 32 bits of its seed: hash any client integer onto them,
@@ -431,7 +435,10 @@ class EmbeddedEngine(Engine):
 
     def _forward(self, batch: list[tuple[_Request, list[int]]]) -> torch.Tensor:
         """One forward pass over the flattened batch; the logits at each sequence's last new token."""
-        segments, ids, positions, last = [], [], [], []
+        segments: list[_Segment] = []
+        ids: list[int] = []
+        positions: list[int] = []
+        last: list[int] = []
         for request, tokens in batch:
             kv = request.kv
             assert kv is not None
@@ -520,6 +527,7 @@ class EmbeddedEngine(Engine):
             return
         request.done = True
         if self._worth_caching(request):
+            assert request.cache_key is not None and request.kv is not None  # _worth_caching checks both
             self.prefix_cache.store(request.cache_key, request.prompt_ids + request.output_ids, request.kv)
         request.emit(
             Finished(

@@ -100,7 +100,7 @@ def _default_model_dir(cache_dir: Path) -> Path:
         gguf = _smollm2_gguf()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF weights are dequantized on load; drop the quantizer so they save as plain safetensors.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors and modules only
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config._name_or_path = DEFAULT_MODEL

@@ -88,3 +88,30 @@ def test_codex_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
     trie = store.trie(session)
     assert trie.num_tokens == calls[-1].prompt_len + calls[-1].completion_len  # one path
     store.close()
+
+
+@pytest.mark.e2e("codex")
+def test_a_prefill_longer_than_codexs_idle_timeout_is_waited_out(tiny_model_dir: Path, tmp_path: Path):
+    """Codex gives up on a stream after ``stream_idle_timeout_ms`` without an event (300 s by
+    default; an SSE comment does not count) and retries it from scratch. Here a reply is silent
+    for 3 s against a 1 s idle timeout: the gateway's keep-alive events keep Codex waiting, and
+    the one call is answered once, not cut and retried."""
+    session = str(uuid.uuid4())
+    adapter = CodexAdapter()
+    with scripted_gateway(tiny_model_dir, tmp_path, lambda prompt: FINAL, first_token_delay_s=3.0,
+                          stream_keepalive_s=0.25) as gateway:
+        setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
+        setup.write(gateway.home)
+        config = gateway.home / ".codex" / "config.toml"
+        config.write_text(config.read_text().replace(
+            'wire_api = "responses"', 'wire_api = "responses"\nstream_idle_timeout_ms = 1000\nstream_max_retries = 2'))
+        env = {"PATH": os.environ["PATH"], "HOME": str(gateway.home), "CODEX_HOME": str(gateway.home / ".codex"),
+               **setup.env}
+        command = adapter.command("say that you are done")
+        command[2:2] = ["--strict-config", "--ephemeral"]
+        done = run_cli(command, cwd=gateway.work, env=env)
+        calls = gateway.store.calls(session)
+        gateway.store.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "idle timeout" not in done.stdout, done.stdout
+    assert [c.status for c in calls] == ["ok"]  # no try was cut (a cut try is recorded as cancelled)

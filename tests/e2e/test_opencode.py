@@ -99,3 +99,40 @@ def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path
     assert [c.branch_reason for c in main] == [None, None, None] and [c.purpose for c in main] == ["main"] * 3
     assert store.trie(session).num_tokens == len(last_path)
     store.close()
+
+
+@pytest.mark.e2e("opencode")
+def test_a_prefill_longer_than_opencodes_chunk_timeout_is_waited_out(tiny_model_dir: Path, tmp_path: Path):
+    """OpenCode's provider option ``chunkTimeout`` cuts a stream that sends nothing for that long
+    and retries it from scratch. Here every reply is silent for 3 s against a 1 s chunk timeout:
+    the gateway's keep-alives keep OpenCode waiting, and each call is answered once."""
+    session = str(uuid.uuid4())
+    adapter = OpenCodeAdapter()
+    with scripted_gateway(tiny_model_dir, tmp_path, lambda prompt: FINAL, first_token_delay_s=3.0,
+                          stream_keepalive_s=0.25) as gateway:
+        home = gateway.home
+        setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
+        setup.write(home)
+        config_file = home / ".config" / "opencode" / "opencode.json"
+        config = json.loads(config_file.read_text())
+        for provider in config["provider"].values():
+            provider["options"]["chunkTimeout"] = 1000
+        config_file.write_text(json.dumps(config))
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local/share"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_STATE_HOME": str(home / ".local/state"),
+            **setup.env,
+        }
+        done = run_cli(adapter.command("say that you are done"), cwd=gateway.work, env=env)
+        ours = [s["id"] for s in gateway.store.sessions() if s["id"].split(":")[0] == session]
+        calls = [c for sid in ours for c in gateway.store.calls(sid)]
+        gateway.store.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert not [e for e in events if e["type"] == "error"], done.stdout
+    assert [e["part"]["text"] for e in events if e["type"] == "text"][-1] == FINAL
+    assert calls and all(c.status == "ok" for c in calls), [(c.purpose, c.status) for c in calls]

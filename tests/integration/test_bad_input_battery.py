@@ -267,3 +267,18 @@ def test_no_5xx_was_answered_and_the_gateway_still_serves(live: LiveGateway):
                      if key.startswith("arborl_requests_total{") and "status=5" in key and value}
     assert not server_errors, server_errors
     assert live.engine.healthy and live.engine.stats().running == 0
+
+
+@pytest.mark.parametrize("parser", ["hermes", "qwen3_coder", "llama3_json"])
+def test_history_with_arguments_that_are_not_json_is_served_by_every_tool_format(
+        tiny_model_dir: Path, tmp_path: Path, parser: str):
+    """An earlier call's ``arguments`` that are not a JSON object are re-rendered as the text the
+    client sent (Qwen3-Coder's XML format used to fail on them with a 500)."""
+    server, live = start_gateway(tiny_model_dir, tmp_path, tool_parser=parser)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "city=Rome"}}
+    messages = [USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    with server as url:
+        reply = httpx.post(url + CHAT, json=body_for(CHAT, messages=messages, tools=[chat_tool()]), timeout=60)
+    live.store.close()
+    assert reply.status_code == 200, reply.text
