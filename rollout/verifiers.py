@@ -50,7 +50,8 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+
+from arborl.scaffold_adapters.base import CommandOutcome
 
 from .tasks import VERIFIER_DIR, Task, TaskError
 
@@ -91,20 +92,6 @@ class BrokenVerifier(VerifierError):
 
 class JudgeError(VerifierError):
     """The LLM judge could not be reached or gave no usable score."""
-
-
-class CommandOutcome(Protocol):
-    """What a sandbox returns for a command (``sandbox.run``'s ``CommandResult``). Read-only
-    members, so that frozen dataclasses satisfy it."""
-
-    @property
-    def exit_code(self) -> int | None: ...  # None: the command was stopped (timed out)
-    @property
-    def stdout(self) -> str: ...
-    @property
-    def stderr(self) -> str: ...
-    @property
-    def timed_out(self) -> bool: ...
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Dialect = Literal["chat", "responses", "messages"]
+
+
+class CommandOutcome(Protocol):
+    """What running a command in a sandbox returns, as agents and verifiers read it (the sandbox's
+    frozen ``CommandResult``, or a plain record of a local run). Read-only members, so that frozen
+    dataclasses satisfy it."""
+
+    @property
+    def exit_code(self) -> int | None: ...  # None: the command was stopped (at its timeout)
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+    @property
+    def timed_out(self) -> bool: ...
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from .base import GatewayTarget
+from .base import CommandOutcome, GatewayTarget
 
 # How often a model call that is under way checks the deadline and the stop.
 STOP_POLL_S = 0.1
@@ -122,19 +122,6 @@ REQUIRED = {"bash": ("command",), "read_file": ("path",), "write_file": ("path",
             "edit": ("path", "old", "new"), "submit": ()}  # fmt: skip
 # Only a block marked as shell runs: small models put program output and prose in bare fences.
 _FENCED_SHELL = re.compile(r"```(?:bash|sh|shell|console)[ \t]*\n(.*?)```", re.DOTALL)
-
-
-class CommandOutcome(Protocol):
-    """What ``CommandRunner.run`` returns (the sandbox's frozen ``CommandResult``): read-only."""
-
-    @property
-    def exit_code(self) -> int | None: ...  # None: killed at its timeout
-    @property
-    def stdout(self) -> str: ...
-    @property
-    def stderr(self) -> str: ...
-    @property
-    def timed_out(self) -> bool: ...
 
 
 class CommandRunner(Protocol):

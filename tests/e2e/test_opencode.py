@@ -45,6 +45,19 @@ def write_then_cat(prompt: str) -> str:
     return FINAL if "hi" in last_result else f"the command's output did not come back: {last_result[:200]!r}"
 
 
+def _environment(home: Path, adapter_env: dict[str, str]) -> dict[str, str]:
+    """OpenCode's environment: a HOME and XDG folders of its own, and what its adapter sets."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local/share"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_STATE_HOME": str(home / ".local/state"),
+        **adapter_env,
+    }
+
+
 @pytest.mark.e2e("opencode")
 def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
     session = str(uuid.uuid4())
@@ -53,15 +66,7 @@ def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path
         store, work, home, app = gateway.store, gateway.work, gateway.home, gateway.app
         setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
         setup.write(home)
-        env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_DATA_HOME": str(home / ".local/share"),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            "XDG_STATE_HOME": str(home / ".local/state"),
-            **setup.env,
-        }
+        env = _environment(home, setup.env)
         done = run_cli(adapter.command("create a file hello.txt containing hi"), cwd=work, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -118,15 +123,7 @@ def test_a_prefill_longer_than_opencodes_chunk_timeout_is_waited_out(tiny_model_
         for provider in config["provider"].values():
             provider["options"]["chunkTimeout"] = 1000
         config_file.write_text(json.dumps(config))
-        env = {
-            "PATH": os.environ["PATH"],
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_DATA_HOME": str(home / ".local/share"),
-            "XDG_CACHE_HOME": str(home / ".cache"),
-            "XDG_STATE_HOME": str(home / ".local/state"),
-            **setup.env,
-        }
+        env = _environment(home, setup.env)
         done = run_cli(adapter.command("say that you are done"), cwd=gateway.work, env=env)
         ours = [s["id"] for s in gateway.store.sessions() if s["id"].split(":")[0] == session]
         calls = [c for sid in ours for c in gateway.store.calls(sid)]
