@@ -489,8 +489,9 @@ class EmbeddedEngine(Engine):
         self, request: _Request, stop_ids: set[int]
     ) -> tuple[Callable[[int], bool], list[int] | None] | None:
         """Which next tokens keep a forced tool call well-formed, and the only ones that can be
-        (None: no constraint, or it is met). Near the end of the token budget only tokens that
-        bring the call's end nearer are allowed, so the call is complete before the budget is."""
+        (None: no constraint, or it is met). Once the token budget left is only just enough for
+        the call's shortest ending, that ending is written token by token (each then has
+        probability 1 under the constraint), so the call is complete before the budget is."""
         constraint = request.params.forced_call
         if constraint is None or request.forced_call_done:
             return None
@@ -498,7 +499,15 @@ class EmbeddedEngine(Engine):
         # An incomplete UTF-8 character decodes as U+FFFD: a character a JSON string may hold, and
         # nothing else may, so a token that starts one outside a string is refused.
         now = check(constraint, decode(ids))
-        closing = request.max_new_tokens - len(ids) <= len(now.completion) + 2
+        left = request.max_new_tokens - len(ids)
+        closing = False
+        if left <= len(now.completion) + 2:  # a token holds at least one character: the end may be near
+            ending = self.tokenizer.encode(now.completion, add_special_tokens=False)
+            closing = left <= len(ending) + 1
+            # Tokenizers that prefix a space to what they encode (SentencePiece) would change the
+            # text: then each token must only bring the end nearer instead.
+            if closing and check(constraint, decode([*ids, *ending])).verdict is Verdict.DONE:
+                return (lambda token: token == ending[0]), [ending[0]]
 
         def allowed(token: int) -> bool:
             if token in stop_ids:

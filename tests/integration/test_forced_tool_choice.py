@@ -95,3 +95,19 @@ def test_a_required_call_chooses_among_the_declared_tools_only(live: LiveGateway
     for _ in range(2):
         (name, arguments), *_ = _chat(live, "required", stream=False, tools=(WEATHER, TIME))
         assert name in ("get_weather", "get_time") and isinstance(json.loads(arguments), dict)
+
+
+@pytest.mark.slow
+def test_a_forced_call_ends_within_a_budget_just_long_enough(live: LiveGateway):
+    """With a token budget only just longer than the call's shortest ending, the call is closed in
+    time (its ending written token by token) instead of being cut off as text."""
+    tokenizer = live.engine.tokenizer
+    ending = 'get_weather", "arguments": {}}\n</tool_call>'  # the shortest way from the prompt's opening
+    budget = len(tokenizer.encode(ending, add_special_tokens=False)) + 1
+    body = {"model": "tiny", "messages": [{"role": "user", "content": ASK}], "max_tokens": budget, "seed": 3,
+            "tools": [{"type": "function", "function": WEATHER}], "tool_choice": "required"}
+    for seed in range(3):
+        message = httpx.post(live.v1 + "/chat/completions", json=body | {"seed": seed}, timeout=120).json()
+        calls = message["choices"][0]["message"].get("tool_calls")
+        assert calls and calls[0]["function"]["name"] == "get_weather", message
+        assert isinstance(json.loads(calls[0]["function"]["arguments"]), dict)
