@@ -8,7 +8,6 @@ otherwise (a log file, CI).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,46 +44,27 @@ class RunSnapshot:
 
 
 def read_ledger(run_dir: Path, snapshot: RunSnapshot) -> None:
-    import sqlite3
+    from arborl.rollout.store import StoreReadError, open_read_model
 
-    from arborl.rollout.store import read_only
-
-    path = run_dir / "store.sqlite"
-    if not path.is_file():
-        return
-    db = read_only(path, timeout_s=5)
-    try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "train_steps" in tables:
-            row = db.execute("SELECT step, version, metrics FROM train_steps ORDER BY step DESC LIMIT 1").fetchone()
-            if row:
-                snapshot.step, snapshot.version = row[0], row[1]
-                snapshot.step_metrics = json.loads(row[2] or "{}")
-        if "rollouts" not in tables:
-            return
-        counts = dict(db.execute(
-            "SELECT r.status, COUNT(*) FROM rollouts r JOIN groups g ON g.id = r.group_id WHERE g.trainable = 1 "
-            "GROUP BY r.status").fetchall())
-        snapshot.rollouts_done = counts.get("done", 0)
-        snapshot.rollouts_failed = counts.get("infra_failed", 0)
-        snapshot.rollouts_running = counts.get("running", 0)
-        recent = db.execute(
-            "SELECT r.reward FROM rollouts r JOIN groups g ON g.id = r.group_id WHERE g.trainable = 1 AND "
-            "r.status = 'done' ORDER BY r.finished_at DESC LIMIT ?", (RECENT,)).fetchall()
-        if recent:
-            rewards = [value or 0.0 for (value,) in recent]
-            snapshot.recent_reward = sum(rewards) / len(rewards)
-            snapshot.recent_pass_rate = sum(value >= 1.0 for value in rewards) / len(rewards)
-        snapshot.groups_waiting, snapshot.groups_trained, snapshot.groups_dropped = db.execute(
-            "SELECT SUM(completed_at IS NOT NULL AND consumed_step IS NULL AND dropped IS NULL), "
-            "SUM(consumed_step IS NOT NULL), SUM(dropped IS NOT NULL) FROM groups WHERE trainable = 1").fetchone()
-        snapshot.groups_waiting = snapshot.groups_waiting or 0
-        snapshot.groups_trained = snapshot.groups_trained or 0
-        snapshot.groups_dropped = snapshot.groups_dropped or 0
-    except sqlite3.OperationalError:
-        pass  # a table being created: the next refresh reads it
-    finally:
-        db.close()
+    with open_read_model(run_dir, timeout_s=5) as store:
+        try:
+            last = store.last_step()
+            if last:
+                snapshot.step, snapshot.version = last.step, last.version
+                snapshot.step_metrics = last.metrics
+            counts = store.training_rollouts_by_status()
+            snapshot.rollouts_done = counts.get("done", 0)
+            snapshot.rollouts_failed = counts.get("infra_failed", 0)
+            snapshot.rollouts_running = counts.get("running", 0)
+            rewards = store.recent_training_rewards(RECENT)
+            if rewards:
+                snapshot.recent_reward = sum(rewards) / len(rewards)
+                snapshot.recent_pass_rate = sum(value >= 1.0 for value in rewards) / len(rewards)
+            groups = store.training_group_counts()
+            snapshot.groups_waiting, snapshot.groups_trained = groups.waiting, groups.trained
+            snapshot.groups_dropped = groups.dropped
+        except StoreReadError:
+            pass  # the store is busy or a table is being changed: the next refresh reads it
 
 
 def read_gateway(url: str, snapshot: RunSnapshot) -> None:

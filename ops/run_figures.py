@@ -14,13 +14,12 @@ Both ``arborl report`` and the benches (``tests/bench/bench_up.py``) read them f
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arborl.rollout.store import STORE_LAYOUT, blob_versions, read_only
+from arborl.rollout.store import STORE_LAYOUT, ServedCall, blob_versions, open_read_model
 
 
 @dataclass(frozen=True)
@@ -52,16 +51,21 @@ class RunFigures:
 def first_served_by_version(
     calls: Iterable[tuple[float | None, float | None, bytes]], layout: int = STORE_LAYOUT
 ) -> dict[int, float]:
-    """For each version seen in (first_token_at, finished_at, completion_versions) rows of a store
-    of ``layout``: when the first token of that version or a newer one was served. One pass."""
+    """``versions_first_served`` of (first_token_at, finished_at, completion_versions blob) rows, as
+    a store of ``layout`` keeps them."""
+    return versions_first_served(ServedCall(first_token_at, finished_at, blob_versions(blob, layout))
+                                 for first_token_at, finished_at, blob in calls)
+
+
+def versions_first_served(calls: Iterable[ServedCall]) -> dict[int, float]:
+    """For each version seen in ``calls``: when the first token of that version or a newer one was
+    served. One pass."""
     first: dict[int, float] = {}  # the first token of exactly this version
-    for first_token_at, finished_at, blob in calls:
-        if first_token_at is None:
+    for call in calls:
+        first_token_at, versions = call.first_token_at, call.versions
+        if first_token_at is None or not versions:
             continue
-        versions = blob_versions(blob, layout)
-        if not versions:
-            continue
-        end = finished_at if finished_at is not None else first_token_at
+        end = call.finished_at if call.finished_at is not None else first_token_at
         span = (end - first_token_at) / max(len(versions) - 1, 1)
         # Only where the version changes (a swap mid-stream); versions never decrease inside a
         # call, so equal ends mean one version throughout, as in most calls.
@@ -92,34 +96,25 @@ def first_served_at(calls: list[tuple[float | None, float | None, bytes]], versi
 
 def read_figures(run_dir: Path, *, start: float | None = None, end: float | None = None) -> RunFigures:
     """The figures over [start, end] (default: the first rollout's start to the last event)."""
-    db = read_only(Path(run_dir) / "store.sqlite")
-    try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        first, last = db.execute("SELECT MIN(created_at), MAX(finished_at) FROM rollouts").fetchone()
-        steps = [] if "train_steps" not in tables else [
-            (step, version, json.loads(metrics or "{}"), created_at) for step, version, metrics, created_at
-            in db.execute("SELECT step, version, metrics, created_at FROM train_steps ORDER BY step")]
-        start = start if start is not None else (first or 0.0)
-        end = end if end is not None else max([last or start] + [m.get("finished_at", t) for _, _, m, t in steps])
-        rollouts = db.execute(
-            "SELECT COUNT(*) FROM rollouts r JOIN groups g ON g.id = r.group_id WHERE g.trainable = 1 "
-            "AND r.status = 'done' AND r.finished_at BETWEEN ? AND ?", (start, end)).fetchone()[0]
-        window = [(s, v, m, t) for s, v, m, t in steps if start <= t <= end]
-        busy = sum(min(m.get("finished_at", t), end) - max(m["started_at"], start)
-                   for _, _, m, t in window if "started_at" in m)
+    with open_read_model(run_dir) as store:
+        rollout_times = store.rollout_times()
+        steps = store.train_steps()
+        start = start if start is not None else (rollout_times.first_started_at or 0.0)
+        end = end if end is not None else max([rollout_times.last_finished_at or start]
+                                              + [s.metrics.get("finished_at", s.created_at) for s in steps])
+        rollouts = store.training_rollouts_finished_between(start, end)
+        window = [s for s in steps if start <= s.created_at <= end]
+        busy = sum(min(s.metrics.get("finished_at", s.created_at), end) - max(s.metrics["started_at"], start)
+                   for s in window if "started_at" in s.metrics)
         latencies = []
-        published = [m["published_at"] for _, _, m, _ in window if "published_at" in m]
-        served = {} if not published else first_served_by_version(db.execute(
-            "SELECT first_token_at, finished_at, completion_versions FROM calls WHERE finished_at >= ?",
-            (min(published),)), layout=db.execute("PRAGMA user_version").fetchone()[0])
-        rewarded = dict(db.execute("SELECT consumed_step, MAX(completed_at) FROM groups "
-                                   "WHERE consumed_step IS NOT NULL GROUP BY consumed_step"))
-        for step, version, metrics, _ in window:
-            if rewarded.get(step) is None or "published_at" not in metrics:
+        published = [s.metrics["published_at"] for s in window if "published_at" in s.metrics]
+        served = {} if not published else versions_first_served(store.served_calls(min(published)))
+        rewarded = store.last_reward_by_step()
+        for step in window:
+            last_reward = rewarded.get(step.step)
+            if last_reward is None or "published_at" not in step.metrics:
                 continue  # a feedback step, or a version never published
-            first = served_at(served, version)
+            first = served_at(served, step.version)
             if first is not None:
-                latencies.append(first - rewarded[step])
-    finally:
-        db.close()
+                latencies.append(first - last_reward)
     return RunFigures(start, end, rollouts, len(window), busy, latencies)

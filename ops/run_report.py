@@ -1,8 +1,8 @@
 """``arborl report RUN``: one self-contained page (inline CSS and SVG, no scripts, no network)
 about a training run, written to ``RUN/report.html``.
 
-Everything comes from the run folder: the store (``store.sqlite``, opened read-only so a live run
-is never blocked; a table not created yet just means nothing of that kind happened) and the
+Everything comes from the run folder: the store, through its read model (``RunReadModel``:
+read-only, so a live run is never blocked; nothing of a kind written yet reads as empty) and the
 held-out evaluations (``RUN/heldout/v{version}/results.json``, as ``eval_report`` writes them).
 
 The page holds a table about the run (folder, steps, version, rollouts, groups trained and
@@ -16,7 +16,6 @@ are the finished (``done``) rollouts of trainable groups; a rollout passes with 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from arborl.rollout.store import read_only
+from arborl.rollout.store import OperatorAction, RunReadModel, TrainStep, open_read_model
 
 from .eval_report import _CSS, _esc, _pct
 from .run_figures import RunFigures, read_figures
@@ -47,14 +46,6 @@ figcaption { font-size: 12px; color: #555; margin-bottom: 2px; }
 
 
 @dataclass(frozen=True)
-class StepRow:
-    step: int
-    version: int
-    created_at: float
-    metrics: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class HeldOutRate:
     version: int
     scaffold: str
@@ -67,7 +58,7 @@ class HeldOutRate:
 @dataclass
 class RunData:
     run_dir: Path
-    steps: list[StepRow] = field(default_factory=list)
+    steps: list[TrainStep] = field(default_factory=list)
     rewards: list[tuple[float, float]] = field(default_factory=list)  # training rollouts: (finished_at, reward)
     started_at: float | None = None  # the run's first rollout
     last_at: float | None = None  # the newest rollout, step or operator action
@@ -79,55 +70,30 @@ class RunData:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> groups
     step_pass: list[tuple[float, float]] = field(default_factory=list)  # (step, pass rate of its groups)
     serving_pin: int | None = None
-    actions: list[tuple[float, str, str, str]] | None = None  # newest first; None: no audit log yet
+    actions: list[OperatorAction] | None = None  # newest first; None: no audit log yet
     heldout: list[HeldOutRate] = field(default_factory=list)
     figures: RunFigures | None = None  # rollouts per hour, learner busy fraction, reward-to-served latency
 
 
-def _rows(db: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
-    return db.execute(sql, args).fetchall()
-
-
-def _read_store(db: sqlite3.Connection, data: RunData) -> None:
-    tables = {row[0] for row in _rows(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+def _read_store(store: RunReadModel, data: RunData) -> None:
     times: list[float] = []
-    if "train_steps" in tables:
-        for step, version, created_at, metrics in _rows(
-                db, "SELECT step, version, created_at, metrics FROM train_steps ORDER BY step"):
-            try:
-                parsed = json.loads(metrics or "{}")
-            except ValueError:
-                parsed = {}
-            data.steps.append(StepRow(step, version, created_at, parsed if isinstance(parsed, dict) else {}))
-        times += [s.created_at for s in data.steps]
-    if "rollouts" in tables and "groups" in tables:
-        columns = {row[1] for row in _rows(db, "PRAGMA table_info(groups)")}
-        train = "g.trainable = 1" if "trainable" in columns else "1"
-        joined = f"FROM rollouts r JOIN groups g ON g.id = r.group_id WHERE {train}"
-        data.rewards = _rows(db, f"SELECT r.finished_at, COALESCE(r.reward, 0) {joined} AND r.status = 'done' "
-                                 "AND r.finished_at IS NOT NULL ORDER BY r.finished_at")
-        data.rollouts = dict(_rows(db, f"SELECT r.status, COUNT(*) {joined} GROUP BY r.status"))
-        data.scaffolds = dict(_rows(db, f"SELECT r.scaffold, COUNT(*) {joined} GROUP BY r.scaffold ORDER BY 2 DESC"))
-        data.eval_rollouts = _rows(db, "SELECT COUNT(*) FROM rollouts")[0][0] - sum(data.rollouts.values())
-        first, last_start, last_end = _rows(db, "SELECT MIN(created_at), MAX(created_at), MAX(finished_at) "
-                                                "FROM rollouts")[0]
-        data.started_at = first
-        times += [t for t in (last_start, last_end) if t is not None]
-        trained, waiting = _rows(db, f"SELECT SUM(consumed_step IS NOT NULL), SUM(completed_at IS NOT NULL AND "
-                                     f"consumed_step IS NULL AND dropped IS NULL) FROM groups g WHERE {train}")[0]
-        data.groups_trained, data.groups_waiting = trained or 0, waiting or 0
-        data.dropped = dict(_rows(db, "SELECT dropped, COUNT(*) FROM groups WHERE dropped IS NOT NULL "
-                                      "GROUP BY dropped ORDER BY 2 DESC"))
-        data.step_pass = _rows(db, f"SELECT g.consumed_step, AVG(COALESCE(r.reward, 0) >= 1) {joined} "
-                                   "AND r.status = 'done' AND g.consumed_step IS NOT NULL "
-                                   "GROUP BY g.consumed_step ORDER BY 1")
-    if "controls" in tables:
-        pin = _rows(db, "SELECT value FROM controls WHERE key = 'serving_pin'")
-        data.serving_pin = json.loads(pin[0][0]) if pin else None
-    if "admin_actions" in tables:
-        data.actions = _rows(db, "SELECT at, who, action, details FROM admin_actions ORDER BY id DESC LIMIT ?",
-                             (ACTIONS_SHOWN,))
-        times += [row[0] for row in data.actions[:1]]
+    data.steps = store.train_steps()
+    times += [s.created_at for s in data.steps]
+    data.rewards = [(r.finished_at, r.reward) for r in store.training_rewards()]
+    data.rollouts = store.training_rollouts_by_status()
+    data.scaffolds = store.training_rollouts_by_scaffold()
+    data.eval_rollouts = store.rollout_count() - sum(data.rollouts.values())
+    rollout_times = store.rollout_times()
+    data.started_at = rollout_times.first_started_at
+    times += [t for t in (rollout_times.last_started_at, rollout_times.last_finished_at) if t is not None]
+    groups = store.training_group_counts()
+    data.groups_trained, data.groups_waiting = groups.trained, groups.waiting
+    data.dropped = store.dropped_groups_by_reason()
+    data.step_pass = [(p.step, p.pass_rate) for p in store.pass_rate_by_step()]
+    data.serving_pin = store.serving_pin()
+    data.actions = store.operator_actions(ACTIONS_SHOWN)
+    if data.actions is not None:
+        times += [action.at for action in data.actions[:1]]
     data.last_at = max(times, default=None)
 
 
@@ -151,15 +117,11 @@ def read_heldout(run_dir: Path) -> list[HeldOutRate]:
 
 def read_run(run_dir: Path) -> RunData:
     """What the report shows, read from ``run_dir``; FileNotFoundError without a store."""
-    path = run_dir / "store.sqlite"
-    if not path.is_file():
-        raise FileNotFoundError(f"no store at {path}")
     data = RunData(run_dir=run_dir)
-    db = read_only(path)
-    try:
-        _read_store(db, data)
-    finally:
-        db.close()
+    with open_read_model(run_dir) as store:
+        if not store.exists():
+            raise FileNotFoundError(f"no store at {store.location}")
+        _read_store(store, data)
     data.heldout = read_heldout(run_dir)
     if data.started_at is not None:
         data.figures = read_figures(run_dir)
@@ -291,9 +253,9 @@ def _actions_table(data: RunData) -> str:
         return '<p class="none">no operator actions recorded (no audit log in this store)</p>'
     if not data.actions:
         return '<p class="none">no operator actions yet</p>'
-    rows = "".join(f"<tr><td>{_esc(_when(at))}</td><td>{_esc(who)}</td><td>{_esc(action)}</td>"
-                   f'<td class="small"><code>{_esc(details)}</code></td></tr>'
-                   for at, who, action, details in data.actions)
+    rows = "".join(f"<tr><td>{_esc(_when(a.at))}</td><td>{_esc(a.who)}</td><td>{_esc(a.action)}</td>"
+                   f'<td class="small"><code>{_esc(a.details)}</code></td></tr>'
+                   for a in data.actions)
     return f"<table><tr><th>when</th><th>who</th><th>action</th><th>details</th></tr>{rows}</table>"
 
 

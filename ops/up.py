@@ -230,21 +230,13 @@ class Supervisor:
 
     def committed_version(self) -> int:
         """The learner's last committed version, read without a write lock (called every second)."""
-        import sqlite3
+        from arborl.rollout.store import StoreReadError, open_read_model
 
-        from arborl.rollout.store import read_only
-
-        path = self.run_dir / "store.sqlite"
-        if not path.is_file():
-            return 0
-        db = read_only(path)
-        try:
-            row = db.execute("SELECT MAX(version) FROM train_steps").fetchone()
-        except sqlite3.OperationalError:  # no step table yet
-            return 0
-        finally:
-            db.close()
-        return row[0] or 0
+        with open_read_model(self.run_dir) as store:
+            try:
+                return store.latest_trained_version()
+            except StoreReadError:  # busy: read as before any step, as the next call reads again
+                return 0
 
     # -- stopping -------------------------------------------------------------------------------
 

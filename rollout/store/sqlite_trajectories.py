@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .records import CallRecord, StoredCall
-from .trie import InsertResult, Trie, TrieNode
+from ..records import CallRecord, StoredCall
+from ..trie import InsertResult, Trie, TrieNode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
