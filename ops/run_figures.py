@@ -82,7 +82,7 @@ def versions_first_served(calls: Iterable[ServedCall]) -> dict[int, float]:
 
 
 def served_at(served: dict[int, float], version: int) -> float | None:
-    """When ``version`` (or newer) was first served, from ``first_served_by_version``."""
+    """When ``version`` (or newer) was first served, from ``versions_first_served``."""
     if version in served:
         return served[version]
     newer = [v for v in served if v > version]

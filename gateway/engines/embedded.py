@@ -167,7 +167,8 @@ class _TokensByLead:
     character that is not whitespace (all-whitespace tokens under " ").
     """
 
-    _WHITESPACE = frozenset(" \t\n\r")
+    _BLANKS = " \t\n\r"
+    _WHITESPACE = frozenset(_BLANKS)
 
     def __init__(self, texts: list[str]):
         self.by_first: dict[str, list[int]] = {}
@@ -176,7 +177,7 @@ class _TokensByLead:
             if not text:
                 continue
             self.by_first.setdefault(text[0], []).append(token)
-            lead = text.lstrip(" \t\n\r")
+            lead = text.lstrip(self._BLANKS)
             self.by_lead.setdefault(lead[0] if lead else " ", []).append(token)
 
     def could_start_with(self, chars: frozenset[str]) -> list[int]:
@@ -471,9 +472,6 @@ class EmbeddedEngine(Engine):
             request.forced_call_done = True
             token, logprob, top = sample_token(logits, params, request.generator)
         request.output_ids.append(token)
-        if forced is not None and params.forced_call is not None:
-            text = self.tokenizer.decode(request.output_ids)
-            request.forced_call_done = check(params.forced_call, text).verdict is Verdict.DONE
         if token in stop_ids:
             request.emit(SampledToken(token, logprob, self.version, "", top))
             self._finish(request, Finished("stop", matched_stop=token, text=request.detokenizer.flush()))
@@ -499,6 +497,9 @@ class EmbeddedEngine(Engine):
         # An incomplete UTF-8 character decodes as U+FFFD: a character a JSON string may hold, and
         # nothing else may, so a token that starts one outside a string is refused.
         now = check(constraint, decode(ids))
+        if now.verdict is Verdict.DONE:  # the last token completed the call: free from here on
+            request.forced_call_done = True
+            return None
         left = request.max_new_tokens - len(ids)
         closing = False
         if left <= len(now.completion) + 2:  # a token holds at least one character: the end may be near

@@ -69,7 +69,10 @@ def main() -> None:
                     calls.append(message.get("tool_calls"))
                 print(f"run {rep + 1}/{reps} {choice}: {completion} tokens in {took:.2f} s", file=sys.stderr)
     live.store.close()
-    well_formed = sum(bool(c) and all(json.loads(t["function"]["arguments"]) is not None for t in c) for c in calls)
+    def parses(call: dict) -> bool:
+        return isinstance(json.loads(call["function"]["arguments"]), dict)
+
+    well_formed = sum(bool(c) and all(parses(t) for t in c) for c in calls)
     free, forced = (statistics.median(per_token[c]) for c in ("none", "required"))
     print("\n| tool_choice | median request | median per completion token | vs free sampling |")
     print("| --- | --- | --- | --- |")
