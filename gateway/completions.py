@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -207,7 +207,7 @@ class CompletionService:
             call.response_message = result_message(result)
             call.tool_calls = call.response_message.get("tool_calls")
             call.response_body = json.dumps(call.response_message)
-            self._record(call)
+            await self._record(call, plan)
             self.metrics.stitched_tokens.inc(plan.stitched_tokens)
             self.metrics.prompt_tokens.inc(len(call.prompt_ids))
             self.metrics.completion_tokens.inc(len(call.completion_ids))
@@ -222,10 +222,10 @@ class CompletionService:
             if call.finished_at is None:  # cancelled (client went away) or failed: keep what was sampled
                 call.status = "cancelled" if call.error is None else "error"
                 call.finish_reason = "abort"
-                self._record(call)
+                await self._record(call, plan)
 
-    def _record(self, call: CallRecord) -> None:
-        record_call(self.store, self.metrics, call)
+    async def _record(self, call: CallRecord, plan: PromptPlan) -> None:
+        await record_call(self.store, self.metrics, call, then=lambda: self.stitcher.remember(call, plan))
 
     def _token_logprob(self, event: SampledToken) -> TokenLogprob:
         decode = self.renderer.tokenizer.decode
@@ -250,18 +250,32 @@ def refuse_when_full(waiting: int, max_waiting: int, metrics: GatewayMetrics) ->
         )
 
 
-def record_call(store: TrajectoryStore, metrics: GatewayMetrics, call: CallRecord) -> None:
-    """Finish the call's record, commit it durably, and count it (every engine records this way)."""
+async def record_call(store: TrajectoryStore, metrics: GatewayMetrics, call: CallRecord,
+                      then: Callable[[], None] | None = None) -> None:
+    """Finish the call's record, commit it durably, count it, then run ``then`` (every engine records
+    this way).
+
+    The commit runs in a worker thread: it waits on the disk or the database, which on the event
+    loop would stall every other stream. It is shielded: a stream cancelled while its call is
+    being written still finishes the write (a thread cannot be cancelled anyway). The call counts
+    towards its request's log line at once, since a cancelled request may be logged before the
+    commit ends."""
     call.finished_at = time.time()
-    started = time.perf_counter()
-    store.record_call(call)
     note_call(call)
-    metrics.record_duration.observe(time.perf_counter() - started)
-    metrics.calls_recorded.labels(call.status).inc()
-    if call.purpose != "main":
-        metrics.auxiliary_calls.labels(call.purpose).inc()
-    if call.branch_reason:
-        metrics.prefix_breaks.labels(call.branch_reason).inc()
+
+    def commit() -> None:
+        started = time.perf_counter()
+        store.record_call(call)
+        metrics.record_duration.observe(time.perf_counter() - started)
+        metrics.calls_recorded.labels(call.status).inc()
+        if call.purpose != "main":
+            metrics.auxiliary_calls.labels(call.purpose).inc()
+        if call.branch_reason:
+            metrics.prefix_breaks.labels(call.branch_reason).inc()
+        if then is not None:
+            then()
+
+    await asyncio.shield(asyncio.to_thread(commit))
 
 
 def result_message(result: CompletionResult) -> ChatMessage:

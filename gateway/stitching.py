@@ -18,15 +18,27 @@ recorded and counted:
 - ``template_unstable``: the messages match but the template does not render the longer
   conversation as an extension of the shorter one;
 - ``new_root``: nothing in common with the session's trie (another system prompt, a side call).
+
+The hot path does not grow with the session's history (DESIGN section 11): what stitching needs
+of the session's earlier calls (their reply, their trie path, and a hash of the conversation
+they were asked) is kept in memory, indexed by that hash, and looked up with one pass over the
+new request's messages. A session not in memory (a restart; another gateway served it) is loaded
+from the store once; one indexed read per call tells whether another process added calls since.
+The hashes are Python's (salted per process, so not forgeable by a client; recomputed on load);
+two different conversations hashing alike would only make a call stitch onto the wrong turn,
+and at 64 bits that takes about 2**32 turns in one session.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from arborl.rollout.records import StoredCall
+from arborl.rollout.records import CallRecord, StoredCall
 from arborl.rollout.store import TrajectoryStore
 
 from .rendering import ChatMessage, ChatRenderer
@@ -38,6 +50,7 @@ class PromptPlan:
     stitched_from: str | None = None
     branch_reason: str | None = None
     stitched_tokens: int = 0  # prompt tokens reused from the earlier call rather than tokenised
+    conversation_hash: int | None = None  # of the request's messages: how a later call finds this one
 
 
 def _canonical_message(message: ChatMessage, *, ignore_reasoning: bool = False) -> tuple:
@@ -64,10 +77,63 @@ def _canonical_arguments(arguments: Any) -> str:
     return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
 
 
+def _prefix_hashes(canonical: list[tuple]) -> list[int]:
+    """``out[k]``: a hash of ``canonical[:k]`` (one pass; ``out[0]`` is the empty conversation's)."""
+    out = [0]
+    for message in canonical:
+        out.append(hash((out[-1], message)))
+    return out
+
+
+@dataclass(frozen=True)
+class ServedTurn:
+    """What stitching needs of an earlier successful call of the session (no messages: those
+    would make a session's memory grow with the square of its length)."""
+
+    call_id: str
+    seq: int
+    messages: int  # how many messages the call was asked
+    reply: tuple  # the canonical form of its reply, and the same without reasoning
+    reply_without_reasoning: tuple
+    finish_reason: str | None
+    node_id: int
+    prompt_len: int
+    completion_len: int
+
+
+@dataclass
+class SessionTurns:
+    """One session's served turns, indexed by (messages asked, hash of their canonical forms)."""
+
+    turns: list[ServedTurn] = field(default_factory=list)
+    by_conversation: dict[tuple[int, int], list[ServedTurn]] = field(default_factory=dict)
+    last_seq: int = -1  # of the latest call seen, successful or not
+
+    def add(self, turn: ServedTurn, conversation_hash: int) -> None:
+        self.turns.append(turn)
+        self.by_conversation.setdefault((turn.messages, conversation_hash), []).append(turn)
+
+    def repeated_by(self, hashes: list[int]) -> Iterator[ServedTurn]:
+        """Turns whose conversation the new one (with these prefix hashes) starts with and goes
+        beyond: the longest first, the latest first among equals."""
+        for k in range(len(hashes) - 2, -1, -1):
+            yield from sorted(self.by_conversation.get((k, hashes[k]), ()), key=lambda t: t.seq, reverse=True)
+
+
+def _served_turn(call_id: str, seq: int, messages: int, reply: ChatMessage, finish_reason: str | None,
+                 node_id: int, prompt_len: int, completion_len: int) -> ServedTurn:
+    return ServedTurn(call_id, seq, messages, _canonical_message(reply),
+                      _canonical_message(reply, ignore_reasoning=True), finish_reason, node_id, prompt_len,
+                      completion_len)
+
+
 class Stitcher:
-    def __init__(self, store: TrajectoryStore, renderer: ChatRenderer):
+    def __init__(self, store: TrajectoryStore, renderer: ChatRenderer, *, sessions: int = 1024):
         self.store = store
         self.renderer = renderer
+        self._sessions: OrderedDict[str, SessionTurns] = OrderedDict()
+        self._max_sessions = sessions
+        self._lock = threading.Lock()  # plans run in worker threads
 
     def plan(
         self,
@@ -79,72 +145,118 @@ class Stitcher:
         enable_thinking: bool | None = None,
     ) -> PromptPlan:
         """The prompt ids for ``messages`` (rendered as ``prompt_text``) in this session."""
-        calls = [c for c in self.store.calls(session_id) if c.status == "ok" and c.response_message is not None]
-        if not calls:
-            return PromptPlan(self.renderer.encode(prompt_text))
         canonical = [_canonical_message(m) for m in messages]
+        hashes = _prefix_hashes(canonical)
+        session = self._session(session_id)
+        if not session.turns:
+            return PromptPlan(self.renderer.encode(prompt_text), conversation_hash=hashes[-1])
         reason = "history_edited"
         # The longest earlier call whose messages this conversation repeats but whose reply it
         # changes (OpenCode rewrites a call to an unknown tool, say), and why it differs.
-        diverged: tuple[StoredCall, str] | None = None
-        for call in sorted(calls, key=lambda c: (len(c.messages), c.seq), reverse=True):
-            k = len(call.messages)
-            if len(messages) <= k or canonical[:k] != [_canonical_message(m) for m in call.messages]:
-                continue
-            reply = call.response_message
-            assert reply is not None
-            if canonical[k] != _canonical_message(reply):
-                if _canonical_message(messages[k], ignore_reasoning=True) == _canonical_message(
-                    reply, ignore_reasoning=True
-                ):
+        diverged: tuple[ServedTurn, str] | None = None
+        for turn in session.repeated_by(hashes):
+            k = turn.messages
+            if canonical[k] != turn.reply:
+                if _canonical_message(messages[k], ignore_reasoning=True) == turn.reply_without_reasoning:
                     reason = "reasoning_dropped"
-                diverged = diverged or (call, reason)
+                diverged = diverged or (turn, reason)
                 continue
-            plan = self._extend(call, messages[: k + 1], prompt_text, tools, enable_thinking)
+            plan = self._extend(session_id, turn, messages[: k + 1], prompt_text, tools, enable_thinking)
             if plan is not None:
-                if diverged is not None and len(diverged[0].messages) > k:
+                plan = replace(plan, conversation_hash=hashes[-1])
+                if diverged is not None and diverged[0].messages > k:
                     # Stitched onto an earlier turn, the changed later reply tokenised afresh:
                     # unless that reproduces its sampled ids, the prompt leaves that call's path.
-                    prompt, completion = self.store.call_tokens(diverged[0])
+                    prompt, completion = self._tokens(session_id, diverged[0])
                     if plan.prompt_ids[: len(prompt) + len(completion)] != prompt + completion:
                         plan = replace(plan, branch_reason=diverged[1])
                 return plan
             reason = "template_unstable"
             break
         ids = self.renderer.encode(prompt_text)
-        return PromptPlan(ids, branch_reason=self._classify(session_id, calls, ids, reason))
+        return PromptPlan(ids, branch_reason=self._classify(session_id, session.turns, ids, reason),
+                          conversation_hash=hashes[-1])
+
+    def remember(self, call: CallRecord, plan: PromptPlan) -> None:
+        """``call`` (planned as ``plan``) is recorded: a later call of its session may extend it."""
+        with self._lock:
+            session = self._sessions.get(call.session_id)
+            if session is None or call.seq is None or call.node_id is None:
+                return  # not in memory: loaded from the store (with this call) when next needed
+            session.last_seq = max(session.last_seq, call.seq)
+            if call.status == "ok" and call.response_message is not None and plan.conversation_hash is not None:
+                turn = _served_turn(call.id, call.seq, len(call.messages), call.response_message,
+                                    call.finish_reason, call.node_id, len(call.prompt_ids), len(call.completion_ids))
+                session.add(turn, plan.conversation_hash)
+
+    def _session(self, session_id: str) -> SessionTurns:
+        """The session's turns: from memory, or loaded once from the store when this process has
+        not seen them all (a restart, or another gateway served the session meanwhile)."""
+        last_seq = self.store.last_seq(session_id)
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.last_seq >= last_seq:
+                self._sessions.move_to_end(session_id)
+                return session
+        session = self._load(session_id)
+        with self._lock:
+            self._sessions[session_id] = session
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > self._max_sessions:
+                self._sessions.popitem(last=False)
+        return session
+
+    def _load(self, session_id: str) -> SessionTurns:
+        session = SessionTurns()
+        for call in self.store.calls(session_id):
+            session.last_seq = max(session.last_seq, call.seq)
+            if call.status == "ok" and call.response_message is not None:
+                hashes = _prefix_hashes([_canonical_message(m) for m in call.messages])
+                session.add(_stored_turn(call), hashes[-1])
+        return session
+
+    def _tokens(self, session_id: str, turn: ServedTurn) -> tuple[list[int], list[int]]:
+        path = self.store.trie(session_id).path(turn.node_id)
+        return path[: turn.prompt_len], path[turn.prompt_len :]
 
     def _extend(
-        self, call: StoredCall, through_reply: list[ChatMessage], prompt_text: str, tools, enable_thinking
+        self, session_id: str, turn: ServedTurn, through_reply: list[ChatMessage], prompt_text: str, tools,
+        enable_thinking,
     ) -> PromptPlan | None:
-        """Ids of ``call``'s path followed by the template text after its reply, if consistent."""
+        """Ids of ``turn``'s path followed by the template text after its reply, if consistent."""
         rendered = self.renderer.render(
             through_reply, tools, add_generation_prompt=False, enable_thinking=enable_thinking
         ).text
         suffix = self.renderer.turn_suffix
         if not prompt_text.startswith(rendered) or not rendered.endswith(suffix):
             return None
-        prompt_ids, completion_ids = self.store.call_tokens(call)
+        prompt_ids, completion_ids = self._tokens(session_id, turn)
         tail = suffix
-        if completion_ids and call.finish_reason == "stop":
+        if completion_ids and turn.finish_reason == "stop":
             # The sampled turn-end token (e.g. <|im_end|>) already covers the start of the suffix.
             last = self.renderer.tokenizer.decode([completion_ids[-1]])
             if last and suffix.startswith(last):
                 tail = suffix[len(last) :]
         continuation = tail + prompt_text[len(rendered) :]
         reused = prompt_ids + completion_ids
-        return PromptPlan(reused + self.renderer.encode(continuation), call.id, None, len(reused))
+        return PromptPlan(reused + self.renderer.encode(continuation), turn.call_id, None, len(reused))
 
-    def _classify(self, session_id: str, calls: list[StoredCall], ids: list[int], reason: str) -> str | None:
+    def _classify(self, session_id: str, turns: list[ServedTurn], ids: list[int], reason: str) -> str | None:
         """None when fresh tokenisation still extends (or repeats) an earlier call; else why it broke."""
         trie = self.store.trie(session_id)
         depth = trie.match(ids)
         if depth == 0:
             return "new_root"
-        for call in calls:
-            end = call.prompt_len + call.completion_len
-            if end <= depth and trie.path(call.node_id) == ids[:end]:
+        for turn in turns:
+            end = turn.prompt_len + turn.completion_len
+            if end <= depth and trie.path(turn.node_id) == ids[:end]:
                 return None  # the prompt extends this call exactly
-            if call.prompt_len == len(ids) <= depth and trie.path(call.node_id)[: len(ids)] == ids:
+            if turn.prompt_len == len(ids) <= depth and trie.path(turn.node_id)[: len(ids)] == ids:
                 return None  # the same prompt again (a retry or another sample)
         return reason
+
+
+def _stored_turn(call: StoredCall) -> ServedTurn:
+    assert call.response_message is not None
+    return _served_turn(call.id, call.seq, len(call.messages), call.response_message, call.finish_reason,
+                        call.node_id, call.prompt_len, call.completion_len)

@@ -226,7 +226,7 @@ class UpstreamCompletions:
             for response in opened:
                 if isinstance(response, httpx.Response):
                     await self.engine.discard(response)
-            self._record_refused(request, prompt_ids, created, failure)
+            await self._record_refused(request, prompt_ids, created, failure)
             raise failure
         prepared.opened = list(opened)
         return prepared
@@ -240,13 +240,13 @@ class UpstreamCompletions:
                                         enable_thinking=request.enable_thinking)
         return self.renderer.encode(rendered.text)
 
-    def _record_refused(self, request: CompletionRequest, prompt_ids: list[int], created: float,
+    async def _record_refused(self, request: CompletionRequest, prompt_ids: list[int], created: float,
                         failure: BaseException) -> None:
         """A call the upstream refused is recorded too: what was asked, and why it failed."""
         call = _call_record(request, prompt_ids)
         call.status, call.finish_reason, call.created_at = "error", "abort", created
         call.error = f"{type(failure).__name__}: {failure}"
-        self._record(call)
+        await self._record(call)
 
     async def stream(self, prepared: PreparedPrompt, *, want_logprobs: bool = False) -> AsyncIterator[CompletionEvent]:
         """The upstream's events, then the result once the call is recorded (logprobs: none to give)."""
@@ -275,7 +275,7 @@ class UpstreamCompletions:
             call.tool_calls = call.response_message.get("tool_calls")
             call.response_body = json.dumps(call.response_message)
             self._tokenise_completion(call, result)
-            self._record(call)
+            await self._record(call)
             self.metrics.prompt_tokens.inc(done.prompt_tokens)
             self.metrics.completion_tokens.inc(done.completion_tokens)
             yield result
@@ -287,7 +287,7 @@ class UpstreamCompletions:
                 call.status = "cancelled" if call.error is None else "error"
                 call.finish_reason = "abort"
                 call.response_body = json.dumps({"content": "".join(state.content)})
-                self._record(call)
+                await self._record(call)
 
     def _tokenise_completion(self, call: CallRecord, result: CompletionResult) -> None:
         """With a tokenizer: the reply's text as ids, so the call shows in its trie (never trained on)."""
@@ -299,8 +299,8 @@ class UpstreamCompletions:
         call.completion_logprobs = [math.nan] * len(call.completion_ids)  # unknown: sampled elsewhere
         call.completion_versions = [-1] * len(call.completion_ids)  # not a policy version
 
-    def _record(self, call: CallRecord) -> None:
-        record_call(self.store, self.metrics, call)
+    async def _record(self, call: CallRecord) -> None:
+        await record_call(self.store, self.metrics, call)
 
 
 def _call_record(request: CompletionRequest, prompt_ids: list[int]) -> CallRecord:

@@ -43,6 +43,9 @@ class CallRecord:
     created_at: float = field(default_factory=time.time)
     first_token_at: float | None = None
     finished_at: float | None = None
+    # Set by the store when the call is recorded: its place in its session, and its trie leaf.
+    seq: int | None = None
+    node_id: int | None = None
 
     @property
     def path_length(self) -> int:

@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 from ..records import CallRecord, StoredCall
 from ..trie import InsertResult, Trie, TrieNode
+from .call_deltas import CallDelta, RecentCalls, WholeCall
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -72,7 +73,12 @@ CREATE TABLE IF NOT EXISTS calls (
     created_at REAL NOT NULL,
     first_token_at REAL,
     finished_at REAL,
-    purpose TEXT NOT NULL DEFAULT 'main'
+    purpose TEXT NOT NULL DEFAULT 'main',
+    base_call TEXT,
+    messages_kept INTEGER NOT NULL DEFAULT 0,
+    tools_kept INTEGER NOT NULL DEFAULT 0,
+    request_head INTEGER NOT NULL DEFAULT 0,
+    request_tail INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS calls_by_session ON calls(session_id, seq);
 CREATE TABLE IF NOT EXISTS refused_requests (
@@ -86,16 +92,22 @@ CREATE TABLE IF NOT EXISTS session_keys (
     created_at REAL NOT NULL
 );
 """
+SESSION_KEY_PREFIX = "sk-arborl-"  # every key issue_session_key hands out starts so
 NO_PATH = 0  # node_id of a call without token ids (real node ids start at 1)
 
 _CALL_COLUMNS = (
     "id, session_id, seq, dialect, model, status, finish_reason, node_id, prompt_len, completion_len, "
     "completion_logprobs, completion_versions, token_exact, stitched_from, branch_reason, messages, "
     "response_message, tools, tool_calls, request_body, response_body, error, created_at, first_token_at, "
-    "finished_at, purpose"
+    "finished_at, purpose, base_call, messages_kept, tools_kept, request_head, request_tail"
 )
-# PRAGMA user_version of a store: 1 = policy versions in int64 blobs (0: the int32 of older stores).
-STORE_LAYOUT = 1
+# PRAGMA user_version of a store: 2 = requests stored as deltas (call_deltas.py); 1 = policy
+# versions in int64 blobs, every request whole; 0 = the int32 versions of the oldest stores.
+STORE_LAYOUT = 2
+_DELTA_COLUMNS = {  # added by layout 2; a row without a base is a whole request, as before
+    "base_call": "TEXT", "messages_kept": "INTEGER NOT NULL DEFAULT 0", "tools_kept": "INTEGER NOT NULL DEFAULT 0",
+    "request_head": "INTEGER NOT NULL DEFAULT 0", "request_tail": "INTEGER NOT NULL DEFAULT 0",
+}
 _INSERT_CALL = f"INSERT INTO calls({_CALL_COLUMNS}) VALUES ({', '.join('?' for _ in _CALL_COLUMNS.split(','))})"
 
 
@@ -158,6 +170,8 @@ class TrajectoryStore:
         self._cached_tries = cached_tries
         self._known_sessions: set[str] = set()  # rows already written by this process
         self._next_seq: dict[str, int] = {}
+        self._recent = RecentCalls()
+        self._sessions_by_key: dict[str, str] = {}
         row = self._db.execute("SELECT COALESCE(MAX(id), 0), COUNT(*), COALESCE(SUM(LENGTH(tokens)), 0) FROM nodes")
         max_id, self.total_nodes, token_bytes = row.fetchone()
         self.total_tokens = token_bytes // 4
@@ -170,20 +184,30 @@ class TrajectoryStore:
     def _migrate(self) -> None:
         """Bring a store written by an older arborl up to this schema (columns only ever added)."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
-        if "purpose" not in columns:
-            self._db.execute("ALTER TABLE calls ADD COLUMN purpose TEXT NOT NULL DEFAULT 'main'")
         layout = self._db.execute("PRAGMA user_version").fetchone()[0]
         if layout > STORE_LAYOUT:
             raise RuntimeError(f"{self.path} was written by a newer arborl (store layout {layout}); upgrade arborl")
-        if layout < STORE_LAYOUT:  # int32 policy versions -> int64, in one transaction
-            self._db.execute("BEGIN IMMEDIATE")
+        if layout == STORE_LAYOUT:
+            return
+        self._db.execute("BEGIN IMMEDIATE")  # one transaction: converted wholly or not at all
+        try:
             # Read again under the write lock: another process may have converted it meanwhile.
-            if self._db.execute("PRAGMA user_version").fetchone()[0] < STORE_LAYOUT:
+            layout = self._db.execute("PRAGMA user_version").fetchone()[0]
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}
+            if "purpose" not in columns:
+                self._db.execute("ALTER TABLE calls ADD COLUMN purpose TEXT NOT NULL DEFAULT 'main'")
+            for name, kind in _DELTA_COLUMNS.items():
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE calls ADD COLUMN {name} {kind}")
+            if layout < 1:  # int32 policy versions -> int64
                 rows = self._db.execute("SELECT id, completion_versions FROM calls").fetchall()
                 self._db.executemany("UPDATE calls SET completion_versions = ? WHERE id = ?",
                                      [(_versions_blob(blob_ids(blob)), call_id) for call_id, blob in rows])
-                self._db.execute(f"PRAGMA user_version = {STORE_LAYOUT}")
-            self._db.execute("COMMIT")
+            self._db.execute(f"PRAGMA user_version = {STORE_LAYOUT}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -249,7 +273,7 @@ class TrajectoryStore:
 
     def issue_session_key(self, session_id: str) -> str:
         """A new API key that identifies ``session_id`` (for orchestrated rollouts)."""
-        key = "sk-arborl-" + secrets.token_urlsafe(24)
+        key = SESSION_KEY_PREFIX + secrets.token_urlsafe(24)
         self.ensure_session(session_id, identified_by="session_key")
         with self._lock:
             self._db.execute(
@@ -259,11 +283,25 @@ class TrajectoryStore:
         return key
 
     def session_for_key(self, api_key: str) -> str | None:
+        """The session an issued key names, or None. Asked on every request (on the event loop), so
+        only keys of arborl's own form are looked up, and a key found is remembered (a key never
+        changes session); a key not found is looked up again next time, since another process
+        (a rollout worker) may issue it meanwhile."""
+        if not api_key.startswith(SESSION_KEY_PREFIX):
+            return None
+        known = self._sessions_by_key.get(api_key)
+        if known is not None:
+            return known
         with self._lock:
             row = self._db.execute(
                 "SELECT session_id FROM session_keys WHERE key_hash = ?", (_key_hash(api_key),)
             ).fetchone()
-        return row[0] if row else None
+        if row is None:
+            return None
+        if len(self._sessions_by_key) >= 65536:  # bounded: a long run issues a key per rollout
+            self._sessions_by_key.clear()
+        self._sessions_by_key[api_key] = row[0]
+        return row[0]
 
     # -- tries and calls ---------------------------------------------------------------------
 
@@ -297,6 +335,7 @@ class TrajectoryStore:
             path = call.prompt_ids + call.completion_ids
             inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
             seq = self._seq(call.session_id)
+            delta = self._recent.delta(call)  # only what the call adds to an earlier one of its session
             try:
                 with self.transaction() as db:
                     db.execute(
@@ -318,11 +357,13 @@ class TrajectoryStore:
                             call.finish_reason, inserted.leaf, len(call.prompt_ids), len(call.completion_ids),
                             _floats_blob(call.completion_logprobs), _versions_blob(call.completion_versions),
                             int(call.token_exact), call.stitched_from, call.branch_reason,
-                            json.dumps(call.messages), json.dumps(call.response_message),
-                            json.dumps(call.tools) if call.tools is not None else None,
+                            json.dumps(delta.messages), json.dumps(call.response_message),
+                            json.dumps(delta.tools) if delta.tools is not None else None,
                             json.dumps(call.tool_calls) if call.tool_calls is not None else None,
-                            call.request_body, call.response_body, call.error,
+                            delta.request_middle, call.response_body, call.error,
                             call.created_at, call.first_token_at, call.finished_at, call.purpose,
+                            delta.base, delta.messages_kept, int(delta.tools_kept), delta.request_head,
+                            delta.request_tail,
                         ),
                     )
             except BaseException:
@@ -331,6 +372,8 @@ class TrajectoryStore:
                 self._next_seq.pop(call.session_id, None)
                 raise
             self._next_seq[call.session_id] = seq + 1
+            call.seq, call.node_id = seq, inserted.leaf
+            self._recent.remember(call, delta.base)
             self.total_nodes += len(inserted.created)
             self.total_tokens += len(call.prompt_ids) + len(call.completion_ids) - inserted.shared
             return inserted
@@ -341,26 +384,55 @@ class TrajectoryStore:
             self._next_seq[session_id] = row.fetchone()[0] + 1
         return self._next_seq[session_id]
 
+    def last_seq(self, session_id: str) -> int:
+        """The seq of the session's latest call (-1 before its first): one indexed read, so a
+        gateway can tell cheaply whether another process added calls it has not seen."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COALESCE(MAX(seq), -1) FROM calls WHERE session_id = ?", (session_id,)
+            ).fetchone()[0]
+
+    def session_bytes(self, session_id: str) -> int:
+        """Bytes the session's calls and trie nodes hold in the store (their columns' contents)."""
+        with self._lock:
+            calls = self._db.execute(
+                "SELECT COALESCE(SUM(LENGTH(messages) + LENGTH(COALESCE(response_message, '')) "
+                "+ LENGTH(COALESCE(tools, '')) + LENGTH(COALESCE(tool_calls, '')) + LENGTH(request_body) "
+                "+ LENGTH(response_body) + LENGTH(completion_logprobs) + LENGTH(completion_versions)), 0) "
+                "FROM calls WHERE session_id = ?", (session_id,)).fetchone()[0]
+            nodes = self._db.execute(
+                "SELECT COALESCE(SUM(LENGTH(tokens)), 0) FROM nodes WHERE session_id = ?", (session_id,)
+            ).fetchone()[0]
+        return calls + nodes
+
     def calls(self, session_id: str) -> list[StoredCall]:
+        """The session's calls in seq order, each with its whole conversation (rebuilt from deltas)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, session_id, seq, dialect, status, finish_reason, node_id, prompt_len, completion_len, "
                 "completion_logprobs, completion_versions, messages, response_message, token_exact, "
-                "stitched_from, branch_reason, created_at, finished_at, purpose "
+                "stitched_from, branch_reason, created_at, finished_at, purpose, base_call, messages_kept "
                 "FROM calls WHERE session_id = ? ORDER BY seq",
                 (session_id,),
             ).fetchall()
-        return [
-            StoredCall(
+        conversations: dict[str, list[dict[str, Any]]] = {}
+        out = []
+        for r in rows:
+            tail = json.loads(r[11] or "[]")
+            base = r[19]
+            if base is not None and base not in conversations:
+                raise ValueError(f"call {r[0]} is stored against {base}, which is not an earlier call of its session")
+            messages = tail if base is None else conversations[base][: r[20]] + tail
+            conversations[r[0]] = messages
+            out.append(StoredCall(
                 id=r[0], session_id=r[1], seq=r[2], dialect=r[3], status=r[4], finish_reason=r[5], node_id=r[6],
                 prompt_len=r[7], completion_len=r[8], completion_logprobs=_blob_floats(r[9]),
-                completion_versions=blob_versions(r[10]), messages=json.loads(r[11] or "[]"),
+                completion_versions=blob_versions(r[10]), messages=messages,
                 response_message=json.loads(r[12]) if r[12] else None, token_exact=bool(r[13]),
                 stitched_from=r[14], branch_reason=r[15], created_at=r[16], finished_at=r[17],
                 purpose=r[18],
-            )
-            for r in rows
-        ]
+            ))
+        return out
 
     def call_tokens(self, call: StoredCall) -> tuple[list[int], list[int]]:
         """The exact (prompt ids, completion ids) of a stored call, read from its trie path."""
@@ -371,16 +443,40 @@ class TrajectoryStore:
         return path[: call.prompt_len], path[call.prompt_len :]
 
     def call_bodies(self, call_id: str) -> dict[str, Any]:
+        """The call's request exactly as the client sent it (rebuilt from its chain of deltas),
+        its reply, tools, tool calls and error."""
         with self._lock:
             row = self._db.execute(
-                "SELECT request_body, response_body, tools, tool_calls, error FROM calls WHERE id = ?", (call_id,)
+                "SELECT session_id, seq, response_body, tool_calls, error FROM calls WHERE id = ?", (call_id,)
             ).fetchone()
-        if row is None:
-            raise KeyError(call_id)
+            if row is None:
+                raise KeyError(call_id)
+            chain = self._db.execute(
+                "SELECT id, base_call, messages_kept, messages, tools_kept, tools, request_head, request_tail, "
+                "request_body FROM calls WHERE session_id = ? AND seq <= ? ORDER BY seq",
+                (row[0], row[1]),
+            ).fetchall()
+        call = _rebuild(call_id, chain)
         return {
-            "request_body": row[0],
-            "response_body": row[1],
-            "tools": json.loads(row[2]) if row[2] else None,
+            "request_body": call.request_body,
+            "response_body": row[2],
+            "tools": call.tools,
             "tool_calls": json.loads(row[3]) if row[3] else None,
             "error": row[4],
         }
+
+
+def _rebuild(call_id: str, rows: list[tuple]) -> WholeCall:
+    """``call_id`` whole, from the rows of its session up to it in seq order (bases come first).
+    Only the calls on its chain of bases are rebuilt."""
+    by_id = {r[0]: r for r in rows}
+    chain = [by_id[call_id]]
+    while chain[-1][1] is not None:
+        chain.append(by_id[chain[-1][1]])
+    rebuilt: WholeCall | None = None
+    for cid, base, kept, messages, tools_kept, tools, head, tail, body in reversed(chain):
+        delta = CallDelta(base, kept, json.loads(messages or "[]"), bool(tools_kept),
+                          json.loads(tools) if tools else None, head, tail, body or "")
+        rebuilt = delta.rebuild(cid, rebuilt)
+    assert rebuilt is not None
+    return rebuilt
