@@ -13,6 +13,7 @@ import shutil
 
 import httpx
 import pytest
+
 from conftest import serve_live
 
 TURNS = 300
