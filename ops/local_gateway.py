@@ -155,11 +155,11 @@ class LocalGateway:
 def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None = None) -> LocalGateway:
     """The configured engine served on loopback, on ``port`` (default: a free one)."""
     from arborl.gateway.app import create_app
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
 
     run_dir.mkdir(parents=True, exist_ok=True)
     engine, model_dir, where = build_engine(config)
-    store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+    store = SqliteTrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
     # The command's own progress lines are what its user reads: no line per model call.

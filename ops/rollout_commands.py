@@ -171,14 +171,14 @@ def uses_model(scaffolds: dict[str, float]) -> bool:
 def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool = True,
              port: int | None = None) -> Iterator[Session]:
     from arborl.rollout.ledger import RunLedger
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
 
     from .connect import served_model
 
     run_dir = config.run_dir
     if gateway_url is None and not needs_model:  # only the store: no gateway, no model
         run_dir.mkdir(parents=True, exist_ok=True)
-        store = TrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+        store = SqliteTrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
         try:
             yield Session("", NO_MODEL, store, RunLedger(store), None, lambda: None)
         finally:
@@ -202,7 +202,7 @@ def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool
     model = served_model(gateway_url, config.gateway.api_keys[0] if config.gateway.api_keys else "arborl")
     if model is None:
         raise SystemExit(f"arborl: no gateway answers at {gateway_url}")
-    store = TrajectoryStore(store_path)
+    store = SqliteTrajectoryStore(store_path)
     try:
         yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, lambda: _run_tokenizer(run_dir),
                       served_version(gateway_url))

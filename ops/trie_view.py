@@ -69,7 +69,7 @@ def _collect(store: TrajectoryStore, session_id: str) -> _SessionView:
     trie = store.trie(session_id)
     calls = sorted(store.calls(session_id), key=lambda c: c.seq)
     if not trie.nodes and not calls and not store.refusals(session_id):
-        raise KeyError(f"no session {session_id!r} in {store.path}")
+        raise KeyError(f"no session {session_id!r} in {store.location}")
     nodes = trie.nodes
 
     children: dict[int | None, list[int]] = {None: []}

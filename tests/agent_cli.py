@@ -20,7 +20,7 @@ import pytest
 
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from conftest import ServerThread
 from scripted_engine import Script, ScriptedEngine
 
@@ -57,7 +57,7 @@ def scripted_gateway(model_dir: Path, tmp_path: Path, script: Script, *, first_t
     from transformers import AutoTokenizer
 
     engine = ScriptedEngine(AutoTokenizer.from_pretrained(model_dir), script, first_token_delay_s=first_token_delay_s)
-    store = TrajectoryStore(tmp_path / "run" / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "run" / "store.sqlite")
     work, home = tmp_path / "work", tmp_path / "home"
     for folder in (work, home):
         folder.mkdir()

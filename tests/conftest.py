@@ -16,7 +16,7 @@ from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import TINY_MODEL, resolve_model
 from arborl.gateway.settings import GatewaySettings
 from arborl.ops.local_gateway import ServerThread, free_loopback_port
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 
 
 def pytest_collection_modifyitems(config, items):
@@ -85,7 +85,7 @@ class LiveGateway:
 
 def start_gateway(model_dir: Path, run_dir: Path, **settings) -> tuple[ServerThread, LiveGateway]:
     engine = EmbeddedEngine(model_dir, model_name="tiny")
-    store = TrajectoryStore(run_dir / "store.sqlite")
+    store = SqliteTrajectoryStore(run_dir / "store.sqlite")
     gateway_settings = GatewaySettings(**settings)
     app = create_app(engine, store, gateway_settings)
     server = ServerThread(app, settings=gateway_settings)
@@ -115,3 +115,38 @@ def tool_model_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture
 def tool_gateway(tool_model_dir: Path, tmp_path: Path) -> Iterator[LiveGateway]:
     yield from serve_live(tool_model_dir, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory) -> Iterator[str]:
+    """The DSN of a real PostgreSQL server: CI's (``ARBORL_TEST_POSTGRES_DSN``, started by .ci/run),
+    else one started here for the session. Without PostgreSQL installed the tests that need it
+    skip, unless ``ARBORL_REQUIRE_POSTGRES=1`` (CI) makes that a failure."""
+    import postgres_server as server
+
+    dsn = os.environ.get(server.DSN_VARIABLE)
+    if dsn:
+        yield dsn
+        return
+    if server.binary("initdb") is None:
+        if os.environ.get("ARBORL_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required here (ARBORL_REQUIRE_POSTGRES=1) but not installed")
+        pytest.skip("PostgreSQL is not installed (ops/bootstrap.sh installs it)")
+    folder = Path(tempfile.mkdtemp(prefix="arborl-pg-"))
+    try:
+        yield server.start(folder)
+    finally:
+        server.stop(folder)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: str) -> str:
+    """A DSN of a new, empty database on the test server (one per test)."""
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:16]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_server.rsplit("/", 1)[0] + "/" + name

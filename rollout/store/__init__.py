@@ -27,7 +27,8 @@ from .read_model import (
     TrainStep,
 )
 from .sqlite_read_model import STORE_FILE_NAME, SqliteRunReadModel
-from .sqlite_trajectories import NO_PATH, SCHEMA, STORE_LAYOUT, TrajectoryStore, blob_ids, blob_versions, read_only
+from .sqlite_trajectories import SCHEMA, SqliteTrajectoryStore, read_only
+from .trajectories import NO_PATH, STORE_LAYOUT, TrajectoryStore, blob_ids, blob_versions
 
 __all__ = [
     "NO_PATH",
@@ -41,6 +42,7 @@ __all__ = [
     "RunReadModel",
     "ServedCall",
     "SqliteRunReadModel",
+    "SqliteTrajectoryStore",
     "StepPassRate",
     "StoreReadError",
     "TrainStep",

@@ -30,7 +30,8 @@ from .read_model import (
     StoreReadError,
     TrainStep,
 )
-from .sqlite_trajectories import blob_versions, read_only
+from .sqlite_trajectories import read_only
+from .trajectories import blob_versions
 
 STORE_FILE_NAME = "store.sqlite"  # the store's file inside a run folder
 

@@ -65,7 +65,10 @@ def worker(model_dir: Path, run_dir: Path, turns: int) -> None:
     from arborl.gateway.engines.embedded import EmbeddedEngine
     from arborl.gateway.settings import GatewaySettings
     from arborl.ops.local_gateway import ServerThread
-    from arborl.rollout.store import TrajectoryStore
+    try:
+        from arborl.rollout.store import SqliteTrajectoryStore
+    except ImportError:  # the baseline code, from before the store seam had two implementations
+        from arborl.rollout.store import TrajectoryStore as SqliteTrajectoryStore
 
     class TimedEngine(EmbeddedEngine):
         engine_s = 0.0
@@ -85,7 +88,7 @@ def worker(model_dir: Path, run_dir: Path, turns: int) -> None:
 
     engine = TimedEngine(model_dir, model_name="tiny")
     store_path = run_dir / "store.sqlite"
-    store = TrajectoryStore(store_path)
+    store = SqliteTrajectoryStore(store_path)
     settings = GatewaySettings()
     rng = random.Random(0)
     messages: list[dict] = [{"role": "system", "content": "You are a coding agent."}]

@@ -60,7 +60,7 @@ from arborl.gateway.engines.base import Finished, SampledToken, SamplingParams
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VOCAB = 49152  # the default model's vocabulary: the range of the random token ids of figure 3
@@ -461,7 +461,7 @@ def timed(record, calls: list[CallRecord]) -> list[float]:
 
 def record_both(sessions: list[list[CallRecord]], folder: Path) -> dict:
     """Record every call in a fresh store and a fresh plain database, alternating session by session."""
-    store, plain = TrajectoryStore(folder / "store.sqlite"), PlainStore(folder / "plain.sqlite")
+    store, plain = SqliteTrajectoryStore(folder / "store.sqlite"), PlainStore(folder / "plain.sqlite")
     store_s, plain_s = [], []
     for calls in sessions:
         store_s += timed(store.record_call, calls)

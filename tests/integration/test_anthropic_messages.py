@@ -188,11 +188,11 @@ def test_streamed_and_json_answers_hold_the_same_blocks_in_the_same_order(tiny_m
     from arborl.gateway.app import create_app
     from arborl.gateway.settings import GatewaySettings
     from arborl.ops.local_gateway import ServerThread
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
     from scripted_engine import ScriptedEngine
 
     engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: reply)
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     body = {"model": "tiny", "max_tokens": 200, "tools": [WEATHER], "messages": ASK}
     with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
         whole = httpx.post(url + "/v1/messages", json=body, timeout=30).json()["content"]

@@ -13,7 +13,7 @@ import pytest
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.settings import GatewaySettings
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from conftest import ServerThread
 
 LONG = {"model": "tiny", "max_tokens": 1500, "ignore_eos": True, "stream": True,
@@ -22,7 +22,7 @@ LONG = {"model": "tiny", "max_tokens": 1500, "ignore_eos": True, "stream": True,
 
 def _serve(model_dir, run_dir, engine_options=None, **settings):
     engine = EmbeddedEngine(model_dir, model_name="tiny", **(engine_options or {}))
-    store = TrajectoryStore(run_dir / "store.sqlite")
+    store = SqliteTrajectoryStore(run_dir / "store.sqlite")
     return ServerThread(create_app(engine, store, GatewaySettings(**settings))), engine
 
 

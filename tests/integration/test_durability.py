@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from conftest import free_port
 
 
@@ -49,7 +49,7 @@ def test_kill_9_after_response_loses_nothing_and_restart_continues(tiny_model_di
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
 
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     (call,) = store.calls("durable")
     assert call.status == "ok"
     assert call.completion_len == reply.usage.completion_tokens
@@ -67,7 +67,7 @@ def test_kill_9_after_response_loses_nothing_and_restart_continues(tiny_model_di
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
 
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     first, second = store.calls("durable")
     assert second.stitched_from == first.id and second.branch_reason is None
     prompt, _ = store.call_tokens(second)

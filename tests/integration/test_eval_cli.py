@@ -16,7 +16,7 @@ from arborl.gateway.tool_parsers import get_parser
 from arborl.ops.cli import main
 from arborl.ops.eval_report import load_results
 from arborl.rollout.ledger import RunLedger
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from arborl.rollout.tasks import pytest_command
 from arborl.rollout.verifiers import Resolution
 from task_fixtures import git, malformed_dataset, write_app_task, write_harbor_task
@@ -50,7 +50,7 @@ def test_eval_runs_a_harbor_folder_reports_and_resumes(run_root, capsys):
     main(argv)  # everything finished: the second run redoes nothing
     out = capsys.readouterr().out
     assert out.count("(done before)") == 8
-    store = TrajectoryStore(run / "store.sqlite")
+    store = SqliteTrajectoryStore(run / "store.sqlite")
     assert store.query("SELECT COUNT(*) FROM rollouts")[0][0] == 8
     assert RunLedger(store).pending_groups() == []  # an evaluation's groups are never trained on
     store.close()
@@ -126,7 +126,7 @@ def test_rollout_makes_groups_for_the_learner_and_continues(run_root, capsys):
     main([*base, "--groups", "3"])  # the first two groups are found again; only the third runs
     out = capsys.readouterr().out
     assert out.count("(done before)") == 6 and "3 complete groups" in out
-    store = TrajectoryStore(run / "store.sqlite")
+    store = SqliteTrajectoryStore(run / "store.sqlite")
     ledger = RunLedger(store)
     groups = ledger.pending_groups()
     assert len(groups) == 3 and all(group.size == 3 for group in groups)
@@ -192,7 +192,7 @@ def test_a_broken_verifier_is_a_verifier_failure_not_the_agents_zero(run_root, c
     assert "ran out of time" in results["times-out"].details
     assert "'PASSED', not a number" in results["writes-passed"].details
     assert "no reward file" in results["writes-nothing"].details
-    store = TrajectoryStore(run / "store.sqlite")
+    store = SqliteTrajectoryStore(run / "store.sqlite")
     graded = store.query("SELECT task_id FROM rollouts WHERE status = 'done'")
     store.close()
     assert graded == [("sound",)]  # nothing of a broken verifier is ever a sample

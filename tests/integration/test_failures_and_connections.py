@@ -27,7 +27,7 @@ import pytest
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
 from arborl.ops.local_gateway import ServerThread
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from conftest import LiveGateway, start_gateway
 from scripted_engine import ScriptedEngine
 from sse import sse_events
@@ -60,7 +60,7 @@ def broken(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoTokenizer
 
     engine = BreaksMidStream(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: "one two three four five")
-    store = TrajectoryStore(tmp_path_factory.mktemp("broken") / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path_factory.mktemp("broken") / "store.sqlite")
     with ServerThread(create_app(engine, store, GatewaySettings())) as url:
         yield url, store
     store.close()
@@ -149,7 +149,7 @@ def test_a_long_prefill_does_not_trip_a_clients_read_timeout(tiny_model_dir: Pat
     from transformers import AutoTokenizer
 
     engine = SlowToFirstToken(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: "all done here")
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     settings = GatewaySettings(stream_keepalive_s=0.1)
     with ServerThread(create_app(engine, store, settings), settings=settings) as url:
         with httpx.stream("POST", url + route, json=body, timeout=httpx.Timeout(30, read=0.5)) as response:

@@ -32,7 +32,7 @@ from arborl.learner.publish import GatewayPublisher, InProcessPublisher
 from arborl.learner.settings import LearnerSettings
 from arborl.rollout.ledger import RunLedger
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from conftest import serve_live
 from learner_fixtures import record_group
 
@@ -101,7 +101,7 @@ def test_in_process_learner_publishes_into_the_serving_engine(live, tiny_model, 
 
 
 def test_stale_and_uniform_groups_are_dropped_and_counted(tiny_model, tiny_model_dir: Path, tmp_path: Path):
-    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    ledger = RunLedger(SqliteTrajectoryStore(tmp_path / "store.sqlite"))
     rng = random.Random(0)
     first = record_group(ledger, tiny_model, "a", rng)
     uniform = record_group(ledger, tiny_model, "b", rng, rewards=[1.0] * 4, version=1)
@@ -137,7 +137,7 @@ class _RecordingPublisher:
 def test_a_call_without_a_prompt_is_refused_and_counted(tiny_model, tiny_model_dir: Path, tmp_path: Path):
     """A main call with an empty prompt (a completions request with prompt "") is listed by the
     ledger; its first token has no context, so no logprob: trained on, it made every weight NaN."""
-    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    ledger = RunLedger(SqliteTrajectoryStore(tmp_path / "store.sqlite"))
     group = record_group(ledger, tiny_model, "empty", random.Random(3))
     ledger.store.record_call(CallRecord(
         id="no-prompt", session_id="empty-rollout-0", dialect="openai", model="tiny", prompt_ids=[],
@@ -157,7 +157,7 @@ def test_a_call_without_a_prompt_is_refused_and_counted(tiny_model, tiny_model_d
 
 
 def test_a_non_finite_step_commits_and_publishes_nothing(tiny_model, tiny_model_dir: Path, tmp_path: Path):
-    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    ledger = RunLedger(SqliteTrajectoryStore(tmp_path / "store.sqlite"))
     rng = random.Random(4)
     # a verifier's infinite reward: the group's mean is infinite, every advantage NaN
     broken = record_group(ledger, tiny_model, "broken", rng, rewards=[float("inf"), 0.0, 1.0, 0.0])
@@ -185,7 +185,7 @@ def test_a_non_finite_step_commits_and_publishes_nothing(tiny_model, tiny_model_
 
 def test_a_non_finite_feedback_step_is_skipped_and_its_feedback_used(tiny_model, tiny_model_dir: Path,
                                                                      tmp_path: Path):
-    ledger = RunLedger(TrajectoryStore(tmp_path / "store.sqlite"))
+    ledger = RunLedger(SqliteTrajectoryStore(tmp_path / "store.sqlite"))
     rng = random.Random(5)
     prompt = [rng.randrange(tiny_model.config.vocab_size) for _ in range(12)]
     completion = [rng.randrange(tiny_model.config.vocab_size) for _ in range(6)]
@@ -231,7 +231,7 @@ def _finish(process: subprocess.Popen) -> str:
 
 def test_kill_9_and_resume_trains_every_group_exactly_once(tiny_model, tiny_model_dir: Path, tmp_path: Path):
     run, reference = tmp_path / "run", tmp_path / "reference"
-    ledger = RunLedger(TrajectoryStore(run / "store.sqlite"))
+    ledger = RunLedger(SqliteTrajectoryStore(run / "store.sqlite"))
     rng = random.Random(1)
     groups = [record_group(ledger, tiny_model, f"task-{i}", rng) for i in range(8)]
     ledger.store.close()
@@ -244,7 +244,7 @@ def test_kill_9_and_resume_trains_every_group_exactly_once(tiny_model, tiny_mode
     assert "resumed at step 2" in output
     _finish(_train(reference, tiny_model_dir))
 
-    ledger = RunLedger(TrajectoryStore(run / "store.sqlite"))
+    ledger = RunLedger(SqliteTrajectoryStore(run / "store.sqlite"))
     steps = ledger.steps()
     assert [s.step for s in steps] == [1, 2, 3, 4] and [s.version for s in steps] == [1, 2, 3, 4]
     trained = [g for s in steps for g in s.metrics["groups"]]

@@ -155,12 +155,12 @@ def test_malformed_tool_call_comes_back_as_text_and_is_counted(tiny_model_dir, t
     from arborl.gateway.app import create_app
     from arborl.gateway.settings import GatewaySettings
     from arborl.ops.local_gateway import ServerThread
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
     from scripted_engine import ScriptedEngine
 
     broken = '<tool_call>\n{"name": "get_weather", "arguments": {city: Paris'
     engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: broken)
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     app = create_app(engine, store, GatewaySettings(tool_parser="hermes"))
     with ServerThread(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="test")

@@ -397,9 +397,9 @@ def test_training_plans_mix_scaffolds_by_weight_and_are_deterministic():
 
 
 def test_a_plans_fingerprint_covers_what_decides_its_results(run_root):
-    from arborl.rollout.store import TrajectoryStore
+    from arborl.rollout.store import SqliteTrajectoryStore
 
-    store = TrajectoryStore(run_root / "store.sqlite")
+    store = SqliteTrajectoryStore(run_root / "store.sqlite")
     ledger = RunLedger(store)
 
     def fingerprint(plan: GroupPlan, *, model: str = "m", version: int | None = 3, **settings) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from conftest import ServerThread
 from scripted_engine import ScriptedEngine
 
@@ -23,7 +23,7 @@ def thinking_gateway(tiny_model_dir: Path, tmp_path: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     with ServerThread(create_app(ScriptedEngine(tokenizer, lambda prompt: REPLY), store, GatewaySettings())) as url:
         yield url, len(tokenizer.encode(THINKING, add_special_tokens=False))
     store.close()

@@ -11,7 +11,7 @@ import pytest
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
 from arborl.gateway.tool_parsers import get_parser
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from conftest import ServerThread
 from scripted_engine import ScriptedEngine
 from sse import sse_events
@@ -147,7 +147,7 @@ def test_parallel_calls_resent_item_by_item_stay_one_path(tiny_model_dir, tmp_pa
                      hermes.format_call("get_weather", {"city": "Oslo"})])
     replies = iter([first, "Sunny everywhere."])
     engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model_dir), lambda prompt: next(replies))
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     items: list[dict] = list(ASK)
     with ServerThread(create_app(engine, store, GatewaySettings(tool_parser="hermes"))) as url:
         for _ in range(2):

@@ -18,7 +18,7 @@ from arborl.gateway.app import create_app
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.settings import GatewaySettings
 from arborl.ops.local_gateway import ServerThread
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from conftest import LiveGateway
 
 CHUNK = 16  # prompt tokens per engine step: a long prompt takes many steps to prefill
@@ -37,7 +37,7 @@ ROUTES = {
 @pytest.fixture
 def slow_prefill(tiny_model_dir: Path, tmp_path: Path):
     engine = EmbeddedEngine(tiny_model_dir, model_name="tiny", prefill_chunk=CHUNK)
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     settings = GatewaySettings(stream_keepalive_s=0.05)
     live = LiveGateway("", store, engine, create_app(engine, store, settings), tmp_path)
     with ServerThread(live.app, settings=settings) as url:

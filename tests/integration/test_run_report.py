@@ -15,7 +15,7 @@ from arborl.ops.svg_charts import Series, line_chart, nice_ticks
 from arborl.rollout.controls import LEARNER_OVERRIDES, RunControls
 from arborl.rollout.ledger import RunLedger
 from arborl.rollout.results import RolloutResult
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 
 EVIL = "evil<script>alert(1)</script>"
 TITLES = ["Reward", "Pass rate", "Entropy", "Train-rollout mismatch", "Clipping and IcePop", "Throughput",
@@ -74,7 +74,7 @@ def _heldout(run: Path, version: int, solved: int) -> None:
 
 
 def _build_run(run: Path) -> TrajectoryStore:
-    store = TrajectoryStore(run / "store.sqlite")
+    store = SqliteTrajectoryStore(run / "store.sqlite")
     ledger = RunLedger(store)
     groups = []
     for g in range(6):
@@ -146,7 +146,7 @@ def test_report_of_a_run_with_steps_rollouts_heldout_and_actions(run_root, capsy
 @pytest.mark.parametrize("with_rollouts", [False, True])
 def test_report_of_a_run_with_no_steps_yet(run_root, capsys, with_rollouts):
     run = run_root / "run"
-    store = TrajectoryStore(run / "store.sqlite")  # no ledger tables at all, unless rollouts came
+    store = SqliteTrajectoryStore(run / "store.sqlite")  # no ledger tables at all, unless rollouts came
     if with_rollouts:
         ledger = RunLedger(store)
         group = ledger.open_group("task", 2)

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
 from arborl.gateway.upstream import UpstreamEngine
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from conftest import ServerThread, free_port, serve_live
 from tool_caller import CALL_ARGUMENTS, WEATHER_TOOL
 
@@ -41,7 +41,7 @@ def upstream(tool_model_dir: Path, tmp_path: Path):
 def _forwarder(url: str, api: str, store_dir: Path, **engine_options) -> tuple[ServerThread, TrajectoryStore]:
     engine = UpstreamEngine(url, model="tiny", api=api, api_key="upstream-key", served_name="policy",
                             **engine_options)
-    store = TrajectoryStore(store_dir / "store.sqlite")
+    store = SqliteTrajectoryStore(store_dir / "store.sqlite")
     return ServerThread(create_app(engine, store, GatewaySettings())), store
 
 

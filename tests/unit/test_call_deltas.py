@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from arborl.rollout.store.call_deltas import common_head, common_tail
 
 TOOLS = [{"type": "function", "function": {"name": f"tool_{i}", "description": "d" * 200, "parameters": {}}}
@@ -54,7 +54,7 @@ def test_calls_are_rebuilt_exactly_and_stored_in_linear_space(tmp_path):
     recorded, and a call stored against a base holds about what its turn added."""
     rng = random.Random(0)
     path = tmp_path / "s.sqlite"
-    store = TrajectoryStore(path)
+    store = SqliteTrajectoryStore(path)
     main, sub = Agent("s", "you are an agent", rng), Agent("s", "you are a sub-agent", rng)
     sent: dict[str, CallRecord] = {}
     for n in range(60):
@@ -65,7 +65,7 @@ def test_calls_are_rebuilt_exactly_and_stored_in_linear_space(tmp_path):
             main.messages[3] = {**main.messages[3], "content": "compacted"}  # history edited
         if n == 30:
             store.close()
-            store = TrajectoryStore(path)  # a restart: the next call has no base in memory
+            store = SqliteTrajectoryStore(path)  # a restart: the next call has no base in memory
         call = agent.call(n)
         store.record_call(call)
         sent[call.id] = call
@@ -99,7 +99,7 @@ def test_a_store_of_whole_requests_from_before_deltas_opens_reads_and_continues(
     rng = random.Random(1)
     agent, sent = Agent("s", "sys", rng), []
     for n in range(4):
-        store = TrajectoryStore(path)  # a fresh process each time: every call is stored whole
+        store = SqliteTrajectoryStore(path)  # a fresh process each time: every call is stored whole
         call = agent.call(n)
         store.record_call(call)
         sent.append(call)
@@ -109,7 +109,7 @@ def test_a_store_of_whole_requests_from_before_deltas_opens_reads_and_continues(
         for column in ("base_call", "messages_kept", "tools_kept", "request_head", "request_tail"):
             db.execute(f"ALTER TABLE calls DROP COLUMN {column}")
         db.execute("PRAGMA user_version = 1")
-    store = TrajectoryStore(path)
+    store = SqliteTrajectoryStore(path)
     for n in range(4, 8):
         call = agent.call(n)
         store.record_call(call)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from arborl.rollout.ledger import RunLedger
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 
 
 def record(store: TrajectoryStore, call_id: str, *, prompt: int, completion: int, started: float, seconds: float,
@@ -19,7 +19,7 @@ def record(store: TrajectoryStore, call_id: str, *, prompt: int, completion: int
 
 
 def test_a_cancelled_call_counts_in_time_and_tokens_but_not_as_a_turn(tmp_path):
-    store = TrajectoryStore(tmp_path / "store.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
     try:
         record(store, "answered", prompt=10, completion=5, started=1000.0, seconds=1.0)
         # the agent's deadline cut this one off while the engine was still reading its prompt

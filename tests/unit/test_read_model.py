@@ -27,6 +27,7 @@ from arborl.rollout.store import (
     RolloutTimes,
     RunReadModel,
     ServedCall,
+    SqliteTrajectoryStore,
     StepPassRate,
     TrajectoryStore,
     open_read_model,
@@ -40,7 +41,7 @@ class Implementation:
 
 
 IMPLEMENTATIONS = [
-    pytest.param(Implementation(lambda run: TrajectoryStore(run / "store.sqlite"), open_read_model), id="sqlite"),
+    pytest.param(Implementation(lambda run: SqliteTrajectoryStore(run / "store.sqlite"), open_read_model), id="sqlite"),
 ]
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore
 from arborl.rollout.trie import Trie
 
 
@@ -62,14 +62,14 @@ def _call(i: int, session: str, prompt: list[int], completion: list[int], **kw) 
 
 
 def test_store_records_reloads_and_continues(tmp_path):
-    store = TrajectoryStore(tmp_path / "s.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "s.sqlite")
     store.record_call(_call(0, "s", [1, 2, 3], [4, 5]))
     store.record_call(_call(1, "s", [1, 2, 3, 4, 5, 6], [7]))
     store.record_call(_call(2, "s", [1, 2, 9], [8], branch_reason="history_edited"))
     nodes, tokens = store.total_nodes, store.total_tokens
     store.close()
 
-    reopened = TrajectoryStore(tmp_path / "s.sqlite")
+    reopened = SqliteTrajectoryStore(tmp_path / "s.sqlite")
     assert (reopened.total_nodes, reopened.total_tokens) == (nodes, tokens)
     calls = reopened.calls("s")
     expected = [([1, 2, 3], [4, 5]), ([1, 2, 3, 4, 5, 6], [7]), ([1, 2, 9], [8])]
@@ -94,18 +94,19 @@ def test_store_from_before_call_purposes_opens_and_keeps_its_calls(tmp_path):
         db.execute("INSERT INTO calls(id, session_id, seq, dialect, status, node_id, prompt_len, completion_len, "
                    "completion_logprobs, completion_versions, token_exact, created_at) "
                    "VALUES ('c0', 's', 0, 'x', 'ok', 0, 0, 0, x'', x'', 1, 0)")
-    store = TrajectoryStore(tmp_path / "old.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "old.sqlite")
     store.record_call(_call(1, "s", [1, 2], [3], purpose="title"))
     assert [c.purpose for c in store.calls("s")] == ["main", "title"]
 
 
 def test_versions_past_32_bits_are_stored_exactly(tmp_path):
-    store = TrajectoryStore(tmp_path / "s.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "s.sqlite")
     call = _call(0, "s", [1, 2], [3, 4, 5])
     call.completion_versions = [2**31 - 1, 2**31, 2**63 - 1]
     store.record_call(call)
     store.close()
-    assert TrajectoryStore(tmp_path / "s.sqlite").calls("s")[0].completion_versions == [2**31 - 1, 2**31, 2**63 - 1]
+    reopened = SqliteTrajectoryStore(tmp_path / "s.sqlite")
+    assert reopened.calls("s")[0].completion_versions == [2**31 - 1, 2**31, 2**63 - 1]
 
 
 def test_a_store_with_32_bit_versions_is_converted_once_when_opened(tmp_path):
@@ -122,7 +123,7 @@ def test_a_store_with_32_bit_versions_is_converted_once_when_opened(tmp_path):
                    "VALUES ('c0', 's', 0, 'x', 'ok', 0, 0, 3, ?, ?, 1, 0)",
                    (array("f", [-1.0] * 3).tobytes(), array("i", [4, 5, 5]).tobytes()))
     for _ in range(2):  # a second open converts nothing again
-        store = TrajectoryStore(tmp_path / "old.sqlite")
+        store = SqliteTrajectoryStore(tmp_path / "old.sqlite")
         assert store.calls("s")[0].completion_versions == [4, 5, 5]
         assert store.query("PRAGMA user_version") == [(STORE_LAYOUT,)]
         store.close()
@@ -134,11 +135,11 @@ def test_a_store_from_a_newer_arborl_is_refused(tmp_path):
     with sqlite3.connect(tmp_path / "new.sqlite") as db:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer arborl"):
-        TrajectoryStore(tmp_path / "new.sqlite")
+        SqliteTrajectoryStore(tmp_path / "new.sqlite")
 
 
 def test_store_refuses_inconsistent_call(tmp_path):
-    store = TrajectoryStore(tmp_path / "s.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "s.sqlite")
     bad = _call(0, "s", [1], [2, 3])
     bad.completion_logprobs = [-1.0]
     with pytest.raises(ValueError):
@@ -147,14 +148,14 @@ def test_store_refuses_inconsistent_call(tmp_path):
 
 
 def test_session_keys(tmp_path):
-    store = TrajectoryStore(tmp_path / "s.sqlite")
+    store = SqliteTrajectoryStore(tmp_path / "s.sqlite")
     key = store.issue_session_key("rollout-1")
     assert store.session_for_key(key) == "rollout-1"
     assert store.session_for_key("sk-other") is None
 
 
 def test_trie_cache_is_bounded_and_reloads(tmp_path):
-    store = TrajectoryStore(tmp_path / "s.sqlite", cached_tries=2)
+    store = SqliteTrajectoryStore(tmp_path / "s.sqlite", cached_tries=2)
     for i in range(5):
         store.record_call(_call(i, f"s{i}", [i, 1, 2], [3]))
     assert len(store._tries) == 2

@@ -9,7 +9,7 @@ import pytest
 
 from arborl.ops.trie_view import render_trie_html, render_trie_text
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr"}
 
@@ -41,7 +41,7 @@ def _call(call_id: str, session_id: str, prompt: list[int], completion: list[int
 
 @pytest.fixture
 def store(tmp_path):
-    s = TrajectoryStore(tmp_path / "traj.db")
+    s = SqliteTrajectoryStore(tmp_path / "traj.db")
     yield s
     s.close()
 
