@@ -208,11 +208,15 @@ class Stitcher:
 
     def _load(self, session_id: str) -> SessionTurns:
         session = SessionTurns()
+        # Calls read back from deltas share their earlier messages' objects: each is made
+        # canonical once, not once per call that repeats it.
+        canonical: dict[int, tuple] = {}
         for call in self.store.calls(session_id):
             session.last_seq = max(session.last_seq, call.seq)
             if call.status == "ok" and call.response_message is not None:
-                hashes = _prefix_hashes([_canonical_message(m) for m in call.messages])
-                session.add(_stored_turn(call), hashes[-1])
+                forms = [canonical.get(id(m)) or canonical.setdefault(id(m), _canonical_message(m))
+                         for m in call.messages]
+                session.add(_stored_turn(call), _prefix_hashes(forms)[-1])
         return session
 
     def _tokens(self, session_id: str, turn: ServedTurn) -> tuple[list[int], list[int]]:

@@ -241,7 +241,7 @@ class UpstreamCompletions:
         return self.renderer.encode(rendered.text)
 
     async def _record_refused(self, request: CompletionRequest, prompt_ids: list[int], created: float,
-                        failure: BaseException) -> None:
+                              failure: BaseException) -> None:
         """A call the upstream refused is recorded too: what was asked, and why it failed."""
         call = _call_record(request, prompt_ids)
         call.status, call.finish_reason, call.created_at = "error", "abort", created

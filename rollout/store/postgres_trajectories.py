@@ -16,7 +16,6 @@ idempotent inserts of a group trie's shared nodes by two gateways at once.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -131,7 +130,6 @@ class PostgresTrajectoryStore(TrajectoryStore):
             raise RuntimeError(f"cannot reach the store at {_location(dsn)}: {exc}".strip()) from exc
         db = _Connection(conn)
         _prepare(db, _location(dsn))
-        self._id_lock = threading.Lock()
         super().__init__(db, cached_tries=cached_tries)
 
     @property
@@ -142,13 +140,12 @@ class PostgresTrajectoryStore(TrajectoryStore):
         # Blocks start past every id stored (a store migrated in keeps its ids).
         self._db.execute("SELECT setval('node_id_blocks', GREATEST((SELECT last_value FROM node_id_blocks), ?))",
                          (max_id // NODE_ID_BLOCK + 1,))
-        ids = self._blocks()
-        return lambda: next(ids)
+        return self._blocks().__next__
 
     def _blocks(self) -> Iterator[int]:
+        """Ids of one block after another (drawn while a call is recorded, under the store's lock)."""
         while True:
-            with self._id_lock:
-                block = self._db.execute("SELECT nextval('node_id_blocks')").fetchone()[0]
+            block = self._db.execute("SELECT nextval('node_id_blocks')").fetchone()[0]
             yield from range(block * NODE_ID_BLOCK, (block + 1) * NODE_ID_BLOCK)
 
     def _lock_session(self, db: Any, session_id: str) -> None:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 from test_call_deltas import Agent
+from test_trie_and_store import _call
 
-from arborl.rollout.records import CallRecord
 from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from arborl.rollout.store.postgres_trajectories import PostgresTrajectoryStore
 
@@ -40,14 +40,6 @@ def open_store(request, tmp_path) -> OpenStore:
             store.close()
         except Exception:  # noqa: BLE001 - closed by the test already
             pass
-
-
-def _call(i: int, session: str, prompt: list[int], completion: list[int], **kw) -> CallRecord:
-    return CallRecord(
-        id=f"c{i}", session_id=session, dialect="openai_chat", model="m", prompt_ids=prompt,
-        completion_ids=completion, completion_logprobs=[-0.5] * len(completion),
-        completion_versions=[3] * len(completion), **kw,
-    )
 
 
 def test_records_reloads_and_continues(open_store: OpenStore):
@@ -158,7 +150,7 @@ def test_two_processes_record_into_one_store_without_colliding(open_store: OpenS
         assert completion == [4] and prompt[1:] == [2, 3]
 
 
-def test_a_store_from_a_newer_arborl_is_refused(open_store: OpenStore, request, tmp_path):
+def test_a_store_from_a_newer_arborl_is_refused(open_store: OpenStore):
     store = open_store()
     if isinstance(store, SqliteTrajectoryStore):
         import sqlite3
