@@ -21,9 +21,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from arborl.rollout.controls import RunControls
-from arborl.rollout.ledger import RunLedger
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import RunControls, RunLedger, TrajectoryStore
 from arborl.scaffold_adapters.registry import call_purpose
 
 from . import admin, anthropic_messages, feedback, openai_chat, operations, responses_api

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from arborl.rollout.controls import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED
+from arborl.rollout.store import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED
 
 from .admin import MAX_VERSION, admin_name
 from .engines.base import EngineError

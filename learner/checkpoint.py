@@ -7,7 +7,7 @@
 
 A checkpoint is written under a ``.partial`` name and renamed when complete, so a folder with the
 final name is always whole. Whether it counts is decided by the run ledger: only a checkpoint
-whose step is committed there is resumed from (see ``rollout.ledger``).
+whose step is committed there is resumed from (see ``rollout.store.ledger``).
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from itertools import pairwise
 
 import torch
 
-from arborl.rollout.ledger import Feedback, RunLedger
 from arborl.rollout.records import StoredCall
+from arborl.rollout.store import Feedback, RunLedger
 from arborl.rollout.trie import Trie
 
 from .group_data import insert_calls

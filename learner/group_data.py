@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from arborl.rollout.ledger import Group, RunLedger
 from arborl.rollout.records import StoredCall
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import Group, RunLedger, TrajectoryStore
 from arborl.rollout.trie import Trie
 
 from .packing import CallSpan

@@ -1,6 +1,6 @@
 """The asynchronous learner loop (DESIGN section 5).
 
-    complete groups (rollout.ledger) --> drop the stale and the uninformative --> train_step
+    complete groups (rollout.store.ledger) --> drop the stale and the uninformative --> train_step
         --> checkpoint (weights + optimiser) --> commit step + consumed groups (one transaction)
         --> publish version v + 1 to serving
 
@@ -36,8 +36,7 @@ from pathlib import Path
 
 import torch
 
-from arborl.rollout.controls import RunControls
-from arborl.rollout.ledger import RunLedger
+from arborl.rollout.store import RunControls, RunLedger
 
 from .checkpoint import checkpoint_folder, load_training_state, prune_checkpoints, save_checkpoint
 from .core_algos import check_same_tokenizer

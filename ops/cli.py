@@ -185,7 +185,7 @@ def train(args: argparse.Namespace) -> None:
     from arborl.learner.loop import Learner, LearnerError
     from arborl.learner.metrics import LearnerMetrics
     from arborl.learner.publish import GatewayPublisher
-    from arborl.rollout.ledger import RunLedger
+    from arborl.rollout.store import RunLedger
 
     overrides: dict[str, Any] = {"learner": {k: v for k, v in {
         "lr": args.lr, "groups_per_step": args.groups_per_step, "max_staleness": args.max_staleness,

@@ -82,7 +82,7 @@ def restore_served_version(engine: Any, store: Any) -> int:
     """Serve the run's last committed version, not the base weights, when a gateway (re)starts on
     a run the learner has trained: rollouts sampled after a gateway restart stay on-policy. Returns
     the version served."""
-    from arborl.rollout.ledger import RunLedger
+    from arborl.rollout.store import RunLedger
 
     last = RunLedger(store).last_step()
     if last is None or not hasattr(engine, "load_weights") or not Path(last.checkpoint).exists():

@@ -170,8 +170,7 @@ def uses_model(scaffolds: dict[str, float]) -> bool:
 @contextlib.contextmanager
 def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool = True,
              port: int | None = None) -> Iterator[Session]:
-    from arborl.rollout.ledger import RunLedger
-    from arborl.rollout.store import SqliteTrajectoryStore
+    from arborl.rollout.store import RunLedger, SqliteTrajectoryStore
 
     from .connect import served_model
 

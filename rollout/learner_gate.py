@@ -25,8 +25,7 @@ from typing import TypeVar
 
 import httpx
 
-from .controls import RunControls
-from .ledger import RunLedger
+from .store import RunControls, RunLedger
 
 T = TypeVar("T")
 

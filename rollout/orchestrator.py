@@ -63,11 +63,11 @@ from .agent_runs import (
     run_scaffold,
     scaffold_version,
 )
-from .ledger import RUNNING, RunLedger
 from .metrics import RolloutMetrics
 from .results import STOPPED, RolloutResult, Status, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
 from .settings import RolloutSettings
+from .store import RUNNING, RunLedger
 from .tasks import Task, TaskError, WorkspaceError
 from .verification import VerificationError, VerifierFailed, verify_in_sandbox
 from .verifiers import JudgeClient, Verdict, verifier_for

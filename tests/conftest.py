@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import TINY_MODEL, resolve_model
 from arborl.gateway.settings import GatewaySettings
 from arborl.ops.local_gateway import ServerThread, free_loopback_port
-from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
+from arborl.rollout.store import PostgresTrajectoryStore, SqliteTrajectoryStore, TrajectoryStore
 
 
 def pytest_collection_modifyitems(config, items):
@@ -150,3 +150,26 @@ def postgres_dsn(postgres_server: str) -> str:
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return postgres_server.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request, tmp_path) -> Iterator[Callable[[], TrajectoryStore]]:
+    """Opens (or reopens, as a restarted or a second process would) one store of the
+    implementation under test: SQLite, or a fresh database on a real PostgreSQL server."""
+    opened: list[TrajectoryStore] = []
+    if request.param == "sqlite":
+        def make() -> TrajectoryStore:
+            opened.append(SqliteTrajectoryStore(tmp_path / "store.sqlite"))
+            return opened[-1]
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+
+        def make() -> TrajectoryStore:
+            opened.append(PostgresTrajectoryStore(dsn))
+            return opened[-1]
+    yield make
+    for store in opened:
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - closed by the test already
+            pass

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from arborl.rollout.ledger import RunLedger
 from arborl.rollout.records import CallRecord
+from arborl.rollout.store import RunLedger
 
 
 @torch.no_grad()

@@ -76,6 +76,63 @@ CREATE TABLE IF NOT EXISTS session_keys (
     session_id TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+-- the run ledger (ledger.py)
+CREATE TABLE IF NOT EXISTS groups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    domain TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    completed_at REAL,
+    consumed_step INTEGER,
+    dropped TEXT,
+    meta TEXT,
+    trainable INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    session_id TEXT PRIMARY KEY,
+    group_id INTEGER NOT NULL,
+    task_id TEXT NOT NULL,
+    scaffold TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reward REAL,
+    outcome TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts(group_id, status);
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    call_id TEXT,
+    reward REAL,
+    accept INTEGER,
+    consumed_step INTEGER
+);
+CREATE TABLE IF NOT EXISTS train_steps (
+    step INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    checkpoint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    metrics TEXT
+);
+-- the operator controls (controls.py)
+CREATE TABLE IF NOT EXISTS controls (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS admin_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    details TEXT NOT NULL
+);
 """
 _DELTA_COLUMNS = {  # added by layout 2; a row without a base is a whole request, as before
     "base_call": "TEXT", "messages_kept": "INTEGER NOT NULL DEFAULT 0", "tools_kept": "INTEGER NOT NULL DEFAULT 0",
@@ -130,6 +187,9 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         for name, kind in _DELTA_COLUMNS.items():
             if name not in columns:
                 db.execute(f"ALTER TABLE calls ADD COLUMN {name} {kind}")
+        # a ledger written before evaluation groups existed: every group was a training group
+        if "trainable" not in {row[1] for row in db.execute("PRAGMA table_info(groups)")}:
+            db.execute("ALTER TABLE groups ADD COLUMN trainable INTEGER NOT NULL DEFAULT 1")
         if layout < 1:  # int32 policy versions -> int64
             rows = db.execute("SELECT id, completion_versions FROM calls").fetchall()
             db.executemany("UPDATE calls SET completion_versions = ? WHERE id = ?",

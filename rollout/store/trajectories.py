@@ -40,9 +40,10 @@ _CALL_COLUMNS = (
     "response_message, tools, tool_calls, request_body, response_body, error, created_at, first_token_at, "
     "finished_at, purpose, base_call, messages_kept, tools_kept, request_head, request_tail"
 )
-# The layout of a store's tables: 2 = requests stored as deltas (call_deltas.py); 1 = policy
+# The layout of a store's tables: 3 = the ledger's and the controls' tables are part of the
+# schema (groups.trainable always there); 2 = requests stored as deltas (call_deltas.py); 1 = policy
 # versions in int64 blobs, every request whole; 0 = the int32 versions of the oldest stores.
-STORE_LAYOUT = 2
+STORE_LAYOUT = 3
 _INSERT_CALL = f"INSERT INTO calls({_CALL_COLUMNS}) VALUES ({', '.join('?' for _ in _CALL_COLUMNS.split(','))})"
 
 
@@ -116,6 +117,13 @@ class TrajectoryStore(abc.ABC):
     def _node_id_source(self, max_id: int) -> Callable[[], int]:
         """Where new trie node ids come from; ``max_id`` is the largest id stored now."""
 
+    @staticmethod
+    def json_field(column: str, field: str) -> str:
+        """SQL for the text of ``field`` of the JSON object in ``column`` (both named by code, never
+        by a client)."""
+        assert column.isidentifier() and field.isidentifier()
+        return f"json_extract({column}, '$.{field}')"
+
     def _lock_session(self, db: Any, session_id: str) -> None:  # noqa: B027 (a no-op unless overridden)
         """Serialise writers of one session inside a transaction (where the database does not already)."""
 
@@ -135,15 +143,8 @@ class TrajectoryStore(abc.ABC):
                 raise
             self._db.execute("COMMIT")
 
-    def create_tables(self, schema: str) -> None:
-        """Other parts of the run (the ledger, the operator controls) keep their tables here too."""
-        with self.transaction() as db:
-            for statement in schema.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """Rows of one read (other parts of the run, such as the rollout ledger, keep tables here too)."""
+        """Rows of one read, for the other parts of the store (the ledger, the controls)."""
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 

@@ -33,10 +33,10 @@ from pathlib import Path
 from arborl.gateway.engines.model_source import DEFAULT_MODEL
 from arborl.ops.config import ArborlConfig, EngineConfig
 from arborl.ops.local_gateway import start_local_gateway
-from arborl.rollout.ledger import RunLedger
 from arborl.rollout.orchestrator import Orchestrator, eval_plans
 from arborl.rollout.results import RolloutResult
 from arborl.rollout.settings import RolloutSettings
+from arborl.rollout.store import RunLedger
 from arborl.rollout.task_loaders import load_dataset
 
 HERE = Path(__file__).resolve().parent

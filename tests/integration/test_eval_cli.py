@@ -15,8 +15,7 @@ from agent_cli import scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.ops.cli import main
 from arborl.ops.eval_report import load_results
-from arborl.rollout.ledger import RunLedger
-from arborl.rollout.store import SqliteTrajectoryStore
+from arborl.rollout.store import RunLedger, SqliteTrajectoryStore
 from arborl.rollout.tasks import pytest_command
 from arborl.rollout.verifiers import Resolution
 from task_fixtures import git, malformed_dataset, write_app_task, write_harbor_task

@@ -14,7 +14,7 @@ import torch
 from arborl.learner.feedback_data import failed_calls
 from arborl.learner.loop import Learner
 from arborl.learner.settings import LearnerSettings
-from arborl.rollout.ledger import RunLedger
+from arborl.rollout.store import RunLedger
 from conftest import serve_live
 
 ADMIN = "admin-secret-0123456789"

@@ -30,9 +30,8 @@ from arborl.learner.group_data import load_group
 from arborl.learner.loop import Learner, LearnerError
 from arborl.learner.publish import GatewayPublisher, InProcessPublisher
 from arborl.learner.settings import LearnerSettings
-from arborl.rollout.ledger import RunLedger
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import SqliteTrajectoryStore
+from arborl.rollout.store import RunLedger, SqliteTrajectoryStore
 from conftest import serve_live
 from learner_fixtures import record_group
 

@@ -19,8 +19,7 @@ from arborl.learner.loop import Learner
 from arborl.learner.publish import GatewayPublisher
 from arborl.learner.settings import LearnerSettings
 from arborl.ops.cli import main
-from arborl.rollout.controls import RunControls
-from arborl.rollout.ledger import RunLedger
+from arborl.rollout.store import RunControls, RunLedger
 from conftest import serve_live
 from learner_fixtures import record_group
 

@@ -12,10 +12,8 @@ import pytest
 from arborl.ops.cli import main
 from arborl.ops.eval_report import summarize, write_report
 from arborl.ops.svg_charts import Series, line_chart, nice_ticks
-from arborl.rollout.controls import LEARNER_OVERRIDES, RunControls
-from arborl.rollout.ledger import RunLedger
 from arborl.rollout.results import RolloutResult
-from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
+from arborl.rollout.store import LEARNER_OVERRIDES, RunControls, RunLedger, SqliteTrajectoryStore, TrajectoryStore
 
 EVIL = "evil<script>alert(1)</script>"
 TITLES = ["Reward", "Pass rate", "Entropy", "Train-rollout mismatch", "Clipping and IcePop", "Throughput",
@@ -146,7 +144,7 @@ def test_report_of_a_run_with_steps_rollouts_heldout_and_actions(run_root, capsy
 @pytest.mark.parametrize("with_rollouts", [False, True])
 def test_report_of_a_run_with_no_steps_yet(run_root, capsys, with_rollouts):
     run = run_root / "run"
-    store = SqliteTrajectoryStore(run / "store.sqlite")  # no ledger tables at all, unless rollouts came
+    store = SqliteTrajectoryStore(run / "store.sqlite")  # no rows in the ledger, unless rollouts came
     if with_rollouts:
         ledger = RunLedger(store)
         group = ledger.open_group("task", 2)
@@ -161,7 +159,7 @@ def test_report_of_a_run_with_no_steps_yet(run_root, capsys, with_rollouts):
         assert f"<h2>{title}</h2>" in page
     assert '<p class="none">no training steps yet</p>' in page
     assert "no publish times recorded" in page and "no held-out evaluations yet" in page
-    assert "no operator actions recorded" in page
+    assert "no operator actions yet" in page
     assert ("<polyline" in page) == with_rollouts  # the rolling reward needs no step
     assert ("2 done, 0 infra_failed" in page) == with_rollouts
 

@@ -4,9 +4,8 @@ answered, so it counts in the time and token figures, though it is not a turn.""
 
 from __future__ import annotations
 
-from arborl.rollout.ledger import RunLedger
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
+from arborl.rollout.store import RunLedger, SqliteTrajectoryStore, TrajectoryStore
 
 
 def record(store: TrajectoryStore, call_id: str, *, prompt: int, completion: int, started: float, seconds: float,

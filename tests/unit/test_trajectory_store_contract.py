@@ -15,31 +15,9 @@ import pytest
 from test_call_deltas import Agent
 from test_trie_and_store import _call
 
-from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
-from arborl.rollout.store.postgres_trajectories import PostgresTrajectoryStore
+from arborl.rollout.store import PostgresTrajectoryStore, SqliteTrajectoryStore, TrajectoryStore
 
-OpenStore = Callable[[], TrajectoryStore]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_store(request, tmp_path) -> OpenStore:
-    opened: list[TrajectoryStore] = []
-    if request.param == "sqlite":
-        def make() -> TrajectoryStore:
-            opened.append(SqliteTrajectoryStore(tmp_path / "store.sqlite"))
-            return opened[-1]
-    else:
-        dsn = request.getfixturevalue("postgres_dsn")
-
-        def make() -> TrajectoryStore:
-            opened.append(PostgresTrajectoryStore(dsn))
-            return opened[-1]
-    yield make
-    for store in opened:
-        try:
-            store.close()
-        except Exception:  # noqa: BLE001 - closed by the test already
-            pass
+OpenStore = Callable[[], TrajectoryStore]  # the ``open_store`` fixture (conftest.py)
 
 
 def test_records_reloads_and_continues(open_store: OpenStore):

@@ -21,23 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .store import TrajectoryStore
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS controls (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    updated_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS admin_actions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    who TEXT NOT NULL,
-    action TEXT NOT NULL,
-    details TEXT NOT NULL
-);
-"""
+from .trajectories import TrajectoryStore
 
 TRAINING_PAUSED = "training_paused"
 LEARNER_OVERRIDES = "learner_overrides"
@@ -56,8 +40,8 @@ class AdminAction:
 
 class RunControls:
     def __init__(self, store: TrajectoryStore):
+        """The controls' tables are part of every store's schema (the implementation creates them)."""
         self.store = store
-        store.create_tables(SCHEMA)
 
     def get(self, key: str, default: Any = None) -> Any:
         rows = self.store.query("SELECT value FROM controls WHERE key = ?", (key,))
@@ -74,15 +58,15 @@ class RunControls:
                     "updated_by = excluded.updated_by",
                     (key, json.dumps(value), now, who),
                 )
-            cursor = db.execute("INSERT INTO admin_actions(at, who, action, details) VALUES (?, ?, ?, ?)",
-                                (now, who, action, json.dumps(details)))
-            assert cursor.lastrowid is not None  # set by the INSERT just run
-            return AdminAction(cursor.lastrowid, now, who, action, details)
+            action_id = int(db.execute(
+                "INSERT INTO admin_actions(at, who, action, details) VALUES (?, ?, ?, ?) RETURNING id",
+                (now, who, action, json.dumps(details))).fetchone()[0])
+            return AdminAction(action_id, now, who, action, details)
 
     def actions(self, *, last: int = 100) -> list[AdminAction]:
         rows = self.store.query(
             "SELECT * FROM (SELECT id, at, who, action, details FROM admin_actions ORDER BY id DESC LIMIT ?) "
-            "ORDER BY id", (last,))
+            "newest ORDER BY id", (last,))
         return [AdminAction(i, at, who, action, json.loads(details)) for i, at, who, action, details in rows]
 
     # -- what the learner reads -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The run ledger: rollouts, groups and training steps, in the trajectory store's SQLite file.
+"""The run ledger: rollouts, groups and training steps, in the run's store (beside its trajectories).
 
 The orchestrator opens a group of G rollouts for a task, starts each rollout (a session), and
 finishes it with a reward, or marks an infrastructure failure (the rollout is retried under a new
@@ -23,53 +23,8 @@ from typing import Any
 
 from arborl.scaffold_adapters.base import TRAINABLE_PURPOSES
 
-from .records import StoredCall
-from .store import NO_PATH, TrajectoryStore
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS groups (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_id TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    domain TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    completed_at REAL,
-    consumed_step INTEGER,
-    dropped TEXT,
-    meta TEXT,
-    trainable INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS rollouts (
-    session_id TEXT PRIMARY KEY,
-    group_id INTEGER NOT NULL,
-    task_id TEXT NOT NULL,
-    scaffold TEXT NOT NULL,
-    status TEXT NOT NULL,
-    reward REAL,
-    outcome TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS rollouts_by_group ON rollouts(group_id, status);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    who TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    call_id TEXT,
-    reward REAL,
-    accept INTEGER,
-    consumed_step INTEGER
-);
-CREATE TABLE IF NOT EXISTS train_steps (
-    step INTEGER PRIMARY KEY,
-    version INTEGER NOT NULL,
-    checkpoint TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    metrics TEXT
-);
-"""
+from ..records import StoredCall
+from .trajectories import NO_PATH, TrajectoryStore
 
 RUNNING, DONE, INFRA_FAILED = "running", "done", "infra_failed"
 
@@ -152,12 +107,8 @@ _ROLLOUT_COLUMNS = "session_id, group_id, task_id, scaffold, status, reward, out
 
 class RunLedger:
     def __init__(self, store: TrajectoryStore):
+        """The ledger's tables are part of every store's schema (the implementation creates them)."""
         self.store = store
-        store.create_tables(SCHEMA)
-        with store.transaction() as db:
-            # a ledger written before evaluation groups existed: every group was a training group
-            if "trainable" not in {row[1] for row in db.execute("PRAGMA table_info(groups)")}:
-                db.execute("ALTER TABLE groups ADD COLUMN trainable INTEGER NOT NULL DEFAULT 1")
 
     # -- the orchestrator's side --------------------------------------------------------------
 
@@ -168,12 +119,11 @@ class RunLedger:
         if size < 1:
             raise ValueError(f"a group needs at least one rollout, got size {size}")
         with self.store.transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO groups(task_id, size, domain, created_at, meta, trainable) VALUES (?, ?, ?, ?, ?, ?)",
+            return int(db.execute(
+                "INSERT INTO groups(task_id, size, domain, created_at, meta, trainable) VALUES (?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (task_id, size, domain, time.time(), json.dumps(meta or {}), int(trainable)),
-            )
-            assert cursor.lastrowid is not None  # set by the INSERT just run
-            return cursor.lastrowid
+            ).fetchone()[0])
 
     def start_rollout(self, session_id: str, group_id: int, *, scaffold: str) -> None:
         task_id = self.group(group_id).task_id
@@ -210,14 +160,14 @@ class RunLedger:
         """The group an orchestrator plan opened under ``key`` (how a resumed run finds its groups),
         the first one; with ``fingerprint``, the first opened for a plan with that fingerprint (a
         plan whose task, scaffolds, sandbox, model or limits changed has another one)."""
+        field = self.store.json_field
         if fingerprint is None:
             rows = self.store.query(
-                f"SELECT {_GROUP_COLUMNS} FROM groups WHERE json_extract(meta, '$.key') = ? ORDER BY id LIMIT 1",
-                (key,))
+                f"SELECT {_GROUP_COLUMNS} FROM groups WHERE {field('meta', 'key')} = ? ORDER BY id LIMIT 1", (key,))
         else:
             rows = self.store.query(
-                f"SELECT {_GROUP_COLUMNS} FROM groups WHERE json_extract(meta, '$.key') = ? "
-                "AND json_extract(meta, '$.fingerprint') = ? ORDER BY id LIMIT 1", (key, fingerprint))
+                f"SELECT {_GROUP_COLUMNS} FROM groups WHERE {field('meta', 'key')} = ? "
+                f"AND {field('meta', 'fingerprint')} = ? ORDER BY id LIMIT 1", (key, fingerprint))
         return Group(*rows[0]) if rows else None
 
     def rollout_outcomes(self, group_id: int, *, status: str = DONE) -> list[str]:
@@ -233,9 +183,10 @@ class RunLedger:
         cut off, and the tokens and seconds of all of them (see ``CallStats``)."""
         placeholders = ", ".join("?" for _ in TRAINABLE_PURPOSES)
         row = self.store.query(
-            "SELECT COALESCE(SUM(status != 'cancelled'), 0), COALESCE(SUM(prompt_len), 0), "
-            "COALESCE(SUM(completion_len), 0), COALESCE(SUM(COALESCE(finished_at, created_at) - created_at), 0), "
-            "COALESCE(SUM(status = 'cancelled'), 0) FROM calls "
+            "SELECT COALESCE(SUM(CASE WHEN status != 'cancelled' THEN 1 ELSE 0 END), 0), "
+            "COALESCE(SUM(prompt_len), 0), COALESCE(SUM(completion_len), 0), "
+            "COALESCE(SUM(COALESCE(finished_at, created_at) - created_at), 0), "
+            "COALESCE(SUM(CASE WHEN status = 'cancelled' THEN 1 ELSE 0 END), 0) FROM calls "
             f"WHERE (session_id = ? OR (session_id > ? AND session_id < ?)) AND purpose IN ({placeholders})",
             (session_id, session_id + ":", session_id + ";", *sorted(TRAINABLE_PURPOSES)),
         )[0]
@@ -307,12 +258,12 @@ class RunLedger:
                      accept: bool | None = None) -> Feedback:
         at = time.time()
         with self.store.transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO feedback(at, who, session_id, call_id, reward, accept) VALUES (?, ?, ?, ?, ?, ?)",
+            feedback_id = int(db.execute(
+                "INSERT INTO feedback(at, who, session_id, call_id, reward, accept) VALUES (?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (at, who, session_id, call_id, reward, None if accept is None else int(accept)),
-            )
-            assert cursor.lastrowid is not None  # set by the INSERT just run
-            return Feedback(cursor.lastrowid, at, who, session_id, call_id, reward, accept, None)
+            ).fetchone()[0])
+            return Feedback(feedback_id, at, who, session_id, call_id, reward, accept, None)
 
     def pending_feedback(self) -> list[Feedback]:
         rows = self.store.query(
@@ -342,7 +293,7 @@ class RunLedger:
                 f"SELECT id FROM groups WHERE id IN ({placeholders}) AND (consumed_step IS NOT NULL "
                 "OR dropped IS NOT NULL OR completed_at IS NULL)",
                 tuple(group_ids),
-            ).fetchall()
+            ).fetchall() if group_ids else []
             if taken:
                 raise LedgerError(f"groups {[r[0] for r in taken]} are not pending; step {step} would retrain them")
             if feedback_ids:
@@ -378,11 +329,13 @@ class RunLedger:
 
     def steps(self, *, last: int | None = None) -> list[StepRecord]:
         """Committed steps in order (only the newest ``last`` of them, if given)."""
-        rows = self.store.query(
-            "SELECT * FROM (SELECT step, version, checkpoint, created_at, metrics FROM train_steps "
-            "ORDER BY step DESC LIMIT ?) ORDER BY step",
-            (-1 if last is None else last,),
-        )
+        if last is None:
+            rows = self.store.query(
+                "SELECT step, version, checkpoint, created_at, metrics FROM train_steps ORDER BY step")
+        else:
+            rows = self.store.query(
+                "SELECT * FROM (SELECT step, version, checkpoint, created_at, metrics FROM train_steps "
+                "ORDER BY step DESC LIMIT ?) newest ORDER BY step", (last,))
         return [StepRecord(s, v, c, t, json.loads(m or "{}")) for s, v, c, t, m in rows]
 
     def consumed(self) -> dict[int, int]:
