@@ -220,7 +220,7 @@ class Stitcher:
         return session
 
     def _tokens(self, session_id: str, turn: ServedTurn) -> tuple[list[int], list[int]]:
-        path = self.store.trie(session_id).path(turn.node_id)
+        path = self.store.trie(session_id, seen_seq=turn.seq).path(turn.node_id)
         return path[: turn.prompt_len], path[turn.prompt_len :]
 
     def _extend(
@@ -247,7 +247,7 @@ class Stitcher:
 
     def _classify(self, session_id: str, turns: list[ServedTurn], ids: list[int], reason: str) -> str | None:
         """None when fresh tokenisation still extends (or repeats) an earlier call; else why it broke."""
-        trie = self.store.trie(session_id)
+        trie = self.store.trie(session_id, seen_seq=max((turn.seq for turn in turns), default=-1))
         depth = trie.match(ids)
         if depth == 0:
             return "new_root"

@@ -25,6 +25,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from ..records import CallRecord, StoredCall
@@ -96,7 +97,7 @@ class TrajectoryStore(abc.ABC):
         self._lock = threading.RLock()
         # Tries of recently active sessions, kept in memory (about 40 bytes a token); the rest
         # are reloaded from the store when their session comes back.
-        self._tries: OrderedDict[str, Trie] = OrderedDict()
+        self._tries: OrderedDict[str, _CachedTrie] = OrderedDict()
         self._cached_tries = cached_tries
         self._known_sessions: set[str] = set()  # rows already written by this process
         self._recent = RecentCalls()
@@ -221,35 +222,49 @@ class TrajectoryStore(abc.ABC):
 
     # -- tries and calls ---------------------------------------------------------------------
 
-    def trie(self, session_id: str) -> Trie:
-        """The session's trie, loaded from disk the first time (so a restart continues it)."""
+    def trie(self, session_id: str, *, seen_seq: int | None = None) -> Trie:
+        """The session's trie, holding at least its calls up to seq ``seen_seq`` (None: every call
+        committed now, which costs one indexed read). Kept in memory; reloaded from the store when
+        another process (a second gateway, or before a restart) added calls it lacks."""
         with self._lock:
-            trie = self._tries.get(session_id)
-            if trie is not None:
-                self._tries.move_to_end(session_id)
-            else:
-                rows = self._db.execute(
-                    "SELECT id, parent_id, start, tokens FROM nodes WHERE session_id = ? ORDER BY id",
-                    (session_id,),
-                ).fetchall()
-                nodes = [TrieNode(nid, parent, start, blob_ids(blob)) for nid, parent, start, blob in rows]
-                trie = Trie(nodes, next_id=self._node_ids)
-                self._tries[session_id] = trie
-                while len(self._tries) > self._cached_tries:
-                    self._tries.popitem(last=False)
-            return trie
+            if seen_seq is None:
+                seen_seq = self._committed_seq(self._db, session_id)
+            return self._current_trie(self._db, session_id, seen_seq)
+
+    @staticmethod
+    def _committed_seq(db: Any, session_id: str) -> int:
+        return db.execute("SELECT COALESCE(MAX(seq), -1) FROM calls WHERE session_id = ?", (session_id,)).fetchone()[0]
+
+    def _current_trie(self, db: Any, session_id: str, seen_seq: int) -> Trie:
+        """The cached trie if it holds every call up to ``seen_seq``, else read again from ``db``."""
+        cached = self._tries.get(session_id)
+        if cached is not None and cached.seq >= seen_seq:
+            self._tries.move_to_end(session_id)
+            return cached.trie
+        # The seq first, then the nodes: nodes committed in between make the copy newer than its
+        # seq says, never older (the next check reloads it at worst).
+        seq = self._committed_seq(db, session_id)
+        rows = db.execute(
+            "SELECT id, parent_id, start, tokens FROM nodes WHERE session_id = ? ORDER BY id", (session_id,)
+        ).fetchall()
+        nodes = [TrieNode(nid, parent, start, blob_ids(blob)) for nid, parent, start, blob in rows]
+        loaded = _CachedTrie(Trie(nodes, next_id=self._node_ids), seq)
+        self._tries[session_id] = loaded
+        while len(self._tries) > self._cached_tries:
+            self._tries.popitem(last=False)
+        return loaded.trie
 
     def record_call(self, call: CallRecord) -> InsertResult:
-        """Insert the call's path into its session trie and store the call, durably."""
+        """Insert the call's path into its session trie and store the call, durably.
+
+        The path goes into the trie as committed, under the session's write lock (the copy in
+        memory is read again if another process added calls since), so two gateways serving one
+        session never store the same prefix twice."""
         if len(call.completion_logprobs) != len(call.completion_ids) or len(call.completion_versions) != len(
             call.completion_ids
         ):
             raise ValueError("completion ids, logprobs and versions must have the same length")
         with self._lock:
-            trie = self.trie(call.session_id)
-            # A call with no token ids (an upstream engine without a tokenizer) has no trie path.
-            path = call.prompt_ids + call.completion_ids
-            inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
             delta = self._recent.delta(call)  # only what the call adds to an earlier one of its session
             try:
                 with self.transaction() as db:
@@ -260,8 +275,11 @@ class TrajectoryStore(abc.ABC):
                     # The call's place in its session, from what is committed (other processes may
                     # record into the session too), under the session's write lock.
                     self._lock_session(db, call.session_id)
-                    seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM calls WHERE session_id = ?",
-                                     (call.session_id,)).fetchone()[0]
+                    seq = self._committed_seq(db, call.session_id) + 1
+                    trie = self._current_trie(db, call.session_id, seq - 1)
+                    # A call with no token ids (an upstream engine without a tokenizer) has no trie path.
+                    path = call.prompt_ids + call.completion_ids
+                    inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
                     db.executemany(
                         "INSERT INTO nodes(id, session_id, parent_id, start, tokens) VALUES (?, ?, ?, ?, ?)",
                         [(n.id, call.session_id, n.parent, n.start, _ids_blob(n.tokens)) for n in inserted.created],
@@ -290,6 +308,7 @@ class TrajectoryStore(abc.ABC):
                 # The in-memory trie already changed: drop it so it is reloaded from what committed.
                 self._tries.pop(call.session_id, None)
                 raise
+            self._tries[call.session_id].seq = seq
             call.seq, call.node_id = seq, inserted.leaf
             self._recent.remember(call, delta.base)
             self.total_nodes += len(inserted.created)
@@ -300,9 +319,7 @@ class TrajectoryStore(abc.ABC):
         """The seq of the session's latest call (-1 before its first): one indexed read, so a
         gateway can tell cheaply whether another process added calls it has not seen."""
         with self._lock:
-            return self._db.execute(
-                "SELECT COALESCE(MAX(seq), -1) FROM calls WHERE session_id = ?", (session_id,)
-            ).fetchone()[0]
+            return self._committed_seq(self._db, session_id)
 
     def session_bytes(self, session_id: str) -> int:
         """Bytes the session's calls and trie nodes hold in the store (their columns' contents)."""
@@ -350,7 +367,7 @@ class TrajectoryStore(abc.ABC):
         """The exact (prompt ids, completion ids) of a stored call, read from its trie path."""
         if call.node_id == NO_PATH:
             return [], []
-        path = self.trie(call.session_id).path(call.node_id)
+        path = self.trie(call.session_id, seen_seq=call.seq).path(call.node_id)
         assert len(path) == call.prompt_len + call.completion_len
         return path[: call.prompt_len], path[call.prompt_len :]
 
@@ -376,6 +393,12 @@ class TrajectoryStore(abc.ABC):
             "tool_calls": json.loads(row[3]) if row[3] else None,
             "error": row[4],
         }
+
+
+@dataclass
+class _CachedTrie:
+    trie: Trie
+    seq: int  # the session's calls up to this seq are in it
 
 
 def _rebuild(call_id: str, rows: list[tuple]) -> WholeCall:

@@ -121,11 +121,31 @@ def test_two_processes_record_into_one_store_without_colliding(open_store: OpenS
     reader = open_store()
     shared = reader.calls("shared")
     assert sorted(c.seq for c in shared) == list(range(40))
+    # one copy of each prefix both wrote: [9, 9], then [i + 1, 5] for each of the 20 values of i
+    assert reader.trie("shared").num_tokens == 2 + 20 * 2
     own = [c for name in ("a", "b") for s in (0, 1) for c in reader.calls(f"{name}-{s}")]
     assert len(own) == 40
     for call in own:  # every path reads back: no node of one process overwrote another's
         prompt, completion = reader.call_tokens(call)
         assert completion == [4] and prompt[1:] == [2, 3]
+
+
+def test_a_session_that_switches_process_keeps_one_trie(open_store: OpenStore, request):
+    """A conversation served by two gateways in turn (a load balancer moving it): each call
+    extends the last, whichever process recorded it, and the session's trie holds its path once."""
+    if "sqlite" in request.node.callspec.id:
+        pytest.skip("SQLite has one writer process at a time")
+    stores = [open_store(), open_store()]
+    path: list[int] = [1, 2, 3]
+    for turn in range(8):
+        call = _call(turn, "moving", list(path), [100 + turn])
+        stores[turn % 3 % 2].record_call(call)  # a, b, a, a, b, a, a, b
+        path += [100 + turn, 50 + turn]
+    reader = open_store()
+    assert reader.trie("moving").num_tokens == len(path) - 1  # the last turn's user tokens were never sent
+    assert [reader.call_tokens(c)[1] for c in reader.calls("moving")] == [[100 + t] for t in range(8)]
+    for store in stores:  # each process reads the calls the other recorded
+        assert store.call_tokens(reader.calls("moving")[-1])[0] == path[:-2]
 
 
 def test_a_store_from_a_newer_arborl_is_refused(open_store: OpenStore):
