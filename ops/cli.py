@@ -40,6 +40,7 @@ def run_dir_flag(parser: argparse.ArgumentParser, old_spellings: tuple[str, ...]
 def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or TOML configuration file")
     parser.add_argument("--run-dir", help="folder for the store and logs (default runs/default)")
+    store_flag(parser)
     parser.add_argument("--model", help="SmolLM2-135M-Instruct (default), tiny-random-llama, or a model folder")
     parser.add_argument("--served-name", help="model name clients use (default: the model's name)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -58,6 +59,7 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     pairs = {
         ("run_dir",): args.run_dir,
+        ("store", "url"): args.store,
         ("engine", "model"): args.model,
         ("engine", "served_name"): args.served_name,
         ("engine", "device"): args.device,
@@ -87,34 +89,37 @@ def serve(config: ArborlConfig) -> None:
     import uvicorn
 
     from arborl.gateway.app import create_app
-    from arborl.rollout.store import SqliteTrajectoryStore
 
     from .http_server import server_config
-    from .local_gateway import build_engine, restore_served_version, write_run_info
+    from .local_gateway import build_engine, open_run_store, restore_served_version, write_run_info
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     engine, model_dir, where = build_engine(config)
-    store = SqliteTrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+    store = open_run_store(config, run_dir)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
     app = create_app(engine, store, config.gateway)
     host, port = config.gateway.host, config.gateway.port
     print(
         f"arborl: serving {engine.model_name!r} on http://{host}:{port}/v1 ({where}); "
-        f"recording into {run_dir}/store.sqlite",
+        f"recording into {store.location}",
         flush=True,
     )
     uvicorn.Server(server_config(app, config.gateway, host=host, port=port, access_log=False)).run()
 
 
-def _open_store(run_dir: Path):
-    from arborl.rollout.store import SqliteTrajectoryStore
+def _open_store(run_dir: Path, store_url: str = ""):
+    """An existing run's store, for the commands that read or train on it."""
+    from arborl.rollout.store import STORE_FILE_NAME, check_store_url, open_store
 
-    path = run_dir / "store.sqlite"
-    if not path.is_file():
-        raise SystemExit(f"arborl: no store at {path} (use --run-dir DIR)")
-    return SqliteTrajectoryStore(path)
+    try:
+        check_store_url(store_url)
+        if not store_url and not (run_dir / STORE_FILE_NAME).is_file():
+            raise SystemExit(f"arborl: no store at {run_dir / STORE_FILE_NAME} (use --run-dir DIR or --store URL)")
+        return open_store(store_url, run_dir)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"arborl: {exc}") from None
 
 
 def _tokenizer(run_dir: Path):
@@ -130,8 +135,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def trie_list(run_dir: Path) -> None:
-    store = _open_store(run_dir)
+def trie_list(run_dir: Path, store_url: str) -> None:
+    store = _open_store(run_dir, store_url)
     sessions = store.sessions()
     if not sessions:
         print("no sessions recorded yet")
@@ -161,10 +166,10 @@ def resolve_session(sessions: list[str], given: str) -> str:
                      "session X is stored as claude-X)")
 
 
-def trie_show(run_dir: Path, session: str, html: Path | None, show_tokens: int) -> None:
+def trie_show(run_dir: Path, store_url: str, session: str, html: Path | None, show_tokens: int) -> None:
     from .trie_view import render_trie_html, render_trie_text
 
-    store = _open_store(run_dir)
+    store = _open_store(run_dir, store_url)
     session = resolve_session([s["id"] for s in store.sessions()], session)
     tokenizer = _tokenizer(run_dir)
     try:
@@ -190,9 +195,11 @@ def train(args: argparse.Namespace) -> None:
     overrides: dict[str, Any] = {"learner": {k: v for k, v in {
         "lr": args.lr, "groups_per_step": args.groups_per_step, "max_staleness": args.max_staleness,
         "mcla_passes": args.mcla_passes}.items() if v is not None}}
+    store_url, run_dir = _store_and_run_dir(args)
+    if store_url:
+        overrides["store"] = {"url": store_url}
     config = load_config(args.config, overrides)
-    run_dir = args.run_dir
-    ledger = RunLedger(_open_store(run_dir))
+    ledger = RunLedger(_open_store(run_dir, config.store.url))
     info = run_dir / "run.json"
     model = args.model or (json.loads(info.read_text()).get("model_dir") if info.is_file() else None)
     base = resolve_model(model or config.engine.model)
@@ -218,6 +225,19 @@ def train(args: argparse.Namespace) -> None:
         learner.run(max_steps=args.max_steps, idle_exit_s=args.idle_exit)
     except KeyboardInterrupt:
         print(f"learner: stopped at step {learner.step}; `arborl train --resume` continues", flush=True)
+
+
+def _store_and_run_dir(args: argparse.Namespace) -> tuple[str, Path]:
+    """``--store``: a database URL, or (the older spelling of ``arborl train --store RUN``) a folder."""
+    store = args.store or ""
+    if store and "://" not in store:
+        return "", Path(store)
+    return store, args.run_dir
+
+
+def store_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", help="the run's store: postgresql://user@host:port/db (default: the run "
+                        "folder's store.sqlite; or ARBORL_STORE__URL)")
 
 
 def connect(args: argparse.Namespace) -> None:
@@ -294,13 +314,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                                                required=True)
     listing = trie.add_parser("list", help="sessions in a run")
     run_dir_flag(listing)
+    store_flag(listing)
     show = trie.add_parser("show", help="one session's trie")
     show.add_argument("session", help="a session id (or the agent's own: Claude Code's X is stored as claude-X)")
     run_dir_flag(show)
+    store_flag(show)
     show.add_argument("--html", type=Path, help="write an HTML picture of the tree to this file")
     show.add_argument("--tokens", type=int, default=8, help="token ids to show per node")
     learn = commands.add_parser("train", help="the learner: train on a run's complete groups and publish")
-    run_dir_flag(learn, old_spellings=("--store",))
+    run_dir_flag(learn)
+    store_flag(learn)  # a folder here is the older spelling of --run-dir
     learn.add_argument("--gateway", help="gateway root URL to publish each new version to (admin route)")
     learn.add_argument("--admin-token", help="the gateway's admin token (or ARBORL_ADMIN_TOKEN)")
     learn.add_argument("--resume", action="store_true", help="continue from the run's last committed step")
@@ -338,6 +361,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     link.add_argument("--write-home", type=Path, help="write the configuration files into this HOME folder")
     report = commands.add_parser("report", help="write RUN/report.html: charts and tables of a training run")
     run_dir_flag(report)
+    store_flag(report)
     report.add_argument("run", type=Path, nargs="?", help=argparse.SUPPRESS)  # the older spelling: arborl report RUN
     return parser.parse_args(argv)
 
@@ -377,13 +401,20 @@ def _run_command(args: argparse.Namespace) -> None:
         from .run_report import write_run_report
 
         try:
-            print(write_run_report(args.run or args.run_dir))
-        except FileNotFoundError as exc:
+            print(write_run_report(args.run or args.run_dir, store_url=_configured_store(args.store)))
+        except (FileNotFoundError, ValueError) as exc:
             raise SystemExit(f"arborl: {exc}") from None
     elif args.trie_command == "list":
-        trie_list(args.run_dir)
+        trie_list(args.run_dir, _configured_store(args.store))
     else:
-        trie_show(args.run_dir, args.session, args.html, args.tokens)
+        trie_show(args.run_dir, _configured_store(args.store), args.session, args.html, args.tokens)
+
+
+def _configured_store(flag: str | None) -> str:
+    """The store URL of a command without a configuration file: the flag, else ARBORL_STORE__URL."""
+    import os
+
+    return flag or os.environ.get("ARBORL_STORE__URL", "")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -73,7 +73,18 @@ class EngineConfig(BaseModel):
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    # Where the run's store is: empty for the run folder's store.sqlite (one machine), or a
+    # PostgreSQL URL (postgresql://user@host:port/db) that several gateways and workers share.
+    url: str = ""
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"  # SQLite's; PostgreSQL commits are durable anyway
+
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, url: str) -> str:
+        from arborl.rollout.store import check_store_url
+
+        check_store_url(url)
+        return url
 
 
 class UpSettings(BaseModel):

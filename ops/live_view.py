@@ -43,10 +43,10 @@ class RunSnapshot:
     children: dict[str, str] = field(default_factory=dict)  # name -> "running" / "restarting (n)"
 
 
-def read_ledger(run_dir: Path, snapshot: RunSnapshot) -> None:
+def read_ledger(run_dir: Path, snapshot: RunSnapshot, *, store_url: str = "") -> None:
     from arborl.rollout.store import StoreReadError, open_read_model
 
-    with open_read_model(run_dir, timeout_s=5) as store:
+    with open_read_model(run_dir, store_url=store_url, timeout_s=5) as store:
         try:
             last = store.last_step()
             if last:
@@ -94,7 +94,7 @@ def read_heldout(run_dir: Path, snapshot: RunSnapshot) -> None:
 
 def take_snapshot(supervisor: Supervisor) -> RunSnapshot:
     snapshot = RunSnapshot()
-    read_ledger(supervisor.run_dir, snapshot)
+    read_ledger(supervisor.run_dir, snapshot, store_url=supervisor.config.store.url)
     read_gateway(supervisor.url, snapshot)
     read_heldout(supervisor.run_dir, snapshot)
     for name, child in supervisor.children.items():

@@ -78,6 +78,17 @@ def write_run_info(run_dir: Path, engine: Any, model_dir: Path | None) -> None:
                                                   "model": engine.model_name}))
 
 
+def open_run_store(config: ArborlConfig, run_dir: Path) -> Any:
+    """The run's store (``store.url``, else ``run_dir``'s SQLite file); a store that cannot be
+    opened (a database that does not answer, a newer layout) ends the command with its message."""
+    from arborl.rollout.store import open_store
+
+    try:
+        return open_store(config.store.url, run_dir, synchronous=config.store.synchronous)
+    except RuntimeError as exc:
+        raise SystemExit(f"arborl: {exc}") from None
+
+
 def restore_served_version(engine: Any, store: Any) -> int:
     """Serve the run's last committed version, not the base weights, when a gateway (re)starts on
     a run the learner has trained: rollouts sampled after a gateway restart stay on-policy. Returns
@@ -155,11 +166,10 @@ class LocalGateway:
 def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None = None) -> LocalGateway:
     """The configured engine served on loopback, on ``port`` (default: a free one)."""
     from arborl.gateway.app import create_app
-    from arborl.rollout.store import SqliteTrajectoryStore
 
     run_dir.mkdir(parents=True, exist_ok=True)
     engine, model_dir, where = build_engine(config)
-    store = SqliteTrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+    store = open_run_store(config, run_dir)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
     # The command's own progress lines are what its user reads: no line per model call.
@@ -169,6 +179,6 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None
         url = server.start()
     except RuntimeError:
         raise SystemExit("arborl: the gateway did not start") from None
-    print(f"arborl: serving {engine.model_name!r} on {url}/v1 ({where}); recording into {run_dir}/store.sqlite",
+    print(f"arborl: serving {engine.model_name!r} on {url}/v1 ({where}); recording into {store.location}",
           flush=True)
     return LocalGateway(url, engine, store, server)

@@ -43,6 +43,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", help="only tasks of these difficulties (comma-separated: easy,medium,hard)")
     parser.add_argument("--limit", type=int, help="only the first N tasks")
     parser.add_argument("--run-dir", type=Path, help="the run folder (store, logs, report)")
+    parser.add_argument("--store", help="the run's store: postgresql://user@host:port/db (default: the run "
+                        "folder's store.sqlite)")
     parser.add_argument("--gateway", help="a running gateway's root URL (default: serve one in this process)")
     parser.add_argument("--port", type=int, help="the port of the gateway served in this process (default: a free "
                                                  "one)")
@@ -68,6 +70,8 @@ def _config(args: argparse.Namespace, scaffolds: dict[str, float], extra: dict[s
     overrides["engine"] = {k: v for k, v in engine.items() if v is not None}
     if args.run_dir:
         overrides["run_dir"] = args.run_dir
+    if args.store:
+        overrides["store"] = {"url": args.store}
     return load_config(args.config, overrides)
 
 
@@ -170,14 +174,15 @@ def uses_model(scaffolds: dict[str, float]) -> bool:
 @contextlib.contextmanager
 def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool = True,
              port: int | None = None) -> Iterator[Session]:
-    from arborl.rollout.store import RunLedger, SqliteTrajectoryStore
+    from arborl.rollout.store import STORE_FILE_NAME, RunLedger
 
     from .connect import served_model
+    from .local_gateway import open_run_store
 
     run_dir = config.run_dir
     if gateway_url is None and not needs_model:  # only the store: no gateway, no model
         run_dir.mkdir(parents=True, exist_ok=True)
-        store = SqliteTrajectoryStore(run_dir / "store.sqlite", synchronous=config.store.synchronous)
+        store = open_run_store(config, run_dir)
         try:
             yield Session("", NO_MODEL, store, RunLedger(store), None, lambda: None)
         finally:
@@ -195,13 +200,15 @@ def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool
             gateway.stop()
             gateway.store.close()
         return
-    store_path = run_dir / "store.sqlite"
-    if not store_path.is_file():
-        raise SystemExit(f"arborl: with --gateway, --run-dir must be that gateway's run folder (no {store_path})")
+    store_path = run_dir / STORE_FILE_NAME
+    if not config.store.url and not store_path.is_file():
+        raise SystemExit(f"arborl: with --gateway, give the gateway's store (--store URL) or its run folder "
+                         f"(--run-dir; no {store_path})")
     model = served_model(gateway_url, config.gateway.api_keys[0] if config.gateway.api_keys else "arborl")
     if model is None:
         raise SystemExit(f"arborl: no gateway answers at {gateway_url}")
-    store = SqliteTrajectoryStore(store_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = open_run_store(config, run_dir)
     try:
         yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, lambda: _run_tokenizer(run_dir),
                       served_version(gateway_url))

@@ -94,9 +94,10 @@ def first_served_at(calls: list[tuple[float | None, float | None, bytes]], versi
     return served_at(first_served_by_version(calls), version)
 
 
-def read_figures(run_dir: Path, *, start: float | None = None, end: float | None = None) -> RunFigures:
+def read_figures(run_dir: Path, *, start: float | None = None, end: float | None = None,
+                 store_url: str = "") -> RunFigures:
     """The figures over [start, end] (default: the first rollout's start to the last event)."""
-    with open_read_model(run_dir) as store:
+    with open_read_model(run_dir, store_url=store_url) as store:
         rollout_times = store.rollout_times()
         steps = store.train_steps()
         start = start if start is not None else (rollout_times.first_started_at or 0.0)

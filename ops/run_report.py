@@ -115,16 +115,17 @@ def read_heldout(run_dir: Path) -> list[HeldOutRate]:
     return sorted(out, key=lambda r: (r.version, r.scaffold))
 
 
-def read_run(run_dir: Path) -> RunData:
-    """What the report shows, read from ``run_dir``; FileNotFoundError without a store."""
+def read_run(run_dir: Path, *, store_url: str = "") -> RunData:
+    """What the report shows, read from ``run_dir`` (its store in the database ``store_url``, if
+    given); FileNotFoundError without a store."""
     data = RunData(run_dir=run_dir)
-    with open_read_model(run_dir) as store:
+    with open_read_model(run_dir, store_url=store_url) as store:
         if not store.exists():
             raise FileNotFoundError(f"no store at {store.location}")
         _read_store(store, data)
     data.heldout = read_heldout(run_dir)
     if data.started_at is not None:
-        data.figures = read_figures(run_dir)
+        data.figures = read_figures(run_dir, store_url=store_url)
     return data
 
 
@@ -329,10 +330,11 @@ def render_run_report(data: RunData) -> str:
     return "\n".join(p for p in parts if p) + "\n"
 
 
-def write_run_report(run_dir: Path) -> Path:
-    """Read ``run_dir`` and write its report to ``run_dir/report.html``; returns that path."""
+def write_run_report(run_dir: Path, *, store_url: str = "") -> Path:
+    """Read ``run_dir`` (and its store at ``store_url``) and write its report to
+    ``run_dir/report.html``; returns that path."""
     run_dir = Path(run_dir)
-    page = render_run_report(read_run(run_dir))
+    page = render_run_report(read_run(run_dir, store_url=store_url))
     out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

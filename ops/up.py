@@ -100,7 +100,11 @@ class Supervisor:
         gateway = config.gateway
         self.url = f"http://{'127.0.0.1' if gateway.host in ('0.0.0.0', '::') else gateway.host}:{gateway.port}"
         self.config_path = self.run_dir / "config.yaml"
-        self.config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        # The store URL may hold a database password: the children get it in their environment,
+        # never from a file in the run folder.
+        dumped = config.model_dump(mode="json")
+        dumped["store"]["url"] = ""
+        self.config_path.write_text(yaml.safe_dump(dumped, sort_keys=False))
         self.children: dict[str, Child] = {}
         self.heldout: Child | None = None
         self.heldout_versions: list[int] = []
@@ -121,6 +125,8 @@ class Supervisor:
     def _env(self) -> dict[str, str]:
         env = {**os.environ, "ARBORL_GATEWAY__ADMIN_TOKEN": self.admin_token, "ARBORL_ADMIN_TOKEN": self.admin_token,
                "ARBORL_SUPERVISOR_PID": str(os.getpid())}
+        if self.config.store.url:
+            env["ARBORL_STORE__URL"] = self.config.store.url
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -232,7 +238,7 @@ class Supervisor:
         """The learner's last committed version, read without a write lock (called every second)."""
         from arborl.rollout.store import StoreReadError, open_read_model
 
-        with open_read_model(self.run_dir) as store:
+        with open_read_model(self.run_dir, store_url=self.config.store.url) as store:
             try:
                 return store.latest_trained_version()
             except StoreReadError:  # busy: read as before any step, as the next call reads again

@@ -8,7 +8,11 @@
   the audit log) keep their tables in the same database, through the trajectory store's
   transactions, so a step commits atomically with the groups and feedback it consumed.
 - ``read_model``: the questions watchers (live view, report, run figures, supervisor) ask about a
-  run, as an interface with typed answers; ``sqlite_read_model`` answers them from the SQLite file.
+  run, as an interface with typed answers; ``sql_read_model`` asks them in shared SQL, and
+  ``sqlite_read_model`` and ``postgres_read_model`` open the database read-only.
+
+``open_store`` and ``open_read_model`` pick the implementation from the store URL: empty for the
+run folder's SQLite file, ``postgresql://...`` for a database server.
 
 Other modules import from this package, never from its modules. No module outside this package
 writes SQL or holds a connection.
@@ -20,7 +24,8 @@ from pathlib import Path
 
 from .controls import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED, AdminAction, RunControls
 from .ledger import DONE, INFRA_FAILED, RUNNING, CallStats, Feedback, Group, LedgerError, Rollout, RunLedger, StepRecord
-from .postgres_trajectories import PostgresTrajectoryStore
+from .postgres_read_model import PostgresRunReadModel
+from .postgres_trajectories import PostgresTrajectoryStore, location_of
 from .read_model import (
     FinishedReward,
     GroupCounts,
@@ -60,6 +65,7 @@ __all__ = [
     "FinishedReward",
     "GroupCounts",
     "OperatorAction",
+    "PostgresRunReadModel",
     "PostgresTrajectoryStore",
     "RolloutTimes",
     "RunReadModel",
@@ -72,12 +78,49 @@ __all__ = [
     "TrajectoryStore",
     "blob_ids",
     "blob_versions",
+    "check_store_url",
+    "is_database_url",
+    "open_store",
+    "store_location",
     "open_read_model",
     "read_only",
 ]
 
 
-def open_read_model(run_dir: str | Path, *, timeout_s: float = 10.0) -> RunReadModel:
-    """The read model of the run in ``run_dir``; ``timeout_s``: how long a read waits for a busy store.
-    Opening never fails: a run folder with no store yet reads as empty."""
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_database_url(url: str) -> bool:
+    """Whether ``url`` names a database server (else the store is the run folder's SQLite file)."""
+    return url.startswith(DATABASE_SCHEMES)
+
+
+def check_store_url(url: str) -> None:
+    """Refuse a store URL arborl cannot open, with a message naming what it can."""
+    if url and not is_database_url(url):
+        raise ValueError(f"a store URL starts with postgresql:// (or is empty: the run folder's "
+                         f"{STORE_FILE_NAME}); got {url.split('://', 1)[0]!r}://...")
+
+
+def store_location(url: str, run_dir: str | Path) -> str:
+    """Where ``open_store(url, run_dir)`` records, for messages (never a password)."""
+    check_store_url(url)
+    return location_of(url) if url else str(Path(run_dir) / STORE_FILE_NAME)
+
+
+def open_store(url: str, run_dir: str | Path, *, synchronous: str = "NORMAL") -> TrajectoryStore:
+    """The run's store: the PostgreSQL database ``url`` names, or (``url`` empty) the SQLite file in
+    ``run_dir``. ``synchronous`` is SQLite's (PostgreSQL's commits are durable on their own)."""
+    check_store_url(url)
+    if url:
+        return PostgresTrajectoryStore(url)
+    return SqliteTrajectoryStore(Path(run_dir) / STORE_FILE_NAME, synchronous=synchronous)
+
+
+def open_read_model(run_dir: str | Path, *, store_url: str = "", timeout_s: float = 10.0) -> RunReadModel:
+    """The read model of the run in ``run_dir`` (or in the database ``store_url``); ``timeout_s``: how
+    long a read waits for a busy store. Opening never fails: a run with no store yet reads as empty."""
+    check_store_url(store_url)
+    if store_url:
+        return PostgresRunReadModel(store_url, timeout_s=timeout_s)
     return SqliteRunReadModel(Path(run_dir) / STORE_FILE_NAME, timeout_s=timeout_s)

@@ -166,7 +166,7 @@ class _Connection:
         self._conn.close()
 
 
-def _location(dsn: str) -> str:
+def location_of(dsn: str) -> str:
     """The DSN without its password, for messages."""
     from psycopg.conninfo import conninfo_to_dict
 
@@ -186,14 +186,14 @@ class PostgresTrajectoryStore(TrajectoryStore):
         try:
             conn = psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout_s)))
         except psycopg.OperationalError as exc:
-            raise RuntimeError(f"cannot reach the store at {_location(dsn)}: {exc}".strip()) from exc
+            raise RuntimeError(f"cannot reach the store at {location_of(dsn)}: {exc}".strip()) from exc
         db = _Connection(conn)
-        _prepare(db, _location(dsn))
+        _prepare(db, location_of(dsn))
         super().__init__(db, cached_tries=cached_tries)
 
     @property
     def location(self) -> str:
-        return _location(self.dsn)
+        return location_of(self.dsn)
 
     def _node_id_source(self, max_id: int) -> Callable[[], int]:
         # Blocks start past every id stored (a store migrated in keeps its ids).

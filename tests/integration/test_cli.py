@@ -126,13 +126,16 @@ def test_trie_show_takes_the_agents_own_session_id(gateway, capsys):
 
 def test_every_command_takes_the_run_folder_as_run_dir():
     """One spelling, --run-dir, in every command that names a run folder (the old ones still parse)."""
-    from arborl.ops.cli import parse_args
+    from arborl.ops.cli import _store_and_run_dir, parse_args
 
     for command in (["trie", "list"], ["trie", "show", "s"], ["train"], ["report"], ["ops", "status"],
                     ["eval", "--dataset", "builtin"], ["rollout", "--dataset", "builtin"], ["serve"], ["up"]):
         assert str(parse_args([*command, "--run-dir", "/tmp/somewhere"]).run_dir) == "/tmp/somewhere", command
     assert str(parse_args(["trie", "list", "--run", "/tmp/x"]).run_dir) == "/tmp/x"
-    assert str(parse_args(["train", "--store", "/tmp/x"]).run_dir) == "/tmp/x"
+    # train's older --store RUN is still the run folder; a database URL there is the store
+    assert _store_and_run_dir(parse_args(["train", "--store", "/tmp/x"])) == ("", Path("/tmp/x"))
+    assert _store_and_run_dir(parse_args(["train", "--store", "postgresql://u@h:1/db"])) == (
+        "postgresql://u@h:1/db", Path("runs/default"))
     assert str(parse_args(["report", "/tmp/x"]).run) == "/tmp/x"  # the positional of before
 
 

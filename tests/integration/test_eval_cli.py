@@ -140,7 +140,7 @@ def test_bad_invocations_say_what_is_wrong(run_root, capsys):
         main(["eval", "--dataset", "builtin", "--tasks", "nope", "--run-dir", str(run_root / "r")])
     with pytest.raises(SystemExit, match=r"no task of difficulty eassy in builtin \(it has easy, hard, medium\)"):
         main(["eval", "--dataset", "builtin", "--difficulty", "eassy,hard", "--run-dir", str(run_root / "r")])
-    with pytest.raises(SystemExit, match="must be that gateway's run folder"):
+    with pytest.raises(SystemExit, match="give the gateway's store"):
         main(["eval", "--dataset", "builtin", "--gateway", "http://127.0.0.1:9", "--run-dir", str(run_root / "r")])
     with pytest.raises(SystemExit):
         main(["eval", "--dataset", str(run_root / "missing.jsonl")])

@@ -2,8 +2,8 @@
 
 A run is filled through the writers' own APIs (the trajectory store, the run ledger, the run
 controls) on a clock the test sets, and every question's answer is checked; runs with nothing
-written yet (no store, a store without ledger or controls tables) must read as empty. A new
-implementation (PostgreSQL) joins by adding its ``Implementation`` to ``IMPLEMENTATIONS``.
+written yet (no store, a store with nothing in its ledger or controls) must read as empty. Run
+against SQLite and a real PostgreSQL server (a fresh database per test).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from arborl.rollout.store import (
     FinishedReward,
     GroupCounts,
     OperatorAction,
+    PostgresTrajectoryStore,
     RolloutTimes,
     RunControls,
     RunLedger,
@@ -42,14 +43,13 @@ class Implementation:
     open_read_model: Callable[[Path], RunReadModel]
 
 
-IMPLEMENTATIONS = [
-    pytest.param(Implementation(lambda run: SqliteTrajectoryStore(run / "store.sqlite"), open_read_model), id="sqlite"),
-]
-
-
-@pytest.fixture(params=IMPLEMENTATIONS)
+@pytest.fixture(params=["sqlite", "postgres"])
 def implementation(request) -> Implementation:
-    return request.param
+    if request.param == "sqlite":
+        return Implementation(lambda run: SqliteTrajectoryStore(run / "store.sqlite"), open_read_model)
+    dsn = request.getfixturevalue("postgres_dsn")  # a fresh database: the run's store, wherever its folder is
+    return Implementation(lambda run: PostgresTrajectoryStore(dsn),
+                          lambda run: open_read_model(run, store_url=dsn))
 
 
 class Clock:
