@@ -67,7 +67,7 @@ class Gateway:
     def __init__(self, engine: Engine | UpstreamEngine, store: TrajectoryStore, settings: GatewaySettings):
         self.engine = engine
         self.store = store
-        self.controls = RunControls(store)  # operator controls shared with the learner (rollout/controls.py)
+        self.controls = RunControls(store)  # operator controls shared with the learner (rollout/store/controls.py)
         self.ledger = RunLedger(store)  # steps (for rollbacks) and feedback on sessions
         self.settings = settings
         self.metrics = GatewayMetrics()

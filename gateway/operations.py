@@ -11,7 +11,7 @@
                                    newest), unpin, and keep its checkpoint for good
     GET  /admin/actions            the audit log: when, who (the admin key's name), what
 
-Training controls live in the run's store (``rollout/controls.py``), so the learner, in its
+Training controls live in the run's store (``rollout/store/controls.py``), so the learner, in its
 own process, sees them; serving controls act on this gateway's engine directly. Every action is
 logged with the caller's admin key name, in the same transaction as the control it changes.
 """

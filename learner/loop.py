@@ -86,7 +86,7 @@ class Learner:
         self.metrics = metrics or LearnerMetrics()
         self.progress = progress or log.info
         self._progress_is_log = progress is None  # then warnings go to the log as warnings
-        self.controls = RunControls(ledger.store)  # what operators set at run time (rollout/controls.py)
+        self.controls = RunControls(ledger.store)  # what operators set at run time (rollout/store/controls.py)
         self._paused_said = False
         self._open(resume)
         self.teachers = {domain: self._load_teacher(Path(path)) for domain, path in (teachers or {}).items()}

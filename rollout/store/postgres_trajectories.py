@@ -12,8 +12,8 @@ from SQLite is here:
 - the schema is created under an advisory lock (two processes starting at once), and its layout
   is kept in ``arborl_store``: a database written by a newer arborl is refused.
 
-Not yet here (issue 14, next steps): a connection pool with reconnection, group commit, and
-idempotent inserts of a group trie's shared nodes by two gateways at once.
+Not yet here (issue 14, next steps): a connection pool that reconnects after the database comes
+back, and group commit (one transaction for the calls that finish together).
 """
 
 from __future__ import annotations
