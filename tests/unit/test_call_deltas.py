@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import SqliteTrajectoryStore
+from arborl.rollout.store import STORE_LAYOUT, SqliteTrajectoryStore
 from arborl.rollout.store.call_deltas import common_head, common_tail
 
 TOOLS = [{"type": "function", "function": {"name": f"tool_{i}", "description": "d" * 200, "parameters": {}}}
@@ -118,7 +118,7 @@ def test_a_store_of_whole_requests_from_before_deltas_opens_reads_and_continues(
     assert [c.messages for c in store.calls("s")] == [c.messages for c in sent]
     assert [store.call_bodies(c.id)["request_body"] for c in sent] == [c.request_body for c in sent]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == STORE_LAYOUT  # converted to this layout
         bases = [b for (b,) in db.execute("SELECT base_call FROM calls ORDER BY seq")]
     assert bases == [None] * 5 + ["s-4", "s-5", "s-6"]
 
