@@ -111,10 +111,9 @@ def serve(config: ArborlConfig) -> None:
 
 def _open_store(run_dir: Path, store_url: str = ""):
     """An existing run's store, for the commands that read or train on it."""
-    from arborl.rollout.store import STORE_FILE_NAME, check_store_url, open_store
+    from arborl.rollout.store import STORE_FILE_NAME, open_store
 
     try:
-        check_store_url(store_url)
         if not store_url and not (run_dir / STORE_FILE_NAME).is_file():
             raise SystemExit(f"arborl: no store at {run_dir / STORE_FILE_NAME} (use --run-dir DIR or --store URL)")
         return open_store(store_url, run_dir)
@@ -412,9 +411,7 @@ def _run_command(args: argparse.Namespace) -> None:
 
 def _configured_store(flag: str | None) -> str:
     """The store URL of a command without a configuration file: the flag, else ARBORL_STORE__URL."""
-    import os
-
-    return flag or os.environ.get("ARBORL_STORE__URL", "")
+    return load_config(None, {"store": {"url": flag}} if flag else None).store.url
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from .controls import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED, AdminAction, RunControls
 from .ledger import DONE, INFRA_FAILED, RUNNING, CallStats, Feedback, Group, LedgerError, Rollout, RunLedger, StepRecord
 from .postgres_read_model import PostgresRunReadModel
-from .postgres_trajectories import PostgresTrajectoryStore, location_of
+from .postgres_trajectories import PostgresTrajectoryStore
 from .read_model import (
     FinishedReward,
     GroupCounts,
@@ -79,9 +79,7 @@ __all__ = [
     "blob_ids",
     "blob_versions",
     "check_store_url",
-    "is_database_url",
     "open_store",
-    "store_location",
     "open_read_model",
     "read_only",
 ]
@@ -90,22 +88,11 @@ __all__ = [
 DATABASE_SCHEMES = ("postgresql://", "postgres://")
 
 
-def is_database_url(url: str) -> bool:
-    """Whether ``url`` names a database server (else the store is the run folder's SQLite file)."""
-    return url.startswith(DATABASE_SCHEMES)
-
-
 def check_store_url(url: str) -> None:
     """Refuse a store URL arborl cannot open, with a message naming what it can."""
-    if url and not is_database_url(url):
+    if url and not url.startswith(DATABASE_SCHEMES):
         raise ValueError(f"a store URL starts with postgresql:// (or is empty: the run folder's "
                          f"{STORE_FILE_NAME}); got {url.split('://', 1)[0]!r}://...")
-
-
-def store_location(url: str, run_dir: str | Path) -> str:
-    """Where ``open_store(url, run_dir)`` records, for messages (never a password)."""
-    check_store_url(url)
-    return location_of(url) if url else str(Path(run_dir) / STORE_FILE_NAME)
 
 
 def open_store(url: str, run_dir: str | Path, *, synchronous: str = "NORMAL") -> TrajectoryStore:
