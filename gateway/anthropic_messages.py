@@ -138,7 +138,7 @@ def _enable_thinking(body: CountTokensRequest) -> bool | None:
 @router.post("/v1/messages/count_tokens", tags=["anthropic"])
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     gateway = request.app.state.gateway
-    gateway.identify(request, body)
+    await gateway.identify(request, body)
     if gateway.renderer is None:
         raise InvalidRequest("count_tokens needs a tokenizer: this gateway forwards to an upstream without one "
                              "(set engine.tokenizer)")
@@ -157,7 +157,7 @@ async def messages(body: MessagesRequest, request: Request):
     gateway = request.app.state.gateway
     tools, choice = tools_and_choice(body)
     completion = CompletionRequest(
-        session=gateway.identify(request, body),
+        session=await gateway.identify(request, body),
         dialect="anthropic_messages",
         model=body.model,
         messages=normalise_messages(body),

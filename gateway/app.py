@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from arborl.rollout.store import RunControls, RunLedger, TrajectoryStore
+from arborl.rollout.store import SESSION_KEY_PREFIX, RunControls, RunLedger, StoreUnavailable, TrajectoryStore
 from arborl.scaffold_adapters.registry import call_purpose
 
 from . import admin, anthropic_messages, feedback, openai_chat, operations, responses_api
@@ -36,6 +36,7 @@ from .errors import (
     ModelNotFound,
     PayloadTooLarge,
     Unauthorized,
+    store_unreachable,
 )
 from .json_nesting import MAX_JSON_DEPTH, nesting_exceeds
 from .json_wire import JSONResponse
@@ -100,14 +101,17 @@ class Gateway:
             return auth[7:].strip() or None
         return request.headers.get("x-api-key") or None
 
-    def identify(self, request: Request, body: Any) -> SessionIdentity:
+    async def identify(self, request: Request, body: Any) -> SessionIdentity:
         """Check the key and the model name; say which session the request belongs to.
 
         A session key arborl issued records into its own session only (and that session's
-        auxiliary tries): naming another one by path or header is refused with a 403.
+        auxiliary tries): naming another one by path or header is refused with a 403. A key not
+        seen before is looked up in the store in a worker thread (the store may be slow, or away).
         """
         key = self.api_key(request)
-        own_session = self.store.session_for_key(key) if key else None
+        own_session = None
+        if key is not None and key.startswith(SESSION_KEY_PREFIX):
+            own_session = await asyncio.to_thread(self.store.session_for_key, key)
         if self.keys_required and own_session is None and not is_configured_key(key, self.settings.api_keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or x-api-key: KEY)")
         if body.model not in self.model_names and not self.settings.any_model_name:
@@ -361,6 +365,10 @@ def create_app(
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         return error_response(request, exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_error(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return error_response(request, store_unreachable())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from arborl.rollout.records import CallRecord
-from arborl.rollout.store import TrajectoryStore
+from arborl.rollout.store import StoreUnavailable, TrajectoryStore
 
 from .engines.base import Engine, EngineError, Finished, PromptTooLong, SampledToken, SamplingParams
 from .errors import ContextLengthExceeded, EngineUnavailable, Overloaded
@@ -265,7 +265,11 @@ async def record_call(store: TrajectoryStore, metrics: GatewayMetrics, call: Cal
 
     def commit() -> None:
         started = time.perf_counter()
-        store.record_call(call)
+        try:
+            store.record_call(call)
+        except StoreUnavailable:
+            metrics.calls_unrecorded.inc()
+            raise
         metrics.record_duration.observe(time.perf_counter() - started)
         metrics.calls_recorded.labels(call.status).inc()
         if call.purpose != "main":

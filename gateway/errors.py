@@ -124,6 +124,25 @@ class EngineUnavailable(GatewayError):
     code = "engine_unavailable"
 
 
+class StoreUnreachable(GatewayError):
+    """The store (its database) cannot be reached now: the call was not recorded, so it is not
+    served; the store reconnects by itself, and a retry after Retry-After may succeed."""
+
+    status_code = 503
+    anthropic_status_code = 529
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
+STORE_RETRY_AFTER_SECONDS = 2  # about what the store's reconnection takes once its database is back
+
+
+def store_unreachable() -> StoreUnreachable:
+    """What a client is told while the store is away (never where the store is)."""
+    return StoreUnreachable("the gateway cannot reach its store to record this call; retry shortly",
+                            headers={"retry-after": str(STORE_RETRY_AFTER_SECONDS)})
+
+
 class UpstreamFailed(GatewayError):
     """The upstream server (``upstream`` engine) refused, failed or broke off the call."""
 

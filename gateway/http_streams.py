@@ -9,8 +9,10 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from arborl.rollout.store import StoreUnavailable
+
 from .completions import CompletionResult
-from .errors import GatewayError, InternalError
+from .errors import GatewayError, InternalError, store_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ async def ending_with_error_event(
             yield chunk
     except GatewayError as exc:
         yield error_event(exc)
+    except StoreUnavailable:  # the call could not be recorded: the client never saw it end
+        log.warning("a stream's call could not be recorded: the store is unreachable")
+        yield error_event(store_unreachable())
     except Exception:
         log.exception("a stream failed after its response started")
         yield error_event(InternalError("internal error in arborl"))

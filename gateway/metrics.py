@@ -58,6 +58,10 @@ class GatewayMetrics:
         self.calls_recorded = Counter(
             "arborl_calls_recorded_total", "Calls written to the store", ["status"], registry=r
         )
+        self.calls_unrecorded = Counter(
+            "arborl_calls_unrecorded_total", "Calls sampled but not recorded: the store was unreachable, so "
+            "their clients got an error instead of the answer", registry=r,
+        )
         self.auxiliary_calls = Counter(
             "arborl_auxiliary_calls_total", "Calls recorded in their own trie, out of the main agent's path",
             ["purpose"], registry=r,

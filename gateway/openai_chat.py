@@ -160,7 +160,7 @@ def _message(result: CompletionResult) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gateway = request.app.state.gateway
     completion = CompletionRequest(
-        session=gateway.identify(request, body),
+        session=await gateway.identify(request, body),
         dialect="openai_chat",
         model=body.model,
         messages=normalise_messages(body.messages),

@@ -158,7 +158,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     elif choice == "required" and not tools:
         raise InvalidRequest("tool_choice requires tools", param="tool_choice")
     completion = CompletionRequest(
-        session=gateway.identify(request, body),
+        session=await gateway.identify(request, body),
         dialect="openai_responses",
         model=body.model,
         messages=normalise_input(body),

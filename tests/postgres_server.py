@@ -51,10 +51,23 @@ def start(folder: Path) -> str:
     subprocess.run(_as_owner([initdb, "-D", str(data), "--auth=trust", "-U", "arborl", "-E", "UTF8"]),
                    check=True, capture_output=True)
     port = _free_port()
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=on"
-    subprocess.run(_as_owner([pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"), "-w",
-                              "start"]), check=True, capture_output=True)
+    (folder / "options").write_text(f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=on")
+    restart(folder)
     return f"postgresql://arborl@127.0.0.1:{port}/postgres"
+
+
+def restart(folder: Path) -> None:
+    """Start the server of ``folder`` again (after ``crash``), on its port, with its data."""
+    options = (folder / "options").read_text()
+    subprocess.run(_as_owner([binary("pg_ctl") or "pg_ctl", "-D", str(folder / "data"), "-o", options,
+                              "-l", str(folder / "server.log"), "-w", "start"]), check=True, capture_output=True)
+
+
+def crash(folder: Path) -> None:
+    """Stop the server at once, as a crash would (``-m immediate``: no shutdown checkpoint, every
+    connection cut); its data stays, and ``restart`` brings it back."""
+    subprocess.run(_as_owner([binary("pg_ctl") or "pg_ctl", "-D", str(folder / "data"), "-m", "immediate", "-w",
+                              "stop"]), check=True, capture_output=True)
 
 
 def stop(folder: Path) -> None:

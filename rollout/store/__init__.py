@@ -39,7 +39,15 @@ from .read_model import (
 )
 from .sqlite_read_model import STORE_FILE_NAME, SqliteRunReadModel
 from .sqlite_trajectories import SCHEMA, SqliteTrajectoryStore, read_only
-from .trajectories import NO_PATH, STORE_LAYOUT, TrajectoryStore, blob_ids, blob_versions
+from .trajectories import (
+    NO_PATH,
+    SESSION_KEY_PREFIX,
+    STORE_LAYOUT,
+    StoreUnavailable,
+    TrajectoryStore,
+    blob_ids,
+    blob_versions,
+)
 
 __all__ = [
     "DONE",
@@ -60,6 +68,7 @@ __all__ = [
     "StepRecord",
     "NO_PATH",
     "SCHEMA",
+    "SESSION_KEY_PREFIX",
     "STORE_FILE_NAME",
     "STORE_LAYOUT",
     "FinishedReward",
@@ -74,6 +83,7 @@ __all__ = [
     "SqliteTrajectoryStore",
     "StepPassRate",
     "StoreReadError",
+    "StoreUnavailable",
     "TrainStep",
     "TrajectoryStore",
     "blob_ids",

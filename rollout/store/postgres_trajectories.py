@@ -12,16 +12,17 @@ from SQLite is here:
 - the schema is created under an advisory lock (two processes starting at once), and its layout
   is kept in ``arborl_store``: a database written by a newer arborl is refused.
 
-Not yet here (issue 14, next steps): a connection pool that reconnects after the database comes
-back, and group commit (one transaction for the calls that finish together).
+- connections come from a psycopg pool: when the database goes away, operations raise
+  ``StoreUnavailable`` (nothing half-written: a transaction in flight is rolled back by the
+  server), and the store goes on by itself once it is back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from .trajectories import STORE_LAYOUT, TrajectoryStore
+from .trajectories import STORE_LAYOUT, StoreUnavailable, TrajectoryStore
 
 NODE_ID_BLOCK = 1 << 16
 _SCHEMA_LOCK = 0x6172626F  # pg_advisory_xact_lock key held while the schema is created ("arbo")
@@ -149,21 +150,82 @@ CREATE TABLE IF NOT EXISTS admin_actions (
 
 
 class _Connection:
-    """A psycopg connection (autocommit) that takes the shared statements' ``?`` placeholders."""
+    """One connection from a psycopg pool (autocommit), used by one thread at a time (the store's
+    lock), that takes the shared statements' ``?`` placeholders.
 
-    def __init__(self, conn: Any):
-        self._conn = conn
+    When the database goes away, the statement raises ``StoreUnavailable`` and the connection
+    goes back to the pool, which throws it away and reconnects in the background (with backoff).
+    The next statement takes a fresh connection, so the store recovers without a restart. A
+    transaction whose connection broke stays failed until its ROLLBACK: its later statements are
+    never run on a new connection, outside the transaction they belong to.
+    """
+
+    def __init__(self, pool: Any, location: str, *, wait_s: float):
+        self._pool = pool
+        self._location = location
+        self._wait_s = wait_s  # how long a statement waits for a connection before giving up
+        self._conn: Any = None
+        self._in_transaction = False
+        self._broken_transaction = False
 
     def execute(self, sql: str, params: tuple | list = ()) -> Any:
-        return self._conn.execute(sql.replace("?", "%s"), params)
+        keyword = sql.lstrip()[:8].upper()
+        if self._broken_transaction:
+            if keyword.startswith("ROLLBACK"):
+                self._in_transaction = self._broken_transaction = False
+                return None
+            raise StoreUnavailable(f"the store at {self._location} went away during this transaction")
+        # Safe to run twice: it starts a transaction, or only reads, outside one.
+        repeatable = keyword.startswith("BEGIN") or (keyword.startswith("SELECT") and not self._in_transaction)
+        if keyword.startswith("BEGIN"):
+            self._in_transaction = True
+        elif keyword.startswith(("COMMIT", "ROLLBACK")):
+            self._in_transaction = False
+        return self._run(lambda conn: conn.execute(sql.replace("?", "%s"), params), repeatable=repeatable)
 
     def executemany(self, sql: str, rows: list) -> None:
-        if rows:
-            with self._conn.cursor() as cursor:
+        if not rows:
+            return
+        if self._broken_transaction:
+            raise StoreUnavailable(f"the store at {self._location} went away during this transaction")
+
+        def run(conn: Any) -> None:
+            with conn.cursor() as cursor:
                 cursor.executemany(sql.replace("?", "%s"), rows)
 
+        self._run(run, repeatable=False)
+
+    def _run(self, statement: Callable[[Any], Any], *, repeatable: bool) -> Any:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        # A connection that broke while idle (the server restarted, a proxy cut it) is noticed
+        # by the first statement after: that one runs again on a new connection, if running it
+        # twice cannot matter.
+        for attempt in (1, 2):
+            if self._conn is None:
+                try:
+                    self._conn = self._pool.getconn(timeout=self._wait_s)
+                except PoolTimeout as exc:
+                    self._in_transaction = False
+                    raise StoreUnavailable(f"cannot reach the store at {self._location}") from exc
+            try:
+                return statement(self._conn)
+            except psycopg.OperationalError as exc:
+                if not self._conn.closed and not self._conn.broken:
+                    raise  # the statement failed, the connection is fine (a deadlock, a timeout)
+                self._pool.putconn(self._conn)  # broken: the pool discards it and makes another
+                self._conn = None
+                if attempt == 1 and repeatable:
+                    continue
+                self._broken_transaction = self._in_transaction
+                raise StoreUnavailable(f"the store at {self._location} went away: {exc}".strip()) from exc
+
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._pool.putconn(self._conn)
+            self._conn = None
+        self._pool.close()
 
 
 def location_of(dsn: str) -> str:
@@ -179,17 +241,31 @@ def location_of(dsn: str) -> str:
 class PostgresTrajectoryStore(TrajectoryStore):
     """One run's store in a PostgreSQL database (``dsn``: ``postgresql://user@host:port/db``)."""
 
-    def __init__(self, dsn: str, *, cached_tries: int = 256, connect_timeout_s: float = 10.0):
+    def __init__(self, dsn: str, *, cached_tries: int = 256, connect_timeout_s: float = 10.0,
+                 unavailable_after_s: float = 2.0):
+        """``connect_timeout_s``: how long opening waits for the database (a wrong DSN fails then);
+        ``unavailable_after_s``: how long a statement waits for a connection once the database
+        went away before it raises ``StoreUnavailable`` (a gateway answers 503 meanwhile)."""
         import psycopg
+        from psycopg_pool import ConnectionPool
 
         self.dsn = dsn
-        try:
-            conn = psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, round(connect_timeout_s)))
+        try:  # one plain connection first: a wrong DSN or a server that is down fails here, plainly
+            psycopg.connect(dsn, connect_timeout=max(1, round(connect_timeout_s))).close()
         except psycopg.OperationalError as exc:
             raise RuntimeError(f"cannot reach the store at {location_of(dsn)}: {exc}".strip()) from exc
-        db = _Connection(conn)
-        _prepare(db, location_of(dsn))
-        super().__init__(db, cached_tries=cached_tries)
+        # The pool reconnects in the background; its attempts back off up to reconnect_timeout,
+        # then start again when a statement asks, so recovery takes seconds, whatever the outage.
+        pool = ConnectionPool(dsn, min_size=1, max_size=2, open=True, name="arborl-store",
+                              kwargs={"autocommit": True, "connect_timeout": max(1, round(connect_timeout_s))},
+                              check=ConnectionPool.check_connection, reconnect_timeout=10.0)
+        db = _Connection(pool, location_of(dsn), wait_s=unavailable_after_s)
+        try:
+            _prepare(db, location_of(dsn))
+            super().__init__(db, cached_tries=cached_tries)
+        except BaseException:
+            db.close()
+            raise
 
     @property
     def location(self) -> str:
@@ -199,13 +275,18 @@ class PostgresTrajectoryStore(TrajectoryStore):
         # Blocks start past every id stored (a store migrated in keeps its ids).
         self._db.execute("SELECT setval('node_id_blocks', GREATEST((SELECT last_value FROM node_id_blocks), ?))",
                          (max_id // NODE_ID_BLOCK + 1,))
-        return self._blocks().__next__
+        block = [0, 0]  # the next id of this process's block, and the block's end
 
-    def _blocks(self) -> Iterator[int]:
-        """Ids of one block after another (drawn while a call is recorded, under the store's lock)."""
-        while True:
-            block = self._db.execute("SELECT nextval('node_id_blocks')").fetchone()[0]
-            yield from range(block * NODE_ID_BLOCK, (block + 1) * NODE_ID_BLOCK)
+        def next_id() -> int:
+            """Drawn while a call is recorded, under the store's lock. A block drawn in a
+            transaction that rolls back is not handed out again (sequences ignore rollbacks)."""
+            if block[0] == block[1]:
+                start = self._db.execute("SELECT nextval('node_id_blocks')").fetchone()[0] * NODE_ID_BLOCK
+                block[:] = [start, start + NODE_ID_BLOCK]
+            block[0] += 1
+            return block[0] - 1
+
+        return next_id
 
     @staticmethod
     def json_field(column: str, field: str) -> str:

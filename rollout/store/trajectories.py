@@ -31,6 +31,7 @@ from typing import Any
 from ..records import CallRecord, StoredCall
 from ..trie import InsertResult, Trie, TrieNode
 from .call_deltas import CallDelta, RecentCalls, WholeCall
+from .group_commit import GroupCommitter
 
 SESSION_KEY_PREFIX = "sk-arborl-"  # every key issue_session_key hands out starts so
 NO_PATH = 0  # node_id of a call without token ids (real node ids start at 1)
@@ -45,6 +46,14 @@ _CALL_COLUMNS = (
 # schema (groups.trainable always there); 2 = requests stored as deltas (call_deltas.py); 1 = policy
 # versions in int64 blobs, every request whole; 0 = the int32 versions of the oldest stores.
 STORE_LAYOUT = 3
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached now (it went away, or the network did). Nothing was
+    written by the operation that raised it; the store reconnects by itself when the database
+    is back, so the caller may retry (the gateway answers 503 with Retry-After)."""
+
+
 _INSERT_CALL = f"INSERT INTO calls({_CALL_COLUMNS}) VALUES ({', '.join('?' for _ in _CALL_COLUMNS.split(','))})"
 
 
@@ -106,6 +115,8 @@ class TrajectoryStore(abc.ABC):
         max_id, self.total_nodes, token_bytes = row.fetchone()
         self.total_tokens = token_bytes // 4
         self._node_ids = self._node_id_source(max_id)
+        self._commits: GroupCommitter[CallRecord, InsertResult] = GroupCommitter(
+            self._record_batch, fatal=(StoreUnavailable,))
 
     @property
     @abc.abstractmethod
@@ -259,61 +270,77 @@ class TrajectoryStore(abc.ABC):
 
         The path goes into the trie as committed, under the session's write lock (the copy in
         memory is read again if another process added calls since), so two gateways serving one
-        session never store the same prefix twice."""
+        session never store the same prefix twice. Calls recorded at the same moment by several
+        threads commit in one transaction (``group_commit.py``): this returns once this call's
+        transaction committed."""
         if len(call.completion_logprobs) != len(call.completion_ids) or len(call.completion_versions) != len(
             call.completion_ids
         ):
             raise ValueError("completion ids, logprobs and versions must have the same length")
+        return self._commits.submit(call)
+
+    def _record_batch(self, calls: list[CallRecord]) -> list[InsertResult]:
+        """One transaction for ``calls``, in order; then what memory keeps about them."""
         with self._lock:
-            delta = self._recent.delta(call)  # only what the call adds to an earlier one of its session
+            done: list[tuple[CallRecord, InsertResult, int, str | None]] = []
             try:
                 with self.transaction() as db:
-                    db.execute(
-                        "INSERT INTO sessions(id, created_at, identified_by) VALUES (?, ?, '') ON CONFLICT DO NOTHING",
-                        (call.session_id, call.created_at),
-                    )
-                    # The call's place in its session, from what is committed (other processes may
-                    # record into the session too), under the session's write lock.
-                    self._lock_session(db, call.session_id)
-                    seq = self._committed_seq(db, call.session_id) + 1
-                    trie = self._current_trie(db, call.session_id, seq - 1)
-                    # A call with no token ids (an upstream engine without a tokenizer) has no trie path.
-                    path = call.prompt_ids + call.completion_ids
-                    inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
-                    db.executemany(
-                        "INSERT INTO nodes(id, session_id, parent_id, start, tokens) VALUES (?, ?, ?, ?, ?)",
-                        [(n.id, call.session_id, n.parent, n.start, _ids_blob(n.tokens)) for n in inserted.created],
-                    )
-                    db.executemany(
-                        "UPDATE nodes SET parent_id = ?, start = ?, tokens = ? WHERE id = ?",
-                        [(n.parent, n.start, _ids_blob(n.tokens), n.id) for n in inserted.changed],
-                    )
-                    db.execute(
-                        _INSERT_CALL,
-                        (
-                            call.id, call.session_id, seq, call.dialect, call.model, call.status,
-                            call.finish_reason, inserted.leaf, len(call.prompt_ids), len(call.completion_ids),
-                            _floats_blob(call.completion_logprobs), versions_blob(call.completion_versions),
-                            int(call.token_exact), call.stitched_from, call.branch_reason,
-                            json.dumps(delta.messages), json.dumps(call.response_message),
-                            json.dumps(delta.tools) if delta.tools is not None else None,
-                            json.dumps(call.tool_calls) if call.tool_calls is not None else None,
-                            delta.request_middle, call.response_body, call.error,
-                            call.created_at, call.first_token_at, call.finished_at, call.purpose,
-                            delta.base, delta.messages_kept, int(delta.tools_kept), delta.request_head,
-                            delta.request_tail,
-                        ),
-                    )
+                    for call in calls:
+                        # Only what the call adds to an earlier, committed call of its session.
+                        delta = self._recent.delta(call)
+                        seq, inserted = self._insert_call(db, call, delta)
+                        self._tries[call.session_id].seq = seq  # a later call of the batch extends it
+                        done.append((call, inserted, seq, delta.base))
             except BaseException:
-                # The in-memory trie already changed: drop it so it is reloaded from what committed.
-                self._tries.pop(call.session_id, None)
+                # The in-memory tries already changed: drop them so they are reloaded from what committed.
+                for call in calls:
+                    self._tries.pop(call.session_id, None)
                 raise
-            self._tries[call.session_id].seq = seq
-            call.seq, call.node_id = seq, inserted.leaf
-            self._recent.remember(call, delta.base)
-            self.total_nodes += len(inserted.created)
-            self.total_tokens += len(call.prompt_ids) + len(call.completion_ids) - inserted.shared
-            return inserted
+            for call, inserted, seq, base in done:
+                call.seq, call.node_id = seq, inserted.leaf
+                self._recent.remember(call, base)
+                self.total_nodes += len(inserted.created)
+                self.total_tokens += len(call.prompt_ids) + len(call.completion_ids) - inserted.shared
+            return [inserted for _, inserted, _, _ in done]
+
+    def _insert_call(self, db: Any, call: CallRecord, delta: CallDelta) -> tuple[int, InsertResult]:
+        db.execute(
+            "INSERT INTO sessions(id, created_at, identified_by) VALUES (?, ?, '') ON CONFLICT DO NOTHING",
+            (call.session_id, call.created_at),
+        )
+        # The call's place in its session, from what is committed (other processes may record
+        # into the session too), under the session's write lock.
+        self._lock_session(db, call.session_id)
+        seq = self._committed_seq(db, call.session_id) + 1
+        trie = self._current_trie(db, call.session_id, seq - 1)
+        # A call with no token ids (an upstream engine without a tokenizer) has no trie path.
+        path = call.prompt_ids + call.completion_ids
+        inserted = trie.insert(path) if path else InsertResult(NO_PATH, 0, [], [])
+        db.executemany(
+            "INSERT INTO nodes(id, session_id, parent_id, start, tokens) VALUES (?, ?, ?, ?, ?)",
+            [(n.id, call.session_id, n.parent, n.start, _ids_blob(n.tokens)) for n in inserted.created],
+        )
+        db.executemany(
+            "UPDATE nodes SET parent_id = ?, start = ?, tokens = ? WHERE id = ?",
+            [(n.parent, n.start, _ids_blob(n.tokens), n.id) for n in inserted.changed],
+        )
+        db.execute(
+            _INSERT_CALL,
+            (
+                call.id, call.session_id, seq, call.dialect, call.model, call.status,
+                call.finish_reason, inserted.leaf, len(call.prompt_ids), len(call.completion_ids),
+                _floats_blob(call.completion_logprobs), versions_blob(call.completion_versions),
+                int(call.token_exact), call.stitched_from, call.branch_reason,
+                json.dumps(delta.messages), json.dumps(call.response_message),
+                json.dumps(delta.tools) if delta.tools is not None else None,
+                json.dumps(call.tool_calls) if call.tool_calls is not None else None,
+                delta.request_middle, call.response_body, call.error,
+                call.created_at, call.first_token_at, call.finished_at, call.purpose,
+                delta.base, delta.messages_kept, int(delta.tools_kept), delta.request_head,
+                delta.request_tail,
+            ),
+        )
+        return seq, inserted
 
     def last_seq(self, session_id: str) -> int:
         """The seq of the session's latest call (-1 before its first): one indexed read, so a

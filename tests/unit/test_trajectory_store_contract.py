@@ -15,7 +15,7 @@ import pytest
 from test_call_deltas import Agent
 from test_trie_and_store import _call
 
-from arborl.rollout.store import PostgresTrajectoryStore, SqliteTrajectoryStore, TrajectoryStore
+from arborl.rollout.store import PostgresTrajectoryStore, SqliteTrajectoryStore, StoreUnavailable, TrajectoryStore
 
 OpenStore = Callable[[], TrajectoryStore]  # the ``open_store`` fixture (conftest.py)
 
@@ -146,6 +146,73 @@ def test_a_session_that_switches_process_keeps_one_trie(open_store: OpenStore, r
     assert [reader.call_tokens(c)[1] for c in reader.calls("moving")] == [[100 + t] for t in range(8)]
     for store in stores:  # each process reads the calls the other recorded
         assert store.call_tokens(reader.calls("moving")[-1])[0] == path[:-2]
+
+
+def test_calls_recorded_at_once_all_commit_and_a_bad_one_fails_alone(open_store: OpenStore):
+    """16 threads record at the same moment (they commit in shared transactions): every good call
+    is stored with its own seq and path; the one whose id is taken fails, and only it."""
+    store = open_store()
+    store.record_call(_call(0, "s0", [1, 2], [3]))  # id c0
+    start = threading.Barrier(16)
+    outcomes: dict[int, object] = {}
+
+    def record(i: int) -> None:
+        call = _call(i, f"s{i % 4}", [1, 2, i + 3], [4])
+        call.id = "c0" if i == 5 else f"t{i}"
+        start.wait()
+        try:
+            store.record_call(call)
+            outcomes[i] = call.seq
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert isinstance(outcomes.pop(5), Exception)
+    assert all(isinstance(seq, int) for seq in outcomes.values()), outcomes
+    reader = open_store()
+    for s in range(4):
+        calls = reader.calls(f"s{s}")
+        assert [c.seq for c in calls] == list(range(len(calls)))
+        assert len(calls) == (5 if s == 0 else 3 if s == 1 else 4)
+        for call in calls[1 if s == 0 else 0:]:
+            assert reader.call_tokens(call) == ([1, 2, int(call.id[1:]) + 3], [4])
+    assert store.trie("s1").num_tokens == reader.trie("s1").num_tokens  # memory agrees with the store
+
+
+def _cut_connections(dsn: str) -> int:
+    """Cut every other connection to the test database, as a restarted server or a proxy would."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return len(conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid != pg_backend_pid()").fetchall())
+
+
+def test_a_connection_cut_while_idle_is_replaced_unnoticed(open_store: OpenStore, request):
+    if "sqlite" in request.node.callspec.id:
+        pytest.skip("SQLite has no connection to lose")
+    store = open_store()
+    store.record_call(_call(0, "s", [1, 2], [3]))
+    assert _cut_connections(request.getfixturevalue("postgres_dsn")) >= 1
+    store.record_call(_call(1, "s", [1, 2, 3, 4], [5]))  # its BEGIN meets the cut, and runs again
+    assert store.last_seq("s") == 1 and [c.seq for c in open_store().calls("s")] == [0, 1]
+
+
+def test_a_connection_cut_inside_a_transaction_writes_nothing_and_the_store_goes_on(open_store: OpenStore, request):
+    if "sqlite" in request.node.callspec.id:
+        pytest.skip("SQLite has no connection to lose")
+    store = open_store()
+    with pytest.raises(StoreUnavailable), store.transaction() as db:
+        db.execute("INSERT INTO refused_requests(session_id, at, reason) VALUES ('s', 1, 'first')")
+        _cut_connections(request.getfixturevalue("postgres_dsn"))
+        db.execute("INSERT INTO refused_requests(session_id, at, reason) VALUES ('s', 2, 'second')")
+    assert store.refusals("s") == []  # neither half of the transaction, and a new connection serves
+    store.record_call(_call(0, "s", [1], [2]))
+    assert [c.seq for c in open_store().calls("s")] == [0]
 
 
 def test_a_store_from_a_newer_arborl_is_refused(open_store: OpenStore):
