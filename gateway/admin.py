@@ -1,15 +1,23 @@
-"""Admin routes (the admin token): the served policy version, and publishing new weights.
+"""Admin routes (the admin token): the served policy version, publishing new weights, and what
+a rollout worker asks of the gateway (a session key per rollout, the calls a rollout made).
 
 A learner in another process writes a checkpoint (safetensors) and calls ``POST
 /admin/weights``; the engine swaps it in between two decode steps, so no request fails and
 every token records the version that produced it. Versions only increase (a rollback is an
 older checkpoint published under a new version).
+
+A rollout worker on another machine needs only the gateway's URL and an admin key: ``POST
+/admin/sessions/{id}/key`` issues the key its agent calls with (which records into that session
+only), and ``GET /admin/sessions/{id}/calls`` counts the calls recorded for it so far (its
+sub-sessions too), from any gateway that shares the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from .engines.base import EngineError
 from .errors import Conflict, Forbidden, InvalidRequest, Unauthorized
+from .sessions import check_session_id
 
 MAX_VERSION = (1 << 63) - 1  # versions are 64-bit integers in the store
 
@@ -81,3 +90,21 @@ async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
     except EngineError as exc:
         raise InvalidRequest(str(exc), param="path") from exc
     return {"version": body.version, "publish_seconds": time.perf_counter() - started}
+
+
+@router.post("/sessions/{session_id}/key")
+async def issue_session_key(session_id: str, request: Request) -> dict[str, str]:
+    """A new key that records into ``session_id`` only (an orchestrated rollout's agent calls with it)."""
+    gateway = _check_admin(request)
+    check_session_id(session_id, "the path")
+    key = await asyncio.to_thread(gateway.store.issue_session_key, session_id)
+    return {"session_id": session_id, "api_key": key}
+
+
+@router.get("/sessions/{session_id}/calls")
+async def session_calls(session_id: str, request: Request) -> dict[str, Any]:
+    """The calls recorded for the session and its sub-sessions so far (``CallStats``)."""
+    gateway = _check_admin(request)
+    check_session_id(session_id, "the path")
+    stats = await asyncio.to_thread(gateway.ledger.call_stats, session_id)
+    return {"session_id": session_id, **asdict(stats)}

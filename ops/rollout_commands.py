@@ -4,9 +4,12 @@
     arborl rollout --dataset builtin --split train --scaffold builtin:3,opencode:1 --groups 20
 
 Both serve the policy from a gateway in this process (recording into the run folder's store, on
-``--port`` or a free loopback port) unless ``--gateway URL`` names a running one; then
-``--run-dir`` must be that gateway's run folder, so the rollouts' calls and the ledger land in
-the same store. Both show progress, and both resume: run the same command again and only the
+``--port`` or a free loopback port) unless ``--gateway URL`` names a running one. Then the
+rollouts' session keys and call counts come from the gateway's admin API (``--admin-token``),
+and groups and rewards go to the run's store, where the gateway records the calls: its run
+folder on the same machine, or ``--store postgresql://...`` from any machine.
+
+Both show progress, and both resume: run the same command again and only the
 rollouts that did not finish run.
 
 They load only what the scaffolds need: the model-free ``oracle`` and ``nop`` get no gateway and
@@ -45,7 +48,10 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, help="the run folder (store, logs, report)")
     parser.add_argument("--store", help="the run's store: postgresql://user@host:port/db (default: the run "
                         "folder's store.sqlite)")
-    parser.add_argument("--gateway", help="a running gateway's root URL (default: serve one in this process)")
+    parser.add_argument("--gateway", help="a running gateway's root URL (default: serve one in this process); "
+                        "its admin API issues the rollouts' session keys and counts their calls")
+    parser.add_argument("--admin-token", help="the --gateway's admin key (default: ARBORL_ADMIN_TOKEN or "
+                        "gateway.admin_token)")
     parser.add_argument("--port", type=int, help="the port of the gateway served in this process (default: a free "
                                                  "one)")
     parser.add_argument("--config", help="YAML or TOML configuration file (engine and rollout sections)")
@@ -152,6 +158,7 @@ class Session:
     engine: Any  # the in-process engine, or None for an external gateway (or none at all)
     load_tokenizer: Callable[[], Any]  # the served model's tokenizer, or None; called when one is needed
     policy_version: int | None = None  # what the gateway serves, as it says (None: it did not say)
+    sessions: Any = None  # how session keys and call counts are asked for (None: the store, in process)
     _tokenizer: Any = field(default=None, init=False, repr=False)
     _loaded: bool = field(default=False, init=False, repr=False)
 
@@ -173,7 +180,8 @@ def uses_model(scaffolds: dict[str, float]) -> bool:
 
 @contextlib.contextmanager
 def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool = True,
-             port: int | None = None) -> Iterator[Session]:
+             port: int | None = None, admin_token: str | None = None) -> Iterator[Session]:
+    from arborl.rollout.gateway_sessions import GatewaySessionError, GatewaySessions
     from arborl.rollout.store import STORE_FILE_NAME, RunLedger
 
     from .connect import served_model
@@ -204,15 +212,27 @@ def _session(config: ArborlConfig, gateway_url: str | None, *, needs_model: bool
     if not config.store.url and not store_path.is_file():
         raise SystemExit(f"arborl: with --gateway, give the gateway's store (--store URL) or its run folder "
                          f"(--run-dir; no {store_path})")
+    admin_key = admin_token or os.environ.get("ARBORL_ADMIN_TOKEN") or config.gateway.admin_token
+    if not admin_key:
+        raise SystemExit("arborl: with --gateway, give the gateway's admin key (--admin-token, ARBORL_ADMIN_TOKEN "
+                         "or gateway.admin_token): its admin API issues the rollouts' session keys")
     model = served_model(gateway_url, config.gateway.api_keys[0] if config.gateway.api_keys else "arborl")
     if model is None:
         raise SystemExit(f"arborl: no gateway answers at {gateway_url}")
     run_dir.mkdir(parents=True, exist_ok=True)
     store = open_run_store(config, run_dir)
+    sessions = GatewaySessions(gateway_url, admin_key)
+    try:
+        sessions.check()
+    except GatewaySessionError as exc:
+        sessions.close()
+        store.close()
+        raise SystemExit(f"arborl: {exc}") from None
     try:
         yield Session(gateway_url.rstrip("/"), model, store, RunLedger(store), None, lambda: _run_tokenizer(run_dir),
-                      served_version(gateway_url))
+                      served_version(gateway_url), sessions)
     finally:
+        sessions.close()
         store.close()
 
 
@@ -305,7 +325,8 @@ def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[R
 
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
     orchestrator = Orchestrator(session.ledger, config.run_dir, session.url, session.model, settings=config.rollout,
-                                on_result=on_result, metrics=metrics, policy_version=session.policy_version)
+                                on_result=on_result, metrics=metrics, policy_version=session.policy_version,
+                                sessions=session.sessions)
     return orchestrator
 
 
@@ -324,7 +345,8 @@ def eval_command(args: argparse.Namespace) -> None:
     report_problems(unrunnable, strict=args.strict)
     progress = ProgressLine(len(plans) * args.k, f"eval {args.dataset}")
     interrupted = False
-    with _session(config, args.gateway, needs_model=uses_model(scaffolds), port=args.port) as session:
+    with _session(config, args.gateway, needs_model=uses_model(scaffolds), port=args.port,
+                  admin_token=args.admin_token) as session:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)
@@ -422,7 +444,8 @@ def rollout_command(args: argparse.Namespace) -> None:
     progress = ProgressLine(total, f"rollouts {args.dataset}")
     # a synchronous run waits on the gateway for each new version, whatever its scaffolds
     needs_gateway = uses_model(scaffolds) or config.rollout.synchronous
-    with _session(config, args.gateway, needs_model=needs_gateway, port=args.port) as session:
+    with _session(config, args.gateway, needs_model=needs_gateway, port=args.port,
+                  admin_token=args.admin_token) as session:
         orchestrator = _orchestrator(config, session, progress, args.metrics_port)
         try:
             orchestrator.preflight(tasks)

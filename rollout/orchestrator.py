@@ -63,6 +63,7 @@ from .agent_runs import (
     run_scaffold,
     scaffold_version,
 )
+from .gateway_sessions import RolloutSessions, StoreSessions
 from .metrics import RolloutMetrics
 from .results import STOPPED, RolloutResult, Status, Timings
 from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
@@ -174,9 +175,13 @@ class Orchestrator:
         on_result: Callable[[RolloutResult, bool], None] | None = None,
         metrics: RolloutMetrics | None = None,
         policy_version: int | str | None = None,
+        sessions: RolloutSessions | None = None,
     ):
+        """``sessions``: how to ask the gateway for session keys and call counts; by default its
+        store (a gateway in this process), ``GatewaySessions`` for one elsewhere (over HTTP)."""
         self.ledger = ledger
-        self.store = ledger.store
+        self.store = ledger.store  # the run's store: the rollouts' tries, for their pages
+        self.sessions = sessions or StoreSessions(ledger)
         self.run_dir = Path(run_dir)
         self.gateway_url = gateway_url
         self.model = model
@@ -404,16 +409,16 @@ class Orchestrator:
             try:
                 setup_s = time.monotonic() - started
                 agent_started = time.monotonic()
-                api_key = self.store.issue_session_key(session)
+                api_key = self.sessions.issue_session_key(session)
                 target = GatewayTarget(self.gateway_url, api_key, self.model, session_id=session)
                 outcome = run_scaffold(job.scaffold, task, AgentContext(
                     sandbox=sandbox, target=target, settings=settings, env=self.env,
                     deadline=agent_started + self._agent_timeout(task),
-                    calls_made=lambda: self.ledger.call_stats(session).calls,
+                    calls_made=lambda: self.sessions.call_stats(session).calls,
                     log=log_file, should_stop=self.stop.is_set,
                 ))
                 agent_s = time.monotonic() - agent_started
-                stats = self.ledger.call_stats(session)
+                stats = self.sessions.call_stats(session)
                 self._check_agent(job, outcome, stats.calls + stats.refused)
                 verify_started = time.monotonic()
                 try:
@@ -431,7 +436,7 @@ class Orchestrator:
             teardown_s = time.monotonic() - teardown_started
         # Read again for the figures: a call the agent cut off is recorded once the gateway has seen
         # the connection close, which may come after the agent phase; its time and tokens count.
-        stats = self.ledger.call_stats(session)
+        stats = self.sessions.call_stats(session)
         # tools_s: the builtin agent measures its commands; a CLI's own time is what the model did not take
         tools_s = outcome.tools_s if job.scaffold == "builtin" else max(0.0, agent_s - stats.model_s)
         timings = Timings(total_s=time.monotonic() - started, setup_s=setup_s, agent_s=agent_s,

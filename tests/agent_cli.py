@@ -49,6 +49,9 @@ class ScriptedGateway:
     home: Path  # the agent's HOME, where its adapter's files go
 
 
+SCRIPTED_ADMIN_TOKEN = "scripted-gateway-admin"  # rollouts against it (--gateway) ask its admin API
+
+
 @contextlib.contextmanager
 def scripted_gateway(model_dir: Path, tmp_path: Path, script: Script, *, first_token_delay_s: float = 0.0,
                      stream_keepalive_s: float = 5.0) -> Iterator[ScriptedGateway]:
@@ -61,7 +64,8 @@ def scripted_gateway(model_dir: Path, tmp_path: Path, script: Script, *, first_t
     work, home = tmp_path / "work", tmp_path / "home"
     for folder in (work, home):
         folder.mkdir()
-    settings = GatewaySettings(tool_parser="hermes", stream_keepalive_s=stream_keepalive_s)
+    settings = GatewaySettings(tool_parser="hermes", stream_keepalive_s=stream_keepalive_s,
+                               admin_token=SCRIPTED_ADMIN_TOKEN)
     app = RecordHeaders(create_app(engine, store, settings))
     with ServerThread(app, settings=settings) as url:
         yield ScriptedGateway(url, store, app, work, home)

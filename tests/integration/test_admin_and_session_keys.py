@@ -60,6 +60,8 @@ def test_a_session_key_records_only_into_its_own_session(admin_gateway: LiveGate
     ("POST", "/admin/rollback", {"version": "x"}),
     ("POST", "/admin/serving/pause", {"timeout_s": -1}),
     ("GET", "/admin/actions?last=banana", None),
+    ("POST", "/admin/sessions/a..b/key", None),
+    ("GET", "/admin/sessions/rollout-1/calls", None),
     ("POST", "/v1/feedback", {"session_id": 5, "reward": "high"}),
     ("POST", "/v1/feedback", b"not json"),
 ])
@@ -74,6 +76,21 @@ def test_admin_routes_check_the_key_before_the_body(admin_gateway: LiveGateway, 
 def test_empty_credentials_are_not_an_admin_key(admin_gateway: LiveGateway):
     for headers in ({}, {"authorization": "Bearer"}, {"x-api-key": ""}, {"authorization": "Bearer admin"}):
         assert httpx.get(admin_gateway.url + "/admin/policy", headers=headers).status_code == 401, headers
+
+
+def test_a_rollout_worker_gets_session_keys_and_call_counts_over_the_admin_api(admin_gateway: LiveGateway):
+    live = admin_gateway
+    issued = httpx.post(live.url + "/admin/sessions/rollout-7/key", headers=AUTH, timeout=30)
+    assert issued.status_code == 200 and issued.json()["session_id"] == "rollout-7"
+    key = {"authorization": f"Bearer {issued.json()['api_key']}"}
+    assert httpx.post(live.v1 + "/chat/completions", json=CHAT, headers=key, timeout=60).status_code == 200
+    assert httpx.post(live.v1 + "/chat/completions", json=CHAT, headers=key, timeout=60).status_code == 200
+    counted = httpx.get(live.url + "/admin/sessions/rollout-7/calls", headers=AUTH, timeout=30).json()
+    assert counted["calls"] == 2 and counted["prompt_tokens"] > 0 and counted["refused"] == 0
+    assert httpx.get(live.url + "/admin/sessions/nobody/calls", headers=AUTH, timeout=30).json()["calls"] == 0
+    for path in ("/admin/sessions/a..b/key", "/admin/sessions/" + "x" * 129 + "/key"):
+        refused = httpx.post(live.url + path, headers=AUTH, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "session", refused.text
 
 
 def _checkpoint(model_dir: Path, folder: Path) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_cli import scripted_gateway
+from agent_cli import SCRIPTED_ADMIN_TOKEN, scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.ops.cli import main
 from arborl.ops.eval_report import load_results
@@ -103,7 +103,7 @@ def test_eval_against_a_running_gateway_grades_a_swebench_partial(kind, tiny_mod
     jsonl = swebench_jsonl(run_root / "data")
     with scripted_gateway(tiny_model_dir, run_root, fix_add_only) as gateway:
         main(["eval", "--dataset", str(jsonl), "--scaffold", "builtin,oracle,nop", "--gateway", gateway.url,
-              "--run-dir", str(run_root / "run"), "--sandbox", kind])
+              "--admin-token", SCRIPTED_ADMIN_TOKEN, "--run-dir", str(run_root / "run"), "--sandbox", kind])
         gateway.store.close()
     results = {r.scaffold: r for r in load_results(run_root / "run" / "eval" / "results.json")}
     assert (results["builtin"].reward, results["builtin"].resolution) == (0.5, Resolution.PARTIAL.value)
@@ -329,7 +329,7 @@ def test_model_free_scaffolds_load_no_model_and_no_tokenizer(tiny_model_dir, run
         run = run_root / "gw" / "run"
         (run / "run.json").write_text(json.dumps({"model_dir": str(tiny_model_dir), "model": "tiny"}))
         out = eval_in_a_process("--dataset", dataset, "--scaffold", "oracle,nop", "--gateway", gateway.url,
-                                "--run-dir", str(run))
+                                "--admin-token", SCRIPTED_ADMIN_TOKEN, "--run-dir", str(run))
         gateway.store.close()
     assert "HEAVY []" in out
     assert len(load_results(run / "eval" / "results.json")) == 4

@@ -4,6 +4,7 @@ third process on another machine would. Bad store URLs are refused with a messag
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import openai
@@ -51,3 +52,49 @@ def test_bad_store_urls_are_refused_plainly(run_root):
     assert "hunter2" not in str(caught.value)  # never the password
     with pytest.raises(SystemExit, match="a store URL starts with postgresql://"):
         main(["trie", "list", "--run-dir", str(run_root), "--store", "sqlite:///tmp/x"])
+
+
+ADMIN_KEY = "pg-run-admin-key-0123456789"
+
+
+def test_rollouts_against_a_gateway_elsewhere_need_only_its_url_its_admin_key_and_the_database(
+        postgres_dsn, tiny_model_dir, run_root, capsys):
+    """A rollout worker with its own run folder: session keys and call counts come over the gateway's
+    admin API, groups and rewards go to the shared database; no file of the gateway's is read."""
+    from task_fixtures import write_harbor_task
+
+    write_harbor_task(run_root / "tasks" / "greet-txt")
+    config = load_config(None, {"engine": {"model": str(tiny_model_dir)}, "store": {"url": postgres_dsn},
+                                "gateway": {"admin_token": ADMIN_KEY}})
+    gateway = start_local_gateway(config, run_root / "gateway-run")
+    worker = run_root / "worker-run"
+    argv = ["rollout", "--dataset", str(run_root / "tasks"), "--scaffold", "builtin", "--group-size", "2",
+            "--groups", "1", "--max-turns", "2", "--gateway", gateway.url, "--store", postgres_dsn,
+            "--run-dir", str(worker)]
+    try:
+        with pytest.raises(SystemExit, match="give the gateway's admin key"):
+            main(argv)
+        with pytest.raises(SystemExit, match="refused GET /admin/policy: 401"):
+            main([*argv, "--admin-token", "not-the-admin-key-at-all"])
+        main([*argv, "--admin-token", ADMIN_KEY])
+        assert "1 complete groups wait for the learner" in capsys.readouterr().out
+    finally:
+        gateway.stop()
+        gateway.store.close()
+    assert not (worker / "store.sqlite").exists()
+    with open_read_model(run_root / "third", store_url=postgres_dsn) as model:
+        assert model.exists()
+    from arborl.rollout.store import PostgresTrajectoryStore
+
+    store = PostgresTrajectoryStore(postgres_dsn)
+    try:
+        ledger = RunLedger(store)
+        (group,) = ledger.pending_groups()
+        rollouts = ledger.rollouts(group.id)
+        assert len(rollouts) == 2 and all(r.reward is not None for r in rollouts)
+        for rollout in rollouts:  # the gateway recorded each rollout's calls, counted over HTTP
+            calls = store.calls(rollout.session_id)
+            assert 1 <= len(calls) <= 2
+            assert json.loads(rollout.outcome)["turns"] == len(calls)
+    finally:
+        store.close()
