@@ -242,7 +242,7 @@ class PostgresTrajectoryStore(TrajectoryStore):
     """One run's store in a PostgreSQL database (``dsn``: ``postgresql://user@host:port/db``)."""
 
     def __init__(self, dsn: str, *, cached_tries: int = 256, connect_timeout_s: float = 10.0,
-                 unavailable_after_s: float = 2.0):
+                 unavailable_after_s: float = 2.0, commit_batch: int = 64):
         """``connect_timeout_s``: how long opening waits for the database (a wrong DSN fails then);
         ``unavailable_after_s``: how long a statement waits for a connection once the database
         went away before it raises ``StoreUnavailable`` (a gateway answers 503 meanwhile)."""
@@ -262,7 +262,7 @@ class PostgresTrajectoryStore(TrajectoryStore):
         db = _Connection(pool, location_of(dsn), wait_s=unavailable_after_s)
         try:
             _prepare(db, location_of(dsn))
-            super().__init__(db, cached_tries=cached_tries)
+            super().__init__(db, cached_tries=cached_tries, commit_batch=commit_batch)
         except BaseException:
             db.close()
             raise

@@ -151,7 +151,8 @@ class SqliteTrajectoryStore(TrajectoryStore):
 
     BEGIN = "BEGIN IMMEDIATE"  # take the write lock now, not at the first write (no deadlock on upgrade)
 
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", cached_tries: int = 256):
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", cached_tries: int = 256,
+                 commit_batch: int = 64):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -159,7 +160,7 @@ class SqliteTrajectoryStore(TrajectoryStore):
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.executescript(SCHEMA)
         _migrate(db, self.path)
-        super().__init__(db, cached_tries=cached_tries)
+        super().__init__(db, cached_tries=cached_tries, commit_batch=commit_batch)
 
     @property
     def location(self) -> str:

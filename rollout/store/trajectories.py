@@ -100,8 +100,9 @@ class TrajectoryStore(abc.ABC):
     opens the connection, keeps the schema and says where node ids come from.
     """
 
-    def __init__(self, db: Any, *, cached_tries: int = 256):
-        """``db``: an open connection in autocommit mode, its schema current (the subclass's job)."""
+    def __init__(self, db: Any, *, cached_tries: int = 256, commit_batch: int = 64):
+        """``db``: an open connection in autocommit mode, its schema current (the subclass's job);
+        ``commit_batch``: the most calls one transaction commits together (1: one commit per call)."""
         self._db = db
         self._lock = threading.RLock()
         # Tries of recently active sessions, kept in memory (about 40 bytes a token); the rest
@@ -116,7 +117,7 @@ class TrajectoryStore(abc.ABC):
         self.total_tokens = token_bytes // 4
         self._node_ids = self._node_id_source(max_id)
         self._commits: GroupCommitter[CallRecord, InsertResult] = GroupCommitter(
-            self._record_batch, fatal=(StoreUnavailable,))
+            self._record_batch, max_batch=commit_batch, fatal=(StoreUnavailable,))
 
     @property
     @abc.abstractmethod
@@ -278,6 +279,12 @@ class TrajectoryStore(abc.ABC):
         ):
             raise ValueError("completion ids, logprobs and versions must have the same length")
         return self._commits.submit(call)
+
+    @property
+    def record_transactions(self) -> tuple[int, int]:
+        """(transactions, calls) ``record_call`` committed so far: calls per transaction above 1
+        is group commit at work."""
+        return self._commits.batches, self._commits.items
 
     def _record_batch(self, calls: list[CallRecord]) -> list[InsertResult]:
         """One transaction for ``calls``, in order; then what memory keeps about them."""
