@@ -25,7 +25,7 @@ from .engines.base import Engine, EngineError, Finished, PromptTooLong, SampledT
 from .errors import ContextLengthExceeded, EngineUnavailable, Overloaded
 from .metrics import GatewayMetrics
 from .reasoning import ReasoningStreamer, reasoning_token_count
-from .rendering import ChatMessage, ChatRenderer, RenderedPrompt
+from .rendering import ChatMessage, ChatRenderer, ConversationPrompt, RenderedPrompt
 from .request_log import note_call
 from .sessions import SessionIdentity
 from .stitching import PromptPlan, Stitcher
@@ -130,22 +130,18 @@ class CompletionService:
 
     def _render_and_stitch(self, request: CompletionRequest) -> tuple[RenderedPrompt, PromptPlan]:
         self.store.ensure_session(request.session.id, identified_by=request.session.identified_by)
-        rendered = self.renderer.render(
-            request.messages, request.tools, tool_choice=request.tool_choice, enable_thinking=request.enable_thinking
-        )
+        prompt = ConversationPrompt(self.renderer, request.messages, request.tools, tool_choice=request.tool_choice,
+                                    enable_thinking=request.enable_thinking)
         context = self.engine.context_length
-        fewest = self.renderer.fewest_tokens(rendered.text)
-        if fewest >= context:  # far too long to be worth tokenising: it cannot fit, whatever it says
+        try:  # far too long to be worth tokenising is refused unread: it cannot fit, whatever it says
+            plan = self.stitcher.plan(request.session.id, prompt, context_length=context)
+        except ContextLengthExceeded:
             self.store.record_refusal(request.session.id, "context_length")
-            raise ContextLengthExceeded(fewest, context, at_least=True)
-        plan = self.stitcher.plan(
-            request.session.id, request.messages, rendered.text, tools=request.tools,
-            enable_thinking=request.enable_thinking,
-        )
+            raise
         if len(plan.prompt_ids) >= context:
             self.store.record_refusal(request.session.id, "context_length")
             raise ContextLengthExceeded(len(plan.prompt_ids), context)
-        return rendered, plan
+        return prompt.ending, plan
 
     async def stream(self, prepared: PreparedPrompt, *, want_logprobs: bool = False) -> AsyncIterator[CompletionEvent]:
         request, plan = prepared.request, prepared.plan

@@ -17,7 +17,7 @@ Normalised messages (plain dicts, JSON-serialisable, stored with every call):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -57,6 +57,22 @@ _FORCED_CALL_REST = {
 }
 
 _SENTINEL = "\x00arborl-turn-end\x00"
+
+# Conversations the template is probed with (``ChatRenderer.composes``): tools, tool calls, tool
+# results in a row, reasoning in an earlier turn, with and without a system message.
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "run", "description": "Run a command",
+                                                   "parameters": {"type": "object",
+                                                                  "properties": {"cmd": {"type": "string"}}}}}]
+_PROBES: list[list[ChatMessage]] = [
+    [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Fix it."},
+     {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "run", "arguments": '{"cmd": "ls"}'},
+                                                         {"id": "c2", "name": "run", "arguments": '{"cmd": "pwd"}'}]},
+     {"role": "tool", "content": "a.py", "tool_call_id": "c1"}, {"role": "tool", "content": "/w", "tool_call_id": "c2"},
+     {"role": "assistant", "content": "Done.", "reasoning": "It was fixed."}, {"role": "user", "content": "Thanks."},
+     {"role": "assistant", "content": "Welcome."}, {"role": "user", "content": "Bye."}],
+    [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello.", "reasoning": "Greet."},
+     {"role": "user", "content": "Again."}],
+]
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,47 @@ class ChatRenderer:
             forced_call = self._forced_call(tool_choice, tools) if forced else None
         starts_in_reasoning = add_generation_prompt and text.rstrip().endswith("<think>")
         return RenderedPrompt(text + forced, forced, starts_in_reasoning, forced_call)
+
+    @cached_property
+    def composes(self) -> bool:
+        """Whether the template writes a conversation as its messages' texts one after another,
+        so that what follows an assistant reply renders from the messages after it alone
+        (ChatML-like templates do; Qwen3's, which drops the reasoning of earlier turns, does not).
+        Probed once, on conversations with tools, tool calls, tool results and reasoning, split
+        after each assistant message."""
+        try:
+            for tools in (None, _PROBE_TOOLS):
+                for conversation in _PROBES:
+                    whole = self.render(conversation, tools).text
+                    for k in range(1, len(conversation)):
+                        if conversation[k - 1]["role"] != "assistant":
+                            continue
+                        head = self.render(conversation[:k], tools, add_generation_prompt=False).text
+                        tail = self.render_after(conversation[0], conversation[k:], tools)
+                        if tail is None or head + tail.text != whole:
+                            return False
+        except Exception:  # noqa: BLE001 - a template that cannot render the probes: render whole
+            return False
+        return True
+
+    def render_after(
+        self,
+        first: ChatMessage,
+        after: list[ChatMessage],
+        tools: list[dict[str, Any]] | None = None,
+        *,
+        tool_choice: str | dict[str, Any] | None = None,
+        enable_thinking: bool | None = None,
+    ) -> RenderedPrompt | None:
+        """What the template writes for ``after`` (and the generation prompt) in a conversation
+        that starts with ``first``: the end of any such conversation when ``composes``. None if the
+        template does not write ``first`` alone as the start of ``first`` and ``after``."""
+        head = self.render([first], tools, add_generation_prompt=False, tool_choice=tool_choice,
+                           enable_thinking=enable_thinking).text
+        whole = self.render([first, *after], tools, tool_choice=tool_choice, enable_thinking=enable_thinking)
+        if not whole.text.startswith(head):
+            return None
+        return replace(whole, text=whole.text[len(head):])
 
     @cached_property
     def turn_suffix(self) -> str:
@@ -230,3 +287,50 @@ def _arguments_object(call: dict[str, Any]) -> dict[str, Any] | str:
     except (TypeError, ValueError):
         return arguments
     return value if isinstance(value, dict) else arguments
+
+
+class ConversationPrompt:
+    """One request's prompt, rendered no further than needed: a call late in a long session
+    renders what it added, not the whole conversation again (DESIGN section 11).
+
+    ``whole``: the conversation rendered (what a fresh tokenisation encodes), on first use.
+    ``after(k)``: the text the template writes after ``messages[:k + 1]`` (an earlier reply the
+    session's trie holds), generation prompt included; None when the template does not write the
+    conversation as an extension of that reply ending with ``turn_suffix`` (stitching then
+    tokenises afresh). When the template composes (``ChatRenderer.composes``) it is rendered from
+    the messages after the reply alone; otherwise it is cut from ``whole``.
+    ``ending``: the prompt's last render, which knows the forced prefix and call and whether the
+    prompt opens the model's reasoning (these depend only on the prompt's end).
+    """
+
+    def __init__(self, renderer: ChatRenderer, messages: list[ChatMessage], tools: list[dict[str, Any]] | None,
+                 *, tool_choice: str | dict[str, Any] | None = None, enable_thinking: bool | None = None):
+        self.renderer, self.messages, self.tools = renderer, messages, tools
+        self._options: dict[str, Any] = {"tool_choice": tool_choice, "enable_thinking": enable_thinking}
+        self._tail: RenderedPrompt | None = None
+
+    @cached_property
+    def whole(self) -> RenderedPrompt:
+        return self.renderer.render(self.messages, self.tools, **self._options)
+
+    @property
+    def ending(self) -> RenderedPrompt:
+        return self._tail if self._tail is not None and "whole" not in self.__dict__ else self.whole
+
+    def after(self, k: int) -> str | None:
+        renderer, through, suffix = self.renderer, self.messages[: k + 1], self.renderer.turn_suffix
+        enable_thinking = self._options["enable_thinking"]
+        if renderer.composes:
+            # the reply's own text, as the template writes it after the conversation's first message
+            reply = renderer.render(through[:1] + through[1:][-1:], self.tools, add_generation_prompt=False,
+                                    enable_thinking=enable_thinking).text
+            tail = renderer.render_after(through[0], self.messages[k + 1 :], self.tools, **self._options)
+            if tail is None or not reply.endswith(suffix):
+                return None
+            self._tail = tail
+            return tail.text
+        rendered = renderer.render(through, self.tools, add_generation_prompt=False,
+                                   enable_thinking=enable_thinking).text
+        if not self.whole.text.startswith(rendered) or not rendered.endswith(suffix):
+            return None
+        return self.whole.text[len(rendered):]

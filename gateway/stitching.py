@@ -41,7 +41,9 @@ from typing import Any
 from arborl.rollout.records import CallRecord, StoredCall
 from arborl.rollout.store import TrajectoryStore
 
-from .rendering import ChatMessage, ChatRenderer
+from .errors import ContextLengthExceeded
+from .json_nesting import nesting_exceeds
+from .rendering import ChatMessage, ChatRenderer, ConversationPrompt
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def _canonical_message(message: ChatMessage, *, ignore_reasoning: bool = False) 
 
 def _canonical_arguments(arguments: Any) -> str:
     if isinstance(arguments, str):
+        if nesting_exceeds(arguments):  # compared as text; rendering refuses it with a 400
+            return arguments
         try:
             arguments = json.loads(arguments)
         except ValueError:
@@ -135,21 +139,16 @@ class Stitcher:
         self._max_sessions = sessions
         self._lock = threading.Lock()  # plans run in worker threads
 
-    def plan(
-        self,
-        session_id: str,
-        messages: list[ChatMessage],
-        prompt_text: str,
-        *,
-        tools: list[dict[str, Any]] | None = None,
-        enable_thinking: bool | None = None,
-    ) -> PromptPlan:
-        """The prompt ids for ``messages`` (rendered as ``prompt_text``) in this session."""
+    def plan(self, session_id: str, prompt: ConversationPrompt, *, context_length: int | None = None) -> PromptPlan:
+        """The prompt ids for ``prompt``'s messages in this session. A prompt that cannot fit in
+        ``context_length`` tokens, whatever its text encodes to, is refused before it is tokenised
+        (``ContextLengthExceeded``)."""
+        messages = prompt.messages
         canonical = [_canonical_message(m) for m in messages]
         hashes = _prefix_hashes(canonical)
         session = self._session(session_id)
         if not session.turns:
-            return PromptPlan(self.renderer.encode(prompt_text), conversation_hash=hashes[-1])
+            return PromptPlan(self._encode(prompt.whole.text, 0, context_length), conversation_hash=hashes[-1])
         reason = "history_edited"
         # The longest earlier call whose messages this conversation repeats but whose reply it
         # changes (OpenCode rewrites a call to an unknown tool, say), and why it differs.
@@ -161,21 +160,28 @@ class Stitcher:
                     reason = "reasoning_dropped"
                 diverged = diverged or (turn, reason)
                 continue
-            plan = self._extend(session_id, turn, messages[: k + 1], prompt_text, tools, enable_thinking)
+            plan = self._extend(session_id, turn, prompt, context_length)
             if plan is not None:
                 plan = replace(plan, conversation_hash=hashes[-1])
                 if diverged is not None and diverged[0].messages > k:
                     # Stitched onto an earlier turn, the changed later reply tokenised afresh:
                     # unless that reproduces its sampled ids, the prompt leaves that call's path.
-                    prompt, completion = self._tokens(session_id, diverged[0])
-                    if plan.prompt_ids[: len(prompt) + len(completion)] != prompt + completion:
+                    earlier, completion = self._tokens(session_id, diverged[0])
+                    if plan.prompt_ids[: len(earlier) + len(completion)] != earlier + completion:
                         plan = replace(plan, branch_reason=diverged[1])
                 return plan
             reason = "template_unstable"
             break
-        ids = self.renderer.encode(prompt_text)
+        ids = self._encode(prompt.whole.text, 0, context_length)
         return PromptPlan(ids, branch_reason=self._classify(session_id, session.turns, ids, reason),
                           conversation_hash=hashes[-1])
+
+    def _encode(self, text: str, reused: int, context_length: int | None) -> list[int]:
+        """``text``'s ids, to follow ``reused`` ids; refused unread if they cannot fit the context."""
+        fewest = reused + self.renderer.fewest_tokens(text)
+        if context_length is not None and fewest >= context_length:
+            raise ContextLengthExceeded(fewest, context_length, at_least=True)
+        return self.renderer.encode(text)
 
     def remember(self, call: CallRecord, plan: PromptPlan) -> None:
         """``call`` (planned as ``plan``) is recorded: a later call of its session may extend it."""
@@ -223,27 +229,22 @@ class Stitcher:
         path = self.store.trie(session_id, seen_seq=turn.seq).path(turn.node_id)
         return path[: turn.prompt_len], path[turn.prompt_len :]
 
-    def _extend(
-        self, session_id: str, turn: ServedTurn, through_reply: list[ChatMessage], prompt_text: str, tools,
-        enable_thinking,
-    ) -> PromptPlan | None:
+    def _extend(self, session_id: str, turn: ServedTurn, prompt: ConversationPrompt,
+                context_length: int | None) -> PromptPlan | None:
         """Ids of ``turn``'s path followed by the template text after its reply, if consistent."""
-        rendered = self.renderer.render(
-            through_reply, tools, add_generation_prompt=False, enable_thinking=enable_thinking
-        ).text
-        suffix = self.renderer.turn_suffix
-        if not prompt_text.startswith(rendered) or not rendered.endswith(suffix):
+        after = prompt.after(turn.messages)
+        if after is None:
             return None
         prompt_ids, completion_ids = self._tokens(session_id, turn)
-        tail = suffix
+        suffix = tail = self.renderer.turn_suffix
         if completion_ids and turn.finish_reason == "stop":
             # The sampled turn-end token (e.g. <|im_end|>) already covers the start of the suffix.
             last = self.renderer.tokenizer.decode([completion_ids[-1]])
             if last and suffix.startswith(last):
                 tail = suffix[len(last) :]
-        continuation = tail + prompt_text[len(rendered) :]
         reused = prompt_ids + completion_ids
-        return PromptPlan(reused + self.renderer.encode(continuation), turn.call_id, None, len(reused))
+        continuation = self._encode(tail + after, len(reused), context_length)
+        return PromptPlan(reused + continuation, turn.call_id, None, len(reused))
 
     def _classify(self, session_id: str, turns: list[ServedTurn], ids: list[int], reason: str) -> str | None:
         """None when fresh tokenisation still extends (or repeats) an earlier call; else why it broke."""
