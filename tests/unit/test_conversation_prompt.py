@@ -17,8 +17,8 @@ import pytest
 from arborl.gateway.rendering import ChatRenderer, ConversationPrompt
 from arborl.gateway.tool_parsers import get_parser
 
-TOOLS = [{"type": "function", "function": {"name": "bash", "description": "Run a shell command",
-                                           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}}]
+PARAMETERS = {"type": "object", "properties": {"cmd": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "bash", "description": "Run a shell command", "parameters": PARAMETERS}}]
 
 # Qwen3's habit, in a few lines: an assistant turn's reasoning is written only after the last user message.
 DROPS_EARLIER_REASONING = """{%- set ns = namespace(last_user=0) -%}
