@@ -18,7 +18,7 @@ from arborl.gateway.rendering import ChatRenderer, ConversationPrompt
 from arborl.gateway.tool_parsers import get_parser
 
 PARAMETERS = {"type": "object", "properties": {"cmd": {"type": "string"}}}
-TOOLS = [{"type": "function", "function": {"name": "bash", "description": "Run a shell command", "parameters": PARAMETERS}}]
+TOOLS = [{"type": "function", "function": {"name": "bash", "description": "Run a command", "parameters": PARAMETERS}}]
 
 # Qwen3's habit, in a few lines: an assistant turn's reasoning is written only after the last user message.
 DROPS_EARLIER_REASONING = """{%- set ns = namespace(last_user=0) -%}
