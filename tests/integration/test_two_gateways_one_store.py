@@ -20,9 +20,7 @@ session key, with or without the ``/s/{session}`` path). Then:
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +31,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from gateway_processes import gateway_env as _env
+from gateway_processes import gateway_log as _log
+from gateway_processes import serve_gateway as _serve
+from gateway_processes import stop_gateway as _stop
+from gateway_processes import wait_until_ready as _wait_ready
 
 from arborl.learner.group_data import load_group
 from arborl.rollout.store import RunLedger, open_read_model, open_store
@@ -48,56 +51,6 @@ PROMPTS = [
 ]
 FOLLOW_UPS = ["Go on.", "Why?", "Say it differently."]
 MAX_TOKENS = 8
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "ARBORL_SUPERVISOR_PID" and not k.startswith("ARBORL_")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _serve(model_dir: Path, run_dir: Path, dsn: str, port: int) -> subprocess.Popen:
-    run_dir.mkdir(parents=True)
-    log = open(run_dir / "gateway.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "arborl.ops.cli", "serve", "--model", str(model_dir), "--served-name", "tiny",
-         "--device", "cpu", "--port", str(port), "--run-dir", str(run_dir), "--store", dsn],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
-    )
-
-
-def _log(run_dir: Path) -> str:
-    path = run_dir / "gateway.log"
-    return path.read_text()[-3000:] if path.is_file() else ""
-
-
-def _wait_ready(processes: list[subprocess.Popen], urls: list[str], run_dirs: list[Path]) -> None:
-    deadline = time.monotonic() + 120
-    waiting = set(range(len(urls)))
-    while waiting:
-        for i in sorted(waiting):
-            assert processes[i].poll() is None, f"gateway {i} exited during start-up:\n{_log(run_dirs[i])}"
-            try:
-                if httpx.get(urls[i] + "/readyz", timeout=1).status_code == 200:
-                    waiting.discard(i)
-            except httpx.TransportError:
-                pass
-        assert time.monotonic() < deadline, f"gateways {sorted(waiting)} not ready:\n" + "\n".join(
-            _log(run_dirs[i]) for i in waiting)
-        time.sleep(0.2)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=15)
 
 
 def _metric(url: str, name: str) -> float:
