@@ -10,6 +10,7 @@
     arborl ops ACTION              pause/resume training or serving, roll back, promote, set lr, audit log
     arborl connect SCAFFOLD        how to point claude-code, codex, opencode or cline at the gateway
     arborl report RUN              RUN/report.html: reward, pass rates, entropy, mismatch, throughput charts
+    arborl store migrate SRC DST   copy a run's store (SQLite file or PostgreSQL) into an empty other, ids kept
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from .config import SERVE_DEFAULTS, UP_DEFAULTS, ArborlConfig, ConfigError, load_config
 from .ops_command import add_ops_flags, ops_command
 from .rollout_commands import add_rollout_flags, eval_command, rollout_command
+from .store_command import add_store_flags, store_command
 
 log = logging.getLogger("arborl")
 
@@ -362,6 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run_dir_flag(report)
     store_flag(report)
     report.add_argument("run", type=Path, nargs="?", help=argparse.SUPPRESS)  # the older spelling: arborl report RUN
+    add_store_flags(commands.add_parser("store", help="copy a run's store into another database"))
     return parser.parse_args(argv)
 
 
@@ -396,6 +399,8 @@ def _run_command(args: argparse.Namespace) -> None:
         rollout_command(args)
     elif args.command == "ops":
         ops_command(args)
+    elif args.command == "store":
+        store_command(args)
     elif args.command == "report":
         from .run_report import write_run_report
 

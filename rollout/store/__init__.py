@@ -7,6 +7,7 @@
 - ``ledger`` (groups, rollouts, feedback, training steps) and ``controls`` (operator controls and
   the audit log) keep their tables in the same database, through the trajectory store's
   transactions, so a step commits atomically with the groups and feedback it consumed.
+- ``migrate``: copies every row of one store into an empty other (``arborl store migrate``).
 - ``read_model``: the questions watchers (live view, report, run figures, supervisor) ask about a
   run, as an interface with typed answers; ``sql_read_model`` asks them in shared SQL, and
   ``sqlite_read_model`` and ``postgres_read_model`` open the database read-only.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .controls import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED, AdminAction, RunControls
 from .ledger import DONE, INFRA_FAILED, RUNNING, CallStats, Feedback, Group, LedgerError, Rollout, RunLedger, StepRecord
+from .migrate import MigrationError, TableCopy, migrate_store
 from .postgres_read_model import PostgresRunReadModel
 from .postgres_trajectories import PostgresTrajectoryStore
 from .read_model import (
@@ -62,6 +64,7 @@ __all__ = [
     "Feedback",
     "Group",
     "LedgerError",
+    "MigrationError",
     "Rollout",
     "RunControls",
     "RunLedger",
@@ -84,11 +87,14 @@ __all__ = [
     "StepPassRate",
     "StoreReadError",
     "StoreUnavailable",
+    "TableCopy",
     "TrainStep",
     "TrajectoryStore",
     "blob_ids",
     "blob_versions",
+    "DATABASE_SCHEMES",
     "check_store_url",
+    "migrate_store",
     "open_store",
     "open_read_model",
     "read_only",

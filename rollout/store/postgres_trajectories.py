@@ -288,6 +288,16 @@ class PostgresTrajectoryStore(TrajectoryStore):
 
         return next_id
 
+    SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+    def _continue_ids_after(self, db: Any) -> None:
+        # Rows inserted with their ids leave an identity's sequence where it was.
+        for table in ("groups", "feedback", "admin_actions"):
+            db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                       f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)")
+        db.execute("SELECT setval('node_id_blocks', GREATEST((SELECT last_value FROM node_id_blocks), "
+                   "(SELECT COALESCE(MAX(id), 0) FROM nodes) / ? + 1))", (NODE_ID_BLOCK,))
+
     @staticmethod
     def json_field(column: str, field: str) -> str:
         assert column.isidentifier() and field.isidentifier()

@@ -156,6 +156,22 @@ class TrajectoryStore(abc.ABC):
                 raise
             self._db.execute("COMMIT")
 
+    SNAPSHOT = "BEGIN"  # how a read of one consistent snapshot starts
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        """One read-only transaction: every read in it sees the store as it was when it began."""
+        with self._lock:
+            self._db.execute(self.SNAPSHOT)
+            try:
+                yield self._db
+            finally:
+                self._db.execute("ROLLBACK")
+
+    def _continue_ids_after(self, db: Any) -> None:  # noqa: B027 (a no-op unless overridden)
+        """Inside the transaction ``db`` that wrote rows with their ids (a migration): make the
+        ids handed out from now on follow the largest stored ones."""
+
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Rows of one read, for the other parts of the store (the ledger, the controls)."""
         with self._lock:
