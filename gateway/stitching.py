@@ -81,10 +81,11 @@ def _canonical_arguments(arguments: Any) -> str:
     return json.dumps(arguments, sort_keys=True, ensure_ascii=False)
 
 
-def _prefix_hashes(canonical: list[tuple]) -> list[int]:
-    """``out[k]``: a hash of ``canonical[:k]`` (one pass; ``out[0]`` is the empty conversation's)."""
-    out = [0]
-    for message in canonical:
+def _prefix_hashes(canonical: list[tuple], known: list[int] | None = None) -> list[int]:
+    """``out[k]``: a hash of ``canonical[:k]`` (one pass; ``out[0]`` is the empty conversation's).
+    ``known``: the hashes of a prefix of ``canonical``, already computed (at least ``[0]``)."""
+    out = list(known or [0])
+    for message in canonical[len(out) - 1 :]:
         out.append(hash((out[-1], message)))
     return out
 
@@ -112,6 +113,22 @@ class SessionTurns:
     turns: list[ServedTurn] = field(default_factory=list)
     by_conversation: dict[tuple[int, int], list[ServedTurn]] = field(default_factory=dict)
     last_seq: int = -1  # of the latest call seen, successful or not
+    # The latest conversation planned here: its messages, their canonical forms and prefix
+    # hashes. The next call repeats it, so only the messages it added are made canonical.
+    latest: tuple[list[ChatMessage], list[tuple], list[int]] = ([], [], [0])
+
+    def forms(self, messages: list[ChatMessage]) -> tuple[list[tuple], list[int]]:
+        """Canonical forms and prefix hashes of ``messages``, reusing the latest conversation's
+        for the messages equal to its own (a dict comparison, far cheaper than the forms)."""
+        known, known_forms, known_hashes = self.latest
+        same = len(known) if messages[: len(known)] == known else 0
+        if not same:
+            while same < min(len(known), len(messages)) and messages[same] == known[same]:
+                same += 1
+        canonical = known_forms[:same] + [_canonical_message(m) for m in messages[same:]]
+        hashes = _prefix_hashes(canonical, known_hashes[: same + 1])
+        self.latest = (list(messages), canonical, hashes)
+        return canonical, hashes
 
     def add(self, turn: ServedTurn, conversation_hash: int) -> None:
         self.turns.append(turn)
@@ -144,9 +161,8 @@ class Stitcher:
         ``context_length`` tokens, whatever its text encodes to, is refused before it is tokenised
         (``ContextLengthExceeded``)."""
         messages = prompt.messages
-        canonical = [_canonical_message(m) for m in messages]
-        hashes = _prefix_hashes(canonical)
         session = self._session(session_id)
+        canonical, hashes = session.forms(messages)
         if not session.turns:
             return PromptPlan(self._encode(prompt.whole.text, 0, context_length), conversation_hash=hashes[-1])
         reason = "history_edited"

@@ -8,6 +8,10 @@ Invariants (tested):
 - the tokens on the path root -> ``insert(ids).leaf`` are exactly ``ids``;
 - siblings start with different tokens;
 - the number of stored tokens equals the number of distinct prefixes of inserted paths.
+
+A node's path never changes once it exists (a split gives the head a new id; the node keeps
+its tokens' place), so the trie remembers the last path it inserted: an agent's next call
+extends it, and is inserted from its end rather than walked from the root again.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Trie:
         self.roots: dict[int, int] = {}
         counter = iter(range(1, 1 << 62))
         self._next_id = next_id or (lambda: next(counter))
+        self._last: tuple[int, list[int]] | None = None  # the last inserted path's leaf, and the path
         for node in nodes:
             self.nodes[node.id] = node
         for node in self.nodes.values():
@@ -57,6 +62,9 @@ class Trie:
 
     def path(self, node_id: int) -> list[int]:
         """All tokens from the root to the end of ``node_id``."""
+        last = self._last
+        if last is not None and last[0] == node_id:
+            return list(last[1])
         runs = []
         current: int | None = node_id
         while current is not None:
@@ -80,9 +88,20 @@ class Trie:
     def insert(self, ids: Sequence[int]) -> InsertResult:
         if not ids:
             raise ValueError("cannot insert an empty path")
+        result = self._insert(ids)
+        self._last = (result.leaf, list(ids))
+        return result
+
+    def _insert(self, ids: Sequence[int]) -> InsertResult:
         created: list[TrieNode] = []
         changed: list[TrieNode] = []
-        depth, parent, children = 0, None, self.roots
+        depth: int = 0
+        parent: int | None = None
+        children = self.roots
+        last = self._last
+        if last is not None and len(last[1]) <= len(ids) and list(ids[: len(last[1])]) == last[1]:
+            depth, parent = len(last[1]), last[0]  # extends the last path: go on from its end
+            children = self.nodes[parent].children
         while True:
             if depth == len(ids):
                 assert parent is not None

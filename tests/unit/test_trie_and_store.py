@@ -41,6 +41,31 @@ def test_random_inserts_keep_invariants(seed):
     assert trie.match(paths[0]) == len(paths[0])
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_an_agents_paths_inserted_from_the_last_ones_end_build_the_same_trie(seed):
+    """An agent's next call extends its last one; the trie goes on from that path's end instead of
+    walking from the root. Interleaved with branches that split the last path (its leaf keeps
+    its id and its path), the nodes are the same as inserting every path from the root."""
+    rng = random.Random(seed)
+    trie, walked = Trie(), Trie()
+    paths, leaves = [], []
+    for _ in range(40):
+        if paths and rng.random() < 0.7:  # the agent's next turn: the last path and what it added
+            path = paths[-1] + [rng.randint(0, 5) for _ in range(rng.randint(0, 6))]
+        elif paths and rng.random() < 0.7:  # a branch off an earlier path (a retry, an edit)
+            base = rng.choice(paths)
+            path = base[: rng.randint(1, len(base))] + [rng.randint(0, 5) for _ in range(rng.randint(0, 3))]
+        else:
+            path = [rng.randint(0, 5) for _ in range(rng.randint(1, 8))]
+        paths.append(path)
+        leaves.append(trie.insert(path).leaf)
+        walked._last = None  # the reference: every path walked from the root
+        assert walked.insert(path).leaf == leaves[-1]
+        _check_invariants(trie, paths, leaves)
+    shape = {n.id: (n.parent, n.start, n.tokens, n.children) for n in trie.nodes.values()}
+    assert shape == {n.id: (n.parent, n.start, n.tokens, n.children) for n in walked.nodes.values()}
+
+
 def test_worked_split_example():
     trie = Trie()
     first = trie.insert([1, 2, 3, 4])
