@@ -4,6 +4,7 @@ afresh gives, whatever the next conversation does to the last one."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -15,7 +16,8 @@ def _message(rng: random.Random, n: int) -> dict:
     role = rng.choice(["user", "assistant", "tool"])
     message = {"role": role, "content": f" turn {n} {rng.randrange(3)} "}
     if role == "assistant" and rng.random() < 0.5:
-        message["tool_calls"] = [{"id": f"c{n}", "name": "bash", "arguments": '{"cmd": "ls", "n": %d}' % n}]
+        arguments = json.dumps({"cmd": "ls", "n": n})
+        message["tool_calls"] = [{"id": f"c{n}", "name": "bash", "arguments": arguments}]
     if role == "tool":
         message["tool_call_id"] = f"c{n}"
     return message
