@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from .engines.base import EngineError
+from .engines.base import EngineError, FromPath, ServingEngine
 from .errors import Conflict, Forbidden, InvalidRequest, Unauthorized
 from .sessions import check_session_id
 
@@ -74,8 +74,8 @@ async def policy(request: Request) -> dict[str, Any]:
 async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
     gateway = _check_admin(request)
     engine = gateway.engine
-    if not hasattr(engine, "load_weights"):
-        raise InvalidRequest("this engine has no weights to replace (it forwards to an upstream)")
+    if FromPath not in engine.weight_updates:
+        raise InvalidRequest(f"this engine takes no checkpoint folders ({_updates_taken(engine)})")
     pin = gateway.controls.serving_pin
     if pin is not None:
         raise Conflict(f"serving is pinned at version {pin} by a rollback; promote a version to publish again")
@@ -86,10 +86,15 @@ async def publish(body: PublishRequest, request: Request) -> dict[str, Any]:
         raise InvalidRequest(f"no checkpoint at {body.path}", param="path")
     started = time.perf_counter()
     try:
-        await engine.load_weights(body.path, body.version)
+        await engine.load_weights(FromPath(Path(body.path), body.version))
     except EngineError as exc:
         raise InvalidRequest(str(exc), param="path") from exc
     return {"version": body.version, "publish_seconds": time.perf_counter() - started}
+
+
+def _updates_taken(engine: ServingEngine) -> str:
+    kinds = [kind.__name__ for kind in engine.weight_updates]
+    return f"it takes {', '.join(kinds)}" if kinds else "it has no weights to replace: it forwards to an upstream"
 
 
 @router.post("/sessions/{session_id}/key")

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 from collections.abc import Iterator, Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +26,7 @@ from arborl.scaffold_adapters.registry import call_purpose
 
 from . import admin, anthropic_messages, feedback, openai_chat, operations, responses_api
 from .completions import CompletionService
-from .engines.base import Engine
+from .engines.base import Engine, ServingEngine
 from .errors import (
     Forbidden,
     GatewayError,
@@ -51,11 +51,10 @@ from .upstream import UpstreamCompletions, UpstreamEngine
 log = logging.getLogger(__name__)
 
 
-def default_tool_parser(engine: Engine | UpstreamEngine) -> str:
+def default_tool_parser(engine: ServingEngine) -> str:
     """The tool-call syntax a model family was trained on."""
-    model_type = getattr(getattr(getattr(engine, "model", None), "config", None), "model_type", "")
     vocab: dict[str, int] = getattr(engine.tokenizer, "get_vocab", dict)()
-    if "coder" in engine.model_name.lower() and model_type.startswith("qwen3"):
+    if "coder" in engine.model_name.lower() and engine.model_family.startswith("qwen3"):
         return "qwen3_coder"
     if "<|python_tag|>" in vocab:
         return "llama3_json"
@@ -65,28 +64,26 @@ def default_tool_parser(engine: Engine | UpstreamEngine) -> str:
 class Gateway:
     """What the routes share: the engine, the store, rendering, metrics and settings."""
 
-    def __init__(self, engine: Engine | UpstreamEngine, store: TrajectoryStore, settings: GatewaySettings):
+    def __init__(self, engine: ServingEngine, store: TrajectoryStore, settings: GatewaySettings):
         self.engine = engine
         self.store = store
         self.controls = RunControls(store)  # operator controls shared with the learner (rollout/store/controls.py)
         self.ledger = RunLedger(store)  # steps (for rollbacks) and feedback on sessions
         self.settings = settings
         self.metrics = GatewayMetrics()
-        if hasattr(engine, "observer"):
-            engine.observer = self.metrics
+        engine.observer = self.metrics
         parser = get_parser(settings.tool_parser or default_tool_parser(engine))
+        # Without a tokenizer an upstream's calls are recorded as text only.
+        self.renderer = ChatRenderer(engine.tokenizer, parser) if engine.tokenizer is not None else None
         self.completions: CompletionService | UpstreamCompletions
-        if isinstance(engine, UpstreamEngine):
-            # Without a tokenizer an upstream's calls are recorded as text only.
-            self.renderer = ChatRenderer(engine.tokenizer, parser) if engine.tokenizer is not None else None
+        if engine.serves == "messages":  # forwarded whole: the upstream renders its own prompt
             self.completions = UpstreamCompletions(
-                engine, self.renderer, store, self.metrics, max_waiting=settings.max_waiting
-            )
-        else:
-            self.renderer = ChatRenderer(engine.tokenizer, parser)
+                cast(UpstreamEngine, engine), self.renderer, store, self.metrics, max_waiting=settings.max_waiting)
+        else:  # rendered, stitched and sampled from token ids: every token recorded as sampled
+            if self.renderer is None:
+                raise ValueError(f"engine {engine.model_name} serves token ids but has no tokenizer")
             self.completions = CompletionService(
-                engine, self.renderer, store, self.metrics, max_waiting=settings.max_waiting
-            )
+                cast(Engine, engine), self.renderer, store, self.metrics, max_waiting=settings.max_waiting)
         self.model_names = {engine.model_name, *settings.model_aliases}
         # On loopback only local processes can reach the gateway; anywhere else a key is required
         # (with no keys configured, nothing gets in but session keys arborl issued).
@@ -348,7 +345,7 @@ def session_path(session_id: Annotated[str, Path(description="the session the ca
 
 
 def create_app(
-    engine: Engine | UpstreamEngine, store: TrajectoryStore, settings: GatewaySettings | None = None
+    engine: ServingEngine, store: TrajectoryStore, settings: GatewaySettings | None = None
 ) -> FastAPI:
     settings = settings or GatewaySettings()
     gateway = Gateway(engine, store, settings)

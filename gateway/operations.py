@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from arborl.rollout.store import KEPT_VERSIONS, LEARNER_OVERRIDES, SERVING_PIN, TRAINING_PAUSED
 
 from .admin import MAX_VERSION, admin_name
-from .engines.base import EngineError
+from .engines.base import EngineError, FromPath
 from .errors import InvalidRequest, NotFound
 
 # The admin key is checked before anything else, the body included (see admin.router).
@@ -110,12 +110,12 @@ def _checkpoint(request: Request, version: int) -> Path:
 
 async def _serve(request: Request, version: int) -> float:
     engine = request.app.state.gateway.engine
-    if not hasattr(engine, "load_weights"):
-        raise InvalidRequest("this engine has no weights to replace (it forwards to an upstream)")
+    if FromPath not in engine.weight_updates:
+        raise InvalidRequest("this engine takes no checkpoint folders, so it cannot serve another version")
     path = _checkpoint(request, version)
     started = time.perf_counter()
     try:
-        await engine.load_weights(str(path), version)
+        await engine.load_weights(FromPath(path, version))
     except EngineError as exc:
         raise InvalidRequest(str(exc), param="version") from exc
     return time.perf_counter() - started

@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -38,7 +38,7 @@ from .completions import (
     refuse_when_paused,
     result_message,
 )
-from .engines.base import EngineStats, TokenizerLike
+from .engines.base import EngineObserver, EngineStats, TokenizerLike, WeightUpdate, WeightUpdateNotSupported
 from .errors import GatewayError, InvalidRequest, Overloaded, UpstreamFailed, UpstreamTimeout
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
@@ -61,8 +61,14 @@ class UpstreamEngine:
 
     ``url`` is the base the upstream's SDK would use: ``http://host/v1`` for an OpenAI-compatible
     server (requests go to ``{url}/chat/completions``), ``https://host`` for an Anthropic one
-    (requests go to ``{url}/v1/messages``).
+    (requests go to ``{url}/v1/messages``). It serves messages, not token ids, and has no
+    weights to replace (``engines.base.ServingEngine``).
     """
+
+    serves: Literal["messages"] = "messages"
+    model_family = ""  # unknown: the upstream renders its own prompts
+    weight_updates: tuple[type[WeightUpdate], ...] = ()
+    observer: EngineObserver | None = None  # an upstream reports no per-step figures
 
     def __init__(
         self,
@@ -103,6 +109,9 @@ class UpstreamEngine:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    async def load_weights(self, update: WeightUpdate) -> None:
+        raise WeightUpdateNotSupported("this engine has no weights to replace (it forwards to an upstream)")
 
     def stats(self) -> EngineStats:
         # Requests beyond the connection pool wait for a connection: that is the queue.

@@ -29,7 +29,9 @@ async def publish_in_process(engine, model, version: int) -> None:
     The engine copies them into its own parameters between two decode steps; the caller awaits
     that before the next optimizer step changes them.
     """
-    await engine.load_weights(model.state_dict(), version)
+    from arborl.gateway.engines.base import FromTensors
+
+    await engine.load_weights(FromTensors(model.state_dict(), version))
 
 
 def publish_to_gateway(gateway_url: str, admin_token: str, checkpoint: Path, version: int,

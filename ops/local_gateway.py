@@ -93,14 +93,15 @@ def restore_served_version(engine: Any, store: Any) -> int:
     """Serve the run's last committed version, not the base weights, when a gateway (re)starts on
     a run the learner has trained: rollouts sampled after a gateway restart stay on-policy. Returns
     the version served."""
+    from arborl.gateway.engines.base import FromPath
     from arborl.rollout.store import RunLedger
 
     last = RunLedger(store).last_step()
-    if last is None or not hasattr(engine, "load_weights") or not Path(last.checkpoint).exists():
+    if last is None or FromPath not in engine.weight_updates or not Path(last.checkpoint).exists():
         return 0
     import asyncio
 
-    asyncio.run(engine.load_weights(last.checkpoint, last.version))
+    asyncio.run(engine.load_weights(FromPath(Path(last.checkpoint), last.version)))
     print(f"arborl: serving version {last.version} (the run's last committed step)", flush=True)
     return last.version
 

@@ -50,9 +50,6 @@ class ScriptedEngine(Engine):
     async def prefill_logprobs(self, token_ids):
         return [0.0] * (len(token_ids) - 1)
 
-    async def load_weights(self, state_dict_or_path, version):
-        raise NotImplementedError("a scripted engine has no weights")
-
     def stats(self) -> EngineStats:
         return EngineStats()
 

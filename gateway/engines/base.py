@@ -3,14 +3,21 @@
 An engine turns prompt token ids into a stream of sampled tokens. Each token carries the
 logprob under the distribution it was sampled from and the policy version whose weights
 produced it, so the gateway can record exactly what the policy did.
+
+The gateway never asks what type its engine is: what differs between engines is declared here
+as data. ``model_family`` chooses the tool-call and reasoning syntax, ``weight_updates`` says
+which typed weight updates an engine takes (``FromPath``: a checkpoint folder it reads itself;
+``FromTensors``: weights in this process's memory), and ``observer`` receives its per-step
+figures (the gateway's metrics) when it has any.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -109,6 +116,36 @@ class EngineStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class EngineObserver(Protocol):
+    """Receives an engine's per-step figures (implemented by the gateway's metrics)."""
+
+    def observe_step(self, batch_size: int, new_tokens: int, seconds: float) -> None: ...
+    def observe_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
+    def observe_swap(self, version: int, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class FromPath:
+    """Serve the checkpoint folder ``path`` (``save_pretrained`` layout) as ``version``; the
+    engine reads it itself (a gateway in another process than the learner, a remote server)."""
+
+    path: Path
+    version: int
+
+
+@dataclass(frozen=True)
+class FromTensors:
+    """Serve the weights ``state_dict`` (parameter name -> tensor, in this process) as ``version``:
+    the learner of an embedded loop hands its parameters over without writing them to disk. The
+    engine copies them before the call returns; the caller may change them afterwards."""
+
+    state_dict: Mapping[str, Any]
+    version: int
+
+
+WeightUpdate = FromPath | FromTensors
+
+
 class EngineError(Exception):
     """The engine cannot serve a request for a reason that is not the client's fault."""
 
@@ -118,6 +155,10 @@ class InvalidCheckpoint(EngineError):
 
     The engine keeps serving what it served before; the caller (an operator, the learner) is told why.
     """
+
+
+class WeightUpdateNotSupported(EngineError):
+    """The engine does not take this kind of weight update (see ``Engine.weight_updates``)."""
 
 
 class PromptTooLong(ValueError):
@@ -138,6 +179,10 @@ class Engine(abc.ABC):
     model_name: str
     tokenizer: TokenizerLike
     context_length: int
+    serves: Literal["token_ids"] = "token_ids"  # see ServingEngine
+    model_family: str = ""  # the model's architecture family (``config.model_type``: "llama", "qwen3")
+    weight_updates: tuple[type[WeightUpdate], ...] = ()  # the updates ``load_weights`` takes
+    observer: EngineObserver | None = None  # set by the gateway; engines without figures ignore it
 
     @abc.abstractmethod
     def generate(
@@ -154,9 +199,12 @@ class Engine(abc.ABC):
     async def prefill_logprobs(self, token_ids: Sequence[int]) -> list[float]:
         """Logprob of every token after the first under the current policy (temperature 1)."""
 
-    @abc.abstractmethod
-    async def load_weights(self, state_dict_or_path: object, version: int) -> None:
-        """Swap in new weights between two decode steps; later tokens carry ``version``."""
+    async def load_weights(self, update: WeightUpdate) -> None:
+        """Swap in new weights between two decode steps; later tokens carry ``update.version``.
+
+        An update of a kind not in ``weight_updates`` raises ``WeightUpdateNotSupported``;
+        weights that do not fit the model raise ``InvalidCheckpoint`` (the old ones keep serving)."""
+        raise WeightUpdateNotSupported(f"{self.model_name} takes no weight updates")
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
@@ -170,3 +218,28 @@ class Engine(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 (an optional hook)
         """Stop background work; in-flight generations finish with reason ``abort``."""
+
+
+class ServingEngine(Protocol):
+    """What the gateway holds: an ``Engine`` (``serves == "token_ids"``: the gateway renders and
+    stitches prompts and records the engine's own tokens), or an engine that takes the
+    conversation as messages and answers in text (``serves == "messages"``: the ``upstream``
+    engine, recorded as text, with token ids only where it has a tokenizer)."""
+
+    serves: Literal["token_ids", "messages"]
+    model_name: str
+    model_family: str
+    weight_updates: tuple[type[WeightUpdate], ...]
+    observer: EngineObserver | None
+
+    @property
+    def tokenizer(self) -> TokenizerLike | None: ...
+    @property
+    def context_length(self) -> float: ...
+    @property
+    def healthy(self) -> bool: ...
+
+    async def load_weights(self, update: WeightUpdate) -> None: ...
+    def stats(self) -> EngineStats: ...
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...

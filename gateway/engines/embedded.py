@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +35,19 @@ import torch.nn.functional as F
 from .base import (
     Engine,
     EngineError,
+    EngineObserver,
     EngineStats,
     Finished,
+    FromPath,
+    FromTensors,
     GenerationEvent,
     InvalidCheckpoint,
     PromptTooLong,
     SampledToken,
     SamplingParams,
     TokenizerLike,
+    WeightUpdate,
+    WeightUpdateNotSupported,
 )
 from .constraints import Verdict, check
 from .detokenizer import IncrementalDetokenizer
@@ -52,14 +57,6 @@ from .sampling import NoAllowedToken, sample_token
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "arborl_kv"
-
-
-class EngineObserver(Protocol):
-    """Receives per-step figures (implemented by the gateway's metrics)."""
-
-    def observe_step(self, batch_size: int, new_tokens: int, seconds: float) -> None: ...
-    def observe_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None: ...
-    def observe_swap(self, version: int, seconds: float) -> None: ...
 
 
 @dataclass
@@ -198,6 +195,8 @@ class _Command:
 class EmbeddedEngine(Engine):
     """Serve a transformers causal LM on the CPU or one CUDA device."""
 
+    weight_updates = (FromPath, FromTensors)
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -226,6 +225,7 @@ class EmbeddedEngine(Engine):
         self.model.config._attn_implementation = ATTENTION_NAME
         config = self.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 4096))
+        self.model_family = str(getattr(config, "model_type", "") or "")
         self.layout = KVLayout(
             num_layers=config.num_hidden_layers,
             num_kv_heads=getattr(config, "num_key_value_heads", config.num_attention_heads),
@@ -328,13 +328,15 @@ class EmbeddedEngine(Engine):
         self.check_prompt(len(ids))
         return await self._run_command(lambda: self._score(ids))
 
-    async def load_weights(self, state_dict_or_path: object, version: int) -> None:
-        if isinstance(state_dict_or_path, (str, Path)):
+    async def load_weights(self, update: WeightUpdate) -> None:
+        if isinstance(update, FromPath):
             # Reading a checkpoint takes a while for a real model: not on the event loop.
-            state = await asyncio.to_thread(_read_checkpoint, Path(state_dict_or_path))
+            state = await asyncio.to_thread(_read_checkpoint, Path(update.path))
+        elif isinstance(update, FromTensors):
+            state = dict(update.state_dict)
         else:
-            state = dict(state_dict_or_path)  # type: ignore[call-overload]
-        await self._run_command(lambda: self._swap(state, version))
+            raise WeightUpdateNotSupported(f"the embedded engine cannot take {type(update).__name__}")
+        await self._run_command(lambda: self._swap(state, update.version))
 
     async def _run_command(self, fn: Callable[[], object]):
         command = _Command(fn)

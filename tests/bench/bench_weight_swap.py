@@ -4,7 +4,7 @@ A learner's checkpoint (``save_pretrained``, safetensors) is published into a ru
 ``EmbeddedEngine`` (SmolLM2-135M-Instruct on the CPU) while 4 requests stream tokens. Measured in
 the same run:
 
-- publish-to-served: from ``load_weights(path, version)`` to the new version serving (reading
+- publish-to-served: from ``load_weights(FromPath(path, version))`` to the new version serving (reading
   the checkpoint off the event loop, then the in-place copy between two decode steps);
 - serving pause: the longest gap between two tokens of a stream around the swap, against the
   median gap of the same streams (the baseline).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from arborl.gateway.engines.base import SampledToken, SamplingParams
+from arborl.gateway.engines.base import FromPath, SampledToken, SamplingParams
 from arborl.gateway.engines.embedded import EmbeddedEngine
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
 
@@ -52,7 +52,7 @@ async def measure(model_dir: Path, checkpoint: Path, tokens: int, rounds: int) -
             streams = [asyncio.create_task(_stream(engine, seed, tokens)) for seed in range(4)]
             await asyncio.sleep(0.5 + 0.2 * version)  # the streams are under way
             started = time.perf_counter()
-            await engine.load_weights(checkpoint, version)
+            await engine.load_weights(FromPath(checkpoint, version))
             served = time.perf_counter()
             arrivals = await asyncio.gather(*streams)
             gaps, pauses = [], []

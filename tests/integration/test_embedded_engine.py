@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from arborl.gateway.engines.base import Finished, PromptTooLong, SampledToken, SamplingParams
+from arborl.gateway.engines.base import Finished, FromTensors, PromptTooLong, SampledToken, SamplingParams
 from arborl.gateway.engines.embedded import EmbeddedEngine
 
 
@@ -110,7 +110,7 @@ async def test_weight_swap_between_steps_records_versions(engine):
             break
         versions.append(event.version)
         if len(versions) == 5:
-            await engine.load_weights(state, version=1)
+            await engine.load_weights(FromTensors(state, version=1))
     assert versions[0] == 0 and versions[-1] == 1
     assert versions == sorted(versions)
     assert engine.stats().policy_version == 1
@@ -167,7 +167,7 @@ async def test_a_sequence_that_spans_a_swap_seeds_no_later_prompt(engine):
             break
         tokens.append(event.token_id)
         if len(tokens) == 3:
-            await engine.load_weights(state, version=1)
+            await engine.load_weights(FromTensors(state, version=1))
     _, after = await _run(engine, prompt + tokens + _prompt(engine, "next"), SamplingParams(max_tokens=2),
                           key="spans")
     assert after.cached_prompt_tokens == 0
