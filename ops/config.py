@@ -29,10 +29,10 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -51,23 +51,47 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, one line per problem (the CLI prints it, no traceback)."""
 
 
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # hide: upstream_api_key
+class EmbeddedEngineConfig(BaseModel):
+    """``engine.kind: embedded`` (the default): the model runs in the gateway's own process."""
 
-    kind: Literal["embedded", "upstream"] = "embedded"
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["embedded"] = "embedded"
     model: str = DEFAULT_MODEL  # the default, "tiny-random-llama", or a Hugging Face model folder
     served_name: str | None = None  # the name clients use; defaults to the model folder's name
     device: str | None = None  # cpu | cuda | cuda:N; default: cuda when available
     max_running: int = 16
     prefill_chunk: int = 512
     cache_memory_gb: float = 2.0
-    # kind "upstream": forward to another server instead of running a model.
+
+
+class UpstreamEngineConfig(BaseModel):
+    """``engine.kind: upstream``: forward to another OpenAI- or Anthropic-compatible server."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # hide: upstream_api_key
+
+    kind: Literal["upstream"] = "upstream"
+    served_name: str | None = None  # the name clients use; defaults to upstream_model
     upstream_url: str | None = None  # OpenAI: http://host/v1; Anthropic: https://host
     upstream_api: Literal["openai", "anthropic"] = "openai"
     upstream_model: str | None = None  # the model name the upstream knows; default: served_name
     upstream_api_key: str | None = None
     upstream_timeout_s: float = 600.0
     tokenizer: str | None = None  # a model folder (or the default's name) to record upstream calls as ids
+
+
+# One configuration model per engine kind; ``engine.kind`` says which (embedded when absent).
+ENGINE_KINDS: dict[str, type[BaseModel]] = {"embedded": EmbeddedEngineConfig, "upstream": UpstreamEngineConfig}
+
+
+def _engine_kind(value: Any) -> str:
+    return str(value.get("kind", "embedded") if isinstance(value, dict) else getattr(value, "kind", "embedded"))
+
+
+EngineConfig = Annotated[
+    Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[UpstreamEngineConfig, Tag("upstream")],
+    Discriminator(_engine_kind),
+]
 
 
 class StoreConfig(BaseModel):
@@ -137,7 +161,7 @@ class ArborlConfig(BaseSettings):
     )
 
     run_dir: Path = Path("runs/default")
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: EngineConfig = Field(default_factory=EmbeddedEngineConfig)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     store: StoreConfig = Field(default_factory=StoreConfig)
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
@@ -156,7 +180,29 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-SECTIONS = tuple(name for name, field in ArborlConfig.model_fields.items() if _model_of(field.annotation))
+# Sections whose model is chosen by a ``kind`` key: their errors' locations carry the kind.
+_KINDS: dict[str, dict[str, type[BaseModel]]] = {"engine": ENGINE_KINDS}
+SECTIONS = tuple(name for name, field in ArborlConfig.model_fields.items()
+                 if _model_of(field.annotation) or name in _KINDS)
+
+
+def _setting_path(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], type[BaseModel] | None]:
+    """``loc`` as the user writes it (without the kind pydantic puts after a kind-chosen
+    section: ``engine.upstream.model`` is the key ``engine.model``), and the model holding its
+    last key (None when it is not in one)."""
+    path: list[int | str] = []
+    model: type[BaseModel] | None = ArborlConfig
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        field = model.model_fields.get(str(part)) if model else None
+        kinds = _KINDS.get(str(part)) if model is ArborlConfig else None
+        if kinds is not None and parts and str(parts[0]) in kinds:
+            model = kinds[str(parts.pop(0))]
+        else:
+            model = _model_of(field.annotation) if field else None
+    return (*path, *loc[-1:]), model
 
 
 class SectionEnvironment(EnvSettingsSource):
@@ -227,15 +273,6 @@ def _did_you_mean(key: str, known: tuple[str, ...] | list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _keys_beside(loc: tuple[int | str, ...]) -> list[str]:
-    """The keys a mistyped key at ``loc`` could have meant: its model's fields, if it is in one."""
-    model: type[BaseModel] | None = ArborlConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if model else None
-        model = _model_of(field.annotation) if field else None
-    return list(model.model_fields) if model else []
-
-
 def _setting_variables(loc: tuple[int | str, ...], environ: Mapping[str, str]) -> list[str]:
     """The env variables that set the value at ``loc``: its own, its container's, or its parts'."""
     path = (ENV_PREFIX + ENV_DELIMITER.join(str(part) for part in loc)).lower()
@@ -245,9 +282,17 @@ def _setting_variables(loc: tuple[int | str, ...], environ: Mapping[str, str]) -
 
 
 def _describe(error: ErrorDetails, environ: Mapping[str, str]) -> str:
-    loc = error["loc"]
+    loc, model = _setting_path(error["loc"])
     if error["type"] == "extra_forbidden":
-        problem = "unknown setting" + _did_you_mean(str(loc[-1]), _keys_beside(loc))
+        problem = "unknown setting" + _did_you_mean(str(loc[-1]), list(model.model_fields) if model else [])
+        if len(error["loc"]) > len(loc):  # in a kind-chosen section: maybe a key of another kind
+            kind, kinds = str(error["loc"][len(loc) - 1]), _KINDS[str(loc[0])]
+            owners = [name for name, other in kinds.items() if name != kind and str(loc[-1]) in other.model_fields]
+            if owners:
+                problem = f"not a setting of kind {kind} (a setting of kind {', '.join(owners)})"
+    elif error["type"] == "union_tag_invalid":
+        loc = (*loc, "kind")
+        problem = f"unknown kind {error['ctx']['tag']!r} (one of {error['ctx']['expected_tags']})"
     elif error["type"] == "value_error":
         problem = str(error["ctx"]["error"])  # the validator's own words, without pydantic's "Value error, "
     else:

@@ -12,46 +12,48 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from arborl.gateway.settings import GatewaySettings
 
-from .config import ArborlConfig
+from .config import ArborlConfig, EmbeddedEngineConfig, UpstreamEngineConfig
 
 
 def build_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
     """The engine the configuration names, the model folder it loaded (None for an upstream
     without a tokenizer), and a line saying where it runs."""
-    if config.engine.kind == "upstream":
-        return _upstream_engine(config)
+    return ENGINE_BUILDERS[config.engine.kind](config.engine)
+
+
+def _embedded_engine(settings: EmbeddedEngineConfig) -> tuple[Any, Path | None, str]:
     from arborl.gateway.engines.embedded import EmbeddedEngine  # torch: only when running a model here
     from arborl.gateway.engines.model_source import needs_preparing, resolve_model
 
-    if needs_preparing(config.engine.model):
-        print(f"arborl: preparing model {config.engine.model} once (converted into the cache; later starts "
+    if needs_preparing(settings.model):
+        print(f"arborl: preparing model {settings.model} once (converted into the cache; later starts "
               "skip this)...", flush=True)
     else:
-        print(f"arborl: loading model {config.engine.model}...", flush=True)
-    model_dir = resolve_model(config.engine.model)
+        print(f"arborl: loading model {settings.model}...", flush=True)
+    model_dir = resolve_model(settings.model)
     engine = EmbeddedEngine(
         model_dir,
-        model_name=config.engine.served_name,
-        device=config.engine.device,
-        max_running=config.engine.max_running,
-        prefill_chunk=config.engine.prefill_chunk,
-        cache_memory_bytes=int(config.engine.cache_memory_gb * (1 << 30)),
+        model_name=settings.served_name,
+        device=settings.device,
+        max_running=settings.max_running,
+        prefill_chunk=settings.prefill_chunk,
+        cache_memory_bytes=int(settings.cache_memory_gb * (1 << 30)),
     )
     return engine, model_dir, f"device {engine.device}, context {engine.context_length}"
 
 
-def _upstream_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
+def _upstream_engine(settings: UpstreamEngineConfig) -> tuple[Any, Path | None, str]:
     from arborl.gateway.engines.base import TokenizerLike
     from arborl.gateway.engines.model_source import resolve_model
     from arborl.gateway.upstream import UpstreamEngine
 
-    settings = config.engine
     if not settings.upstream_url:
         raise SystemExit("arborl: the upstream engine needs --upstream-url (or engine.upstream_url)")
     model = settings.upstream_model or settings.served_name
@@ -70,6 +72,13 @@ def _upstream_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
         served_name=settings.served_name, tokenizer=tokenizer, timeout_s=settings.upstream_timeout_s,
     )
     return engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}"
+
+
+# How each engine kind of the configuration (ops/config.py: ENGINE_KINDS) is built.
+ENGINE_BUILDERS: dict[str, Callable[[Any], tuple[Any, Path | None, str]]] = {
+    "embedded": _embedded_engine,
+    "upstream": _upstream_engine,
+}
 
 
 def write_run_info(run_dir: Path, engine: Any, model_dir: Path | None) -> None:

@@ -16,8 +16,9 @@ from arborl.learner.settings import LearnerSettings
 from arborl.ops.config import (
     ArborlConfig,
     ConfigError,
-    EngineConfig,
+    EmbeddedEngineConfig,
     StoreConfig,
+    UpstreamEngineConfig,
     UpSettings,
     load_config,
 )
@@ -66,11 +67,30 @@ def test_a_typo_in_an_env_var_is_refused_naming_the_variable():
         load_config(environ={"ARBORL_LERNER__LR": "1.0"})
 
 
-@pytest.mark.parametrize("model", [ArborlConfig, EngineConfig, StoreConfig, UpSettings, GatewaySettings,
-                                   LearnerSettings, RolloutSettings])
+@pytest.mark.parametrize("model", [ArborlConfig, EmbeddedEngineConfig, UpstreamEngineConfig, StoreConfig, UpSettings,
+                                   GatewaySettings, LearnerSettings, RolloutSettings])
 def test_every_settings_model_refuses_unknown_fields(model: type[BaseModel]):
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         model(no_such_setting=1)
+
+
+def test_each_engine_kind_has_its_own_settings(tmp_path):
+    """``engine.kind`` chooses the engine's settings model (embedded when absent); a key of another
+    kind, or an unknown kind, is refused naming the key, wherever it came from."""
+    assert isinstance(load_config(environ={}).engine, EmbeddedEngineConfig)
+    file = tmp_path / "arborl.yaml"
+    file.write_text("engine:\n  kind: upstream\n  upstream_url: http://127.0.0.1:9/v1\n  served_name: policy\n")
+    upstream = load_config(file, environ={}).engine
+    assert isinstance(upstream, UpstreamEngineConfig) and upstream.upstream_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(ConfigError, match=r"^engine\.max_running: not a setting of kind upstream \(a setting of "
+                                          r"kind embedded\), from ARBORL_ENGINE__MAX_RUNNING$"):
+        load_config(file, environ={"ARBORL_ENGINE__MAX_RUNNING": "8"})
+    with pytest.raises(ConfigError, match=r"^engine\.upstream_url: not a setting of kind embedded"):
+        load_config(overrides={"engine": {"upstream_url": "http://x/v1"}}, environ={})
+    with pytest.raises(ConfigError, match=r"^engine\.kind: unknown kind 'sglang' \(one of 'embedded', 'upstream'\)"):
+        load_config(overrides={"engine": {"kind": "sglang"}}, environ={})
+    with pytest.raises(ConfigError, match=r"engine\.upstrem_url: unknown setting \(did you mean upstream_url\?\)"):
+        load_config(file, overrides={"engine": {"upstrem_url": "x"}}, environ={})
 
 
 def test_the_clis_own_single_underscore_variables_are_neither_read_nor_refused():
