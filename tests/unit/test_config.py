@@ -18,8 +18,8 @@ from arborl.ops.config import (
     ConfigError,
     EmbeddedEngineConfig,
     StoreConfig,
-    UpstreamEngineConfig,
     UpSettings,
+    UpstreamEngineConfig,
     load_config,
 )
 from arborl.rollout.settings import RolloutSettings
