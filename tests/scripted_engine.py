@@ -47,9 +47,6 @@ class ScriptedEngine(Engine):
         yield SampledToken(self.tokenizer.eos_token_id, -0.1, 0, "")
         yield Finished("stop", self.tokenizer.eos_token_id, text=detokenizer.flush(), prompt_tokens=len(prompt_ids))
 
-    async def prefill_logprobs(self, token_ids):
-        return [0.0] * (len(token_ids) - 1)
-
     def stats(self) -> EngineStats:
         return EngineStats()
 

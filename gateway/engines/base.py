@@ -195,10 +195,6 @@ class Engine(abc.ABC):
         Raises ``PromptTooLong`` before generating if the prompt does not fit.
         """
 
-    @abc.abstractmethod
-    async def prefill_logprobs(self, token_ids: Sequence[int]) -> list[float]:
-        """Logprob of every token after the first under the current policy (temperature 1)."""
-
     async def load_weights(self, update: WeightUpdate) -> None:
         """Swap in new weights between two decode steps; later tokens carry ``update.version``.
 

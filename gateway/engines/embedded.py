@@ -323,11 +323,6 @@ class EmbeddedEngine(Engine):
         finally:
             request.cancelled = True  # the scheduler frees the slot at its next step
 
-    async def prefill_logprobs(self, token_ids: Sequence[int]) -> list[float]:
-        ids = list(token_ids)
-        self.check_prompt(len(ids))
-        return await self._run_command(lambda: self._score(ids))
-
     async def load_weights(self, update: WeightUpdate) -> None:
         if isinstance(update, FromPath):
             # Reading a checkpoint takes a while for a real model: not on the event loop.
@@ -565,19 +560,6 @@ class EmbeddedEngine(Engine):
         if kv is None or not request.cache_key or request.kv_version != self.version:
             return False
         return kv.length > request.cached_prompt_tokens
-
-    def _score(self, ids: list[int]) -> list[float]:
-        kv = SequenceKV(self.layout, capacity=len(ids))
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),
-                position_ids=torch.arange(len(ids), device=self.device)[None],
-                use_cache=False,
-                arborl_segments=[_Segment(kv, 0, len(ids))],
-            )
-        logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-        targets = torch.tensor(ids[1:], device=logprobs.device)
-        return logprobs.gather(1, targets[:, None])[:, 0].tolist()
 
     def _swap(self, state: dict[str, torch.Tensor], version: int) -> None:
         started = time.perf_counter()
