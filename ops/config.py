@@ -80,8 +80,23 @@ class UpstreamEngineConfig(BaseModel):
     tokenizer: str | None = None  # a model folder (or the default's name) to record upstream calls as ids
 
 
+class VllmEngineConfig(BaseModel):
+    """``engine.kind: vllm``: a vLLM server (started with ``--logprobs-mode processed_logprobs``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["vllm"] = "vllm"
+    url: str = "http://127.0.0.1:8100"  # the server's root (it serves /v1/completions)
+    model: str = DEFAULT_MODEL  # the folder the server loaded (the gateway renders with its tokenizer)
+    served_name: str | None = None  # the name clients use; defaults to the model folder's name
+    max_running: int = 16  # the server's --max-num-seqs: requests beyond it count as waiting
+    timeout_s: float = 600.0
+
+
 # One configuration model per engine kind; ``engine.kind`` says which (embedded when absent).
-ENGINE_KINDS: dict[str, type[BaseModel]] = {"embedded": EmbeddedEngineConfig, "upstream": UpstreamEngineConfig}
+ENGINE_KINDS: dict[str, type[BaseModel]] = {
+    "embedded": EmbeddedEngineConfig, "upstream": UpstreamEngineConfig, "vllm": VllmEngineConfig,
+}
 
 
 def _engine_kind(value: Any) -> str:
@@ -89,7 +104,8 @@ def _engine_kind(value: Any) -> str:
 
 
 EngineConfig = Annotated[
-    Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[UpstreamEngineConfig, Tag("upstream")],
+    Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[UpstreamEngineConfig, Tag("upstream")]
+    | Annotated[VllmEngineConfig, Tag("vllm")],
     Discriminator(_engine_kind),
 ]
 

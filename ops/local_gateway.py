@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from arborl.gateway.settings import GatewaySettings
 
-from .config import ArborlConfig, EmbeddedEngineConfig, UpstreamEngineConfig
+from .config import ArborlConfig, EmbeddedEngineConfig, UpstreamEngineConfig, VllmEngineConfig
 
 
 def build_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
@@ -74,10 +74,21 @@ def _upstream_engine(settings: UpstreamEngineConfig) -> tuple[Any, Path | None, 
     return engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}"
 
 
+def _vllm_engine(settings: VllmEngineConfig) -> tuple[Any, Path | None, str]:
+    from arborl.gateway.engines.model_source import resolve_model
+    from arborl.gateway.engines.vllm_server import VllmEngine
+
+    model_dir = resolve_model(settings.model)
+    engine = VllmEngine(settings.url, model_dir, model_name=settings.served_name, max_running=settings.max_running,
+                        timeout_s=settings.timeout_s)
+    return engine, model_dir, f"vLLM server {settings.url}"
+
+
 # How each engine kind of the configuration (ops/config.py: ENGINE_KINDS) is built.
 ENGINE_BUILDERS: dict[str, Callable[[Any], tuple[Any, Path | None, str]]] = {
     "embedded": _embedded_engine,
     "upstream": _upstream_engine,
+    "vllm": _vllm_engine,
 }
 
 

@@ -1,0 +1,189 @@
+"""The ``vllm`` engine against a real vLLM server (the CPU build, in its own venv; tests/vllm_server.py).
+
+What is recorded is what vLLM sampled: the ids and logprobs of a call equal what the server
+returns for the same prompt ids when asked directly. A conversation stitches across turns;
+every dialect streams from it; a checkpoint published while clients stream swaps in without a
+failed request, every call on one version, and no KV of the old weights serves the new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+import torch
+import vllm_server
+
+from arborl.gateway.app import create_app
+from arborl.gateway.engines.base import EngineError
+from arborl.gateway.engines.vllm_server import VllmEngine
+from arborl.gateway.settings import GatewaySettings
+from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
+from conftest import ServerThread, free_port
+
+pytestmark = pytest.mark.slow
+ADMIN = "vllm-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {ADMIN}"}
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[str, Path]]:
+    python = vllm_server.vllm_python()
+    if python is None:
+        pytest.skip(f"vLLM is not installed here (ARBORL_VLLM_PYTHON); install it with: {vllm_server.INSTALL}")
+    work = tmp_path_factory.mktemp("vllm")
+    model = vllm_server.build_model(work / "tiny64", tiny_model_dir)
+    port, log = free_port(), work / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    process = vllm_server.start(python, model, port, log)
+    try:
+        vllm_server.wait_until_ready(process, url, log)
+        yield url, model
+    finally:
+        vllm_server.stop(process)
+
+
+@pytest.fixture
+def gateway(vllm: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[str, TrajectoryStore, VllmEngine]]:
+    url, model = vllm
+    engine = VllmEngine(url, model, model_name="tiny64", max_running=8)
+    store = SqliteTrajectoryStore(tmp_path / "store.sqlite")
+    settings = GatewaySettings(admin_token=ADMIN, any_model_name=True)
+    with ServerThread(create_app(engine, store, settings), settings=settings) as gateway_url:
+        yield gateway_url, store, engine
+    store.close()
+
+
+def _direct(url: str, model: Path, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+    """What the vLLM server itself samples greedily for ``prompt_ids``."""
+    body = {"model": model.name, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1,
+            "return_token_ids": True, "skip_special_tokens": False}
+    choice = httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+
+def test_recorded_ids_and_logprobs_are_the_engines_own(vllm, gateway):
+    url, model = vllm
+    gateway_url, store, _ = gateway
+    reply = httpx.post(gateway_url + "/s/direct/v1/chat/completions", timeout=60, json={
+        "model": "tiny64", "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 8, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    [call] = store.calls("direct")
+    prompt, completion = store.call_tokens(call)
+    ids, logprobs = _direct(url, model, prompt, len(completion))
+    assert completion == ids and call.token_exact
+    assert call.completion_logprobs == pytest.approx(logprobs, abs=1e-5)
+    assert reply.json()["usage"]["completion_tokens"] == len(completion)
+
+
+def test_every_dialect_streams_from_the_server(gateway):
+    gateway_url, store, _ = gateway
+    client = openai.OpenAI(base_url=gateway_url + "/s/chat/v1", api_key="x")
+    chunks = list(client.chat.completions.create(model="tiny64", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=6, stream=True, temperature=0.7, seed=3))
+    assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in chunks)
+    with anthropic.Anthropic(base_url=gateway_url + "/s/messages", api_key="x").messages.stream(
+            model="tiny64", max_tokens=6, messages=[{"role": "user", "content": "hi"}]) as stream:
+        message = stream.get_final_message()
+    assert message.stop_reason in ("end_turn", "max_tokens")
+    response = openai.OpenAI(base_url=gateway_url + "/s/responses/v1", api_key="x").responses.create(
+        model="tiny64", input="hi", max_output_tokens=6)
+    assert response.status == "completed" or response.incomplete_details is not None
+    for session in ("chat", "messages", "responses"):
+        [call] = store.calls(session)
+        assert call.status == "ok" and call.token_exact and 1 <= call.completion_len <= 6
+
+
+def test_a_ten_turn_conversation_stitches_without_a_break(gateway):
+    gateway_url, store, _ = gateway
+    client = openai.OpenAI(base_url=gateway_url + "/s/turns/v1", api_key="x")
+    messages = [{"role": "system", "content": "You are terse."}]
+    for turn in range(10):
+        messages.append({"role": "user", "content": f"step {turn}: go on"})
+        reply = client.chat.completions.create(model="tiny64", messages=messages, max_tokens=5, temperature=0)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+    calls = store.calls("turns")
+    assert len(calls) == 10 and [c.branch_reason for c in calls] == [None] * 10
+    assert all(c.stitched_from == calls[i].id for i, c in enumerate(calls[1:]))
+
+
+async def _stream_calls(gateway_url: str, session: str, n: int) -> list[int]:
+    async with httpx.AsyncClient(base_url=gateway_url, timeout=120) as client:
+        statuses = []
+        for i in range(n):
+            async with client.stream("POST", f"/s/{session}/v1/chat/completions", json={
+                    "model": "tiny64", "messages": [{"role": "user", "content": f"count {i}"}], "max_tokens": 16,
+                    "stream": True, "temperature": 1.0}) as response:
+                body = (await response.aread()).decode()
+                statuses.append(response.status_code if "[DONE]" in body and '"error"' not in body else 599)
+        return statuses
+
+
+@torch.no_grad()
+def _cold_first_logprob(weights: Path, prompt_ids: list[int]) -> float:
+    """The greedy first token's logprob after ``prompt_ids`` under ``weights``, computed afresh."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+    return float(torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1], dim=-1).max())
+
+
+def _perturbed_checkpoint(model: Path, folder: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    changed = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    changed.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    return folder
+
+
+def test_checkpoints_published_while_clients_stream_swap_in_without_a_failure(vllm, gateway, tmp_path):
+    url, model = vllm
+    gateway_url, store, engine = gateway
+    probe = [1, 504, 3145, 28, 12, 9]
+    before = _direct(url, model, probe, 1)[1]
+    changed = _perturbed_checkpoint(model, tmp_path / "changed")
+
+    async def run() -> list[list[int]]:
+        clients = [asyncio.create_task(_stream_calls(gateway_url, f"swap-{c}", 4)) for c in range(8)]
+        async with httpx.AsyncClient(timeout=120) as admin:
+            for version, checkpoint in ((1, changed), (2, model), (3, changed)):
+                await asyncio.sleep(0.5)
+                published = await admin.post(gateway_url + "/admin/weights", headers=AUTH,
+                                              json={"path": str(checkpoint), "version": version})
+                assert published.status_code == 200, published.text
+        return await asyncio.gather(*clients)
+
+    statuses = asyncio.run(run())
+    assert all(status == 200 for client in statuses for status in client), statuses
+    assert engine.stats().policy_version == 3
+    for c in range(8):
+        for call in store.calls(f"swap-{c}"):
+            assert call.status == "ok" and len(set(call.completion_versions)) == 1  # one version per call
+        versions = [call.completion_versions[0] for call in store.calls(f"swap-{c}")]
+        assert versions == sorted(versions)
+    # The probe's KV was cached under the original weights: after the swaps it is a cold prefill
+    # under the changed ones, and the original weights give back exactly what they gave.
+    assert before[0] == pytest.approx(_cold_first_logprob(model, probe), abs=1e-4)
+    after = _direct(url, model, probe, 1)[1]
+    assert after[0] == pytest.approx(_cold_first_logprob(changed, probe), abs=1e-4)
+    assert after[0] != pytest.approx(before[0], abs=1e-3)
+    published = httpx.post(gateway_url + "/admin/weights", headers=AUTH, json={"path": str(model), "version": 4})
+    assert published.status_code == 200
+    assert _direct(url, model, probe, 1)[1] == pytest.approx(before, abs=1e-6)
+
+
+def test_a_server_that_does_not_answer_stops_the_engine_at_start_with_its_address(tiny_model_dir):
+    port = free_port()
+    engine = VllmEngine(f"http://127.0.0.1:{port}", tiny_model_dir, model_name="tiny64")
+    with pytest.raises(EngineError, match=f"127.0.0.1:{port} did not answer GET /v1/models"):
+        asyncio.run(engine.start())
+    assert not engine.healthy
