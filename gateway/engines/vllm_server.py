@@ -131,6 +131,7 @@ class VllmEngine(Engine):
                 if response.status_code != 200:
                     detail = (await response.aread()).decode("utf-8", "replace")[:500]
                     raise EngineError(f"the vLLM server answered {response.status_code}: {detail}")
+                self._failure = None  # it answers (again)
                 finish: Finished | None = None
                 async for chunk in _events(response):
                     choice = chunk["choices"][0]
