@@ -100,18 +100,22 @@ def serve(config: ArborlConfig) -> None:
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    engine, model_dir, where = build_engine(config)
-    store = open_run_store(config, run_dir)
-    write_run_info(run_dir, engine, model_dir)
-    restore_served_version(engine, store)
-    app = create_app(engine, store, config.gateway)
-    host, port = config.gateway.host, config.gateway.port
-    print(
-        f"arborl: serving {engine.model_name!r} on http://{host}:{port}/v1 ({where}); "
-        f"recording into {store.location}",
-        flush=True,
-    )
-    uvicorn.Server(server_config(app, config.gateway, host=host, port=port, access_log=False)).run()
+    built = build_engine(config, run_dir)
+    try:  # servers started for the engine (engine.launch) stop with the gateway, however it ends
+        engine = built.engine
+        store = open_run_store(config, run_dir)
+        write_run_info(run_dir, engine, built.model_dir)
+        restore_served_version(engine, store)
+        app = create_app(engine, store, config.gateway)
+        host, port = config.gateway.host, config.gateway.port
+        print(
+            f"arborl: serving {engine.model_name!r} on http://{host}:{port}/v1 ({built.where}); "
+            f"recording into {store.location}",
+            flush=True,
+        )
+        uvicorn.Server(server_config(app, config.gateway, host=host, port=port, access_log=False)).run()
+    finally:
+        built.stop()
 
 
 def _open_store(run_dir: Path, store_url: str = ""):

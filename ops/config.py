@@ -91,6 +91,12 @@ class VllmEngineConfig(BaseModel):
     served_name: str | None = None  # the name clients use; defaults to the model folder's name
     max_running: int = 16  # the server's --max-num-seqs: requests beyond it count as waiting
     timeout_s: float = 600.0
+    # launch: arborl starts the server itself (ops/engine_servers.py), on url's loopback port
+    launch: bool = False
+    python: str = "/opt/vllm-venv/bin/python"  # the python of vLLM's own venv
+    dtype: str = "auto"  # the server's --dtype (float32 on a CPU)
+    max_model_len: int | None = None  # the server's --max-model-len (default: the model's)
+    extra_args: list[str] = Field(default_factory=list)  # more flags for the server
 
 
 # One configuration model per engine kind; ``engine.kind`` says which (embedded when absent).

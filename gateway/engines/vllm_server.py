@@ -190,10 +190,12 @@ class VllmEngine(Engine):
                 await self._call("POST", "/resume")
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        if self._client is None:
-            raise EngineError(f"the vLLM server at {self.url} is not connected")
         try:
-            response = await self._client.request(method, path, **kwargs)
+            if self._client is not None:
+                response = await self._client.request(method, path, **kwargs)
+            else:  # before start: a gateway restarting on a trained run serves its last version first
+                async with httpx.AsyncClient(base_url=self.url, timeout=self._timeout) as client:
+                    response = await client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise EngineError(f"the vLLM server at {self.url} did not answer {method} {path}: {exc}") from exc
         if response.status_code != 200:

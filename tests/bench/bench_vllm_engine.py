@@ -81,16 +81,18 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from arborl.gateway.engines.model_source import resolve_model
+    from arborl.ops.engine_servers import VllmServer
 
     model = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="arborl-bench-vllm-"))
     vllm_port, gateway_port = _free_port(), _free_port()
     vllm_url, gateway_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gateway_port}"
     _log(f"starting vLLM on {model.name} (a minute or two: it compiles the model)")
-    server = vllm_server.start(python, model, vllm_port, work / "vllm.log", max_num_seqs=max(args.concurrency))
+    server = VllmServer(python, model, vllm_port, work / "vllm.log", max_num_seqs=max(args.concurrency),
+                        dtype="float32", max_model_len=2048)
     gateway = None
     try:
-        vllm_server.wait_until_ready(server, vllm_url, work / "vllm.log")
+        server.start()
         gateway = Server("arborl", [sys.executable, "-m", "arborl.ops.cli", "serve", "--engine", "vllm",
                                     "--engine-url", vllm_url, "--model", str(model), "--served-name", model.name,
                                     "--run-dir", str(work / "run"), "--port", str(gateway_port)], gateway_port, work)
@@ -124,7 +126,7 @@ def main() -> None:
     finally:
         if gateway is not None:
             gateway.stop()
-        vllm_server.stop(server)
+        server.stop()
     print(f"\n{model.name} on vLLM (CPU build), {TOKENS} tokens per stream, median of {args.rounds} rounds")
     print("| streams | path | tokens/s | TTFT p50 ms | arborl / direct (goal: throughput >= 0.95x, TTFT <= 1.05x) |")
     print("|---|---|---|---|---|")

@@ -9,6 +9,10 @@ failed request, every call on one version, and no KV of the old weights serves t
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +24,10 @@ import torch
 import vllm_server
 
 from arborl.gateway.app import create_app
-from arborl.gateway.engines.base import EngineError
+from arborl.gateway.engines.base import EngineError, FromPath
 from arborl.gateway.engines.vllm_server import VllmEngine
 from arborl.gateway.settings import GatewaySettings
+from arborl.ops.engine_servers import VllmServer
 from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from conftest import ServerThread, free_port
 
@@ -38,14 +43,13 @@ def vllm(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[str, Path]]:
         pytest.skip(f"vLLM is not installed here (ARBORL_VLLM_PYTHON); install it with: {vllm_server.INSTALL}")
     work = tmp_path_factory.mktemp("vllm")
     model = vllm_server.build_model(work / "tiny64", tiny_model_dir)
-    port, log = free_port(), work / "server.log"
-    url = f"http://127.0.0.1:{port}"
-    process = vllm_server.start(python, model, port, log)
+    server = VllmServer(python, model, free_port(), work / "server.log", max_num_seqs=8, dtype="float32",
+                        max_model_len=2048)
+    server.start()
     try:
-        vllm_server.wait_until_ready(process, url, log)
-        yield url, model
+        yield server.url, model
     finally:
-        vllm_server.stop(process)
+        server.stop()
 
 
 @pytest.fixture
@@ -181,9 +185,62 @@ def test_checkpoints_published_while_clients_stream_swap_in_without_a_failure(vl
     assert _direct(url, model, probe, 1)[1] == pytest.approx(before, abs=1e-6)
 
 
+def test_a_checkpoint_is_served_before_the_engine_starts(vllm, tmp_path):
+    """What a gateway restarting on a trained run does first (``restore_served_version``)."""
+    url, model = vllm
+    engine = VllmEngine(url, model, model_name="tiny64")
+    probe = [1, 504, 3145, 28, 12, 9]
+    changed = _perturbed_checkpoint(model, tmp_path / "changed")
+    asyncio.run(engine.load_weights(FromPath(changed, 7)))
+    assert engine.stats().policy_version == 7
+    assert _direct(url, model, probe, 1)[1][0] == pytest.approx(_cold_first_logprob(changed, probe), abs=1e-4)
+    asyncio.run(engine.load_weights(FromPath(model, 8)))  # the next tests' server serves its own weights again
+    assert _direct(url, model, probe, 1)[1][0] == pytest.approx(_cold_first_logprob(model, probe), abs=1e-4)
+
+
 def test_a_server_that_does_not_answer_stops_the_engine_at_start_with_its_address(tiny_model_dir):
     port = free_port()
     engine = VllmEngine(f"http://127.0.0.1:{port}", tiny_model_dir, model_name="tiny64")
     with pytest.raises(EngineError, match=f"127.0.0.1:{port} did not answer GET /v1/models"):
         asyncio.run(engine.start())
     assert not engine.healthy
+
+
+def test_arborl_serve_starts_its_vllm_server_and_stops_it(vllm, tmp_path):
+    """``engine.launch``: the gateway starts the server (log in the run folder), serves from it,
+    and stops it when it stops."""
+    _, model = vllm
+    python = vllm_server.vllm_python()
+    vllm_port, gateway_port = free_port(), free_port()
+    config = tmp_path / "arborl.yaml"
+    config.write_text(f"engine:\n  kind: vllm\n  launch: true\n  python: {python}\n  model: {model}\n"
+                      f"  url: http://127.0.0.1:{vllm_port}\n  dtype: float32\n  max_model_len: 2048\n"
+                      f"  max_running: 4\n")
+    run_dir = tmp_path / "run"
+    gateway = subprocess.Popen([sys.executable, "-m", "arborl.ops.cli", "serve", "--config", str(config),
+                                "--run-dir", str(run_dir), "--port", str(gateway_port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        deadline = time.monotonic() + 900
+        while not _answers(url + "/readyz"):
+            assert gateway.poll() is None, gateway.stdout.read() if gateway.stdout else ""
+            assert time.monotonic() < deadline, "the gateway did not start its vLLM server in 15 minutes"
+            time.sleep(1)
+        reply = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        assert httpx.get(f"http://127.0.0.1:{vllm_port}/v1/models", timeout=5).status_code == 200
+        assert "Application startup complete" in (run_dir / "vllm.log").read_text()
+    finally:
+        gateway.send_signal(signal.SIGINT)
+        gateway.wait(60)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{vllm_port}/v1/models", timeout=5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
