@@ -53,8 +53,9 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict) -> tuple[float,
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
                 continue
             choice = (json.loads(line[5:]).get("choices") or [{}])[0]
-            new = len(choice.get("token_ids") or []) if "token_ids" in choice else \
-                int(bool((choice.get("delta") or {}).get("content")))
+            # vLLM: the chunk's token ids; arborl: one logprobs entry per token, sent as it is sampled
+            # (content text may be held back while it could still start a tool call)
+            new = len(choice.get("token_ids") or ((choice.get("logprobs") or {}).get("content") or []))
             if new and first is None:
                 first = time.perf_counter() - started
             tokens += new
@@ -66,7 +67,7 @@ async def _round(url: str, path: str, bodies: list[dict]) -> dict:
         started = time.perf_counter()
         results = await asyncio.gather(*(_one(client, path, body) for body in bodies))
         wall = time.perf_counter() - started
-    return {"ttft": [r[0] for r in results], "wall": wall, "requests": len(results)}
+    return {"ttft": [r[0] for r in results], "tokens": sum(r[1] for r in results), "wall": wall}
 
 
 def main() -> None:
@@ -81,6 +82,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from arborl.gateway.engines.model_source import resolve_model
+    from arborl.gateway.rendering import ChatRenderer
+    from arborl.gateway.tool_parsers import get_parser
     from arborl.ops.engine_servers import VllmServer
 
     model = resolve_model(args.model)
@@ -97,8 +100,9 @@ def main() -> None:
                                     "--engine-url", vllm_url, "--model", str(model), "--served-name", model.name,
                                     "--run-dir", str(work / "run"), "--port", str(gateway_port)], gateway_port, work)
         gateway.ready("/readyz")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        prompt_ids = list(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True))
+        # The ids the gateway sends for MESSAGES, rendered by its own renderer
+        renderer = ChatRenderer(AutoTokenizer.from_pretrained(model), get_parser("hermes"))
+        prompt_ids = renderer.encode(renderer.render(MESSAGES).text)
         # Every request repeats the prompt, so vLLM's prefix cache serves it after the first:
         # each stream is a new session, as at the start of a group of rollouts.
         sampling = {"max_tokens": TOKENS, "temperature": 1.0, "ignore_eos": True, "stream": True}
@@ -107,7 +111,7 @@ def main() -> None:
             direct = [{"model": model.name, "prompt": prompt_ids, "return_token_ids": True, **sampling}
                       for _ in range(n)]
             through = [{"model": model.name, "messages": MESSAGES, "metadata": {"session_id": f"bench-{n}-{i}"},
-                        **sampling} for i in range(n)]
+                        "logprobs": True, **sampling} for i in range(n)]
             rows: dict[str, list[dict]] = {"vLLM direct": [], "through arborl": []}
             for r in range(args.rounds + 1):  # the first round of each warms up, uncounted
                 for name, url, path, bodies in (("vLLM direct", vllm_url, "/v1/completions", direct),
@@ -119,7 +123,8 @@ def main() -> None:
             figures = {}
             for name, results in rows.items():
                 figures[name] = {
-                    "tok_s": statistics.median(n * TOKENS / x["wall"] for x in results),
+                    "tok_s": statistics.median(x["tokens"] / x["wall"] for x in results),
+                    "tokens": statistics.median(x["tokens"] for x in results),
                     "ttft_ms": 1000 * statistics.median(t for x in results for t in x["ttft"]),
                 }
             table.append((n, figures))
@@ -128,13 +133,14 @@ def main() -> None:
             gateway.stop()
         server.stop()
     print(f"\n{model.name} on vLLM (CPU build), {TOKENS} tokens per stream, median of {args.rounds} rounds")
-    print("| streams | path | tokens/s | TTFT p50 ms | arborl / direct (goal: throughput >= 0.95x, TTFT <= 1.05x) |")
-    print("|---|---|---|---|---|")
+    print("| streams | path | tokens per round | tokens/s | TTFT p50 ms | arborl / direct (goal: throughput >= 0.95x, "
+          "TTFT <= 1.05x) |")
+    print("|---|---|---|---|---|---|")
     for n, figures in table:
         direct, through = figures["vLLM direct"], figures["through arborl"]
-        print(f"| {n} | vLLM direct | {direct['tok_s']:.1f} | {direct['ttft_ms']:.0f} | |")
+        print(f"| {n} | vLLM direct | {direct['tokens']:.0f} | {direct['tok_s']:.1f} | {direct['ttft_ms']:.0f} | |")
         rate, ttft = through["tok_s"] / direct["tok_s"], through["ttft_ms"] / direct["ttft_ms"]
-        print(f"| {n} | through arborl | {through['tok_s']:.1f} | {through['ttft_ms']:.0f} | "
+        print(f"| {n} | through arborl | {through['tokens']:.0f} | {through['tok_s']:.1f} | {through['ttft_ms']:.0f} | "
               f"throughput {rate:.3f}x, TTFT {ttft:.3f}x |")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "vllm_engine.json").write_text(json.dumps(
