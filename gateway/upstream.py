@@ -39,6 +39,7 @@ from .completions import (
     result_message,
 )
 from .engines.base import EngineObserver, EngineStats, TokenizerLike, WeightUpdate, WeightUpdateNotSupported
+from .engines.event_stream import UnreadableEvent, json_events
 from .errors import GatewayError, InvalidRequest, Overloaded, UpstreamFailed, UpstreamTimeout
 from .metrics import GatewayMetrics
 from .rendering import ChatRenderer
@@ -157,18 +158,11 @@ class UpstreamEngine:
         """The opened completion as gateway events; ``state`` gathers it for the record."""
         parse = openai_events if self.api == "openai" else anthropic_events
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                try:
-                    payload = json.loads(data)
-                except ValueError:
-                    raise UpstreamFailed(f"the upstream sent an unreadable event: {data[:200]!r}") from None
+            async for payload in json_events(response):
                 for event in parse(payload, state):
                     yield event
+        except UnreadableEvent as exc:
+            raise UpstreamFailed(f"the upstream sent {exc}") from None
         except UpstreamStreamError as exc:
             raise UpstreamFailed(f"the upstream failed the completion: {exc}") from exc
         except httpx.HTTPError as exc:

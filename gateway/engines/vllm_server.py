@@ -25,7 +25,6 @@ the prompt already ends with the call's opening, and a malformed call comes back
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -50,6 +49,7 @@ from .base import (
     WeightUpdateNotSupported,
 )
 from .detokenizer import IncrementalDetokenizer
+from .event_stream import UnreadableEvent, json_events
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,9 @@ class VllmEngine(Engine):
                     raise EngineError(f"the vLLM server answered {response.status_code}: {detail}")
                 self._failure = None  # it answers (again)
                 finish: Finished | None = None
-                async for chunk in _events(response):
+                async for chunk in json_events(response):
+                    if "error" in chunk:
+                        raise EngineError(f"the vLLM server failed the request: {chunk['error']}")
                     choice = chunk["choices"][0]
                     for token_id, logprob, top in _sampled(choice, params.top_logprobs):
                         yield SampledToken(token_id, logprob, version, detokenizer.add(token_id), top)
@@ -149,6 +151,8 @@ class VllmEngine(Engine):
                 if finish is None:
                     raise EngineError("the vLLM server ended the stream without finishing the request")
                 yield finish
+        except UnreadableEvent as exc:
+            raise EngineError(f"the vLLM server sent {exc}") from None
         except httpx.HTTPError as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             raise EngineError(f"the vLLM server at {self.url} failed: {self._failure}") from exc
@@ -202,20 +206,6 @@ class VllmEngine(Engine):
             raise EngineError(f"the vLLM server answered {method} {path} with {response.status_code}: "
                               f"{response.text[:500]}")
         return response.json() if response.content else None
-
-
-async def _events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
-    """The JSON chunks of an OpenAI-style event stream, until ``[DONE]``."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        chunk = json.loads(data)
-        if "error" in chunk:
-            raise EngineError(f"the vLLM server failed the request: {chunk['error']}")
-        yield chunk
 
 
 def _sampled(choice: dict[str, Any], top: int) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
