@@ -210,7 +210,7 @@ def train(args: argparse.Namespace) -> None:
     ledger = RunLedger(_open_store(run_dir, config.store.url))
     info = run_dir / "run.json"
     model = args.model or (json.loads(info.read_text()).get("model_dir") if info.is_file() else None)
-    start = model or (config.engine.model if config.engine.kind == "embedded" else None)
+    start = model or (config.engine.model if config.engine.kind != "upstream" else None)
     if not start:
         raise SystemExit("arborl: an upstream engine has no weights to train: give the starting weights with --model")
     base = resolve_model(start)
@@ -270,7 +270,7 @@ def connect(args: argparse.Namespace) -> None:
         # Still print the configuration (`eval "$(arborl connect ...)"` must not silently set
         # nothing and send the agent to its vendor): it points at the configured address, under the
         # name `arborl serve` would serve (which answers any model name anyway).
-        model = Path(config.engine.model).name if config.engine.kind == "embedded" else "arborl"
+        model = Path(config.engine.model).name if config.engine.kind != "upstream" else "arborl"
         print(f"arborl: no gateway answers at {url} yet: start one (`arborl up` or `arborl serve`), or give "
               f"its address with --url URL. The configuration below points at {url}.", file=sys.stderr)
     session = args.session or (new_session_id(adapter.name) if adapter.names_its_session is None else None)
