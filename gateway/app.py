@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -138,6 +139,7 @@ class Gateway:
         self.metrics.queue_depth.set(stats.waiting)
         self.metrics.running.set(stats.running)
         self.metrics.policy_version.set(stats.policy_version)
+        self.metrics.observe_replicas(stats.replicas)
         self.metrics.trie_nodes.set(self.store.total_nodes)
         self.metrics.trie_tokens.set(self.store.total_tokens)
 
@@ -432,7 +434,8 @@ def create_app(
         ready = engine.healthy
         return JSONResponse(
             {"ready": ready, "model": engine.model_name, "policy_version": stats.policy_version,
-             "waiting": stats.waiting, "running": stats.running},
+             "waiting": stats.waiting, "running": stats.running,
+             **({"replicas": [dataclasses.asdict(r) for r in stats.replicas]} if stats.replicas else {})},
             status_code=200 if ready else 503,
         )
 

@@ -7,9 +7,11 @@ Gauges that mirror engine or store state are read at scrape time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .engines.base import ReplicaStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -85,6 +87,27 @@ class GatewayMetrics:
         )
         self.trie_nodes = Gauge("arborl_trie_nodes", "Trie nodes in the store", registry=r)
         self.trie_tokens = Gauge("arborl_trie_tokens", "Tokens stored in tries (shared prefixes once)", registry=r)
+        # An engine of several replicas (gateway/engines/replica_router.py): one series per replica.
+        self.replica_in_rotation = Gauge(
+            "arborl_replica_in_rotation", "1 while the replica gets new requests, 0 while it is out", ["replica"],
+            registry=r)
+        self.replica_version = Gauge("arborl_replica_policy_version", "Policy version the replica serves",
+                                     ["replica"], registry=r)
+        self.replica_running = Gauge("arborl_replica_running_requests", "Requests the replica generates",
+                                     ["replica"], registry=r)
+        self.replica_waiting = Gauge("arborl_replica_queue_depth", "Requests waiting for a slot on the replica",
+                                     ["replica"], registry=r)
+        self.replica_sessions = Gauge("arborl_replica_sessions", "Sessions whose calls go to the replica",
+                                      ["replica"], registry=r)
+        self.replica_prompt_tokens = Gauge(
+            "arborl_replica_prompt_tokens", "Prompt tokens of the requests the replica finished", ["replica"],
+            registry=r)
+        self.replica_cached_tokens = Gauge(
+            "arborl_replica_cached_prompt_tokens", "Of those, the tokens its prefix cache served", ["replica"],
+            registry=r)
+        self.replica_cache_hit_rate = Gauge(
+            "arborl_replica_prefix_cache_hit_rate", "Cached over prompt tokens on the replica", ["replica"],
+            registry=r)
         self._session_seen: dict[str, float] = {}
         # Known label values start at 0, so dashboards and alerts see the series before the
         # first event (Prometheus' advice for labelled counters).
@@ -104,6 +127,19 @@ class GatewayMetrics:
 
     def observe_swap(self, version: int, seconds: float) -> None:
         self.swap_duration.observe(seconds)
+
+    def observe_replicas(self, replicas: Sequence[ReplicaStats]) -> None:
+        for replica in replicas:
+            name = replica.name
+            self.replica_in_rotation.labels(name).set(1 if replica.in_rotation else 0)
+            self.replica_version.labels(name).set(replica.policy_version)
+            self.replica_running.labels(name).set(replica.running)
+            self.replica_waiting.labels(name).set(replica.waiting)
+            self.replica_sessions.labels(name).set(replica.sessions)
+            self.replica_prompt_tokens.labels(name).set(replica.prompt_tokens)
+            self.replica_cached_tokens.labels(name).set(replica.cached_prompt_tokens)
+            self.replica_cache_hit_rate.labels(name).set(
+                replica.cached_prompt_tokens / replica.prompt_tokens if replica.prompt_tokens else 0.0)
 
     def touch_session(self, session_id: str) -> None:
         self._session_seen[session_id] = time.monotonic()

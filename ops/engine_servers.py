@@ -36,7 +36,7 @@ class VllmServer:
         self._command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                          "--served-model-name", model_dir.name, "--dtype", dtype,
                          "--max-num-seqs", str(max_num_seqs), "--host", "127.0.0.1", "--port", str(port),
-                         "--logprobs-mode", "processed_logprobs",
+                         "--logprobs-mode", "processed_logprobs", "--enable-prompt-tokens-details",
                          *(("--max-model-len", str(max_model_len)) if max_model_len else ()), *extra_args]
         self._env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "HF_HUB_OFFLINE": "1",
                      "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib)}

@@ -104,6 +104,21 @@ class Finished:
 GenerationEvent = SampledToken | Finished
 
 
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One replica behind a router (``replica_router.py``), for /metrics and /readyz."""
+
+    name: str  # its URL, or its index
+    in_rotation: bool
+    why_out: str | None  # why it gets no new requests, when it does not
+    policy_version: int
+    waiting: int
+    running: int
+    sessions: int  # sessions whose calls go to it (their prefix is in its cache)
+    prompt_tokens: int  # of the requests it finished, and how many of those its prefix cache served
+    cached_prompt_tokens: int
+
+
 @dataclass
 class EngineStats:
     """A snapshot for /metrics and /readyz."""
@@ -114,6 +129,7 @@ class EngineStats:
     cache_capacity_tokens: int = 0
     policy_version: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    replicas: tuple[ReplicaStats, ...] = ()  # an engine of several replicas: each of them
 
 
 class EngineObserver(Protocol):
@@ -208,6 +224,10 @@ class Engine(abc.ABC):
     @property
     @abc.abstractmethod
     def healthy(self) -> bool: ...
+
+    async def probe(self) -> bool:
+        """Check that the engine serves (a server engine asks its server); ``healthy`` follows."""
+        return self.healthy
 
     async def start(self) -> None:  # noqa: B027 (an optional hook: a no-op unless overridden)
         """Start background work (the scheduler); called once by the app on startup."""
