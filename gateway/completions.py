@@ -210,7 +210,9 @@ class CompletionService:
             yield result
         except EngineError as exc:
             call.error = f"EngineError: {exc}"
-            raise EngineUnavailable(f"the engine failed this request: {exc}") from exc
+            # Retry-After: a replica taken out, a server restarting or a swap finishing is seconds away
+            raise EngineUnavailable(f"the engine failed this request: {exc}",
+                                    headers={"retry-after": str(RETRY_AFTER_SECONDS)}) from exc
         except Exception as exc:
             call.error = f"{type(exc).__name__}: {exc}"
             raise

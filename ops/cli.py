@@ -51,9 +51,13 @@ def _serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-running", type=int, help="sequences decoded together (default 16)")
     parser.add_argument("--max-tokens-cap", type=int, help="cap on every request's max_tokens")
     parser.add_argument("--tool-parser", choices=["hermes", "qwen3_coder", "llama3_json"])
-    parser.add_argument("--engine", choices=["embedded", "upstream", "vllm"],
-                        help="run a model here (default), forward to an upstream, or serve from a vLLM server")
-    parser.add_argument("--engine-url", help="the vLLM server's root URL (engine.url)")
+    parser.add_argument("--engine", choices=["embedded", "upstream", "vllm", "sglang"],
+                        help="run a model here (default), forward to an upstream, or serve from vLLM or SGLang "
+                             "servers")
+    parser.add_argument("--engine-url", help="the vLLM or SGLang servers' root URLs, comma-separated (engine.url)")
+    parser.add_argument("--replicas", type=int, help="with --launch: engine servers to start (engine.replicas)")
+    parser.add_argument("--launch", action="store_const", const=True,
+                        help="start the vLLM or SGLang servers here (engine.launch)")
     parser.add_argument("--upstream-url", help="upstream base URL (OpenAI: http://host/v1; Anthropic: https://host)")
     parser.add_argument("--upstream-api", choices=["openai", "anthropic"], help="the upstream's API (default openai)")
     parser.add_argument("--upstream-model", help="model name at the upstream (default: --served-name)")
@@ -71,6 +75,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("engine", "kind"): args.engine,
         ("engine", "upstream_url"): args.upstream_url,
         ("engine", "url"): args.engine_url,
+        ("engine", "replicas"): args.replicas,
+        ("engine", "launch"): args.launch,
         ("engine", "upstream_api"): args.upstream_api,
         ("engine", "upstream_model"): args.upstream_model,
         ("engine", "upstream_api_key"): args.upstream_api_key,

@@ -80,28 +80,56 @@ class UpstreamEngineConfig(BaseModel):
     tokenizer: str | None = None  # a model folder (or the default's name) to record upstream calls as ids
 
 
-class VllmEngineConfig(BaseModel):
-    """``engine.kind: vllm``: a vLLM server (started with ``--logprobs-mode processed_logprobs``)."""
+class ServerEngineConfig(BaseModel):
+    """What the engines that are inference servers share (``vllm``, ``sglang``): where the
+    servers are, how arborl starts them if it does, and how calls and versions are spread over
+    them (gateway/engines/replica_router.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["vllm"] = "vllm"
-    url: str = "http://127.0.0.1:8100"  # the server's root (it serves /v1/completions)
-    model: str = DEFAULT_MODEL  # the folder the server loaded (the gateway renders with its tokenizer)
+    # The servers' roots, comma-separated for several replicas ("http://h1:8100,http://h2:8100").
+    # With launch, the first replica listens on url's loopback port and replica i on that port + i.
+    url: str = "http://127.0.0.1:8100"
+    replicas: int = Field(1, ge=1)  # how many servers arborl starts (launch); else url's count
+    model: str = DEFAULT_MODEL  # the folder the servers loaded (the gateway renders with its tokenizer)
     served_name: str | None = None  # the name clients use; defaults to the model folder's name
-    max_running: int = 16  # the server's --max-num-seqs: requests beyond it count as waiting
+    max_running: int = 16  # requests one server decodes at once (its batch limit)
     timeout_s: float = 600.0
-    # launch: arborl starts the server itself (ops/engine_servers.py), on url's loopback port
+    routing: Literal["affinity", "round_robin"] = "affinity"  # sessions stay on the replica with their KV
+    publish: Literal["rolling", "all"] = "rolling"  # weight updates one replica at a time, or all at once
+    # launch: arborl starts the servers itself (ops/engine_servers.py)
     launch: bool = False
-    python: str = "/opt/vllm-venv/bin/python"  # the python of vLLM's own venv
+    python: str = ""  # the python of the engine's own venv (default: the kind's, below)
     dtype: str = "auto"  # the server's --dtype (float32 on a CPU)
-    max_model_len: int | None = None  # the server's --max-model-len (default: the model's)
-    extra_args: list[str] = Field(default_factory=list)  # more flags for the server
+    max_model_len: int | None = None  # the server's context length (default: the model's)
+    # of each GPU the server may take (vLLM --gpu-memory-utilization, SGLang --mem-fraction-static)
+    gpu_memory_fraction: float | None = None
+    devices: list[str] = Field(default_factory=list)  # CUDA_VISIBLE_DEVICES of replica i: devices[i] ("0", "1,2")
+    extra_args: list[str] = Field(default_factory=list)  # more flags for every server
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.url.split(",") if u.strip()]
+
+
+class VllmEngineConfig(ServerEngineConfig):
+    """``engine.kind: vllm``: vLLM servers (started with ``--logprobs-mode processed_logprobs``)."""
+
+    kind: Literal["vllm"] = "vllm"
+    python: str = "/opt/vllm-venv/bin/python"
+
+
+class SglangEngineConfig(ServerEngineConfig):
+    """``engine.kind: sglang``: SGLang servers (their native ``/generate``)."""
+
+    kind: Literal["sglang"] = "sglang"
+    python: str = "/opt/sglang-venv/bin/python"
 
 
 # One configuration model per engine kind; ``engine.kind`` says which (embedded when absent).
 ENGINE_KINDS: dict[str, type[BaseModel]] = {
     "embedded": EmbeddedEngineConfig, "upstream": UpstreamEngineConfig, "vllm": VllmEngineConfig,
+    "sglang": SglangEngineConfig,
 }
 
 
@@ -111,7 +139,7 @@ def _engine_kind(value: Any) -> str:
 
 EngineConfig = Annotated[
     Annotated[EmbeddedEngineConfig, Tag("embedded")] | Annotated[UpstreamEngineConfig, Tag("upstream")]
-    | Annotated[VllmEngineConfig, Tag("vllm")],
+    | Annotated[VllmEngineConfig, Tag("vllm")] | Annotated[SglangEngineConfig, Tag("sglang")],
     Discriminator(_engine_kind),
 ]
 

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from arborl.gateway.settings import GatewaySettings
 
-from .config import ArborlConfig, EmbeddedEngineConfig, UpstreamEngineConfig, VllmEngineConfig
+from .config import ArborlConfig, EmbeddedEngineConfig, SglangEngineConfig, UpstreamEngineConfig, VllmEngineConfig
 
 
 @dataclass
@@ -88,35 +88,47 @@ def _upstream_engine(settings: UpstreamEngineConfig, run_dir: Path) -> BuiltEngi
     return BuiltEngine(engine, model_dir, f"forwarding to {settings.upstream_api} upstream {settings.upstream_url}")
 
 
-def _vllm_engine(settings: VllmEngineConfig, run_dir: Path) -> BuiltEngine:
+def _server_engine(settings: VllmEngineConfig | SglangEngineConfig, run_dir: Path) -> BuiltEngine:
+    """``vllm`` or ``sglang``: one engine per server, behind a router when there are several."""
     from arborl.gateway.engines.model_source import resolve_model
+    from arborl.gateway.engines.replica_router import ReplicaRouter
+    from arborl.gateway.engines.sglang_server import SglangEngine
     from arborl.gateway.engines.vllm_server import VllmEngine
 
-    from .engine_servers import VllmServer
+    from .engine_servers import launch_servers, loopback_port
 
     model_dir = resolve_model(settings.model)
-    servers = []
+    urls = settings.urls
+    servers: list[Any] = []
     if settings.launch:
+        if len(urls) != 1:
+            raise SystemExit("arborl: engine.launch starts engine.replicas servers from one engine.url; "
+                             f"it has {len(urls)}")
         try:
-            server = VllmServer.for_url(settings.python, model_dir, settings.url, run_dir / "vllm.log",
-                                        max_num_seqs=settings.max_running, dtype=settings.dtype,
-                                        max_model_len=settings.max_model_len, extra_args=tuple(settings.extra_args))
-            print(f"arborl: starting a vLLM server for {model_dir.name} on {settings.url} (log: {server.log})...",
-                  flush=True)
-            server.start()
+            loopback_port(urls[0])
+            print(f"arborl: starting {settings.replicas} {settings.kind} server(s) for {model_dir.name} from "
+                  f"{urls[0]} (logs in {run_dir})...", flush=True)
+            servers = launch_servers(settings, model_dir, run_dir)
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             raise SystemExit(f"arborl: {exc}") from None
-        servers.append(server)
-    engine = VllmEngine(settings.url, model_dir, model_name=settings.served_name, max_running=settings.max_running,
-                        timeout_s=settings.timeout_s)
-    return BuiltEngine(engine, model_dir, f"vLLM server {settings.url}", servers)
+        urls = [server.url for server in servers]
+    elif settings.replicas not in (1, len(urls)):
+        raise SystemExit(f"arborl: engine.replicas is {settings.replicas} but engine.url names {len(urls)} server(s)")
+    kind = {"vllm": VllmEngine, "sglang": SglangEngine}[settings.kind]
+    engines = [kind(url, model_dir, model_name=settings.served_name, max_running=settings.max_running,
+                    timeout_s=settings.timeout_s) for url in urls]
+    if len(engines) == 1:
+        return BuiltEngine(engines[0], model_dir, f"{settings.kind} server {urls[0]}", servers)
+    router = ReplicaRouter(engines, names=urls, routing=settings.routing, publish=settings.publish)
+    return BuiltEngine(router, model_dir, f"{len(urls)} {settings.kind} servers ({settings.routing} routing)", servers)
 
 
 # How each engine kind of the configuration (ops/config.py: ENGINE_KINDS) is built.
 ENGINE_BUILDERS: dict[str, Callable[[Any, Path], BuiltEngine]] = {
     "embedded": _embedded_engine,
     "upstream": _upstream_engine,
-    "vllm": _vllm_engine,
+    "vllm": _server_engine,
+    "sglang": _server_engine,
 }
 
 

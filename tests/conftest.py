@@ -173,3 +173,47 @@ def open_store(request, tmp_path) -> Iterator[Callable[[], TrajectoryStore]]:
             store.close()
         except Exception:  # noqa: BLE001 - closed by the test already
             pass
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny64(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(URL, model folder) of one real vLLM server for the session, serving the tiny 64-dim Llama;
+    skipped, saying how to install vLLM, where it is not installed (tests/vllm_server.py)."""
+    import vllm_server
+
+    from arborl.ops.engine_servers import VllmServer
+
+    python = vllm_server.vllm_python()
+    if python is None:
+        pytest.skip(f"vLLM is not installed here (ARBORL_VLLM_PYTHON); install it with: {vllm_server.INSTALL}")
+    work = tmp_path_factory.mktemp("vllm")
+    model = vllm_server.build_model(work / "tiny64", tiny_model_dir)
+    server = VllmServer(python, model, free_port(), work / "server.log", max_num_seqs=8, dtype="float32",
+                        max_model_len=2048)
+    server.start()
+    try:
+        yield server.url, model
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def sglang_default(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """(URL, model folder) of one real SGLang server on a GPU, serving the default model; skipped
+    where SGLang is not installed (``ARBORL_SGLANG_PYTHON``) or there is no GPU."""
+    import torch
+
+    from arborl.gateway.engines.model_source import DEFAULT_MODEL
+    from arborl.ops.engine_servers import DEFAULT_SGLANG_PYTHON, SglangServer
+
+    python = os.environ.get("ARBORL_SGLANG_PYTHON", DEFAULT_SGLANG_PYTHON)
+    if not torch.cuda.is_available() or not Path(python).is_file():
+        pytest.skip("SGLang needs a GPU and its own venv (ARBORL_SGLANG_PYTHON; see the README)")
+    model = resolve_model(DEFAULT_MODEL)
+    server = SglangServer(python, model, free_port(), tmp_path_factory.mktemp("sglang") / "server.log",
+                          max_num_seqs=8, gpu_memory_fraction=0.3)
+    server.start()
+    try:
+        yield server.url, model
+    finally:
+        server.stop()

@@ -52,6 +52,11 @@ from .event_stream import UnreadableEvent
 
 log = logging.getLogger(__name__)
 
+# A connection the server drops while httpcore opens it can surface from anyio as an
+# AttributeError ('NoneType' object has no attribute 'getpeername'), not an httpx error: seen with
+# a vLLM server under load while another was killed. It is the server's failure, not arborl's.
+_TRANSPORT_BUG = AttributeError
+
 # (token id, logprob, the top alternatives as (id, logprob), most likely first)
 WireToken = tuple[int, float, tuple[tuple[int, float], ...]]
 
@@ -76,6 +81,8 @@ class RemoteServerEngine(Engine):
 
     server_name = "server"  # for messages: "the vLLM server answered ..."
     health_path = "/health"  # answers 200 while the server serves
+    # answers {"weight_version": LABEL}: the number ``_swap`` set, or the server's "default"
+    version_label_path = "/weight_info"
     weight_updates: tuple[type[WeightUpdate], ...] = (FromPath,)
 
     def __init__(self, url: str, model_dir: str | Path, *, model_name: str | None = None,
@@ -130,6 +137,7 @@ class RemoteServerEngine(Engine):
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         try:
             await self._connect()
+            self._follow_label(await self._served_label())  # a server that kept running serves what it served
         except EngineError as exc:
             self._failure = str(exc)
             raise
@@ -148,12 +156,19 @@ class RemoteServerEngine(Engine):
         return self._client is not None and self._failure is None
 
     async def probe(self) -> bool:
-        """Ask the server whether it serves; ``healthy`` follows the answer."""
+        """Ask the server whether it serves, and which version; ``healthy`` follows the answer.
+
+        A server restarted behind arborl's back serves its base weights again: its version label
+        says so ("default", not the number ``_swap`` set), and ``version`` follows it, so tokens
+        are never recorded under a version the server no longer serves (a router then brings the
+        replica up to date before it gets requests again)."""
         try:
             await self._call("GET", self.health_path)
+            label = None if self._swap_lock.locked() else await self._served_label()
         except EngineError as exc:
             self._failure = str(exc)
             return False
+        self._follow_label(label)
         self._failure = None
         return self.healthy
 
@@ -213,7 +228,7 @@ class RemoteServerEngine(Engine):
             raise EngineError(f"the {self.server_name} sent {exc}") from None
         except (KeyError, IndexError, TypeError, ValueError) as exc:  # a chunk not of the server's format
             raise EngineError(f"the {self.server_name} sent an unreadable chunk: {exc!r}") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, _TRANSPORT_BUG) as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             raise EngineError(f"the {self.server_name} at {self.url} failed: {self._failure}") from exc
         finally:
@@ -239,6 +254,24 @@ class RemoteServerEngine(Engine):
             await self._swap(update)
             self.version = update.version
 
+    async def _served_label(self) -> str | None:
+        """The weight version the server says it serves; None if it cannot say (an older server)."""
+        response = await self._send("GET", self.version_label_path)
+        try:
+            answer = response.json() if response.status_code == 200 else None
+        except ValueError:
+            return None
+        return str(answer["weight_version"]) if isinstance(answer, dict) and "weight_version" in answer else None
+
+    def _follow_label(self, label: str | None) -> None:
+        if label is None or self._swap_lock.locked():
+            return
+        served = int(label) if label.isdigit() else 0
+        if served != self.version:
+            log.warning("the %s at %s serves version %d, not %d (restarted?)", self.server_name, self.url,
+                        served, self.version)
+            self.version = served
+
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request to the server, whatever its status; not answered: ``EngineError``."""
         try:
@@ -247,7 +280,7 @@ class RemoteServerEngine(Engine):
             # before start: a gateway restarting on a trained run serves its last version first
             async with httpx.AsyncClient(base_url=self.url, timeout=self._timeout) as client:
                 return await client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, _TRANSPORT_BUG) as exc:
             raise EngineError(f"the {self.server_name} at {self.url} did not answer {method} {path}: "
                               f"{type(exc).__name__}: {exc}") from exc
 

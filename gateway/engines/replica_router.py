@@ -152,8 +152,10 @@ class ReplicaRouter(Engine):
                 self._take_out(replica, "not answering its health check")
             return
         if replica.why_out is None:
-            return
-        if replica.version != self.version:  # it missed a publish while it was out
+            if replica.version == self.version or self._publishing.locked():
+                return
+            self._take_out(replica, f"it serves version {replica.version}, not {self.version} (restarted?)")
+        if replica.version != self.version:  # it missed a publish while it was out, or restarted
             if self._last_checkpoint is None or self._publishing.locked():
                 return
             try:

@@ -40,6 +40,7 @@ class SglangEngine(RemoteServerEngine):
     ``max_running`` is its ``--max-running-requests``."""
 
     server_name = "SGLang server"
+    version_label_path = "/get_weight_version"
 
     async def _connect(self) -> None:
         info = await self._call("GET", "/get_server_info")

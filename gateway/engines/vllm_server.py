@@ -10,8 +10,9 @@ served (``Finished.cached_prompt_tokens``; 0 without it).
 
 A weight update pauses the server until the requests in flight finish (``/pause?mode=wait``),
 reloads the checkpoint in place (``collective_rpc reload_weights``), drops the prefix cache
-(``/reset_prefix_cache``) and resumes. A client that goes away closes the HTTP stream, and vLLM
-aborts the request.
+(``/reset_prefix_cache``), labels the server with the version (``/update_weight_version``; read
+back by ``/weight_info`` when arborl checks the server) and resumes. A client that goes away
+closes the HTTP stream, and vLLM aborts the request.
 
 A request forcing a tool call (``SamplingParams.forced_call``) is sampled without the constraint:
 the prompt already ends with the call's opening, and a malformed call comes back as text.
@@ -93,6 +94,7 @@ class VllmEngine(RemoteServerEngine):
             await self._call("POST", "/collective_rpc",
                              json={"method": "reload_weights", "kwargs": {"weights_path": str(update.path)}})
             await self._call("POST", "/reset_prefix_cache")
+            await self._call("POST", "/update_weight_version", json={"new_version": str(update.version)})
         finally:
             await self._call("POST", "/resume")
 

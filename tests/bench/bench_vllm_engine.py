@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="a model folder or the default's name")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="the server's --dtype (auto on a GPU)")
     args = parser.parse_args()
     python = vllm_server.vllm_python()
     if python is None:
@@ -92,7 +93,7 @@ def main() -> None:
     vllm_url, gateway_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gateway_port}"
     _log(f"starting vLLM on {model.name} (a minute or two: it compiles the model)")
     server = VllmServer(python, model, vllm_port, work / "vllm.log", max_num_seqs=max(args.concurrency),
-                        dtype="float32", max_model_len=2048)
+                        dtype=args.dtype, max_model_len=2048)
     gateway = None
     try:
         server.start()
@@ -132,7 +133,8 @@ def main() -> None:
         if gateway is not None:
             gateway.stop()
         server.stop()
-    print(f"\n{model.name} on vLLM (CPU build), {TOKENS} tokens per stream, median of {args.rounds} rounds")
+    build = "CPU build" if args.dtype == "float32" else args.dtype
+    print(f"\n{model.name} on vLLM ({build}), {TOKENS} tokens per stream, median of {args.rounds} rounds")
     print("| streams | path | tokens per round | tokens/s | TTFT p50 ms | arborl / direct (goal: throughput >= 0.95x, "
           "TTFT <= 1.05x) |")
     print("|---|---|---|---|---|---|")

@@ -74,3 +74,31 @@ def test_an_engine_without_weights_refuses_a_publish_with_a_400(tmp_path: Path):
     assert response.status_code == 400, response.text
     assert "forwards to an upstream" in response.json()["error"]["message"]
     store.close()
+
+
+def test_server_engines_are_built_from_their_kind_one_per_url_behind_a_router(tiny_model_dir: Path,
+                                                                                tmp_path: Path):
+    """``engine.kind`` picks the engine class; several URLs make replicas behind a router; a
+    replica count that does not match the URLs is refused before anything starts."""
+    from arborl.gateway.engines.replica_router import ReplicaRouter
+    from arborl.gateway.engines.sglang_server import SglangEngine
+    from arborl.gateway.engines.vllm_server import VllmEngine
+    from arborl.ops.config import load_config
+    from arborl.ops.local_gateway import build_engine
+
+    def built(engine: dict):
+        return build_engine(load_config(overrides={"engine": {"model": str(tiny_model_dir), **engine}}, environ={}),
+                            tmp_path)
+
+    single = built({"kind": "vllm", "url": "http://127.0.0.1:9101"})
+    assert isinstance(single.engine, VllmEngine) and single.engine.url == "http://127.0.0.1:9101"
+    urls = "http://127.0.0.1:9101, http://127.0.0.1:9102/"
+    router = built({"kind": "sglang", "url": urls, "routing": "round_robin", "publish": "all"}).engine
+    assert isinstance(router, ReplicaRouter)
+    assert (router.routing, router.publish) == ("round_robin", "all")
+    assert [r.name for r in router.stats().replicas] == ["http://127.0.0.1:9101", "http://127.0.0.1:9102"]
+    assert all(isinstance(r.engine, SglangEngine) for r in router._replicas)
+    with pytest.raises(SystemExit, match="engine.replicas is 3 but engine.url names 2 server"):
+        built({"kind": "vllm", "url": urls, "replicas": 3})
+    with pytest.raises(SystemExit, match="no python at /nowhere/python for the SGLang server"):
+        built({"kind": "sglang", "launch": True, "python": "/nowhere/python"})

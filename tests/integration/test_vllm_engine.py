@@ -27,7 +27,6 @@ from arborl.gateway.app import create_app
 from arborl.gateway.engines.base import EngineError, FromPath
 from arborl.gateway.engines.vllm_server import VllmEngine
 from arborl.gateway.settings import GatewaySettings
-from arborl.ops.engine_servers import VllmServer
 from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from conftest import ServerThread, free_port
 
@@ -37,19 +36,8 @@ AUTH = {"authorization": f"Bearer {ADMIN}"}
 
 
 @pytest.fixture(scope="module")
-def vllm(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[str, Path]]:
-    python = vllm_server.vllm_python()
-    if python is None:
-        pytest.skip(f"vLLM is not installed here (ARBORL_VLLM_PYTHON); install it with: {vllm_server.INSTALL}")
-    work = tmp_path_factory.mktemp("vllm")
-    model = vllm_server.build_model(work / "tiny64", tiny_model_dir)
-    server = VllmServer(python, model, free_port(), work / "server.log", max_num_seqs=8, dtype="float32",
-                        max_model_len=2048)
-    server.start()
-    try:
-        yield server.url, model
-    finally:
-        server.stop()
+def vllm(vllm_tiny64: tuple[str, Path]) -> tuple[str, Path]:
+    return vllm_tiny64
 
 
 @pytest.fixture

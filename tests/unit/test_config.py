@@ -83,13 +83,13 @@ def test_each_engine_kind_has_its_own_settings(tmp_path):
     upstream = load_config(file, environ={}).engine
     assert isinstance(upstream, UpstreamEngineConfig) and upstream.upstream_url == "http://127.0.0.1:9/v1"
     with pytest.raises(ConfigError, match=r"^engine\.max_running: not a setting of kind upstream \(a setting of "
-                                          r"kind embedded, vllm\), from ARBORL_ENGINE__MAX_RUNNING$"):
+                                          r"kind embedded, vllm, sglang\), from ARBORL_ENGINE__MAX_RUNNING$"):
         load_config(file, environ={"ARBORL_ENGINE__MAX_RUNNING": "8"})
     with pytest.raises(ConfigError, match=r"^engine\.upstream_url: not a setting of kind embedded"):
         load_config(overrides={"engine": {"upstream_url": "http://x/v1"}}, environ={})
-    with pytest.raises(ConfigError, match=r"^engine\.kind: unknown kind 'sglang' \(one of 'embedded', 'upstream', "
-                                          r"'vllm'\)"):
-        load_config(overrides={"engine": {"kind": "sglang"}}, environ={})
+    with pytest.raises(ConfigError, match=r"^engine\.kind: unknown kind 'tgi' \(one of 'embedded', 'upstream', "
+                                          r"'vllm', 'sglang'\)"):
+        load_config(overrides={"engine": {"kind": "tgi"}}, environ={})
     with pytest.raises(ConfigError, match=r"engine\.upstrem_url: unknown setting \(did you mean upstream_url\?\)"):
         load_config(file, overrides={"engine": {"upstrem_url": "x"}}, environ={})
 
