@@ -106,6 +106,7 @@ class RemoteServerEngine(Engine):
         self._cached_tokens = 0
         self._failure: str | None = None  # why the server is not usable now, if it is not
         self._swap_lock = asyncio.Lock()
+        self._swaps = 0  # weight updates begun: a version label read across one is stale
         self._cancels: set[asyncio.Task] = set()  # aborts sent for requests whose client went away
 
     # -- what a subclass says about its server ----------------------------------------------------
@@ -164,11 +165,13 @@ class RemoteServerEngine(Engine):
         replica up to date before it gets requests again)."""
         try:
             await self._call("GET", self.health_path)
+            swaps = self._swaps
             label = None if self._swap_lock.locked() else await self._served_label()
         except EngineError as exc:
             self._failure = str(exc)
             return False
-        self._follow_label(label)
+        if swaps == self._swaps:  # no swap began while the label was on its way (it may be the old one)
+            self._follow_label(label)
         self._failure = None
         return self.healthy
 
@@ -251,6 +254,7 @@ class RemoteServerEngine(Engine):
         if not (Path(update.path) / "config.json").is_file():
             raise InvalidCheckpoint(f"{update.path} is not a checkpoint folder (no config.json)")
         async with self._swap_lock:  # new requests wait here; the server finishes the ones in flight
+            self._swaps += 1
             await self._swap(update)
             self.version = update.version
 

@@ -60,6 +60,7 @@ class _Replica:
     why_out: str | None = None  # None: in rotation
     updating: bool = False  # swapping weights in a rolling publish: others take its new requests
     in_flight: int = 0
+    failed_probes: int = 0  # health checks failed in a row
     sessions: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
@@ -75,12 +76,13 @@ class ReplicaRouter(Engine):
     ``routing``: "affinity" (above) or "round_robin" (each call to the next replica: the baseline
     the router's benchmark compares with). ``publish``: "rolling" swaps one replica at a time
     while the others serve; "all" swaps every replica at once. ``health_interval_s``: how often
-    each replica is probed.
+    each replica is probed; ``probe_failures_to_eject``: how many failed probes in a row take
+    it out of rotation.
     """
 
     def __init__(self, replicas: Sequence[Engine], *, names: Sequence[str] | None = None,
                  routing: Routing = "affinity", publish: Publish = "rolling", spill_after: int = 8,
-                 health_interval_s: float = 2.0, max_sessions: int = 100_000):
+                 health_interval_s: float = 2.0, probe_failures_to_eject: int = 3, max_sessions: int = 100_000):
         if not replicas:
             raise ValueError("a router needs at least one replica")
         first = replicas[0]
@@ -98,6 +100,7 @@ class ReplicaRouter(Engine):
         self.publish = publish
         self.spill_after = spill_after
         self.health_interval_s = health_interval_s
+        self.probe_failures_to_eject = probe_failures_to_eject
         self.max_sessions = max_sessions
         self.version = 0
         self._last_checkpoint: FromPath | None = None  # what a lagging replica catches up with
@@ -148,9 +151,13 @@ class ReplicaRouter(Engine):
             return
         answers = await replica.engine.probe()
         if not answers:
-            if replica.why_out is None:
-                self._take_out(replica, "not answering its health check")
+            replica.failed_probes += 1
+            # A server busy decoding can be slow to answer once; a request that fails takes it
+            # out at once (``_stream``), a health check only when it fails again and again.
+            if replica.why_out is None and replica.failed_probes >= self.probe_failures_to_eject:
+                self._take_out(replica, f"not answering its health check ({replica.failed_probes} times)")
             return
+        replica.failed_probes = 0
         if replica.why_out is None:
             if replica.version == self.version or self._publishing.locked():
                 return

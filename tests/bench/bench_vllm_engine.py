@@ -3,11 +3,13 @@
 One vLLM server (the CPU build from its own venv, tests/vllm_server.py) serves the default model
 (SmolLM2-135M-Instruct, or ``--model``); ``arborl serve --engine vllm`` (its own process) stands
 in front of it, recording every call. N concurrent streaming clients each ask for 64 tokens
-(``ignore_eos``, so every answer has the same length), in rounds that alternate between the two
-targets so drift in the machine's load hits both alike:
+(``ignore_eos``, so every answer has the same length), in rounds that alternate between the
+targets so drift in the machine's load hits all alike:
 
-  direct  ``/v1/completions`` on the vLLM server, with the prompt ids the gateway would send
-  arborl  ``/v1/chat/completions`` on the gateway, each client its own session
+  direct    ``/v1/completions`` on the vLLM server, with the prompt ids the gateway would send
+  arborl    ``/v1/chat/completions`` on the gateway, each client its own session
+  embedded  the same requests to a second gateway running the same model on its own embedded
+            engine (the engines compared on the same prompts; ``--no-embedded`` skips it)
 
 Throughput is completion tokens per second of wall time over a round; TTFT is from sending the
 request to the first token's bytes. The goal is arborl within 1.05x of vLLM's own figures.
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="the server's --dtype (auto on a GPU)")
+    parser.add_argument("--no-embedded", action="store_true", help="skip the embedded engine's rows")
     args = parser.parse_args()
     python = vllm_server.vllm_python()
     if python is None:
@@ -89,18 +92,25 @@ def main() -> None:
 
     model = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="arborl-bench-vllm-"))
-    vllm_port, gateway_port = _free_port(), _free_port()
+    vllm_port, gateway_port, embedded_port = _free_port(), _free_port(), _free_port()
     vllm_url, gateway_url = f"http://127.0.0.1:{vllm_port}", f"http://127.0.0.1:{gateway_port}"
     _log(f"starting vLLM on {model.name} (a minute or two: it compiles the model)")
     server = VllmServer(python, model, vllm_port, work / "vllm.log", max_num_seqs=max(args.concurrency),
                         dtype=args.dtype, max_model_len=2048)
-    gateway = None
+    gateway = embedded = None
     try:
         server.start()
         gateway = Server("arborl", [sys.executable, "-m", "arborl.ops.cli", "serve", "--engine", "vllm",
                                     "--engine-url", vllm_url, "--model", str(model), "--served-name", model.name,
                                     "--run-dir", str(work / "run"), "--port", str(gateway_port)], gateway_port, work)
         gateway.ready("/readyz")
+        if not args.no_embedded:  # the same model on arborl's own engine, same prompts
+            embedded = Server("embedded", [sys.executable, "-m", "arborl.ops.cli", "serve", "--model", str(model),
+                                           "--served-name", model.name, "--max-running", str(max(args.concurrency)),
+                                           "--run-dir", str(work / "run-embedded"), "--port", str(embedded_port)],
+                              embedded_port, work)
+            embedded.ready("/readyz", timeout=600)
+        embedded_url = f"http://127.0.0.1:{embedded_port}"
         # The ids the gateway sends for MESSAGES, rendered by its own renderer
         renderer = ChatRenderer(AutoTokenizer.from_pretrained(model), get_parser("hermes"))
         prompt_ids = renderer.encode(renderer.render(MESSAGES).text)
@@ -113,10 +123,13 @@ def main() -> None:
                       for _ in range(n)]
             through = [{"model": model.name, "messages": MESSAGES, "metadata": {"session_id": f"bench-{n}-{i}"},
                         "logprobs": True, **sampling} for i in range(n)]
-            rows: dict[str, list[dict]] = {"vLLM direct": [], "through arborl": []}
+            targets = [("vLLM direct", vllm_url, "/v1/completions", direct),
+                       ("through arborl", gateway_url, "/v1/chat/completions", through)]
+            if embedded is not None:
+                targets.append(("embedded engine", embedded_url, "/v1/chat/completions", through))
+            rows: dict[str, list[dict]] = {name: [] for name, *_ in targets}
             for r in range(args.rounds + 1):  # the first round of each warms up, uncounted
-                for name, url, path, bodies in (("vLLM direct", vllm_url, "/v1/completions", direct),
-                                                ("through arborl", gateway_url, "/v1/chat/completions", through)):
+                for name, url, path, bodies in targets:
                     result = asyncio.run(_round(url, path, bodies))
                     if r:
                         rows[name].append(result)
@@ -130,8 +143,9 @@ def main() -> None:
                 }
             table.append((n, figures))
     finally:
-        if gateway is not None:
-            gateway.stop()
+        for process in (gateway, embedded):
+            if process is not None:
+                process.stop()
         server.stop()
     build = "CPU build" if args.dtype == "float32" else args.dtype
     print(f"\n{model.name} on vLLM ({build}), {TOKENS} tokens per stream, median of {args.rounds} rounds")
@@ -144,6 +158,11 @@ def main() -> None:
         rate, ttft = through["tok_s"] / direct["tok_s"], through["ttft_ms"] / direct["ttft_ms"]
         print(f"| {n} | through arborl | {through['tokens']:.0f} | {through['tok_s']:.1f} | {through['ttft_ms']:.0f} | "
               f"throughput {rate:.3f}x, TTFT {ttft:.3f}x |")
+        if "embedded engine" in figures:  # arborl's own engine, as the same gateway serves it
+            own = figures["embedded engine"]
+            print(f"| {n} | embedded engine (arborl) | {own['tokens']:.0f} | {own['tok_s']:.1f} | "
+                  f"{own['ttft_ms']:.0f} | vs vLLM through arborl: throughput {own['tok_s'] / through['tok_s']:.3f}x, "
+                  f"TTFT {own['ttft_ms'] / through['ttft_ms']:.3f}x |")
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "vllm_engine.json").write_text(json.dumps(
         [{"streams": n, **figures} for n, figures in table], indent=2))

@@ -194,37 +194,58 @@ def test_a_server_that_does_not_answer_stops_the_engine_at_start_with_its_addres
     assert not engine.healthy
 
 
-def test_arborl_serve_starts_its_vllm_server_and_stops_it(vllm, tmp_path):
-    """``engine.launch``: the gateway starts the server (log in the run folder), serves from it,
-    and stops it when it stops."""
+def test_arborl_serve_starts_its_vllm_servers_and_stops_them(vllm, tmp_path):
+    """``engine.launch`` with ``engine.replicas: 2``: the gateway starts two servers (on the port
+    of ``engine.url`` and the next; logs in the run folder), serves from both behind its router,
+    and stops them when it stops."""
     _, model = vllm
     python = vllm_server.vllm_python()
-    vllm_port, gateway_port = free_port(), free_port()
+    vllm_port, gateway_port = _free_port_pair(), free_port()
     config = tmp_path / "arborl.yaml"
-    config.write_text(f"engine:\n  kind: vllm\n  launch: true\n  python: {python}\n  model: {model}\n"
-                      f"  url: http://127.0.0.1:{vllm_port}\n  dtype: float32\n  max_model_len: 2048\n"
-                      f"  max_running: 4\n")
+    config.write_text(f"engine:\n  kind: vllm\n  launch: true\n  replicas: 2\n  python: {python}\n"
+                      f"  model: {model}\n  url: http://127.0.0.1:{vllm_port}\n  dtype: float32\n"
+                      f"  max_model_len: 2048\n  max_running: 4\n")
     run_dir = tmp_path / "run"
     gateway = subprocess.Popen([sys.executable, "-m", "arborl.ops.cli", "serve", "--config", str(config),
                                 "--run-dir", str(run_dir), "--port", str(gateway_port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{gateway_port}"
+    ports = (vllm_port, vllm_port + 1)
     try:
         deadline = time.monotonic() + 900
         while not _answers(url + "/readyz"):
             assert gateway.poll() is None, gateway.stdout.read() if gateway.stdout else ""
-            assert time.monotonic() < deadline, "the gateway did not start its vLLM server in 15 minutes"
+            assert time.monotonic() < deadline, "the gateway did not start its vLLM servers in 15 minutes"
             time.sleep(1)
-        reply = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": model.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-        assert reply.status_code == 200, reply.text
-        assert httpx.get(f"http://127.0.0.1:{vllm_port}/v1/models", timeout=5).status_code == 200
-        assert "Application startup complete" in (run_dir / "vllm.log").read_text()
+        for session in ("one", "two"):  # two new sessions: one on each replica
+            reply = httpx.post(f"{url}/s/{session}/v1/chat/completions", timeout=60, json={
+                "model": model.name, "messages": [{"role": "user", "content": f"hi {session}"}], "max_tokens": 4})
+            assert reply.status_code == 200, reply.text
+        replicas = httpx.get(url + "/readyz").json()["replicas"]
+        assert [r["name"] for r in replicas] == [f"http://127.0.0.1:{port}" for port in ports]
+        assert [r["sessions"] for r in replicas] == [1, 1]
+        for i in range(2):
+            assert "Application startup complete" in (run_dir / f"vllm-{i}.log").read_text()
     finally:
         gateway.send_signal(signal.SIGINT)
         gateway.wait(60)
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{vllm_port}/v1/models", timeout=5)
+    for port in ports:
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+
+
+def _free_port_pair() -> int:
+    """A port whose next one is free too (the second replica's)."""
+    import socket
+
+    while True:
+        port = free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 def _answers(url: str) -> bool:
