@@ -138,7 +138,7 @@ class RemoteServerEngine(Engine):
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         try:
             await self._connect()
-            self._follow_label(await self._served_label())  # a server that kept running serves what it served
+            self._follow_label(await self._served_label(), connecting=True)
         except EngineError as exc:
             self._failure = str(exc)
             raise
@@ -267,13 +267,16 @@ class RemoteServerEngine(Engine):
             return None
         return str(answer["weight_version"]) if isinstance(answer, dict) and "weight_version" in answer else None
 
-    def _follow_label(self, label: str | None) -> None:
+    def _follow_label(self, label: str | None, *, connecting: bool = False) -> None:
         if label is None or self._swap_lock.locked():
             return
         served = int(label) if label.isdigit() else 0
         if served != self.version:
-            log.warning("the %s at %s serves version %d, not %d (restarted?)", self.server_name, self.url,
-                        served, self.version)
+            if connecting:  # a server that kept running since an earlier gateway published into it
+                log.info("the %s at %s serves version %d", self.server_name, self.url, served)
+            else:
+                log.warning("the %s at %s serves version %d, not %d (restarted?)", self.server_name, self.url,
+                            served, self.version)
             self.version = served
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -12,7 +12,7 @@ Two vLLM servers (the CPU build from its own venv, tests/vllm_server.py) serve t
   publish   the time of ``POST /admin/weights`` (pause, reload, cache reset, resume, version
             label) until the call returns, when every replica serves the new version: one
             replica alone, then two replicas rolling (one at a time) and all at once. Median of
-            ``--publishes`` publishes each.
+            ``--publishes`` publishes each, after one uncounted.
 
     python tests/bench/bench_replicas.py [--model M] [--publishes 5]   # table to stdout
 """
@@ -89,12 +89,13 @@ def _hit_rate(servers, model: Path, routing: str, work: Path) -> tuple[float, fl
 def _publish_seconds(engine, model: Path, work: Path, publishes: int) -> float:
     seconds = []
     with _gateway(engine, work) as url:
-        for _ in range(publishes):
+        for n in range(publishes + 1):  # the first publish warms up, uncounted
             started = time.perf_counter()
             reply = httpx.post(url + "/admin/weights", headers={"authorization": f"Bearer {ADMIN}"},
                                json={"path": str(model), "version": engine.stats().policy_version + 1}, timeout=300)
             reply.raise_for_status()
-            seconds.append(time.perf_counter() - started)
+            if n:
+                seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
 
 
