@@ -126,6 +126,28 @@ class SglangServer(EngineServer):
 SERVERS: dict[str, type[VllmServer] | type[SglangServer]] = {"vllm": VllmServer, "sglang": SglangServer}
 
 
+def start_together(servers: Sequence[EngineServer]) -> None:
+    """Start ``servers`` at once (each compiles its model: minutes on a CPU) and wait for all of
+    them; if one fails, stop them all and raise its error."""
+    failures: list[BaseException] = []
+
+    def start(server: EngineServer) -> None:
+        try:
+            server.start()
+        except (RuntimeError, OSError) as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(server,), daemon=True) for server in servers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        for server in servers:
+            server.stop()
+        raise RuntimeError(str(failures[0]))
+
+
 def loopback_port(url: str) -> int:
     """The port of ``url``, which a server arborl starts must be on (http://127.0.0.1:PORT)."""
     parts = urlsplit(url)
@@ -147,21 +169,5 @@ def launch_servers(settings: Any, model_dir: Path, run_dir: Path) -> list[Engine
             settings.python, model_dir, port + i, log, max_num_seqs=settings.max_running, dtype=settings.dtype,
             max_model_len=settings.max_model_len, gpu_memory_fraction=settings.gpu_memory_fraction,
             devices=devices, extra_args=tuple(settings.extra_args)))
-    failures: list[BaseException] = []
-
-    def start(server: EngineServer) -> None:
-        try:
-            server.start()
-        except (RuntimeError, OSError) as exc:
-            failures.append(exc)
-
-    threads = [threading.Thread(target=start, args=(server,), daemon=True) for server in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for server in servers:
-            server.stop()
-        raise RuntimeError(str(failures[0]))
+    start_together(servers)
     return servers

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +191,6 @@ class RemoteServerEngine(Engine):
         return self._stream(list(prompt_ids), params)
 
     async def _stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[GenerationEvent, None]:
-        import uuid
-
         assert self._client is not None
         async with self._swap_lock:  # a weight update in progress: wait for it, then sample the new version
             version = self.version
@@ -298,9 +297,14 @@ class RemoteServerEngine(Engine):
         if response.status_code != 200:
             raise EngineError(f"the {self.server_name} answered {method} {path} with {response.status_code}: "
                               f"{response.text[:500]}")
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            return response.text
+        return answer_of(response)
+
+
+def answer_of(response: httpx.Response) -> Any:
+    """A server's answer: its JSON, its text when it is not JSON, None when it is empty."""
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return response.text

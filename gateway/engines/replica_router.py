@@ -224,8 +224,9 @@ class ReplicaRouter(Engine):
         least = min(settled, key=lambda r: (r.in_flight, r.sessions))
         pinned = self._pins.get(cache_key) if cache_key is not None else None
         if pinned is None and cache_key is not None:
-            pinned = self._prompt_pins.get(hash(tuple(prompt_ids)))
-            self._remember(self._prompt_pins, hash(tuple(prompt_ids)), pinned or least)
+            first_prompt = hash(tuple(prompt_ids))
+            pinned = self._prompt_pins.get(first_prompt)
+            self._remember(self._prompt_pins, first_prompt, pinned or least)
         if pinned is not None and pinned in settled and pinned.in_flight < least.in_flight + self.spill_after:
             chosen = pinned
         else:

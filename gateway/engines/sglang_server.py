@@ -32,7 +32,7 @@ import httpx
 
 from .base import EngineError, FinishReason, FromPath, InvalidCheckpoint, SamplingParams
 from .event_stream import json_events
-from .remote_server import Piece, RemoteServerEngine, WireToken
+from .remote_server import Piece, RemoteServerEngine, WireToken, answer_of
 
 
 class SglangEngine(RemoteServerEngine):
@@ -82,7 +82,7 @@ class SglangEngine(RemoteServerEngine):
         body = {"model_path": str(update.path), "weight_version": str(update.version), "flush_cache": True,
                 "abort_all_requests": False}
         response = await self._send("POST", "/update_weights_from_disk", json=body)
-        answer = _json_or_text(response)
+        answer = answer_of(response)
         if response.status_code == 400 or (isinstance(answer, dict) and answer.get("success") is False):
             message = answer.get("message") if isinstance(answer, dict) else answer
             raise InvalidCheckpoint(f"the SGLang server refused {update.path}: {str(message)[:500]}")
@@ -129,9 +129,3 @@ def read_chunk(chunk: Any, seen: int, top: int) -> tuple[Piece, int]:
         piece.cached_prompt_tokens = int(meta.get("cached_tokens") or 0)
     return piece, total
 
-
-def _json_or_text(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return response.text

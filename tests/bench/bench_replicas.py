@@ -111,7 +111,7 @@ def main() -> None:
     from arborl.gateway.engines.model_source import resolve_model
     from arborl.gateway.engines.replica_router import ReplicaRouter
     from arborl.gateway.engines.vllm_server import VllmEngine
-    from arborl.ops.engine_servers import VllmServer
+    from arborl.ops.engine_servers import VllmServer, start_together
     from arborl.ops.local_gateway import free_loopback_port
 
     model = resolve_model(args.model)
@@ -119,11 +119,7 @@ def main() -> None:
     servers = [VllmServer(python, model, free_loopback_port(), work / f"vllm-{i}.log", max_num_seqs=8,
                           dtype=args.dtype, max_model_len=2048) for i in range(2)]
     _log(f"starting two vLLM servers on {model.name} (minutes on a CPU: they compile the model)")
-    threads = [threading.Thread(target=s.start) for s in servers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    start_together(servers)
     try:
         rates = {}
         for routing in ("round_robin", "affinity"):

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from engine_checks import cold_first_logprob, perturbed_checkpoint, stream_calls
 
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.sglang_server import SglangEngine
@@ -41,46 +42,16 @@ def _first_logprob(url: str, prompt_ids: list[int]) -> float:
     return httpx.post(url + "/generate", json=body, timeout=60).json()["meta_info"]["output_token_logprobs"][0][0]
 
 
-@torch.no_grad()
-def _cold_first_logprob(weights: Path, prompt_ids: list[int]) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
-    return float(torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1], dim=-1).max())
-
-
-def _changed(model: Path, folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    changed = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    with torch.no_grad():
-        changed.model.layers[0].mlp.down_proj.weight.mul_(3.0)
-    changed.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
-    return folder
-
-
-async def _stream_calls(url: str, session: str, n: int) -> list[int]:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        statuses = []
-        for i in range(n):
-            async with client.stream("POST", f"/s/{session}/v1/chat/completions", json={
-                    "model": "policy", "messages": [{"role": "user", "content": f"count {i}"}], "max_tokens": 32,
-                    "stream": True}) as response:
-                body = (await response.aread()).decode()
-                statuses.append(response.status_code if "[DONE]" in body and '"error"' not in body else 599)
-        return statuses
-
-
 def test_checkpoints_published_while_clients_stream_swap_in_without_a_failure(sglang_default, gateway, tmp_path):
     url, model = sglang_default
     gateway_url, store, engine = gateway
     probe = [1, 504, 3145, 28, 12, 9]
-    changed = _changed(model, tmp_path / "changed")
+    changed = perturbed_checkpoint(model, tmp_path / "changed", torch.bfloat16)
     _first_logprob(url, probe)  # the probe's prefix is now in the radix cache, under the old weights
 
     async def run() -> list[list[int]]:
-        clients = [asyncio.create_task(_stream_calls(gateway_url, f"swap-{c}", 4)) for c in range(8)]
+        clients = [asyncio.create_task(stream_calls(gateway_url, f"swap-{c}", 4, model="policy", max_tokens=32))
+                   for c in range(8)]
         async with httpx.AsyncClient(timeout=300) as admin:
             for version, checkpoint in ((1, model), (2, changed), (3, changed)):
                 await asyncio.sleep(0.5)
@@ -99,7 +70,7 @@ def test_checkpoints_published_while_clients_stream_swap_in_without_a_failure(sg
         versions = [call.completion_versions[0] for call in calls]
         assert versions == sorted(versions)
     # bfloat16 on the GPU against float32 here: close, not exact
-    assert _first_logprob(url, probe) == pytest.approx(_cold_first_logprob(changed, probe), abs=0.05)
+    assert _first_logprob(url, probe) == pytest.approx(cold_first_logprob(changed, probe), abs=0.05)
 
 
 def test_a_checkpoint_sglang_refuses_leaves_the_old_weights_serving(gateway, tmp_path):

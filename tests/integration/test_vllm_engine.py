@@ -20,8 +20,8 @@ import anthropic
 import httpx
 import openai
 import pytest
-import torch
 import vllm_server
+from engine_checks import cold_first_logprob, perturbed_checkpoint, stream_calls
 
 from arborl.gateway.app import create_app
 from arborl.gateway.engines.base import EngineError, FromPath
@@ -105,47 +105,16 @@ def test_a_ten_turn_conversation_stitches_without_a_break(gateway):
     assert all(c.stitched_from == calls[i].id for i, c in enumerate(calls[1:]))
 
 
-async def _stream_calls(gateway_url: str, session: str, n: int) -> list[int]:
-    async with httpx.AsyncClient(base_url=gateway_url, timeout=120) as client:
-        statuses = []
-        for i in range(n):
-            async with client.stream("POST", f"/s/{session}/v1/chat/completions", json={
-                    "model": "tiny64", "messages": [{"role": "user", "content": f"count {i}"}], "max_tokens": 16,
-                    "stream": True, "temperature": 1.0}) as response:
-                body = (await response.aread()).decode()
-                statuses.append(response.status_code if "[DONE]" in body and '"error"' not in body else 599)
-        return statuses
-
-
-@torch.no_grad()
-def _cold_first_logprob(weights: Path, prompt_ids: list[int]) -> float:
-    """The greedy first token's logprob after ``prompt_ids`` under ``weights``, computed afresh."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
-    return float(torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1], dim=-1).max())
-
-
-def _perturbed_checkpoint(model: Path, folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    changed = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    with torch.no_grad():
-        changed.model.layers[0].mlp.down_proj.weight.mul_(3.0)
-    changed.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
-    return folder
-
-
 def test_checkpoints_published_while_clients_stream_swap_in_without_a_failure(vllm, gateway, tmp_path):
     url, model = vllm
     gateway_url, store, engine = gateway
     probe = [1, 504, 3145, 28, 12, 9]
     before = _direct(url, model, probe, 1)[1]
-    changed = _perturbed_checkpoint(model, tmp_path / "changed")
+    changed = perturbed_checkpoint(model, tmp_path / "changed")
 
     async def run() -> list[list[int]]:
-        clients = [asyncio.create_task(_stream_calls(gateway_url, f"swap-{c}", 4)) for c in range(8)]
+        clients = [asyncio.create_task(stream_calls(gateway_url, f"swap-{c}", 4, model="tiny64", max_tokens=16,
+                                                    temperature=1.0)) for c in range(8)]
         async with httpx.AsyncClient(timeout=120) as admin:
             for version, checkpoint in ((1, changed), (2, model), (3, changed)):
                 await asyncio.sleep(0.5)
@@ -164,9 +133,9 @@ def test_checkpoints_published_while_clients_stream_swap_in_without_a_failure(vl
         assert versions == sorted(versions)
     # The probe's KV was cached under the original weights: after the swaps it is a cold prefill
     # under the changed ones, and the original weights give back exactly what they gave.
-    assert before[0] == pytest.approx(_cold_first_logprob(model, probe), abs=1e-4)
+    assert before[0] == pytest.approx(cold_first_logprob(model, probe), abs=1e-4)
     after = _direct(url, model, probe, 1)[1]
-    assert after[0] == pytest.approx(_cold_first_logprob(changed, probe), abs=1e-4)
+    assert after[0] == pytest.approx(cold_first_logprob(changed, probe), abs=1e-4)
     assert after[0] != pytest.approx(before[0], abs=1e-3)
     published = httpx.post(gateway_url + "/admin/weights", headers=AUTH, json={"path": str(model), "version": 4})
     assert published.status_code == 200
@@ -178,12 +147,12 @@ def test_a_checkpoint_is_served_before_the_engine_starts(vllm, tmp_path):
     url, model = vllm
     engine = VllmEngine(url, model, model_name="tiny64")
     probe = [1, 504, 3145, 28, 12, 9]
-    changed = _perturbed_checkpoint(model, tmp_path / "changed")
+    changed = perturbed_checkpoint(model, tmp_path / "changed")
     asyncio.run(engine.load_weights(FromPath(changed, 7)))
     assert engine.stats().policy_version == 7
-    assert _direct(url, model, probe, 1)[1][0] == pytest.approx(_cold_first_logprob(changed, probe), abs=1e-4)
+    assert _direct(url, model, probe, 1)[1][0] == pytest.approx(cold_first_logprob(changed, probe), abs=1e-4)
     asyncio.run(engine.load_weights(FromPath(model, 8)))  # the next tests' server serves its own weights again
-    assert _direct(url, model, probe, 1)[1][0] == pytest.approx(_cold_first_logprob(model, probe), abs=1e-4)
+    assert _direct(url, model, probe, 1)[1][0] == pytest.approx(cold_first_logprob(model, probe), abs=1e-4)
 
 
 def test_a_server_that_does_not_answer_stops_the_engine_at_start_with_its_address(tiny_model_dir):

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from arborl.gateway.app import create_app
 from arborl.gateway.engines.replica_router import ReplicaRouter
 from arborl.gateway.engines.vllm_server import VllmEngine
 from arborl.gateway.settings import GatewaySettings
-from arborl.ops.engine_servers import VllmServer
+from arborl.ops.engine_servers import VllmServer, start_together
 from arborl.rollout.store import SqliteTrajectoryStore, TrajectoryStore
 from conftest import ServerThread, free_port
 
@@ -47,11 +46,7 @@ def servers(tmp_path_factory, tiny_model_dir: Path) -> Iterator[tuple[list[VllmS
     work = tmp_path_factory.mktemp("replicas")
     model = vllm_server.build_model(work / "tiny64", tiny_model_dir)
     pair = [_server(python, model, free_port(), work / f"server-{i}.log") for i in range(2)]
-    threads = [threading.Thread(target=server.start) for server in pair]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    start_together(pair)
     try:
         for server in pair:
             assert httpx.get(server.url + "/health", timeout=5).status_code == 200, server.log.read_text()[-2000:]
