@@ -3,7 +3,8 @@
     checkpoints/step-000012/
         config.json, model.safetensors, generation_config.json   (save_pretrained: loads in
         tokenizer files                                            transformers, SGLang, arborl)
-        training_state.pt   optimiser, LR schedule, step, version, RNG
+        training_state.pt   optimiser, LR schedule, step, version, RNG (the torch backend;
+                            the fsdp backend writes its sharded state beside it, see its module)
 
 A checkpoint is written under a ``.partial`` name and renamed when complete, so a folder with the
 final name is always whole. Whether it counts is decided by the run ledger: only a checkpoint
@@ -15,11 +16,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-import torch
+from .backends.base import TrainingBackend
 
-TRAINING_STATE = "training_state.pt"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
@@ -28,34 +27,32 @@ def checkpoint_folder(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(folder: Path, model, *, tokenizer_dir: Path | None = None, optimizer=None, scheduler=None,
+def save_checkpoint(folder: Path, backend: TrainingBackend, *, tokenizer_dir: Path | None = None,
                     step: int = 0, version: int = 0) -> Path:
-    """Write the checkpoint whole, or not at all (a crash leaves only a ``.partial`` folder)."""
+    """Write the checkpoint whole, or not at all (a crash leaves only a ``.partial`` folder).
+
+    Collective: every rank of the backend calls it; rank 0 owns the folder (clears, completes and
+    renames it), and every rank writes its part in between (``TrainingBackend.save``).
+    """
     partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
-    for name in _TOKENIZER_FILES:
-        if tokenizer_dir is not None and (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, partial / name)
-    if optimizer is not None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                 "step": step, "version": version, "rng": torch.get_rng_state()}
-        torch.save(state, partial / TRAINING_STATE)
-    for path in partial.iterdir():  # on disk before the rename makes the folder count
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    shutil.rmtree(folder, ignore_errors=True)  # an uncommitted leftover of a crashed step
-    os.replace(partial, folder)
+    leader = backend.dp_rank == 0
+    if leader:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    backend.barrier()  # no rank writes into a folder before it is cleared
+    backend.save(partial, step=step, version=version)
+    if leader:
+        for name in _TOKENIZER_FILES:
+            if tokenizer_dir is not None and (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, partial / name)
+        for path in sorted(partial.rglob("*")):  # on disk before the rename makes the folder count
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        shutil.rmtree(folder, ignore_errors=True)  # an uncommitted leftover of a crashed step
+        os.replace(partial, folder)
+    backend.barrier()  # every rank returns with the checkpoint in place
     return folder
-
-
-def load_training_state(folder: Path, optimizer, scheduler=None) -> dict[str, Any]:
-    state = torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return state
 
 
 def prune_checkpoints(run_dir: Path, *, keep: list[Path]) -> None:

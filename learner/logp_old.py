@@ -15,20 +15,20 @@ import torch
 
 from arborl.kernels.tree_attention import SDPA
 
+from .backends.base import Scorer
 from .core_algos import mcla_logp_old
 from .packing import PackedBatch
-from .tree_forward import packed_logprobs_and_entropy
 
 
 def estimate_logp_old(
-    model, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
+    policy: Scorer, batch: PackedBatch, *, passes: int = 1, space: Literal["log", "prob"] = "log", attention: str = SDPA
 ) -> torch.Tensor:
     """[N] logp_old of every packed token: the mean of ``passes`` no-grad forwards (K = 1: one pass)."""
-    return logp_old_and_entropy(model, batch, passes=passes, space=space, attention=attention)[0]
+    return logp_old_and_entropy(policy, batch, passes=passes, space=space, attention=attention)[0]
 
 
 def logp_old_and_entropy(
-    model,
+    policy: Scorer,
     batch: PackedBatch,
     *,
     passes: int = 1,
@@ -40,7 +40,5 @@ def logp_old_and_entropy(
     the token indices ``at`` only, if given."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    with torch.no_grad():
-        logp, entropy = zip(*(packed_logprobs_and_entropy(model, batch, attention=attention, at=at)
-                              for _ in range(passes)), strict=True)
+    logp, entropy = zip(*(policy.score(batch, attention=attention, at=at) for _ in range(passes)), strict=True)
     return mcla_logp_old(torch.stack(logp), space=space), torch.stack(entropy).mean(0)

@@ -26,7 +26,6 @@ refuses (``learner.group_data``) are counted when their group is consumed or dro
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -38,14 +37,16 @@ import torch
 
 from arborl.rollout.store import RunControls, RunLedger
 
-from .checkpoint import checkpoint_folder, load_training_state, prune_checkpoints, save_checkpoint
+from .backends import BackendSpec
+from .backends.base import BackendRefused
+from .checkpoint import checkpoint_folder, prune_checkpoints
 from .core_algos import check_same_tokenizer
 from .feedback_data import load_feedback
 from .group_data import GroupSamples, load_group
 from .metrics import LearnerMetrics
 from .publish import Publisher
 from .settings import LearnerSettings
-from .train_step import train_step
+from .trainer import open_trainer
 
 log = logging.getLogger("arborl.learner")
 
@@ -88,14 +89,13 @@ class Learner:
         self._progress_is_log = progress is None  # then warnings go to the log as warnings
         self.controls = RunControls(ledger.store)  # what operators set at run time (rollout/store/controls.py)
         self._paused_said = False
-        self._open(resume)
-        self.teachers = {domain: self._load_teacher(Path(path)) for domain, path in (teachers or {}).items()}
-        self.reference = self._load_frozen(self.base_model) if settings.kl_coef > 0 else None
+        self._distills = bool(teachers)
+        self._open(resume, {domain: Path(path) for domain, path in (teachers or {}).items()})
 
     # -- start and resume ---------------------------------------------------------------------
 
-    def _open(self, resume: bool) -> None:
-        from transformers import AutoModelForCausalLM
+    def _open(self, resume: bool, teachers: dict[str, Path]) -> None:
+        from transformers import AutoTokenizer
 
         last = self.ledger.last_step()
         if last is not None and not resume:
@@ -103,50 +103,33 @@ class Learner:
                 f"{self.run_dir} already has {last.step} committed training steps; resume them (--resume) "
                 "or use another run folder"
             )
+        for folder in teachers.values():
+            check_same_tokenizer(AutoTokenizer.from_pretrained(self.base_model), AutoTokenizer.from_pretrained(folder))
         torch.manual_seed(self.settings.seed)
         source = Path(last.checkpoint) if last else self.base_model
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        # ignore: transformers types PreTrainedModel.to as a _Wrapped that takes the model as its first argument
-        self.model = model.to(self.device)  # type: ignore[arg-type]
-        self.model.train()
-        s = self.settings
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=s.betas,
-                                           weight_decay=s.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        spec = BackendSpec(weights=source, settings=self.settings, device=self.device.type, teachers=teachers,
+                           reference=self.base_model if self.settings.kl_coef > 0 else None,
+                           tokenizer_dir=self.base_model)
+        try:
+            self.trainer = open_trainer(spec)
+        except BackendRefused as exc:
+            raise LearnerError(str(exc)) from None
         self.step, self.version = 0, 0
         if last is not None:
-            state = load_training_state(source, self.optimizer, self.scheduler)
+            state = self.trainer.resume(source)
             self.step, self.version = last.step, last.version
             assert (state["step"], state["version"]) == (last.step, last.version), "checkpoint and ledger disagree"
         self._prune()
         self.metrics.step.set(self.step)
         self.metrics.version.set(self.version)
+        pids = self.trainer.pids
+        ranks = f" on {len(pids)} {self.settings.backend} ranks (pids {' '.join(map(str, pids))})" if pids[1:] else ""
         self.progress(f"learner: {'resumed at step ' + str(self.step) if last else 'starting'} from {source}, "
-                      f"version {self.version}")
+                      f"version {self.version}{ranks}")
 
-    def _lr_factor(self, step: int) -> float:
-        """Linear warm-up, then constant or a cosine down to ``min_lr_ratio``."""
-        s = self.settings
-        if step < s.warmup_steps:
-            return (step + 1) / s.warmup_steps
-        if s.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - s.warmup_steps) / max(1, s.total_steps - s.warmup_steps))
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def _load_frozen(self, folder: Path):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        # ignore: transformers types PreTrainedModel.to as a _Wrapped that takes the model as its first argument
-        model = model.to(self.device).eval()  # type: ignore[arg-type]
-        return model.requires_grad_(False)
-
-    def _load_teacher(self, folder: Path):
-        from transformers import AutoTokenizer
-
-        check_same_tokenizer(AutoTokenizer.from_pretrained(self.base_model), AutoTokenizer.from_pretrained(folder))
-        return self._load_frozen(folder)
+    def close(self) -> None:
+        """Stop the learner's ranks (an fsdp learner's follower processes)."""
+        self.trainer.close()
 
     def _prune(self) -> None:
         newest = self.ledger.steps(last=self.settings.keep_checkpoints)
@@ -194,11 +177,7 @@ class Learner:
             return
         self.settings = self.settings.model_copy(update=changed)
         if "lr" in changed:
-            # the schedule multiplies its base rate: replace the base, keep the schedule's position
-            self.scheduler.base_lrs = [self.settings.lr for _ in self.scheduler.base_lrs]
-            factor = self._lr_factor(self.scheduler.last_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.settings.lr * factor
+            self.trainer.set_base_lr(self.settings.lr)  # the schedule keeps its position
         self.progress(f"learner: operator settings from step {self.step + 1}: {changed}")
 
     def sync_serving(self) -> None:
@@ -218,7 +197,7 @@ class Learner:
     def take_groups(self) -> list[GroupSamples] | None:
         """The next ``groups_per_step`` trainable groups, oldest first; dropping the ones never to train on."""
         taken: list[GroupSamples] = []
-        distill_or_kl = bool(self.teachers) or self.settings.kl_coef > 0
+        distill_or_kl = self._distills or self.settings.kl_coef > 0
         pending = self.ledger.pending_groups()
         if len(pending) < self.settings.groups_per_step:
             return None  # not enough yet: don't rebuild their tries on every poll
@@ -258,8 +237,7 @@ class Learner:
             staleness.append(self.version - g.oldest_version)
         self.progress(f"step {step}: training on groups {ids} ({sum(g.calls for g in groups)} calls)")
         samples = [sample for g in groups for sample in g.samples]
-        metrics = train_step(self.model, self.optimizer, samples, self.settings.step_config(),
-                             scheduler=self.scheduler, teachers=self.teachers, reference=self.reference)
+        metrics = self.trainer.train(samples, self.settings.step_config())
         refused = sum((g.refused for g in groups), Counter())
         metrics.update(staleness_max=float(max(staleness)), staleness_mean=sum(staleness) / len(staleness),
                        started_at=started_at, calls_refused=float(refused.total()))
@@ -287,8 +265,7 @@ class Learner:
         config = self.settings.step_config()
         if mode == "sft":
             config = replace(config, loss="sft")
-        metrics = train_step(self.model, self.optimizer, batch.samples, config, scheduler=self.scheduler,
-                             reference=self.reference)
+        metrics = self.trainer.train(batch.samples, config, distill=False)
         metrics.update(feedback_baseline=batch.baseline, calls_refused=float(batch.refused.total()))
         if metrics["skipped"]:
             report = self._skip(step, metrics, [], feedback_ids=batch.used)
@@ -308,8 +285,7 @@ class Learner:
                 feedback_ids: Sequence[int] = ()) -> StepReport:
         """Checkpoint, commit (the step and what it consumed, atomically), publish, prune."""
         self.progress(f"step {step}: saving checkpoint")
-        folder = save_checkpoint(checkpoint_folder(self.run_dir, step), self.model, tokenizer_dir=self.base_model,
-                                 optimizer=self.optimizer, scheduler=self.scheduler, step=step, version=version)
+        folder = self.trainer.save(checkpoint_folder(self.run_dir, step), step=step, version=version)
         self.ledger.commit_step(step, version, str(folder), ids, {**metrics, "groups": ids},
                                 feedback_ids=list(feedback_ids))
         self.step, self.version = step, version
@@ -354,7 +330,7 @@ class Learner:
             return
         started = time.perf_counter()
         try:
-            self.publisher.publish(self.model, folder, self.version)
+            self.publisher.publish(self.trainer.full_state_dict, folder, self.version)
         except Exception as exc:  # noqa: BLE001 - serving lags one version; training goes on
             self.metrics.publish_failures.inc()
             self.progress(f"learner: publishing version {self.version} failed: {exc}")

@@ -11,19 +11,24 @@ embedded engine. A publisher is what the learner loop calls after each committed
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
+# The learner's whole weights, gathered when called (a collective on a multi-rank backend, so a
+# publisher that sends a checkpoint folder never calls it).
+Weights = Callable[[], Mapping[str, Any]]
+
 
 class Publisher(Protocol):
-    def publish(self, model, checkpoint: Path, version: int) -> None: ...
+    def publish(self, weights: Weights, checkpoint: Path, version: int) -> None: ...
 
     def served_version(self) -> int: ...
 
 
-async def publish_in_process(engine, model, version: int) -> None:
+async def publish_in_process(engine, state_dict: Mapping[str, Any], version: int) -> None:
     """Swap the learner's weights into an embedded engine of the same process.
 
     The engine copies them into its own parameters between two decode steps; the caller awaits
@@ -31,7 +36,7 @@ async def publish_in_process(engine, model, version: int) -> None:
     """
     from arborl.gateway.engines.base import FromTensors
 
-    await engine.load_weights(FromTensors(model.state_dict(), version))
+    await engine.load_weights(FromTensors(state_dict, version))
 
 
 def publish_to_gateway(gateway_url: str, admin_token: str, checkpoint: Path, version: int,
@@ -50,7 +55,7 @@ class GatewayPublisher:
     def __init__(self, gateway_url: str, admin_token: str, *, timeout_s: float = 300.0):
         self.url, self.token, self.timeout_s = gateway_url.rstrip("/"), admin_token, timeout_s
 
-    def publish(self, model, checkpoint: Path, version: int) -> None:
+    def publish(self, weights: Weights, checkpoint: Path, version: int) -> None:
         publish_to_gateway(self.url, self.token, checkpoint, version, timeout_s=self.timeout_s)
 
     def served_version(self) -> int:
@@ -70,8 +75,8 @@ class InProcessPublisher:
     def __init__(self, engine):
         self.engine = engine
 
-    def publish(self, model, checkpoint: Path, version: int) -> None:
-        asyncio.run(publish_in_process(self.engine, model, version))
+    def publish(self, weights: Weights, checkpoint: Path, version: int) -> None:
+        asyncio.run(publish_in_process(self.engine, weights(), version))
 
     def served_version(self) -> int:
         return self.engine.stats().policy_version

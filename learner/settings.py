@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 class LearnerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
 
+    # The training backend (learner.backends): torch, one process; fsdp, torch FSDP2 over nproc
+    # data-parallel ranks (gloo on the CPU, NCCL on GPUs, one GPU per rank).
+    backend: Literal["torch", "fsdp"] = "torch"
+    nproc: int = 1
+    collective_timeout_s: float = 1800.0  # how long a rank waits for the others in one collective
+
     # The optimiser: AdamW with gradient clipping, linear warm-up, then constant or cosine decay.
     lr: float = 1e-6
     weight_decay: float = 0.0

@@ -6,7 +6,11 @@
     rewards --group_advantages--> A_i --rescale_advantages (difficulty, entropy)--> A'_i
     train pass: forward with grad --> logp; IcePop weights from logp_old vs the recorded logp_rollout;
         the loss (turn-level GSPO by default) per micro-batch, backward
-    gradient clipping, optimizer step (and the learning-rate schedule, if one is given)
+    gradient clipping, optimizer step and the learning-rate schedule
+
+The step speaks only to a training backend (``learner.backends``): the torch backend on one
+device, or one data-parallel rank of several (fsdp), each running its share of the micro-batches
+and meeting the others in the backend's collectives (summed counts, FSDP's gathers).
 
 The rollouts of a group usually share one trie (``learner.group_data`` builds it), so their shared
 prompt is computed once. Each micro-batch's loss is already its share of the batch loss (the
@@ -38,6 +42,7 @@ import torch
 from arborl.kernels.tree_attention import BLOCKS
 from arborl.rollout.trie import Trie
 
+from .backends.base import BackendRefused, Scorer, TrainingBackend
 from .core_algos import (
     group_advantages,
     icepop_weights,
@@ -52,7 +57,6 @@ from .core_algos import (
 )
 from .logp_old import logp_old_and_entropy
 from .packing import CallSpan, PackedBatch, pack, path_length, split_by_budget
-from .tree_forward import packed_logprobs_and_entropy, packed_token_logprobs, tree_attention
 
 Layout = Literal["tree", "per_rollout", "per_call"]
 LossName = Literal["turn_gspo", "sequence_gspo", "token_ppo", "sft"]
@@ -178,18 +182,7 @@ def check_calls_have_prompts(rollouts: Sequence[RolloutSample]) -> None:
                 )
 
 
-def forward_is_deterministic(model) -> bool:
-    """Whether two forwards of one batch give the same logprobs: in eval mode, or in train mode
-    with no dropout or router noise configured (Llama and Qwen train with none)."""
-    if not model.training:
-        return True
-    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules()):
-        return False
-    return not any(("dropout" in key or "jitter" in key) and isinstance(value, (int, float)) and value > 0
-                   for key, value in vars(model.config).items())
-
-
-def old_pass_needed(model, config: StepConfig) -> bool:
+def old_pass_needed(backend: TrainingBackend, config: StepConfig) -> bool:
     """Whether the policy needs its own no-grad pass for logp_old before the training pass.
 
     Not when one pass of a deterministic forward gives logp_old (K = 1): the weights change only
@@ -198,40 +191,53 @@ def old_pass_needed(model, config: StepConfig) -> bool:
     MCLA (K > 1) averages noisy passes, and entropy-aware rescaling needs every rollout's entropy
     before the first loss, so both keep the pass.
     """
-    return config.mcla_passes > 1 or bool(config.entropy_mu) or not forward_is_deterministic(model)
+    return config.mcla_passes > 1 or bool(config.entropy_mu) or not backend.forward_is_deterministic()
 
 
-def _old_pass(model, micro_batches, rollouts, config: StepConfig, teachers, reference, *, policy: bool) -> None:
-    """No grad, per micro-batch: logp_old (MCLA) and entropy if ``policy``; teacher and reference logprobs."""
-    parameter = next(model.parameters())
-    for micro in micro_batches:
+def assign_to_ranks(micro_batches: Sequence[MicroBatch], ranks: int) -> list[list[int]]:
+    """Which micro-batches each data-parallel rank runs: the biggest first to the least loaded
+    rank (by tokens), each rank's in plan order. One rank runs them all, in plan order."""
+    load, owned = [0] * ranks, [[] for _ in range(ranks)]  # type: list[int], list[list[int]]
+    for index in sorted(range(len(micro_batches)), key=lambda i: -micro_batches[i].batch.num_tokens):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        load[rank] += micro_batches[index].batch.num_tokens
+        owned[rank].append(index)
+    return [sorted(indices) for indices in owned]
+
+
+def _old_pass(backend: TrainingBackend, rounds: list[MicroBatch | None], rollouts, config: StepConfig,
+              teachers: Mapping[str, Scorer], reference: Scorer | None, *, policy: bool) -> None:
+    """No grad, per micro-batch: logp_old (MCLA) and entropy if ``policy``; teacher and reference
+    logprobs. A round without a micro-batch of this rank's joins the others' policy forwards."""
+    for micro in rounds:
+        if micro is None:
+            for _ in range(config.mcla_passes if policy else 0):
+                backend.idle_pass(grad=False)
+            continue
         if policy:
-            micro.logp_old, micro.entropy = logp_old_and_entropy(model, micro.batch, passes=config.mcla_passes,
+            micro.logp_old, micro.entropy = logp_old_and_entropy(backend, micro.batch, passes=config.mcla_passes,
                                                                  attention=config.attention, at=micro.flat)
         domains = [rollouts[int(i)].domain for i in micro.token_rollout]
-        if teachers and any(d in teachers for d in domains):
-            # fp32 (fp64 for an fp64 student), like the logprobs the fused kernel gives
-            micro.logp_teacher = torch.full(micro.flat.shape, float("nan"), device=parameter.device,
-                                            dtype=torch.promote_types(parameter.dtype, torch.float32))
-            for domain in set(domains) & set(teachers):
-                with torch.no_grad():
-                    scored = packed_token_logprobs(teachers[domain], micro.batch, attention=config.attention,
-                                                   at=micro.flat)
-                rows = torch.tensor([d == domain for d in domains])
-                micro.logp_teacher[rows] = scored[rows].to(micro.logp_teacher)
+        for domain in sorted(set(domains) & set(teachers)):
+            scored = teachers[domain].score(micro.batch, attention=config.attention, at=micro.flat)[0]
+            if micro.logp_teacher is None:
+                # fp32 (fp64 for an fp64 student), like the logprobs the fused kernel gives
+                micro.logp_teacher = torch.full(micro.flat.shape, float("nan"), device=scored.device,
+                                                dtype=torch.promote_types(backend.dtype, torch.float32))
+            rows = torch.tensor([d == domain for d in domains])
+            micro.logp_teacher[rows] = scored[rows].to(micro.logp_teacher)
         if reference is not None and config.kl_coef > 0:
-            with torch.no_grad():
-                micro.logp_ref = packed_token_logprobs(reference, micro.batch, attention=config.attention,
-                                                       at=micro.flat)
+            micro.logp_ref = reference.score(micro.batch, attention=config.attention, at=micro.flat)[0]
 
 
-def _rollout_entropy(micro_batches, num_rollouts: int) -> torch.Tensor:
-    """H_i: the mean entropy of each rollout's completion tokens."""
-    total = torch.zeros(num_rollouts, dtype=torch.float64)
-    count = torch.zeros(num_rollouts, dtype=torch.float64)
+def _rollout_entropy(backend: TrainingBackend, micro_batches: Sequence[MicroBatch], num_rollouts: int) -> torch.Tensor:
+    """H_i: the mean entropy of each rollout's completion tokens (over every rank's micro-batches)."""
+    sums = torch.zeros(2, num_rollouts, dtype=torch.float64)  # [entropy total, token count]
     for micro in micro_batches:
-        total.index_add_(0, micro.token_rollout, micro.entropy.double())
-        count.index_add_(0, micro.token_rollout, torch.ones_like(micro.entropy, dtype=torch.float64))
+        assert micro.entropy is not None  # set by the old pass or the step's own forward
+        sums[0].index_add_(0, micro.token_rollout, micro.entropy.detach().double().cpu())
+        sums[1].index_add_(0, micro.token_rollout, torch.ones(micro.entropy.numel(), dtype=torch.float64))
+    total, count = backend.all_reduce_sum(sums)
     return total / count.clamp_min(1)
 
 
@@ -281,64 +287,71 @@ def _sft_mask(rollout: RolloutSample, call: CallSpan) -> torch.Tensor:
 
 
 def train_step(
-    model,
-    optimizer,
+    backend: TrainingBackend,
     rollouts: Sequence[RolloutSample],
     config: StepConfig,
     *,
-    scheduler=None,
-    teachers: Mapping[str, object] | None = None,
-    reference=None,
+    teachers: Mapping[str, Scorer] | None = None,
+    reference: Scorer | None = None,
 ) -> dict[str, float]:
-    """Update ``model`` on ``rollouts``; returns the step's metrics.
+    """Update the backend's policy on ``rollouts``; returns the step's metrics (the same on every rank).
 
-    ``teachers`` maps a task domain to a distillation teacher (same tokenizer; checked by whoever
-    loads it); ``reference`` is the frozen policy for the optional KL term.
+    Every data-parallel rank calls this with the same rollouts and config; each runs its share of
+    the micro-batches (``assign_to_ranks``). ``teachers`` maps a task domain to a distillation
+    teacher (same tokenizer; checked by whoever loads it); ``reference`` is the frozen policy for
+    the optional KL term.
 
     ``metrics["skipped"]`` is 1 when the loss or the gradient norm was not finite: then neither
     the optimizer nor the schedule stepped and the weights are as they were (the metrics still
     report the non-finite figures); 0 for a step taken.
     """
     started = time.perf_counter()
+    if config.attention not in backend.attentions:
+        raise BackendRefused(f"the {backend.name} backend does not run attention {config.attention!r} "
+                             f"(it runs {', '.join(sorted(backend.attentions))})")
     if config.loss == "sequence_gspo" and config.layout != "per_rollout" and any(len(r.calls) > 1 for r in rollouts):
         # The sequence ratio is over a rollout's whole completion, so each rollout must sit in one micro-batch.
         config = replace(config, layout="per_rollout", token_budget=1 << 62)
     micro_batches = plan_micro_batches(rollouts, config.token_budget, config.layout)
+    owned = assign_to_ranks(micro_batches, backend.dp_size)
+    mine = [micro_batches[i] for i in owned[backend.dp_rank]]
+    # Every rank runs as many rounds as the busiest; in the rest it joins the others' collectives.
+    rounds: list[MicroBatch | None] = [*mine, *[None] * (max(map(len, owned)) - len(mine))]
     # One scope for every pass and backward of the policy: a backward that recomputes a forward
     # (gradient checkpointing) must see the tree attention too.
-    with tree_attention(model, config.attention):
-        return _run_step(model, optimizer, rollouts, micro_batches, config, scheduler=scheduler,
+    with backend.attention(config.attention):
+        return _run_step(backend, rollouts, micro_batches, rounds, config,
                          teachers=teachers or {}, reference=reference, started=started)
 
 
 def _run_step(
-    model,
-    optimizer: torch.optim.Optimizer,
+    backend: TrainingBackend,
     rollouts: Sequence[RolloutSample],
     micro_batches: list[MicroBatch],
+    rounds: list[MicroBatch | None],
     config: StepConfig,
     *,
-    scheduler,
-    teachers: Mapping[str, object],
-    reference,
+    teachers: Mapping[str, Scorer],
+    reference: Scorer | None,
     started: float,
 ) -> dict[str, float]:
     """The body of :func:`train_step` on its planned micro-batches, inside the tree attention scope."""
-    policy_pass = old_pass_needed(model, config)
-    _old_pass(model, micro_batches, rollouts, config, teachers, reference, policy=policy_pass)
+    mine = [micro for micro in rounds if micro is not None]
+    policy_pass = old_pass_needed(backend, config)
+    _old_pass(backend, rounds, rollouts, config, teachers, reference, policy=policy_pass)
 
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     groups = torch.tensor([r.group for r in rollouts])
     advantages = group_advantages(rewards, groups, use_std=config.use_std)
     if config.difficulty_lambda or config.entropy_mu:
         # Without the old pass entropy_mu is 0, so the entropies (not known yet) do not count.
-        entropy = _rollout_entropy(micro_batches, len(rollouts)) if policy_pass else torch.zeros(len(rollouts))
+        entropy = _rollout_entropy(backend, mine, len(rollouts)) if policy_pass else torch.zeros(len(rollouts))
         advantages = rescale_advantages(advantages, groups, (rewards > 0).double(), entropy,
                                         lam=config.difficulty_lambda, mu=config.entropy_mu)
     for index, rollout in enumerate(rollouts):  # feedback: reward against a running baseline
         if rollout.advantage is not None:
             advantages[index] = rollout.advantage
-    dtype = next(model.parameters()).dtype  # what the packed logprobs come out in
+    dtype = backend.dtype  # what the packed logprobs come out in
     sizes = {
         "calls": torch.tensor([len(r.calls) for r in rollouts], dtype=dtype),
         "tokens": torch.tensor([sum(c.completion_len for c in r.calls) for r in rollouts], dtype=dtype),
@@ -347,12 +360,15 @@ def _run_step(
         kept = sum(float(_sft_mask(r, c).sum()) for r in rollouts for c in r.calls)
         sizes["sft_tokens"] = torch.tensor(kept, dtype=dtype)
 
-    optimizer.zero_grad(set_to_none=True)
-    totals = {"loss": 0.0, "clipped": 0.0, "clip_units": 0.0, "kl": 0.0}
-    tokens = completion_tokens = 0
-    mismatch = []
-    for micro in micro_batches:
-        logp, entropy = packed_logprobs_and_entropy(model, micro.batch, attention=config.attention, at=micro.flat)
+    backend.zero_grad()
+    # This rank's sums, then every rank's: loss, clipped, clip_units, kl, tokens, completion
+    # tokens, tokens scored for mismatch, then each mismatch figure times its token count.
+    totals = torch.zeros(len(_TOTALS) + len(_MISMATCH), dtype=torch.float64)
+    for micro in rounds:
+        if micro is None:
+            backend.idle_pass(grad=True)
+            continue
+        logp, entropy = backend.score(micro.batch, attention=config.attention, at=micro.flat, grad=True)
         if not policy_pass:  # one deterministic pass: this forward's own logp is logp_old
             micro.logp_old, micro.entropy = logp.detach(), entropy.detach()
         assert micro.logp_old is not None  # the old pass set it otherwise
@@ -363,48 +379,53 @@ def _run_step(
         if config.icepop and len(recorded) == len(micro.calls):
             logp_rollout = torch.cat(recorded).to(micro.logp_old)
             weights = icepop_weights(micro.logp_old, logp_rollout)
-            mismatch.append((rollout_mismatch_stats(micro.logp_old, logp_rollout), micro.flat.numel()))
+            stats = rollout_mismatch_stats(micro.logp_old, logp_rollout)
+            scored = micro.flat.numel()
+            totals[_TOTALS.index("mismatch_tokens")] += scored
+            for k, key in enumerate(_MISMATCH):
+                totals[len(_TOTALS) + k] += float(stats[key]) * scored
         loss, stats = _micro_loss(micro, logp, advantages, rollouts, sizes, config, weights)
         if micro.logp_ref is not None:
             kl = kl_to_reference(logp, micro.logp_ref)
             kl_loss = (kl / sizes["tokens"][micro.token_rollout].clamp_min(1)).sum() / len(rollouts)
             loss = loss + config.kl_coef * kl_loss
-            totals["kl"] += float(kl_loss.detach())
-        loss.backward()
-        totals["loss"] += float(loss.detach())
-        totals["clipped"] += float(stats["clipped"])
-        totals["clip_units"] += float(stats["clip_units"])
-        tokens += micro.batch.num_tokens
-        completion_tokens += int(micro.flat.numel())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-    skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
+            totals[_TOTALS.index("kl")] += float(kl_loss.detach())
+        backend.backward(loss)
+        for key, value in (("loss", float(loss.detach())), ("clipped", float(stats["clipped"])),
+                           ("clip_units", float(stats["clip_units"])), ("tokens", micro.batch.num_tokens),
+                           ("completion_tokens", int(micro.flat.numel()))):
+            totals[_TOTALS.index(key)] += value
+    total = dict(zip(_TOTALS + _MISMATCH, backend.all_reduce_sum(totals).tolist(), strict=True))
+    grad_norm = backend.clip_grad_norm(config.max_grad_norm)
+    skipped = not (math.isfinite(total["loss"]) and math.isfinite(grad_norm))
     if skipped:
         # A NaN or inf would reach every weight through the optimizer (and AdamW's moments would
         # keep it): take no step, and drop the gradients so nothing non-finite is left behind.
-        optimizer.zero_grad(set_to_none=True)
+        backend.zero_grad()
     else:
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        backend.optimizer_step()
     seconds = time.perf_counter() - started
     metrics = {
-        "loss": totals["loss"],
-        "clip_frac": totals["clipped"] / max(totals["clip_units"], 1.0),
+        "loss": total["loss"],
+        "clip_frac": total["clipped"] / max(total["clip_units"], 1.0),
         "grad_norm": grad_norm,
         "skipped": float(skipped),
-        "entropy": float(_rollout_entropy(micro_batches, len(rollouts)).mean()),
+        "entropy": float(_rollout_entropy(backend, mine, len(rollouts)).mean()),
         "reward_mean": float(rewards.mean()),
-        "tokens": float(tokens),
-        "completion_tokens": float(completion_tokens),
+        "tokens": total["tokens"],
+        "completion_tokens": total["completion_tokens"],
         "micro_batches": float(len(micro_batches)),
         "step_seconds": seconds,
-        "tokens_per_second": tokens / seconds,
-        "lr": float(optimizer.param_groups[0]["lr"]),
+        "tokens_per_second": total["tokens"] / seconds,
+        "lr": backend.lr,
     }
     if reference is not None and config.kl_coef > 0:
-        metrics["kl_ref"] = totals["kl"]
-    if mismatch:  # mismatch_abs, mismatch_kl, icepop_zeroed_frac: token means, so over the step's tokens
-        scored = max(sum(n for _, n in mismatch), 1)
-        for key in mismatch[0][0]:
-            metrics[key] = sum(float(m[key]) * n for m, n in mismatch) / scored
+        metrics["kl_ref"] = total["kl"]
+    if total["mismatch_tokens"]:  # mismatch_abs, mismatch_kl, icepop_zeroed_frac: token means over the step's tokens
+        for key in _MISMATCH:
+            metrics[key] = total[key] / total["mismatch_tokens"]
     return metrics
+
+
+_TOTALS = ("loss", "clipped", "clip_units", "kl", "tokens", "completion_tokens", "mismatch_tokens")
+_MISMATCH = ("mismatch_abs", "mismatch_kl", "icepop_zeroed_frac")  # core_algos.rollout_mismatch_stats

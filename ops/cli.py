@@ -204,11 +204,12 @@ def train(args: argparse.Namespace) -> None:
     from arborl.learner.loop import Learner, LearnerError
     from arborl.learner.metrics import LearnerMetrics
     from arborl.learner.publish import GatewayPublisher
+    from arborl.learner.trainer import RankFailed
     from arborl.rollout.store import RunLedger
 
     overrides: dict[str, Any] = {"learner": {k: v for k, v in {
         "lr": args.lr, "groups_per_step": args.groups_per_step, "max_staleness": args.max_staleness,
-        "mcla_passes": args.mcla_passes}.items() if v is not None}}
+        "mcla_passes": args.mcla_passes, "backend": args.backend, "nproc": args.nproc}.items() if v is not None}}
     store_url, run_dir = _store_and_run_dir(args)
     if store_url:
         overrides["store"] = {"url": store_url}
@@ -242,6 +243,10 @@ def train(args: argparse.Namespace) -> None:
         learner.run(max_steps=args.max_steps, idle_exit_s=args.idle_exit)
     except KeyboardInterrupt:
         print(f"learner: stopped at step {learner.step}; `arborl train --resume` continues", flush=True)
+    except RankFailed as exc:
+        raise SystemExit(f"arborl: {exc}") from None
+    finally:
+        learner.close()
 
 
 def _store_and_run_dir(args: argparse.Namespace) -> tuple[str, Path]:
@@ -351,6 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     learn.add_argument("--groups-per-step", type=int)
     learn.add_argument("--max-staleness", type=int)
     learn.add_argument("--mcla-passes", type=int)
+    learn.add_argument("--backend", choices=["torch", "fsdp"],
+                       help="training backend: torch (one process) or fsdp (FSDP2 over --nproc ranks)")
+    learn.add_argument("--nproc", type=int, help="data-parallel ranks of the fsdp backend (one GPU each on GPUs)")
     learn.add_argument("--max-steps", type=int, help="stop after this many committed steps")
     learn.add_argument("--idle-exit", type=float, help="stop when no group completes for this many seconds")
     learn.add_argument("--metrics-port", type=int, help="serve the learner's Prometheus metrics on this port")

@@ -41,12 +41,23 @@ class InsertResult:
     changed: list[TrieNode]  # existing nodes whose parent, start or tokens changed by a split
 
 
+class _NodeIds:
+    """Node ids 1, 2, 3, ...: a class, not a closure, so a trie pickles (the learner sends its
+    tries to its data-parallel ranks)."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __call__(self) -> int:
+        self.last += 1
+        return self.last
+
+
 class Trie:
     def __init__(self, nodes: Iterable[TrieNode] = (), next_id: Callable[[], int] | None = None):
         self.nodes: dict[int, TrieNode] = {}
         self.roots: dict[int, int] = {}
-        counter = iter(range(1, 1 << 62))
-        self._next_id = next_id or (lambda: next(counter))
+        self._next_id = next_id or _NodeIds()
         self._last: tuple[int, list[int]] | None = None  # the last inserted path's leaf, and the path
         for node in nodes:
             self.nodes[node.id] = node

@@ -36,8 +36,10 @@ from unittest.mock import patch
 import torch
 
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
-from arborl.learner import logp_old, tree_forward
 from arborl.learner import train_step as train_step_module
+from arborl.learner import tree_forward
+from arborl.learner.backends import torch_backend
+from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.packing import CallSpan
 from arborl.learner.train_step import RolloutSample, StepConfig, train_step
 from arborl.rollout.trie import Trie
@@ -72,10 +74,10 @@ def _head_everywhere(original):
 def baseline(*, old_pass: bool, head_everywhere: bool = False):
     with ExitStack() as stack:
         if old_pass:
-            stack.enter_context(patch.object(train_step_module, "old_pass_needed", lambda model, config: True))
+            stack.enter_context(patch.object(train_step_module, "old_pass_needed", lambda backend, config: True))
         if head_everywhere:
             score = _head_everywhere(tree_forward.packed_logprobs_and_entropy)
-            for module in (tree_forward, logp_old, train_step_module):
+            for module in (tree_forward, torch_backend):
                 stack.enter_context(patch.object(module, "packed_logprobs_and_entropy", score))
         yield
 
@@ -103,7 +105,8 @@ def main() -> None:
         for name, (passes, scoring) in settings.items():
             with scoring():
                 started = time.perf_counter()
-                metrics[name] = train_step(model, optimizer, group, StepConfig(mcla_passes=passes, token_budget=4096))
+                metrics[name] = train_step(TorchBackend(model, optimizer), group,
+                                           StepConfig(mcla_passes=passes, token_budget=4096))
                 seconds = time.perf_counter() - started
             if round_:
                 times[name].append(seconds)

@@ -39,6 +39,7 @@ import torch
 
 from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
 from arborl.kernels.tree_attention import BLOCKS
+from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.packing import CallSpan
 from arborl.learner.train_step import RolloutSample, StepConfig, plan_micro_batches, train_step
 from arborl.rollout.trie import Trie
@@ -78,7 +79,7 @@ def agent_group(
 
 def _time_step(model, optimizer, rollouts, config: StepConfig) -> tuple[float, int]:
     started = time.perf_counter()
-    metrics = train_step(model, optimizer, rollouts, config)
+    metrics = train_step(TorchBackend(model, optimizer), rollouts, config)
     return time.perf_counter() - started, int(metrics["tokens"])
 
 
@@ -107,9 +108,9 @@ def main() -> None:
     # Warm each layout up on its own shapes first: the first step at a new size pays the first
     # touch of its memory (an 8k-token tree step: about 77 s, then 62-72 s).
     for layout in ("tree", "per_rollout"):
-        train_step(model, optimizer, group, config[layout])
+        train_step(TorchBackend(model, optimizer), group, config[layout])
         print(f"{layout}: warmed up", file=sys.stderr, flush=True)
-    train_step(model, optimizer, group[1:2], config["per_call"])
+    train_step(TorchBackend(model, optimizer), group[1:2], config["per_call"])
     seconds = {}
     for layout in ("tree", "per_rollout"):
         seconds[layout], counted = _time_step(model, optimizer, group, config[layout])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.packing import CallSpan
 from arborl.learner.train_step import RolloutSample, StepConfig, train_step
 from arborl.rollout.trie import Trie
@@ -63,7 +64,7 @@ def test_default_model_learns_a_verifiable_toy_task():
             call = CallSpan((step, i), trie.insert(prompt + tokens).leaf, len(tokens))
             reward = _reward(tokenizer.decode(tokens, skip_special_tokens=True))
             group.append(RolloutSample(trie, [call], reward, group=0, logp_rollout={call.key: logp}))
-        metrics = train_step(model, optimizer, group, StepConfig())
+        metrics = train_step(TorchBackend(model, optimizer), group, StepConfig())
         rewards.append(metrics["reward_mean"])
         print(f"step {step}: mean reward {rewards[-1]:.2f}, mismatch {metrics.get('mismatch_abs', 0):.4f}")
         if len(rewards) >= 3 and sum(rewards[-3:]) / 3 > 0.9:

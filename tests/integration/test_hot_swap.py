@@ -118,6 +118,7 @@ def test_admin_routes_are_off_without_an_admin_token(gateway):
 def test_learner_publishes_a_trained_checkpoint_and_in_process(admin_gateway, tmp_path: Path):
     from transformers import AutoModelForCausalLM
 
+    from arborl.learner.backends.torch_backend import TorchBackend
     from arborl.learner.checkpoint import save_checkpoint
     from arborl.learner.publish import publish_in_process, publish_to_gateway
 
@@ -125,7 +126,7 @@ def test_learner_publishes_a_trained_checkpoint_and_in_process(admin_gateway, tm
     with torch.no_grad():
         for parameter in learner.parameters():
             parameter.add_(0.01)
-    folder = save_checkpoint(tmp_path / "step-1", learner)
+    folder = save_checkpoint(tmp_path / "step-1", TorchBackend(learner))
     answer = publish_to_gateway(admin_gateway.url, ADMIN, folder, 1)
     assert answer["version"] == 1
     served = admin_gateway.engine.model.state_dict()
@@ -135,7 +136,7 @@ def test_learner_publishes_a_trained_checkpoint_and_in_process(admin_gateway, tm
     with torch.no_grad():
         for parameter in learner.parameters():
             parameter.add_(0.01)
-    asyncio.run(publish_in_process(admin_gateway.engine, learner, 2))
+    asyncio.run(publish_in_process(admin_gateway.engine, learner.state_dict(), 2))
     assert admin_gateway.engine.stats().policy_version == 2
     name, value = next(iter(learner.state_dict().items()))
     torch.testing.assert_close(admin_gateway.engine.model.state_dict()[name], value, rtol=0, atol=0)

@@ -95,7 +95,7 @@ def test_in_process_learner_publishes_into_the_serving_engine(live, tiny_model, 
     worker.join(timeout=120)
     assert learner.step == 1 and live.engine.stats().policy_version == 1
     served = live.engine.model.state_dict()
-    for name, value in learner.model.state_dict().items():
+    for name, value in learner.trainer.backend.model.state_dict().items():
         assert torch.equal(served[name], value.to(served[name].dtype)), name
 
 
@@ -152,7 +152,7 @@ def test_a_call_without_a_prompt_is_refused_and_counted(tiny_model, tiny_model_d
     assert report is not None and not report.skipped and report.groups == [group]
     assert report.metrics["calls_refused"] == 1.0 and report.metrics["skipped"] == 0.0
     assert learner.metrics.calls_refused.labels("empty_prompt")._value.get() == 1
-    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+    assert all(torch.isfinite(p).all() for p in learner.trainer.backend.model.parameters())
 
 
 def test_a_non_finite_step_commits_and_publishes_nothing(tiny_model, tiny_model_dir: Path, tmp_path: Path):
@@ -164,13 +164,13 @@ def test_a_non_finite_step_commits_and_publishes_nothing(tiny_model, tiny_model_
     publisher = _RecordingPublisher()
     learner = Learner(ledger, tmp_path, LearnerSettings(lr=1e-3), base_model=tiny_model_dir, device="cpu",
                       publisher=publisher)
-    start = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+    start = {name: p.detach().clone() for name, p in learner.trainer.backend.model.named_parameters()}
 
     report = learner.train_once()
     assert report is not None and report.skipped and report.groups == [broken]
     assert (report.step, report.version) == (0, 0) == (learner.step, learner.version)
     assert publisher.versions == [] and ledger.steps() == []
-    for name, p in learner.model.named_parameters():
+    for name, p in learner.trainer.backend.model.named_parameters():
         assert torch.equal(p.detach(), start[name]), name
     # not lost: dropped, with the reason, so no later step trains it twice (or forever)
     assert ledger.group(broken).dropped == "non_finite" and [g.id for g in ledger.pending_groups()] == [fine]
@@ -200,7 +200,7 @@ def test_a_non_finite_feedback_step_is_skipped_and_its_feedback_used(tiny_model,
     assert report is not None and report.skipped and (report.step, report.version) == (0, 0)
     assert publisher.versions == [] and ledger.steps() == [] and ledger.pending_feedback() == []
     assert learner.metrics.steps_skipped.labels("non_finite")._value.get() == 1
-    assert all(torch.isfinite(p).all() for p in learner.model.parameters())
+    assert all(torch.isfinite(p).all() for p in learner.trainer.backend.model.parameters())
 
 
 def _train(run: Path, model_dir: Path, *extra: str) -> subprocess.Popen:

@@ -108,7 +108,7 @@ def test_pause_training_and_run_time_settings_reach_the_learner(live, tiny_model
         runner.join(30)
     assert learner.step == 2
     assert learner.settings.lr == 5e-4 and learner.settings.max_staleness == 0
-    assert all(group["lr"] == pytest.approx(5e-4) for group in learner.optimizer.param_groups)
+    assert all(group["lr"] == pytest.approx(5e-4) for group in learner.trainer.backend.optimizer.param_groups)
     actions = [a.action for a in RunControls(live.store).actions()]
     assert actions == ["pause_training", "set_learner", "resume_training"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.packing import CallSpan
 from arborl.learner.train_step import RolloutSample, StepConfig, train_step
 from arborl.rollout.trie import Trie
@@ -59,7 +60,7 @@ def test_reward_rises_from_chance():
     generator = torch.Generator().manual_seed(0)
     rewards = []
     for step in range(30):
-        metrics = train_step(model, optimizer, _group(model, step, generator), StepConfig())
+        metrics = train_step(TorchBackend(model, optimizer), _group(model, step, generator), StepConfig())
         rewards.append(metrics["reward_mean"])
         assert metrics["mismatch_abs"] < 1e-4  # sampled and trained with the same weights
     print("mean reward per step:", [round(r, 2) for r in rewards])
@@ -72,7 +73,7 @@ def test_skipping_the_old_pass_changes_nothing(monkeypatch):
     skips the old pass ends with the same weights and metrics as the one that runs it."""
     from arborl.learner import train_step as module
 
-    assert not module.old_pass_needed(_model().train(), StepConfig())
+    assert not module.old_pass_needed(TorchBackend(_model().train()), StepConfig())
     generator = torch.Generator().manual_seed(3)
     start = _model().double().train()
     rollouts = _group(start, 0, generator)
@@ -80,9 +81,9 @@ def test_skipping_the_old_pass_changes_nothing(monkeypatch):
     for needed in (True, False):
         model = _model().double().train()
         model.load_state_dict(start.state_dict())
-        monkeypatch.setattr(module, "old_pass_needed", lambda model, config, needed=needed: needed)
+        monkeypatch.setattr(module, "old_pass_needed", lambda backend, config, needed=needed: needed)
         # difficulty rescaling on (it runs without the old pass), KL off; IcePop sees the recorded logprobs
-        metrics = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), rollouts,
+        metrics = train_step(TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=1e-2)), rollouts,
                              StepConfig(difficulty_lambda=0.5))
         results.append((metrics, {name: p.detach().clone() for name, p in model.named_parameters()}))
     (with_pass, weights_with), (without_pass, weights_without) = results
@@ -96,15 +97,16 @@ def test_skipping_the_old_pass_changes_nothing(monkeypatch):
 def test_which_steps_need_an_old_pass():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from arborl.learner.train_step import forward_is_deterministic, old_pass_needed
+    from arborl.learner.backends.hf_model import forward_is_deterministic
+    from arborl.learner.train_step import old_pass_needed
 
     plain = _model().train()
     assert forward_is_deterministic(plain)
-    assert old_pass_needed(plain, StepConfig(mcla_passes=8))  # MCLA averages K passes
-    assert old_pass_needed(plain, StepConfig(entropy_mu=0.1))  # needs entropies before the first loss
+    assert old_pass_needed(TorchBackend(plain), StepConfig(mcla_passes=8))  # MCLA averages K passes
+    assert old_pass_needed(TorchBackend(plain), StepConfig(entropy_mu=0.1))  # needs entropies before the first loss
     noisy = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1))
-    assert not forward_is_deterministic(noisy.train()) and old_pass_needed(noisy, StepConfig())
+    assert not forward_is_deterministic(noisy.train()) and old_pass_needed(TorchBackend(noisy), StepConfig())
     assert forward_is_deterministic(noisy.eval())  # dropout is off in eval mode
     plain.model.layers[0].mlp.act_fn = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Dropout(0.1))
     assert not forward_is_deterministic(plain.train())

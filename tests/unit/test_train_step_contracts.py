@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from arborl.learner import train_step as step_module
+from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.logp_old import estimate_logp_old
 from arborl.learner.packing import CallSpan, pack
 from arborl.learner.train_step import RolloutSample, StepConfig, plan_micro_batches, train_step
@@ -86,7 +87,7 @@ def test_a_call_without_a_prompt_is_refused():
     before = _weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with pytest.raises(ValueError, match="prompt"):
-        train_step(model, optimizer, samples, StepConfig(entropy_mu=0.1))
+        train_step(TorchBackend(model, optimizer), samples, StepConfig(entropy_mu=0.1))
     _assert_unchanged(model, before)
     for layout in ("tree", "per_rollout", "per_call"):
         with pytest.raises(ValueError, match="prompt"):
@@ -100,7 +101,7 @@ def _skipped_step_leaves_everything(model, samples, config: StepConfig) -> dict[
     before = _weights(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    metrics = train_step(model, optimizer, samples, config, scheduler=scheduler)
+    metrics = train_step(TorchBackend(model, optimizer, scheduler), samples, config)
     assert metrics["skipped"] == 1.0
     _assert_unchanged(model, before)
     assert optimizer.state == {} and scheduler.last_epoch == 0  # neither took a step
@@ -131,7 +132,7 @@ def test_a_finite_step_is_taken_and_says_so():
     model = _model()
     samples = _group(model, random.Random(3))
     before = _weights(model)
-    metrics = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), samples, StepConfig())
+    metrics = train_step(TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=1e-2)), samples, StepConfig())
     assert metrics["skipped"] == 0.0
     assert any(not torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
 
@@ -151,14 +152,15 @@ def test_every_pass_leaves_each_model_on_the_attention_it_found():
     models = {"policy": model, "teacher": teacher, "reference": reference}
     samples = _group(model, random.Random(4), domain="math")
     # the old pass (MCLA, K = 2), the teacher's and the reference's passes, then the train pass
-    train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), samples,
-               StepConfig(mcla_passes=2, kl_coef=0.1), teachers={"math": teacher}, reference=reference)
+    train_step(TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=1e-3)), samples,
+               StepConfig(mcla_passes=2, kl_coef=0.1), teachers={"math": TorchBackend(teacher)},
+               reference=TorchBackend(reference))
     for name, each in models.items():
         assert each.config._attn_implementation == found[name], name
         _plain_forward(each)
     # and the learner's old-pass estimate on its own
     trie = samples[0].trie
-    estimate_logp_old(model, pack([(trie, [c for s in samples for c in s.calls])]), passes=2)
+    estimate_logp_old(TorchBackend(model), pack([(trie, [c for s in samples for c in s.calls])]), passes=2)
     assert model.config._attn_implementation == "sdpa"
     _plain_forward(model)
 
@@ -172,7 +174,7 @@ def test_a_failing_pass_also_restores_the_attention(monkeypatch):
 
     monkeypatch.setattr(step_module, "icepop_weights", fail)  # fails after the packed forward ran
     with pytest.raises(RuntimeError, match="out of memory"):
-        train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), samples, StepConfig())
+        train_step(TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=1e-3)), samples, StepConfig())
     assert model.config._attn_implementation == "sdpa"
     _plain_forward(model)
 
@@ -186,8 +188,8 @@ def _shifted_old_pass(monkeypatch, scale: float) -> None:
     the layout, and some turns clip while others do not."""
     real = step_module.logp_old_and_entropy
 
-    def shifted(model, batch, *, at, **kwargs):
-        logp, entropy = real(model, batch, at=at, **kwargs)
+    def shifted(policy, batch, *, at, **kwargs):
+        logp, entropy = real(policy, batch, at=at, **kwargs)
         ids, depth = batch.input_ids[at].double(), batch.position_ids[at].double()
         return logp + scale * torch.sin(1.7 * ids + 0.3 * depth).to(logp), entropy
 
@@ -214,7 +216,8 @@ def test_clip_frac_is_the_same_under_every_layout_and_budget(monkeypatch, loss: 
     for layout, budget in LAYOUTS:
         model = copy.deepcopy(start)
         config = StepConfig(loss=loss, layout=layout, token_budget=budget, mcla_passes=2)
-        results[(layout, budget)] = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), samples, config)
+        backend = TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        results[(layout, budget)] = train_step(backend, samples, config)
         micro_batches.add(results[(layout, budget)]["micro_batches"])
     print(loss, {key: metrics["clip_frac"] for key, metrics in results.items()})
     assert len(micro_batches) >= 4  # the layouts really cut the step differently

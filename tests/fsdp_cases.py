@@ -1,0 +1,99 @@
+"""Gradient-equivalence cases for the fsdp backend, run on N gloo ranks (tests/integration/test_fsdp_backend.py).
+
+Each case: a tiny random Llama in float64 (tied embeddings or not), agent-shaped rollouts in
+shared tries, a step config (loss, attention, MCLA, rescaling, KL and distillation). Every rank
+runs ``train_step`` on the fsdp backend; rank 0 writes the step's metrics and every parameter's
+whole gradient (gathered from the shards) for the test to compare with the torch backend's.
+The clip bound is huge, so the gradient left after the step is the loss's own.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from arborl.learner.packing import CallSpan
+from arborl.learner.settings import LearnerSettings
+from arborl.learner.train_step import RolloutSample, StepConfig
+from arborl.rollout.trie import Trie
+
+VOCAB = 61
+
+
+@dataclass
+class Case:
+    name: str
+    tied: bool
+    seed: int
+    config: StepConfig
+    teacher: bool = False  # a distillation teacher for the rollouts' domain
+    reference: bool = False  # a reference policy (config.kl_coef > 0)
+
+
+def tiny_model(seed: int, *, tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).double().train()
+
+
+@torch.no_grad()
+def _recorded(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def random_rollouts(model, seed: int, *, groups: int = 2, rollouts: int = 3) -> list[RolloutSample]:
+    """Groups of rollouts with random shapes: a shared prompt per group, 1-4 turns, tool output
+    between turns, some rollouts branching from another's turn (a retried call)."""
+    rng = random.Random(seed)
+    samples = []
+    for group in range(groups):
+        trie = Trie()
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(8, 20))]
+        for r in range(rollouts):
+            context, calls, recorded = list(prompt), [], {}
+            for turn in range(rng.randint(1, 4)):
+                completion = [rng.randrange(VOCAB) for _ in range(rng.randint(2, 7))]
+                call = CallSpan((group, r, turn), trie.insert(context + completion).leaf, len(completion))
+                calls.append(call)
+                recorded[call.key] = _recorded(model, context, completion)
+                context += completion + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 5))]
+            samples.append(RolloutSample(trie, calls, float(rng.random() < 0.5) + 0.1 * r, group=group,
+                                         logp_rollout=recorded, domain="math"))
+    return samples
+
+
+def run_cases(rank: int, world: int, address: str, folder: Path) -> None:
+    """One rank: every case in ``folder/cases.pt``, fsdp ``train_step``; rank 0 writes the results."""
+    import torch.distributed as dist
+
+    from arborl.learner.backends.fsdp_backend import FsdpBackend
+    from arborl.learner.backends.hf_model import load_frozen
+    from arborl.learner.backends.torch_backend import TorchBackend
+    from arborl.learner.train_step import train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    cases = torch.load(folder / "cases.pt", weights_only=False)
+    results = {}
+    for case, samples in cases:
+        weights = folder / case.name
+        backend = FsdpBackend.open(weights, LearnerSettings(lr=1e-3), dtype=torch.float64)
+        teachers = {"math": TorchBackend(load_frozen(folder / "teacher", dtype=torch.float64))} if case.teacher else {}
+        reference = TorchBackend(load_frozen(weights, dtype=torch.float64)) if case.reference else None
+        metrics = train_step(backend, samples, case.config, teachers=teachers, reference=reference)
+        grads = {name.removeprefix("model."): p.grad.full_tensor() for name, p in backend.root.named_parameters()}
+        after = backend.full_state_dict()
+        if rank == 0:
+            results[case.name] = {"metrics": metrics, "grads": grads, "weights": after}
+    if rank == 0:
+        torch.save(results, folder / "results.pt")
+    dist.destroy_process_group()
