@@ -14,7 +14,6 @@ the pipes, and its followers exit.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing.connection
 import os
 import socket
@@ -31,8 +30,6 @@ from .backends.hf_model import load_frozen
 from .backends.torch_backend import TorchBackend
 from .checkpoint import save_checkpoint
 from .train_step import RolloutSample, StepConfig, train_step
-
-log = logging.getLogger("arborl.learner")
 
 BACKENDS = ("torch", "fsdp")
 
@@ -181,7 +178,6 @@ class RankLeader:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         _join_group(spec, 0, world, address)
         self._local = _rank_trainer(spec, 0)
-        log.info("learner: %d fsdp ranks (pids %s)", world, [os.getpid(), *(p.pid for p in self._ranks)])
 
     @property
     def pids(self) -> list[int]:
@@ -202,8 +198,12 @@ class RankLeader:
 
     def _everywhere(self, name: str, *args: Any, **kwargs: Any) -> Any:
         self._check_ranks()
-        for pipe in self._pipes:
-            pipe.send((name, args, kwargs))
+        try:
+            for pipe in self._pipes:
+                pipe.send((name, args, kwargs))
+        except OSError:  # a follower's end is closed: it is gone
+            self._check_ranks(wait_s=2.0)
+            raise
         try:
             return getattr(self._local, name)(*args, **kwargs)
         except RuntimeError:  # a collective whose partner is gone: say which rank, not gloo's words

@@ -23,7 +23,6 @@ Invariants every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,7 +118,3 @@ class TrainingBackend(Scorer, Protocol):
 
     def close(self) -> None: ...
 
-
-def parameters_of(model: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
-    """The trainable parameters, each once (tied weights are one parameter)."""
-    return (p for p in model.parameters() if p.requires_grad)

@@ -99,6 +99,8 @@ class FsdpBackend:
         for module in self.root.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # a sum: see the module docstring
+                if device.type == "cpu":  # gloo has no pre-multiplied sum (NCCL's PreMulSum), only sums
+                    module.set_force_sum_reduction_for_comms(True)
         self.optimizer, self.scheduler = build_optimizer(self.root.parameters(), settings)
         self._attention = SDPA  # the scope's, for idle passes
 

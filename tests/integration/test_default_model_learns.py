@@ -4,7 +4,8 @@ The reward is 1 when the answer is exactly the word "No" to "Is the sky green? A
 word: yes or no." SmolLM2-135M-Instruct starts well below 0.5 (it mostly rambles or says yes).
 Each step samples a group of answers from the current weights (recording their sampling
 logprobs), rewards them and takes one turn-level GSPO step; the mean reward must pass 0.9
-within the step budget.
+within the step budget. On the torch backend (one process) and on the fsdp backend (2 gloo
+ranks started by arborl, sampling from the weights gathered after each step, as serving would).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from arborl.learner.backends import BackendSpec
 from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.packing import CallSpan
-from arborl.learner.train_step import RolloutSample, StepConfig, train_step
+from arborl.learner.settings import LearnerSettings
+from arborl.learner.train_step import RolloutSample, StepConfig
+from arborl.learner.trainer import Trainer, open_trainer
 from arborl.rollout.trie import Trie
 
 QUESTION = "Is the sky green? Answer with one word: yes or no."
@@ -43,7 +47,8 @@ def _sample(model, tokenizer, prompt: list[int]) -> list[tuple[list[int], torch.
 
 
 @pytest.mark.slow
-def test_default_model_learns_a_verifiable_toy_task():
+@pytest.mark.parametrize("backend", ["torch", "fsdp"])
+def test_default_model_learns_a_verifiable_toy_task(backend: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arborl.gateway.engines.model_source import DEFAULT_MODEL, resolve_model
@@ -52,7 +57,20 @@ def test_default_model_learns_a_verifiable_toy_task():
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    if backend == "torch":
+        trainer = Trainer(TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=2e-5)))
+    else:  # the same AdamW (torch's default weight decay), on 2 ranks; ``model`` only samples
+        settings = LearnerSettings(backend="fsdp", nproc=2, lr=2e-5, weight_decay=0.01)
+        trainer = open_trainer(BackendSpec(weights=folder, settings=settings))
+    try:
+        rewards = _learn(model, tokenizer, trainer, publish=backend != "torch")
+    finally:
+        trainer.close()
+    assert rewards[0] < 0.5, rewards
+    assert sum(rewards[-3:]) / 3 > 0.9, rewards
+
+
+def _learn(model, tokenizer, trainer, *, publish: bool) -> list[float]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                          tokenize=False)
     prompt = tokenizer.encode(text, add_special_tokens=False)
@@ -64,10 +82,11 @@ def test_default_model_learns_a_verifiable_toy_task():
             call = CallSpan((step, i), trie.insert(prompt + tokens).leaf, len(tokens))
             reward = _reward(tokenizer.decode(tokens, skip_special_tokens=True))
             group.append(RolloutSample(trie, [call], reward, group=0, logp_rollout={call.key: logp}))
-        metrics = train_step(TorchBackend(model, optimizer), group, StepConfig())
+        metrics = trainer.train(group, StepConfig())
+        if publish:  # the trained weights into the sampling copy
+            model.load_state_dict(trainer.full_state_dict())
         rewards.append(metrics["reward_mean"])
         print(f"step {step}: mean reward {rewards[-1]:.2f}, mismatch {metrics.get('mismatch_abs', 0):.4f}")
         if len(rewards) >= 3 and sum(rewards[-3:]) / 3 > 0.9:
             break
-    assert rewards[0] < 0.5, rewards
-    assert sum(rewards[-3:]) / 3 > 0.9, rewards
+    return rewards

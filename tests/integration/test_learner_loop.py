@@ -7,7 +7,8 @@
   is not finite commits and publishes nothing, and its groups are dropped (``non_finite``);
 - ``arborl train`` killed with SIGKILL in the middle of steps and resumed twice ends with the
   same weights, bit for bit, as an uninterrupted run on a copy of the same store, and the ledger
-  shows every group trained by exactly one step.
+  shows every group trained by exactly one step; on the fsdp backend (2 ranks) the same when one
+  follower rank is killed mid-step and then the leader while it writes a checkpoint.
 """
 
 from __future__ import annotations
@@ -210,15 +211,21 @@ def _train(run: Path, model_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _kill_when(process: subprocess.Popen, marker: str) -> list[str]:
-    """Read the learner's progress until ``marker``, then SIGKILL it on the spot."""
+def _kill_when(process: subprocess.Popen, marker: str, *, rank: int = 0) -> list[str]:
+    """Read the learner's progress until ``marker``, then SIGKILL its rank ``rank`` on the spot
+    (0: the learner's own process; another: that follower, whose pid the start line gives)."""
     lines = []
     for line in process.stdout:
         lines.append(line)
         if marker in line:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return lines
+            if rank == 0:
+                process.send_signal(signal.SIGKILL)
+            else:
+                started = next(line for line in lines if "ranks (pids " in line)
+                pids = started.split("ranks (pids ")[1].split(")")[0].split()
+                os.kill(int(pids[rank]), signal.SIGKILL)
+            output, _ = process.communicate(timeout=120)
+            return lines + [output]
     raise AssertionError(f"the learner ended before {marker!r}:\n{''.join(lines)}")
 
 
@@ -228,20 +235,28 @@ def _finish(process: subprocess.Popen) -> str:
     return output
 
 
-def test_kill_9_and_resume_trains_every_group_exactly_once(tiny_model, tiny_model_dir: Path, tmp_path: Path):
+BACKENDS = {"torch": (), "fsdp": ("--backend", "fsdp", "--nproc", "2")}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_kill_9_and_resume_trains_every_group_exactly_once(backend, tiny_model, tiny_model_dir: Path, tmp_path: Path):
     run, reference = tmp_path / "run", tmp_path / "reference"
     ledger = RunLedger(SqliteTrajectoryStore(run / "store.sqlite"))
     rng = random.Random(1)
     groups = [record_group(ledger, tiny_model, f"task-{i}", rng) for i in range(8)]
     ledger.store.close()
     shutil.copytree(run, reference)
+    flags = BACKENDS[backend]
 
-    # Killed while training step 2, then while writing step 3's checkpoint, then run to the end.
-    _kill_when(_train(run, tiny_model_dir), "step 2: training on")
-    _kill_when(_train(run, tiny_model_dir, "--resume"), "step 3: saving checkpoint")
-    output = _finish(_train(run, tiny_model_dir, "--resume"))
+    # Killed while training step 2 (fsdp: one follower rank, so the learner fails there and stops),
+    # then while writing step 3's checkpoint, then run to the end.
+    died = _kill_when(_train(run, tiny_model_dir, *flags), "step 2: training on", rank=1 if flags else 0)
+    if flags:
+        assert "learner rank 1 exited" in died[-1], died[-1]  # said, not a hang or a bare gloo error
+    _kill_when(_train(run, tiny_model_dir, "--resume", *flags), "step 3: saving checkpoint")
+    output = _finish(_train(run, tiny_model_dir, "--resume", *flags))
     assert "resumed at step 2" in output
-    _finish(_train(reference, tiny_model_dir))
+    _finish(_train(reference, tiny_model_dir, *flags))
 
     ledger = RunLedger(SqliteTrajectoryStore(run / "store.sqlite"))
     steps = ledger.steps()
