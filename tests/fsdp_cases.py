@@ -71,8 +71,9 @@ def random_rollouts(model, seed: int, *, groups: int = 2, rollouts: int = 3) -> 
     return samples
 
 
-def run_cases(rank: int, world: int, address: str, folder: Path) -> None:
-    """One rank: every case in ``folder/cases.pt``, fsdp ``train_step``; rank 0 writes the results."""
+def run_cases(rank: int, world: int, address: str, folder: Path, device: str = "cpu") -> None:
+    """One rank: every case in ``folder/cases.pt``, fsdp ``train_step``; rank 0 writes the results
+    (on the CPU: gloo; ``device="cuda"``: NCCL, rank r on cuda:r)."""
     import torch.distributed as dist
 
     from arborl.learner.backends.fsdp_backend import FsdpBackend
@@ -81,16 +82,22 @@ def run_cases(rank: int, world: int, address: str, folder: Path) -> None:
     from arborl.learner.train_step import train_step
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    where = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(where)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", init_method=address, rank=rank,
+                            world_size=world, timeout=timedelta(minutes=5))
     cases = torch.load(folder / "cases.pt", weights_only=False)
     results = {}
     for case, samples in cases:
         weights = folder / case.name
-        backend = FsdpBackend.open(weights, LearnerSettings(lr=1e-3), dtype=torch.float64)
-        teachers = {"math": TorchBackend(load_frozen(folder / "teacher", dtype=torch.float64))} if case.teacher else {}
-        reference = TorchBackend(load_frozen(weights, dtype=torch.float64)) if case.reference else None
+        backend = FsdpBackend.open(weights, LearnerSettings(lr=1e-3), dtype=torch.float64, device=where)
+        teacher = folder / "teacher"
+        teachers = ({"math": TorchBackend(load_frozen(teacher, dtype=torch.float64, device=where))}
+                    if case.teacher else {})
+        reference = TorchBackend(load_frozen(weights, dtype=torch.float64, device=where)) if case.reference else None
         metrics = train_step(backend, samples, case.config, teachers=teachers, reference=reference)
-        grads = {name.removeprefix("model."): p.grad.full_tensor() for name, p in backend.root.named_parameters()}
+        grads = {name.removeprefix("model."): p.grad.full_tensor().cpu() for name, p in backend.root.named_parameters()}
         after = backend.full_state_dict()
         if rank == 0:
             results[case.name] = {"metrics": metrics, "grads": grads, "weights": after}

@@ -60,10 +60,8 @@ def _close(ours: float, theirs: float) -> bool:
     return abs(ours - theirs) <= 1e-9 * abs(theirs) + 1e-15
 
 
-@pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory) -> tuple[dict, dict]:
-    """The cases (and their rollouts), and what 2 fsdp ranks made of each."""
-    folder = tmp_path_factory.mktemp("fsdp")
+def _run_fsdp(folder: Path, *, device: str, ranks: int) -> tuple[dict, dict]:
+    """The cases (and their rollouts), and what ``ranks`` fsdp ranks made of each."""
     cases = []
     for case in CASES:
         model = tiny_model(case.seed, tied=case.tied)
@@ -71,9 +69,19 @@ def fsdp_results(tmp_path_factory) -> tuple[dict, dict]:
         cases.append((case, random_rollouts(model, case.seed)))
     tiny_model(99, tied=True).save_pretrained(folder / "teacher")
     torch.save(cases, folder / "cases.pt")
-    mp.start_processes(run_cases, args=(2, _address(), folder), nprocs=2, start_method="spawn")
-    return {case.name: (case, samples) for case, samples in cases}, torch.load(folder / "results.pt",
-                                                                               weights_only=False) | {"folder": folder}
+    mp.start_processes(run_cases, args=(ranks, _address(), folder, device), nprocs=ranks, start_method="spawn")
+    results = torch.load(folder / "results.pt", weights_only=False)
+    return {case.name: (case, samples) for case, samples in cases}, results | {"folder": folder}
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> tuple[dict, dict]:
+    return _run_fsdp(tmp_path_factory.mktemp("fsdp"), device="cpu", ranks=2)
+
+
+@pytest.fixture(scope="module")
+def fsdp_cuda_results(tmp_path_factory) -> tuple[dict, dict]:
+    return _run_fsdp(tmp_path_factory.mktemp("fsdp-cuda"), device="cuda", ranks=min(2, torch.cuda.device_count()))
 
 
 def _torch_step(folder: Path, case: Case, samples) -> tuple[dict, torch.nn.Module]:
@@ -89,6 +97,17 @@ def _torch_step(folder: Path, case: Case, samples) -> tuple[dict, torch.nn.Modul
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [case.name for case in CASES])
 def test_two_fsdp_ranks_give_the_gradients_of_one_torch_process(fsdp_results, name: str):
+    _assert_matches_torch(fsdp_results, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [case.name for case in CASES])
+def test_fsdp_on_cuda_gives_the_gradients_of_one_torch_process(fsdp_cuda_results, name: str):
+    """NCCL, one rank per GPU (1 or 2), float64, against the torch backend on the CPU."""
+    _assert_matches_torch(fsdp_cuda_results, name)
+
+
+def _assert_matches_torch(fsdp_results, name: str) -> None:
     cases, results = fsdp_results
     case, samples = cases[name]
     ours = results[name]
@@ -106,7 +125,7 @@ def test_two_fsdp_ranks_give_the_gradients_of_one_torch_process(fsdp_results, na
     state = model.state_dict()
     assert ours["weights"].keys() >= {n for n, _ in model.named_parameters()}
     for parameter_name, weight in ours["weights"].items():  # after the same AdamW step
-        torch.testing.assert_close(weight, state[parameter_name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(weight.cpu(), state[parameter_name], rtol=1e-9, atol=1e-12)
 
 
 def test_the_cases_spread_micro_batches_over_both_ranks_and_leave_one_idle_sometimes():
