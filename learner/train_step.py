@@ -197,7 +197,8 @@ def old_pass_needed(backend: TrainingBackend, config: StepConfig) -> bool:
 def assign_to_ranks(micro_batches: Sequence[MicroBatch], ranks: int) -> list[list[int]]:
     """Which micro-batches each data-parallel rank runs: the biggest first to the least loaded
     rank (by tokens), each rank's in plan order. One rank runs them all, in plan order."""
-    load, owned = [0] * ranks, [[] for _ in range(ranks)]  # type: list[int], list[list[int]]
+    load = [0] * ranks
+    owned: list[list[int]] = [[] for _ in range(ranks)]
     for index in sorted(range(len(micro_batches)), key=lambda i: -micro_batches[i].batch.num_tokens):
         rank = min(range(ranks), key=lambda r: (load[r], r))
         load[rank] += micro_batches[index].batch.num_tokens

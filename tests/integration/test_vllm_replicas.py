@@ -138,6 +138,13 @@ async def _stream(client: httpx.AsyncClient, session: str, i: int, started: asyn
     return "ok", "\n".join(events)
 
 
+async def _generated(client: httpx.AsyncClient, server_url: str) -> float:
+    """The tokens a vLLM server has generated so far (its Prometheus counter)."""
+    text = (await client.get(server_url + "/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
 def test_killing_a_replica_mid_run_loses_no_delivered_call_and_it_comes_back_current(gateway, servers):
     url, store, router = gateway
     pair, model, python = servers
@@ -149,6 +156,7 @@ def test_killing_a_replica_mid_run_loses_no_delivered_call_and_it_comes_back_cur
     async def run() -> dict[str, list[tuple[str, str]]]:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             started = {s: asyncio.Event() for s in sessions}
+            before = await _generated(client, victim.url)
             first_done: set[str] = set()
 
             async def client_calls(session: str) -> list[tuple[str, str]]:
@@ -159,9 +167,12 @@ def test_killing_a_replica_mid_run_loses_no_delivered_call_and_it_comes_back_cur
             tasks = {s: asyncio.create_task(client_calls(s)) for s in sessions}
             while any(router.replica_for(s) is None for s in sessions):
                 await asyncio.sleep(0.01)
-            for s in sessions:  # the first calls r1 serves are streaming (1000 tokens: seconds to go)
-                if router.replica_for(s) == "r1":
-                    await started[s].wait()
+            # r1 is decoding the first calls it serves (1000 tokens each: seconds to go). Read from
+            # the server's own counter: what reached a client may lag behind (or be held back by the
+            # tool-call parser), and a call the server had finished is not cut by the kill.
+            on_r1 = sum(router.replica_for(s) == "r1" for s in sessions)
+            while await _generated(client, victim.url) < before + 20 * on_r1:
+                await asyncio.sleep(0.05)
             assert victim.pid is not None
             os.killpg(victim.pid, signal.SIGKILL)
             streaming_on_r1.extend(s for s in sessions if router.replica_for(s) == "r1" and s not in first_done)
