@@ -103,8 +103,10 @@ class Learner:
                 f"{self.run_dir} already has {last.step} committed training steps; resume them (--resume) "
                 "or use another run folder"
             )
-        for folder in teachers.values():
-            check_same_tokenizer(AutoTokenizer.from_pretrained(self.base_model), AutoTokenizer.from_pretrained(folder))
+        if teachers:
+            ours = AutoTokenizer.from_pretrained(self.base_model)
+            for folder in teachers.values():
+                check_same_tokenizer(ours, AutoTokenizer.from_pretrained(folder))
         torch.manual_seed(self.settings.seed)
         source = Path(last.checkpoint) if last else self.base_model
         spec = BackendSpec(weights=source, settings=self.settings, device=self.device.type, teachers=teachers,

@@ -42,7 +42,7 @@ import torch
 from arborl.kernels.tree_attention import BLOCKS
 from arborl.rollout.trie import Trie
 
-from .backends.base import BackendRefused, Scorer, TrainingBackend
+from .backends.base import Scorer, TrainingBackend, refuse_unknown_attention
 from .core_algos import (
     group_advantages,
     icepop_weights,
@@ -307,9 +307,7 @@ def train_step(
     report the non-finite figures); 0 for a step taken.
     """
     started = time.perf_counter()
-    if config.attention not in backend.attentions:
-        raise BackendRefused(f"the {backend.name} backend does not run attention {config.attention!r} "
-                             f"(it runs {', '.join(sorted(backend.attentions))})")
+    refuse_unknown_attention(backend.name, backend.attentions, config.attention)
     if config.loss == "sequence_gspo" and config.layout != "per_rollout" and any(len(r.calls) > 1 for r in rollouts):
         # The sequence ratio is over a rollout's whole completion, so each rollout must sit in one micro-batch.
         config = replace(config, layout="per_rollout", token_budget=1 << 62)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .backends import BackendSpec
-from .backends.base import BackendRefused, Scorer, TrainingBackend
+from .backends.base import BackendRefused, Scorer, TrainingBackend, refuse_unknown_attention
 from .backends.hf_model import load_frozen
 from .backends.torch_backend import TorchBackend
 from .checkpoint import save_checkpoint
@@ -59,10 +59,6 @@ class Trainer:
     def set_base_lr(self, lr: float) -> None:
         self.backend.set_base_lr(lr)
 
-    @property
-    def lr(self) -> float:
-        return self.backend.lr
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.backend.full_state_dict()
 
@@ -84,10 +80,7 @@ def check_spec(spec: BackendSpec) -> None:
         raise BackendRefused(f"learner.nproc must be at least 1, got {s.nproc}")
     if s.backend == "torch" and s.nproc != 1:
         raise BackendRefused(f"the torch backend runs one process; learner.nproc={s.nproc} needs backend fsdp")
-    attentions = _backend_class(s.backend).attentions
-    if s.attention not in attentions:
-        raise BackendRefused(f"the {s.backend} backend does not run attention {s.attention!r} "
-                             f"(it runs {', '.join(sorted(attentions))})")
+    refuse_unknown_attention(s.backend, _backend_class(s.backend).attentions, s.attention)
     if spec.device == "cuda" and s.nproc > torch.cuda.device_count():
         raise BackendRefused(f"learner.nproc={s.nproc} ranks need as many GPUs; this machine has "
                              f"{torch.cuda.device_count()}")
@@ -184,10 +177,6 @@ class RankLeader:
         """The process id of each rank (rank 0 first)."""
         return [os.getpid(), *(int(p.pid) for p in self._ranks if p.pid is not None)]
 
-    @property
-    def backend(self) -> TrainingBackend:
-        return self._local.backend
-
     def _check_ranks(self, wait_s: float = 0.0) -> None:
         """Raise :class:`RankFailed` if a follower has exited (waiting up to ``wait_s`` for one)."""
         for rank, process in enumerate(self._ranks, start=1):
@@ -221,10 +210,6 @@ class RankLeader:
 
     def set_base_lr(self, lr: float) -> None:
         self._everywhere("set_base_lr", lr)
-
-    @property
-    def lr(self) -> float:
-        return self._local.lr
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._everywhere("full_state_dict")

@@ -36,6 +36,13 @@ class BackendRefused(ValueError):
     """A backend cannot run as configured (an attention it lacks, a noisy forward it cannot average)."""
 
 
+def refuse_unknown_attention(backend: str, attentions: frozenset[str], attention: str) -> None:
+    """Raise ``BackendRefused`` unless the backend runs tree attention ``attention``."""
+    if attention not in attentions:
+        raise BackendRefused(f"the {backend} backend does not run attention {attention!r} "
+                             f"(it runs {', '.join(sorted(attentions))})")
+
+
 class Scorer(Protocol):
     """Something that scores a packed micro-batch: the policy, a distillation teacher, the reference."""
 

@@ -27,7 +27,7 @@ On the CPU the process group is gloo; on GPUs NCCL (with gloo for the CPU-side s
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,16 +127,13 @@ class FsdpBackend:
         return forward_is_deterministic(self.hf)
 
     @contextmanager
-    def _scope(self, name: str) -> Iterator[None]:
-        previous, self._attention = self._attention, name
+    def attention(self, name: str) -> Iterator[None]:
+        previous, self._attention = self._attention, name  # idle passes run on it too
         try:
             with tree_attention(self.hf, name):
                 yield
         finally:
             self._attention = previous
-
-    def attention(self, name: str) -> AbstractContextManager[None]:
-        return self._scope(name)
 
     def idle_pass(self, *, grad: bool) -> None:
         logp, _ = self.score(_IDLE, attention=self._attention, at=torch.tensor([1]), grad=grad)
