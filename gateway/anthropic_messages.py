@@ -14,7 +14,6 @@ timeout keep waiting. Streamed or not, the content blocks are built by one ``Con
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -139,17 +138,9 @@ def _enable_thinking(body: CountTokensRequest) -> bool | None:
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     gateway = request.app.state.gateway
     await gateway.identify(request, body)
-    if gateway.renderer is None:
-        raise InvalidRequest("count_tokens needs a tokenizer: this gateway forwards to an upstream without one "
-                             "(set engine.tokenizer)")
     tools, choice = tools_and_choice(body)
-    renderer, messages = gateway.renderer, normalise_messages(body)
-
-    def count() -> int:  # in a worker thread: tokenising a long conversation must not stall the event loop
-        rendered = renderer.render(messages, tools, tool_choice=choice, enable_thinking=_enable_thinking(body))
-        return len(renderer.encode(rendered.text))
-
-    return {"input_tokens": await asyncio.to_thread(count)}
+    count = await gateway.count_prompt_tokens(normalise_messages(body), tools, choice, _enable_thinking(body))
+    return {"input_tokens": count}
 
 
 @router.post("/v1/messages", tags=["anthropic"])

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from arborl.rollout.store import SESSION_KEY_PREFIX, RunControls, RunLedger, StoreUnavailable, TrajectoryStore
 from arborl.scaffold_adapters.registry import call_purpose
 
-from . import admin, anthropic_messages, feedback, openai_chat, operations, responses_api
+from . import admin, anthropic_messages, feedback, gemini_api, openai_chat, operations, responses_api
 from .completions import CompletionService
 from .engines.base import Engine, ServingEngine
 from .errors import (
@@ -42,7 +42,7 @@ from .errors import (
 from .json_nesting import MAX_JSON_DEPTH, nesting_exceeds
 from .json_wire import JSONResponse
 from .metrics import GatewayMetrics
-from .rendering import ChatRenderer
+from .rendering import ChatMessage, ChatRenderer
 from .request_log import RequestLog
 from .sessions import SessionIdentity, check_session_id, identify_session
 from .settings import GatewaySettings
@@ -94,13 +94,19 @@ class Gateway:
                         settings.host)
 
     def api_key(self, request: Request) -> str | None:
+        """The key as each dialect sends it: ``Authorization: Bearer`` (OpenAI), ``x-api-key``
+        (Anthropic), ``x-goog-api-key`` or, on Gemini routes only, ``?key=`` (Google)."""
         auth = request.headers.get("authorization", "")
         if auth.lower().startswith("bearer "):
             return auth[7:].strip() or None
-        return request.headers.get("x-api-key") or None
+        key = request.headers.get("x-api-key") or request.headers.get("x-goog-api-key")
+        if not key and dialect_of(request) == "gemini":
+            key = request.query_params.get("key")
+        return key or None
 
-    async def identify(self, request: Request, body: Any) -> SessionIdentity:
-        """Check the key and the model name; say which session the request belongs to.
+    async def identify(self, request: Request, body: Any, *, model: str | None = None) -> SessionIdentity:
+        """Check the key and the model name (``model``, else ``body.model``); say which session the
+        request belongs to.
 
         A session key arborl issued records into its own session only (and that session's
         auxiliary tries): naming another one by path or header is refused with a 403. A key not
@@ -112,9 +118,10 @@ class Gateway:
             own_session = await asyncio.to_thread(self.store.session_for_key, key)
         if self.keys_required and own_session is None and not is_configured_key(key, self.settings.api_keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or x-api-key: KEY)")
-        if body.model not in self.model_names and not self.settings.any_model_name:
+        model = body.model if model is None else model  # Gemini names the model in the path
+        if model not in self.model_names and not self.settings.any_model_name:
             raise ModelNotFound(
-                f"The model {body.model!r} does not exist; this gateway serves {sorted(self.model_names)}",
+                f"The model {model!r} does not exist; this gateway serves {sorted(self.model_names)}",
                 param="model",
             )
         session = identify_session(
@@ -129,6 +136,22 @@ class Gateway:
                             "session only", param="session")
         purpose = call_purpose(request.headers, _LazyJson(request.scope.get("arborl.raw_body", b"")))
         return session.for_purpose(purpose.kind, purpose.branch)
+
+    async def count_prompt_tokens(self, messages: list[ChatMessage], tools: list[dict[str, Any]] | None,
+                                  tool_choice: Any, enable_thinking: bool | None) -> int:
+        """The prompt's length in tokens as it would be rendered (the dialects' count-tokens routes).
+
+        Tokenised in a worker thread: a long conversation must not stall the event loop."""
+        renderer = self.renderer
+        if renderer is None:
+            raise InvalidRequest("counting tokens needs a tokenizer: this gateway forwards to an upstream without "
+                                 "one (set engine.tokenizer)")
+
+        def count() -> int:
+            rendered = renderer.render(messages, tools, tool_choice=tool_choice, enable_thinking=enable_thinking)
+            return len(renderer.encode(rendered.text))
+
+        return await asyncio.to_thread(count)
 
     @staticmethod
     def raw_body(request: Request) -> str:
@@ -190,9 +213,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def is_anthropic(request: Request) -> bool:
-    """Messages routes answer errors in Anthropic's format; everything else in OpenAI's."""
-    return request.url.path.endswith(("/v1/messages", "/v1/messages/count_tokens"))
+def dialect_of(request: Request) -> str:
+    """Whose error format a route answers in: Messages routes Anthropic's, Gemini routes Google's,
+    everything else OpenAI's."""
+    path = request.url.path
+    if path.endswith(("/v1/messages", "/v1/messages/count_tokens")):
+        return "anthropic"
+    if gemini_api.is_gemini_path(path):
+        return "gemini"
+    return "openai"
 
 
 _RETRYABLE = frozenset({429, 502, 503, 504})
@@ -205,8 +234,11 @@ def error_response(request: Request, exc: GatewayError) -> JSONResponse:
     only for an overloaded, unavailable or failing engine, never for a request that is wrong.
     """
     headers = {**exc.headers, "x-should-retry": "true" if exc.status_code in _RETRYABLE else "false"}
-    if is_anthropic(request):
+    dialect = dialect_of(request)
+    if dialect == "anthropic":
         return JSONResponse(exc.anthropic_body(), status_code=exc.anthropic_status, headers=headers)
+    if dialect == "gemini":
+        return JSONResponse(exc.google_body(), status_code=exc.status_code, headers=headers)
     return JSONResponse(exc.openai_body(), status_code=exc.status_code, headers=headers)
 
 
@@ -397,7 +429,7 @@ def create_app(
     # Under /s/{session_id} every route also declares (and checks) the session id path parameter,
     # so the OpenAPI schema describes those operations completely.
     in_session: dict[str, Any] = {"prefix": "/s/{session_id}", "dependencies": [Depends(session_path)]}
-    for dialect in (openai_chat.router, anthropic_messages.router, responses_api.router):
+    for dialect in (openai_chat.router, anthropic_messages.router, responses_api.router, gemini_api.router):
         app.include_router(dialect)
         app.include_router(dialect, **in_session)
 

@@ -20,6 +20,23 @@ ANTHROPIC_ERROR_TYPES = {
     529: "overloaded_error",
 }
 
+# Google's canonical status name for each HTTP status (google.rpc.Code as the Gemini API sends it).
+GOOGLE_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
 
 class GatewayError(Exception):
     status_code: int = 400
@@ -52,6 +69,15 @@ class GatewayError(Exception):
         error_type = ANTHROPIC_ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
         return {"type": "error", "error": {"type": error_type, "message": self.anthropic_message}}
 
+    @property
+    def google_message(self) -> str:
+        return self.message
+
+    def google_body(self) -> dict[str, Any]:
+        """Google's error shape: ``{"error": {"code", "message", "status"}}`` (HTTP status as ``code``)."""
+        status = GOOGLE_STATUSES.get(self.status_code, "INVALID_ARGUMENT" if self.status_code < 500 else "INTERNAL")
+        return {"error": {"code": self.status_code, "message": self.google_message, "status": status}}
+
 
 class InvalidRequest(GatewayError):
     pass
@@ -71,11 +97,19 @@ class ContextLengthExceeded(GatewayError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+        self._at_least = at_least
 
     @property
     def anthropic_message(self) -> str:
         # Claude Code recognises this wording and compacts the conversation.
         return f"prompt is too long: {self.prompt_tokens} tokens > {self.context_length - 1} maximum"
+
+    @property
+    def google_message(self) -> str:
+        # The Gemini API's own wording for an over-long input.
+        counted = f"at least {self.prompt_tokens}" if self._at_least else str(self.prompt_tokens)
+        return (f"The input token count ({counted}) exceeds the maximum number of tokens allowed "
+                f"({self.context_length - 1}).")
 
 
 class PayloadTooLarge(GatewayError):

@@ -1,6 +1,6 @@
 """The ``upstream`` engine: completions forwarded to another OpenAI- or Anthropic-compatible server.
 
-For a hosted model under evaluation, a teacher or a judge. Any of the gateway's three dialects
+For a hosted model under evaluation, a teacher or a judge. Any of the gateway's four dialects
 can be forwarded: the request is normalised as for the embedded engine, sent upstream in the
 upstream's own API (``upstream_wire``), and its stream is translated back event by event, so
 the client sees its own dialect and streaming stays streaming.

@@ -9,13 +9,16 @@ from .base import MAIN, CallPurpose, ScaffoldAdapter
 from .claude_code import ClaudeCodeAdapter
 from .cline import ClineAdapter
 from .codex import CodexAdapter
+from .gemini_cli import GeminiCliAdapter
 from .mini_swe_agent import MiniSweAgentAdapter
 from .opencode import OpenCodeAdapter
+from .qwen_code import QwenCodeAdapter
 
 ADAPTERS: dict[str, ScaffoldAdapter] = {
     adapter.name: adapter
     for adapter in (
         ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter(), MiniSweAgentAdapter(),
+        GeminiCliAdapter(), QwenCodeAdapter(),
     )
 }
 

@@ -2,7 +2,7 @@
 
 The default model decodes greedily (temperature 0), so every dialect streams exactly the same
 tokens for the same conversation; only the translation layer differs. Runs are interleaved
-(chat, messages, responses, chat, ...) so drift in machine load hits all three alike, and the
+(chat, messages, responses, gemini, chat, ...) so drift in machine load hits all four alike, and the
 shared prompt is cached once up front so every run pays the same (cached) prefill.
 
     python tests/bench/bench_dialects.py [--quick]
@@ -37,6 +37,9 @@ def _bodies(tokens: int) -> dict[str, tuple[str, dict]]:
                                       "temperature": 0, "stream": True}),
         "responses": ("/v1/responses", {"model": "tiny", "input": PROMPT, "max_output_tokens": tokens,
                                         "temperature": 0, "stream": True, "store": False}),
+        "gemini": ("/v1beta/models/tiny:streamGenerateContent?alt=sse", {
+            "contents": [{"role": "user", "parts": [{"text": PROMPT}]}],
+            "generationConfig": {"maxOutputTokens": tokens, "temperature": 0}}),
     }
 
 
@@ -72,7 +75,8 @@ def main() -> None:
     print("| dialect | completion tokens | median s | vs Chat Completions |")
     print("|---|---|---|---|")
     results = {}
-    for name, key in (("chat", "openai_chat"), ("messages", "anthropic_messages"), ("responses", "openai_responses")):
+    for name, key in (("chat", "openai_chat"), ("messages", "anthropic_messages"), ("responses", "openai_responses"),
+                      ("gemini", "gemini")):
         median = statistics.median(times[name])
         results[name] = {"median_s": median, "ratio": median / base, "completion_tokens": lengths.get(key)}
         print(f"| {name} | {lengths.get(key)} | {median:.3f} | {median / base:.3f}x |")

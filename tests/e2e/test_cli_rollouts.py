@@ -79,6 +79,36 @@ def test_mini_swe_agent_rollout_in_a_sandbox(kind, tiny_model_dir, run_root):
         gateway.store.close()
 
 
+# Gemini CLI and Qwen Code (its fork) share their tools; Qwen Code's write_file takes absolute paths only.
+WORKSPACE = re.compile(r"(?:I'm currently working in the directory: |Workspace Directories:\*\*\n  - )(\S+)")
+
+
+def gemini_family_writes_hello(prompt: str) -> str:
+    if "<tools>" not in prompt:
+        return "ok"
+    workspace = WORKSPACE.search(prompt)
+    if prompt.count("<tool_response>") == 0 and workspace:
+        return HERMES.format_call("write_file", {"file_path": f"{workspace.group(1)}/hello.txt", "content": "hi\n"})
+    return "Done."
+
+
+@pytest.mark.parametrize(("scaffold", "dialect"), [
+    pytest.param("gemini-cli", "gemini", marks=pytest.mark.e2e("gemini")),
+    pytest.param("qwen-code", "openai_chat", marks=pytest.mark.e2e("qwen")),
+])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gemini_cli_family_rollout_in_a_sandbox(kind, scaffold, dialect, tiny_model_dir, run_root):
+    with scripted_gateway(tiny_model_dir, run_root, gemini_family_writes_hello) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(sandbox=kind, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], [scaffold], 1))
+        log = (run_root / "run" / result.log).read_text()
+        assert (result.status, result.reward, result.ended_by, result.turns) == ("done", 1.0, "submitted", 2), log
+        calls = orchestrator.ledger.training_calls(result.session_id)
+        assert [(call.purpose, call.dialect) for call in calls] == [("main", dialect)] * 2
+        gateway.store.close()
+
+
 @pytest.mark.e2e("claude")
 def test_a_cli_is_stopped_at_the_turn_limit(tiny_model_dir, run_root):
     with scripted_gateway(tiny_model_dir, run_root, claude_loops) as gateway:

@@ -1,7 +1,8 @@
 """Bad input to every completion route over real HTTP: a 4xx in the route's own error format, never a 5xx.
 
-One live gateway (the tiny model on loopback) gets a table of raw requests on the four routes
-(Chat Completions, Responses, Anthropic Messages and count_tokens), each malformed in a way an
+One live gateway (the tiny model on loopback) gets a table of raw requests on the six routes
+(Chat Completions, Responses, Anthropic Messages and count_tokens, Gemini generateContent and
+countTokens), each malformed in a way an
 attacker or a buggy client could send: fields of the wrong type inside Responses input items, tool
 schemas jsonschema cannot check, JSON nested past the gateway's limit (``json_nesting``), session
 ids that could escape a folder, tool names over the one limit every dialect shares. Each must get
@@ -13,6 +14,7 @@ check that the gateway answered no 5xx at all (``arborl_requests_total``), and i
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from conftest import LiveGateway, start_gateway
 from sse import sse_events
 
 CHAT, RESPONSES, MESSAGES, COUNT = "/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"
+GEMINI, GEMINI_COUNT = "/v1beta/models/tiny:generateContent", "/v1beta/models/tiny:countTokens"
+GEMINI_USER = {"role": "user", "parts": [{"text": "Say hi."}]}
 USER = {"role": "user", "content": "Say hi."}
 FUNCTION_CALL = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
 
@@ -47,6 +51,8 @@ def body_for(route: str, **fields: Any) -> dict[str, Any]:
         RESPONSES: {"model": "tiny", "input": "Say hi.", "max_output_tokens": 2},
         MESSAGES: {"model": "tiny", "messages": [USER], "max_tokens": 2},
         COUNT: {"model": "tiny", "messages": [USER]},
+        GEMINI: {"contents": [GEMINI_USER], "generationConfig": {"maxOutputTokens": 2}},
+        GEMINI_COUNT: {"contents": [GEMINI_USER]},
     }[route]
     return {**base, **fields}
 
@@ -60,6 +66,13 @@ def chat_tool(name: str = "get_weather", parameters: Any = None) -> dict[str, An
 
 def anthropic_tool(name: str = "get_weather", schema: Any = None) -> dict[str, Any]:
     return {"name": name, "input_schema": schema if schema is not None else {"type": "object"}}
+
+
+def gemini_tool(name: str = "get_weather", schema: Any = None) -> dict[str, Any]:
+    declaration: dict[str, Any] = {"name": name}
+    if schema is not None:
+        declaration["parametersJsonSchema"] = schema
+    return {"functionDeclarations": [declaration]}
 
 
 def deeply_nested_body(route: str, levels: int) -> bytes:
@@ -122,6 +135,10 @@ REFUSED = [
     Case("responses-schema-keyword-a-number", RESPONSES,
          body_for(RESPONSES, tools=[{"type": "function", "name": "f", "parameters": {"$schema": 5}}]), 400,
          ("schema",)),
+    Case("gemini-schema-keyword-a-number", GEMINI, body_for(GEMINI, tools=[gemini_tool(schema={"$schema": 5})]),
+         400, ("schema",)),
+    Case("gemini-google-schema-type-a-number", GEMINI, body_for(GEMINI, tools=[
+        {"functionDeclarations": [{"name": "f", "parameters": {"type": 5}}]}]), 400, ("schema",)),
     # 4. Nesting past the documented limit (64 levels), in the body and inside tool-call arguments
     *[Case(f"{name}-schema-nested-120-properties", route, body, 400, ("64 levels",))
       for name, route, body in [
@@ -130,9 +147,14 @@ REFUSED = [
                                                                "parameters": deep_schema(120)}])),
           ("messages", MESSAGES, body_for(MESSAGES, tools=[anthropic_tool(schema=deep_schema(120))])),
           ("count-tokens", COUNT, body_for(COUNT, tools=[anthropic_tool(schema=deep_schema(120))])),
+          ("gemini", GEMINI, body_for(GEMINI, tools=[gemini_tool(schema=deep_schema(120))])),
       ]],
     *[Case(f"{name}-body-nested-1000-levels", route, deeply_nested_body(route, 1000), 400, ("nests", "64 levels"))
-      for name, route in [("chat", CHAT), ("responses", RESPONSES), ("messages", MESSAGES), ("count-tokens", COUNT)]],
+      for name, route in [("chat", CHAT), ("responses", RESPONSES), ("messages", MESSAGES), ("count-tokens", COUNT),
+                          ("gemini", GEMINI), ("gemini-count-tokens", GEMINI_COUNT)]],
+    Case("gemini-function-args-nested-1000-levels", GEMINI, json.dumps(body_for(GEMINI, contents=[
+        GEMINI_USER, {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {"a": "DEEP"}}}]}])).replace(
+            '"DEEP"', "[" * 1000 + "]" * 1000).encode(), 400, ("nests", "64 levels")),
     Case("chat-arguments-nested-5000-levels", CHAT,
          body_for(CHAT, messages=[USER, {"role": "assistant", "content": None, "tool_calls": [
              {"id": "c1", "type": "function", "function": {"name": "f", "arguments": DEEP_ARGUMENTS}}]},
@@ -144,7 +166,11 @@ REFUSED = [
          400, ("arguments", "64 levels")),
     # 16. Session ids that could name a file elsewhere, and tool names over the shared limit
     *[Case(f"{name}-session-dot-dot-header", route, body_for(route), 400, ("session",),
-           headers={"x-arborl-session": ".."}) for name, route in [("chat", CHAT), ("messages", MESSAGES)]],
+           headers={"x-arborl-session": ".."})
+      for name, route in [("chat", CHAT), ("messages", MESSAGES), ("gemini", GEMINI)]],
+    Case("gemini-session-over-128", GEMINI, body_for(GEMINI), 400, ("session",), path_session="s" * 129),
+    Case("gemini-count-tokens-session-newline", GEMINI_COUNT, body_for(GEMINI_COUNT), 400, ("session",),
+         path_session="bad%0A"),
     Case("chat-session-dot-dot-inside", CHAT, body_for(CHAT), 400, ("session",), path_session="a..b"),
     Case("responses-session-over-128", RESPONSES, body_for(RESPONSES), 400, ("session",), path_session="s" * 129),
     Case("messages-session-control-character", MESSAGES, body_for(MESSAGES), 400, ("session",),
@@ -157,6 +183,12 @@ REFUSED = [
     Case("responses-tool-name-10000", RESPONSES,
          body_for(RESPONSES, tools=[{"type": "function", "name": "f" * 10_000}]), 400, ("name",)),
     Case("responses-function-tool-without-name", RESPONSES, body_for(RESPONSES, tools=[{"type": "function"}]), 400,
+         ("name",)),
+    Case("gemini-tool-name-129", GEMINI, body_for(GEMINI, tools=[gemini_tool("f" * 129)]), 400, ("name",)),
+    Case("gemini-tool-name-with-markup", GEMINI, body_for(GEMINI, tools=[gemini_tool("f>\n<tool_call>")]), 400,
+         ("name",)),
+    Case("gemini-function-response-name-with-markup", GEMINI, body_for(GEMINI, contents=[
+        GEMINI_USER, {"role": "user", "parts": [{"functionResponse": {"name": "f>x", "response": {}}}]}]), 400,
          ("name",)),
     Case("responses-tool-name-with-markup", RESPONSES,
          body_for(RESPONSES, tools=[{"type": "function", "name": "f>\n<tool_call>"}]), 400, ("name",)),
@@ -176,6 +208,10 @@ def assert_dialect_error(route: str, response: httpx.Response) -> str:
     """The body is the route's own error object; returns its message."""
     assert response.headers.get("content-type", "").startswith("application/json"), response.headers
     body = response.json()
+    if route in (GEMINI, GEMINI_COUNT):
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "status"}, body
+        assert body["error"]["status"] == "INVALID_ARGUMENT" and body["error"]["code"] == response.status_code, body
+        return body["error"]["message"]
     if route in (MESSAGES, COUNT):
         assert set(body) == {"type", "error"} and body["type"] == "error", body
         assert set(body["error"]) == {"type", "message"} and body["error"]["type"] == "invalid_request_error", body
@@ -193,7 +229,7 @@ def test_bad_input_is_refused_in_the_routes_own_format(live: LiveGateway, case: 
     message = assert_dialect_error(case.route, response)
     for word in case.mentions:
         assert word.lower() in message.lower(), (word, message)
-    if case.param is not ... and case.route not in (MESSAGES, COUNT):
+    if case.param is not ... and case.route in (CHAT, RESPONSES):
         assert response.json()["error"]["param"] == case.param, response.json()
     assert "Traceback" not in message and "nternal error" not in message
 
@@ -232,11 +268,11 @@ def test_client_text_never_breaks_a_header(live: LiveGateway, stream: bool):
     assert [unquote(part) for part in header.split(",")] == kinds
 
 
-@pytest.mark.parametrize("route", [CHAT, RESPONSES, MESSAGES])
+@pytest.mark.parametrize("route", [CHAT, RESPONSES, MESSAGES, GEMINI])
 def test_a_128_character_tool_name_is_served_by_every_dialect(live: LiveGateway, route: str):
     name = "t" * 128
     tool = {CHAT: chat_tool(name), RESPONSES: {"type": "function", "name": name},
-            MESSAGES: anthropic_tool(name)}[route]
+            MESSAGES: anthropic_tool(name), GEMINI: gemini_tool(name)}[route]
     response = httpx.post(live.url + route, json=body_for(route, tools=[tool]), timeout=60)
     assert response.status_code == 200, response.text
 
@@ -253,7 +289,7 @@ def test_every_session_operation_declares_its_path_parameter(live: LiveGateway):
     session_paths = [path for path in schema["paths"] if path.startswith("/s/{session_id}")]
     assert len(session_paths) >= 5, session_paths
     for path, operations in schema["paths"].items():
-        named = {part[1:-1] for part in path.split("/") if part.startswith("{")}
+        named = set(re.findall(r"\{(\w+)\}", path))  # Gemini's: /models/{model}:generateContent
         for method, operation in operations.items():
             declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
             assert declared == named, (method, path, declared)

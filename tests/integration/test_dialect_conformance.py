@@ -1,10 +1,11 @@
 """The dialects against every engine this machine has: embedded, vLLM (its CPU build), SGLang (GPU).
 
-The same tests run on each engine: Chat Completions, Anthropic Messages and Responses, streamed
-and not, with tools offered and a tool result sent back; a ten-turn conversation with tools
-stitches with zero breaks; and the ids recorded are the engine's own, checked through a side
-channel (the model itself for the embedded engine, the server asked directly for vLLM and
-SGLang). An engine that is not installed here skips with a message saying how to install it.
+The same tests run on each engine: Chat Completions, Anthropic Messages, Responses and the Gemini
+API, streamed and not, with tools offered and a tool result sent back; a ten-turn conversation
+with tools stitches with zero breaks (Chat Completions and Gemini); and the ids recorded are the
+engine's own, checked through a side channel (the model itself for the embedded engine, the
+server asked directly for vLLM and SGLang). An engine that is not installed here skips with a
+message saying how to install it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import httpx
 import openai
 import pytest
 import torch
+from google import genai
+from google.genai import types
 
 from arborl.gateway.app import create_app
 from arborl.gateway.settings import GatewaySettings
@@ -30,6 +33,8 @@ TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
 ANTHROPIC_TOOL = {"name": "read_file", "description": "Read a file of the repository",
                   "input_schema": TOOL["function"]["parameters"]}
+GEMINI_TOOL = {"functionDeclarations": [{"name": "read_file", "description": "Read a file of the repository",
+                                          "parametersJsonSchema": TOOL["function"]["parameters"]}]}
 RESPONSES_TOOL = {"type": "function", "name": "read_file", "description": "Read a file of the repository",
                   "parameters": TOOL["function"]["parameters"]}
 
@@ -136,6 +141,22 @@ def test_responses_streamed_and_not(served):
     _ok_calls(served, "responses", 2)
 
 
+def _gemini(served: Served, session: str) -> genai.Client:
+    return genai.Client(api_key="x", http_options=types.HttpOptions(base_url=f"{served.url}/s/{session}",
+                                                                    api_version="v1beta"))
+
+
+def test_gemini_streamed_and_not(served):
+    client = _gemini(served, "gemini")
+    config = types.GenerateContentConfig(max_output_tokens=6)
+    reply = client.models.generate_content(model="tiny", contents="hi", config=config)
+    assert reply.candidates[0].finish_reason in (types.FinishReason.STOP, types.FinishReason.MAX_TOKENS)
+    assert reply.usage_metadata.candidates_token_count >= 1
+    chunks = list(client.models.generate_content_stream(model="tiny", contents="hi", config=config))
+    assert chunks[-1].candidates[0].finish_reason is not None and chunks[-1].usage_metadata is not None
+    _ok_calls(served, "gemini", 2)
+
+
 def test_tools_are_offered_and_a_tool_result_goes_back_in_every_dialect(served):
     """The tool is rendered into the prompt the engine samples from, and a tool result (after a
     call the assistant made) comes back into the next prompt, in each dialect."""
@@ -158,8 +179,15 @@ def test_tools_are_offered_and_a_tool_result_goes_back_in_every_dialect(served):
         {"role": "user", "content": "read setup.py"},
         {"type": "function_call", "call_id": "call_2", "name": "read_file", "arguments": call_args},
         {"type": "function_call_output", "call_id": "call_2", "output": "print('responses tool result')"}])
+    gemini = httpx.post(served.url + "/s/tools-gemini/v1beta/models/tiny:generateContent", timeout=60, json={
+        "tools": [GEMINI_TOOL], "generationConfig": {"maxOutputTokens": 6}, "contents": [
+            {"role": "user", "parts": [{"text": "read setup.py"}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "read_file", "args": {"path": "setup.py"}}}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "read_file", "response": {
+                "output": "print('gemini tool result')"}}}]}]})
+    assert gemini.status_code == 200, gemini.text
     for session, dialect in (("tools-chat", "chat"), ("tools-messages", "messages"),
-                             ("tools-responses", "responses")):
+                             ("tools-responses", "responses"), ("tools-gemini", "gemini")):
         _ok_calls(served, session, 1)
         prompt = served.prompt_text(session)
         assert "read_file" in prompt and f"{dialect} tool result" in prompt, prompt
@@ -177,6 +205,26 @@ def test_a_ten_turn_conversation_with_tools_stitches_without_a_break(served):
         for call in message.tool_calls or []:
             messages.append({"role": "tool", "tool_call_id": call.id, "content": "ok"})
     calls = served.store.calls("turns")
+    assert len(calls) == 10 and [c.branch_reason for c in calls] == [None] * 10
+    assert all(c.stitched_from == calls[i].id for i, c in enumerate(calls[1:]))
+
+
+def test_a_ten_turn_gemini_conversation_with_tools_stitches_without_a_break(served):
+    contents: list[dict] = []
+    for turn in range(10):
+        contents.append({"role": "user", "parts": [{"text": f"step {turn}: go on"}]})
+        reply = httpx.post(served.url + "/s/gemini-turns/v1beta/models/tiny:generateContent", timeout=60, json={
+            "contents": contents, "tools": [GEMINI_TOOL], "generationConfig": {"maxOutputTokens": 6, "temperature": 0},
+            "systemInstruction": {"parts": [{"text": "You fix bugs with the tools you have."}]}})
+        assert reply.status_code == 200, reply.text
+        content = reply.json()["candidates"][0]["content"]
+        contents.append(content)
+        responses = [{"functionResponse": {"id": part["functionCall"]["id"], "name": part["functionCall"]["name"],
+                                           "response": {"output": "ok"}}}
+                     for part in content["parts"] if "functionCall" in part]
+        if responses:
+            contents.append({"role": "user", "parts": responses})
+    calls = served.store.calls("gemini-turns")
     assert len(calls) == 10 and [c.branch_reason for c in calls] == [None] * 10
     assert all(c.stitched_from == calls[i].id for i, c in enumerate(calls[1:]))
 

@@ -89,10 +89,43 @@ def steer_towards_the_engine(body: dict) -> None:
                 message["role"] = "user"
             if message.get("content") is None:
                 message["content"] = "hi"
+    if isinstance(body.get("contents"), list):
+        steer_gemini_contents(body)
     if body.get("stop") == "":
         del body["stop"]
     elif isinstance(body.get("stop"), list):
         body["stop"] = [stop for stop in body["stop"] if stop != ""]
+
+
+def steer_gemini_contents(body: dict) -> None:
+    """The Gemini counterpart: function calls only in model turns, each function response answering
+    an earlier call by name, and a system instruction of text alone."""
+    calls: list[str] = []
+    for content in body["contents"]:
+        if not isinstance(content, dict) or not isinstance(content.get("parts"), list):
+            continue
+        model_turn = content.get("role") == "model"
+        parts = []
+        for part in content["parts"]:
+            if isinstance(part, dict):
+                call, response = part.get("functionCall"), part.get("functionResponse")
+                if model_turn and isinstance(call, dict) and isinstance(call.get("name"), str):
+                    calls.append(call["name"])
+                elif isinstance(response, dict) and not model_turn and response.get("name") in calls:
+                    calls.remove(response["name"])
+                    response.pop("id", None)
+                elif call is not None or response is not None or not isinstance(part.get("text"), str):
+                    part = {"text": "hi"}
+            parts.append(part)
+        content["parts"] = parts
+    system = body.get("systemInstruction")
+    if isinstance(system, dict) and isinstance(system.get("parts"), list):
+        system["parts"] = [{"text": "Be brief."}]
+    config = (body.get("toolConfig") or {}).get("functionCallingConfig")
+    if isinstance(config, dict):
+        config.pop("allowedFunctionNames", None)
+        if not body.get("tools"):
+            config.pop("mode", None)
 
 
 @dataclass
@@ -129,6 +162,8 @@ def fuzz_operation(operation: schemathesis.APIOperation, mode: GenerationMode, h
         tally.cases[label] += 1
         if served_model and mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
             steer_towards_the_engine(case.body)
+            if "model" in (case.path_parameters or {}):  # Gemini names the model in the path
+                case.path_parameters["model"] = SERVED_MODEL
         response = case.call(session=http, timeout=60)
         tally.statuses[response.status_code] += 1
         if response.status_code >= 500 and tally.first_server_error is None:

@@ -94,6 +94,26 @@ def test_messages_and_responses_forwarded(forwarder):
     assert [c.dialect for c in store.calls("fwd")] == ["anthropic_messages", "openai_responses"]
 
 
+def test_gemini_forwarded_with_a_function_call(forwarder):
+    """A Gemini client over an OpenAI or Anthropic upstream: the call and its usage in Google's shape."""
+    url, store, _ = forwarder
+    body = {"contents": [{"role": "user", "parts": [{"text": ASK[0]["content"]}]}],
+            "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "Current weather in a city",
+                                                 "parametersJsonSchema": WEATHER_TOOL["function"]["parameters"]}]}],
+            "generationConfig": {"temperature": 0, "maxOutputTokens": 60}}
+    reply = httpx.post(url + "/s/fwd/v1beta/models/policy:generateContent", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    candidate = reply.json()["candidates"][0]
+    assert [p["functionCall"]["args"] for p in candidate["content"]["parts"] if "functionCall" in p] == [
+        CALL_ARGUMENTS]
+    assert reply.json()["usageMetadata"]["promptTokenCount"] > 0
+    with httpx.stream("POST", url + "/s/fwd/v1beta/models/policy:streamGenerateContent?alt=sse", json=body,
+                      timeout=60) as streamed:
+        chunks = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert [c.dialect for c in store.calls("fwd")] == ["gemini", "gemini"]
+
+
 def test_a_tokenizer_gives_upstream_calls_token_ids_marked_not_exact(upstream, tmp_path: Path):
     from transformers import AutoTokenizer
 
@@ -162,6 +182,9 @@ def _forward_once(upstream_url: str, tmp_path: Path, *, api: str = "openai", dia
             path, body = "/s/f/v1/chat/completions", {"model": "policy", "messages": ASK, "stream": stream}
         elif dialect == "messages":
             path, body = "/s/f/v1/messages", {"model": "policy", "messages": ASK, "max_tokens": 8, "stream": stream}
+        elif dialect == "gemini":
+            method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+            path, body = f"/s/f/v1beta/models/policy:{method}", {"contents": [{"parts": [{"text": "hi"}]}]}
         else:
             path, body = "/s/f/v1/responses", {"model": "policy", "input": "hi", "stream": stream}
         response = httpx.post(url + path, json=body, timeout=30)
@@ -170,7 +193,8 @@ def _forward_once(upstream_url: str, tmp_path: Path, *, api: str = "openai", dia
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("dialect,status,error_type", [
-    ("chat", 502, "api_error"), ("messages", 502, "api_error"), ("responses", 502, "api_error")])
+    ("chat", 502, "api_error"), ("messages", 502, "api_error"), ("responses", 502, "api_error"),
+    ("gemini", 502, "UNAVAILABLE")])
 def test_unreachable_upstream_is_a_502_in_each_dialect(dialect, status, error_type, stream, tmp_path):
     """Streaming or not: the upstream is reached before the client's response starts."""
     response, store = _forward_once(f"http://127.0.0.1:{free_port()}/v1", tmp_path, dialect=dialect,
@@ -178,8 +202,10 @@ def test_unreachable_upstream_is_a_502_in_each_dialect(dialect, status, error_ty
     assert response.status_code == status
     body = response.json()
     error = body["error"]
-    assert error["type"] == error_type and "upstream" in error["message"]
-    if dialect == "messages":
+    assert error.get("type", error.get("status")) == error_type and "upstream" in error["message"]
+    if dialect == "gemini":
+        assert error["code"] == 502 and set(error) == {"code", "message", "status"}
+    elif dialect == "messages":
         assert body["type"] == "error"
     else:
         assert error["code"] == "upstream_error"

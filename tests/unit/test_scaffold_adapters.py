@@ -56,3 +56,20 @@ def test_claude_code_calls_are_sorted_by_purpose():
     history = {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash",
                                                                "input": {}}]}]}
     assert call_purpose(headers, history).kind == "main"  # a compaction of the agent's history
+
+
+def test_gemini_cli_points_the_sdk_at_the_session_root():
+    setup = get_adapter("gemini-cli").setup(TARGET)
+    assert setup.env["GOOGLE_GEMINI_BASE_URL"] == TARGET.root  # the SDK appends /v1beta/models/...
+    assert setup.env["GEMINI_API_KEY"] == "sk-test" and setup.env["GEMINI_MODEL"] == "policy"
+
+
+def test_gemini_cli_calls_are_sorted_by_purpose():
+    agent = {"user-agent": "GeminiCLI-tui/0.61.0/policy (linux; x64; terminal)"}
+    tools = {"tools": [{"functionDeclarations": [{"name": "run_shell_command"}]}]}
+    assert call_purpose(agent, tools).kind == "main"
+    # utility calls: JSON answers (loop detection, next speaker, the router's classifier), or no tools
+    json_answer = {**tools, "generationConfig": {"responseMimeType": "application/json", "responseJsonSchema": {}}}
+    assert call_purpose(agent, json_answer) == CallPurpose("side", branch="side")
+    assert call_purpose(agent, {"contents": [{"role": "user", "parts": [{"text": "summarise"}]}]}).kind == "side"
+    assert call_purpose({"user-agent": "google-genai-sdk/1.30.0"}, {}).kind == "main"  # not Gemini CLI's
