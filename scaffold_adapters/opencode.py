@@ -1,4 +1,5 @@
-"""OpenCode (`opencode run`), which speaks OpenAI Chat Completions through ``@ai-sdk/openai-compatible``.
+"""OpenCode (`opencode run`), which speaks OpenAI Chat Completions through ``@ai-sdk/openai-compatible``,
+and its fork Kilo Code (`kilo run`).
 
 What it sends (version 1.18.33, observed against arborl): every call is a streaming
 ``POST {baseURL}/chat/completions`` with ``stream_options.include_usage``, ``max_tokens`` 32000
@@ -57,11 +58,19 @@ class OpenCodeAdapter(ScaffoldAdapter):
     tested_version = "1.18.33"
     names_its_session = "X-Session-Id"
     dialect = "chat"
+    # What a fork (Kilo Code) renames: where its configuration lives, its plugin package, the
+    # prefix of its environment switches, how its requests introduce themselves.
+    config_dir = ".config/opencode"
+    config_file = "opencode.json"
+    config_schema = "https://opencode.ai/config.json"
+    plugin_package = "@opencode-ai/plugin"
+    env_prefix = "OPENCODE"
+    user_agent = "opencode/"
 
     def setup(self, target: GatewayTarget) -> ScaffoldSetup:
         model = f"{PROVIDER}/{target.model}"
         config = {
-            "$schema": "https://opencode.ai/config.json",
+            "$schema": self.config_schema,
             "provider": {
                 PROVIDER: {
                     "npm": "@ai-sdk/openai-compatible",  # bundled in the binary, nothing to install
@@ -82,23 +91,24 @@ class OpenCodeAdapter(ScaffoldAdapter):
             # and in a large repository the snapshot costs more than the step.
             "snapshot": False,
         }
-        # OpenCode installs @opencode-ai/plugin with npm into every config directory on start
+        # OpenCode installs its plugin package with npm into every config directory on start
         # (in the background; it needs the registry) unless node_modules exists and the lock
         # file already lists the package. These two files satisfy that check.
-        lock = {"lockfileVersion": 3, "packages": {"": {"dependencies": {"@opencode-ai/plugin": "*"}}}}
+        lock = {"lockfileVersion": 3, "packages": {"": {"dependencies": {self.plugin_package: "*"}}}}
+        folder = self.config_dir
         files = {
-            ".config/opencode/opencode.json": json.dumps(config, indent=2) + "\n",
-            ".config/opencode/package-lock.json": json.dumps(lock, indent=2) + "\n",
-            ".config/opencode/node_modules/.arborl": "OpenCode's plugin install is skipped (see package-lock.json)\n",
+            f"{folder}/{self.config_file}": json.dumps(config, indent=2) + "\n",
+            f"{folder}/package-lock.json": json.dumps(lock, indent=2) + "\n",
+            f"{folder}/node_modules/.arborl": "the plugin install at start is skipped (see package-lock.json)\n",
         }
-        env = {
-            "OPENCODE_DISABLE_AUTOUPDATE": "1",
-            "OPENCODE_DISABLE_MODELS_FETCH": "1",  # no models.dev catalogue download
-            "OPENCODE_DISABLE_SHARE": "1",
-            "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-            "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1",
-            "OPENCODE_PURE": "1",  # no plugins a project's config names (they would be fetched from npm)
-        }
+        env = {f"{self.env_prefix}_{switch}": "1" for switch in (
+            "DISABLE_AUTOUPDATE",
+            "DISABLE_MODELS_FETCH",  # no models.dev catalogue download
+            "DISABLE_SHARE",
+            "DISABLE_LSP_DOWNLOAD",
+            "DISABLE_DEFAULT_PLUGINS",
+            "PURE",  # no plugins a project's config names (they would be fetched from npm)
+        )}
         notes = [
             (
                 "Run `opencode run` with stdin closed or redirected (< /dev/null): when stdin is not a "
@@ -107,7 +117,7 @@ class OpenCodeAdapter(ScaffoldAdapter):
             (
                 "OpenCode knows no context window for the served model, so it never compacts; add "
                 f'"limit": {{"context": N, "output": M}} to the model under provider.{PROVIDER}.models in '
-                "~/.config/opencode/opencode.json to have it compact in time."
+                f"~/{folder}/{self.config_file} to have it compact in time."
             ),
         ]
         return ScaffoldSetup(env=env, files=files, notes=notes)
@@ -119,7 +129,7 @@ class OpenCodeAdapter(ScaffoldAdapter):
         return [self.executable, "run", "--format", "json", "--auto", "--", task]
 
     def call_purpose(self, headers: Mapping[str, str], body: Mapping[str, Any]) -> CallPurpose | None:
-        if not headers.get("user-agent", "").startswith("opencode/"):
+        if not headers.get("user-agent", "").startswith(self.user_agent):
             return None
         system = first_message_text(body, ("system", "developer"))
         if system.startswith(_TITLE_PROMPT):
@@ -131,3 +141,28 @@ class OpenCodeAdapter(ScaffoldAdapter):
             return CallPurpose("subagent", branch=f"agent-{headers.get('x-session-id', 'unknown')}")
         return MAIN
 
+
+
+class KiloCodeAdapter(OpenCodeAdapter):
+    """Kilo Code's CLI (`kilo run`), a fork of OpenCode: the same configuration, tools, headless run
+    and auxiliary calls, under its own names.
+
+    What it sends (version 7.7.7, observed against arborl; 7.8.x publishes no linux-x64 binary to
+    the registry this was built against): streaming Chat Completions with
+    ``User-Agent: Kilo-Code/7.7.7 ai-sdk/provider-utils/... runtime/bun/...``, ``X-Title: Kilo Code``,
+    ``HTTP-Referer: https://kilocode.ai``, and ``X-Session-Id`` / ``x-session-affinity`` (its
+    ``ses_...`` id; ``title-ses_...`` on the title call). The system prompt starts "You are Kilo,
+    a highly skilled software engineer"; it offers 16 tools (bash, edit, glob, grep, read, write,
+    ...). The title call comes after the main loop's calls, with OpenCode's title prompt.
+    """
+
+    name = "kilocode"
+    executable = "kilo"
+    npm_package = "@kilocode/cli"
+    tested_version = "7.7.7"
+    config_dir = ".config/kilo"
+    config_file = "kilo.json"
+    config_schema = "https://app.kilo.ai/config.json"
+    plugin_package = "@kilocode/plugin"
+    env_prefix = "KILO"
+    user_agent = "Kilo-Code/"

@@ -11,14 +11,14 @@ from .cline import ClineAdapter
 from .codex import CodexAdapter
 from .gemini_cli import GeminiCliAdapter
 from .mini_swe_agent import MiniSweAgentAdapter
-from .opencode import OpenCodeAdapter
+from .opencode import KiloCodeAdapter, OpenCodeAdapter
 from .qwen_code import QwenCodeAdapter
 
 ADAPTERS: dict[str, ScaffoldAdapter] = {
     adapter.name: adapter
     for adapter in (
         ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter(), MiniSweAgentAdapter(),
-        GeminiCliAdapter(), QwenCodeAdapter(),
+        GeminiCliAdapter(), QwenCodeAdapter(), KiloCodeAdapter(),
     )
 }
 

@@ -109,6 +109,32 @@ def test_gemini_cli_family_rollout_in_a_sandbox(kind, scaffold, dialect, tiny_mo
         gateway.store.close()
 
 
+def opencode_family_writes_hello(prompt: str) -> str:
+    if "<tools>" not in prompt:
+        return "Hello file"  # the title call
+    cwd = re.search(r"Working directory: (\S+)", prompt)
+    if prompt.count("<tool_response>") == 0 and cwd:
+        return HERMES.format_call("write", {"filePath": f"{cwd.group(1)}/hello.txt", "content": "hi\n"})
+    return "Done."
+
+
+@pytest.mark.parametrize("scaffold", [
+    pytest.param("opencode", marks=pytest.mark.e2e("opencode")),
+    pytest.param("kilocode", marks=pytest.mark.e2e("kilo")),
+])
+@pytest.mark.parametrize("kind", KINDS)
+def test_opencode_family_rollout_in_a_sandbox(kind, scaffold, tiny_model_dir, run_root):
+    with scripted_gateway(tiny_model_dir, run_root, opencode_family_writes_hello) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(sandbox=kind, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], [scaffold], 1))
+        log = (run_root / "run" / result.log).read_text()
+        assert (result.status, result.reward, result.ended_by) == ("done", 1.0, "submitted"), log
+        calls = orchestrator.ledger.training_calls(result.session_id)
+        assert [call.purpose for call in calls] == ["main", "main"]  # the title call is not trained on
+        gateway.store.close()
+
+
 @pytest.mark.e2e("claude")
 def test_a_cli_is_stopped_at_the_turn_limit(tiny_model_dir, run_root):
     with scripted_gateway(tiny_model_dir, run_root, claude_loops) as gateway:

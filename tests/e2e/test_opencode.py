@@ -1,4 +1,5 @@
-"""The real OpenCode CLI (`opencode run`) against a live arborl gateway, over Chat Completions.
+"""The real OpenCode CLI (`opencode run`), and its fork Kilo Code (`kilo run`), against a live
+arborl gateway, over Chat Completions.
 
 A scripted engine plays the policy: it writes a file with OpenCode's write tool, reads it back
 with bash, then answers. OpenCode must run both tools for real (the file appears on disk, the
@@ -19,7 +20,7 @@ import pytest
 from agent_cli import run_cli, scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.scaffold_adapters.base import MAIN, CallPurpose, GatewayTarget
-from arborl.scaffold_adapters.opencode import OpenCodeAdapter
+from arborl.scaffold_adapters.opencode import KiloCodeAdapter, OpenCodeAdapter
 
 HERMES = get_parser("hermes")
 FINAL = "Done: hello.txt contains hi."
@@ -58,10 +59,12 @@ def _environment(home: Path, adapter_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-@pytest.mark.e2e("opencode")
-def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("adapter", [
+    pytest.param(OpenCodeAdapter(), marks=pytest.mark.e2e("opencode"), id="opencode"),
+    pytest.param(KiloCodeAdapter(), marks=pytest.mark.e2e("kilo"), id="kilocode"),
+])
+def test_opencode_runs_tools_through_arborl(adapter: OpenCodeAdapter, tiny_model_dir: Path, tmp_path: Path):
     session = str(uuid.uuid4())
-    adapter = OpenCodeAdapter()
     with scripted_gateway(tiny_model_dir, tmp_path, write_then_cat) as gateway:
         store, work, home, app = gateway.store, gateway.work, gateway.home, gateway.app
         setup = adapter.setup(GatewayTarget(gateway.url, "test", "tiny", session_id=session))
@@ -94,7 +97,7 @@ def test_opencode_runs_tools_through_arborl(tiny_model_dir: Path, tmp_path: Path
         assert last_path[: len(prompt) + len(completion)] == prompt + completion
 
     # OpenCode's traffic, as OpenCodeAdapter.call_purpose classifies it.
-    assert app.headers and all(h["user-agent"].startswith("opencode/") for h in app.headers)
+    assert app.headers and all(h["user-agent"].startswith(adapter.user_agent) for h in app.headers)
     headers = app.headers[0]
     assert adapter.call_purpose(headers, bodies[title.id]) == CallPurpose("title", branch="title")
     assert all(adapter.call_purpose(headers, bodies[c.id]) == MAIN for c in main)
