@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .aider import AiderAdapter
 from .base import MAIN, CallPurpose, ScaffoldAdapter
 from .claude_code import ClaudeCodeAdapter
 from .cline import ClineAdapter
@@ -18,7 +19,7 @@ ADAPTERS: dict[str, ScaffoldAdapter] = {
     adapter.name: adapter
     for adapter in (
         ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter(), MiniSweAgentAdapter(),
-        GeminiCliAdapter(), QwenCodeAdapter(), KiloCodeAdapter(),
+        GeminiCliAdapter(), QwenCodeAdapter(), KiloCodeAdapter(), AiderAdapter(),
     )
 }
 

@@ -135,6 +135,22 @@ def test_opencode_family_rollout_in_a_sandbox(kind, scaffold, tiny_model_dir, ru
         gateway.store.close()
 
 
+def aider_writes_hello(prompt: str) -> str:
+    return "I will create it.\n\nhello.txt\n```\nhi\n```\n"  # aider's "whole" edit format, its default here
+
+
+@pytest.mark.e2e("aider")
+@pytest.mark.parametrize("kind", KINDS)
+def test_aider_rollout_in_a_sandbox(kind, tiny_model_dir, run_root):
+    with scripted_gateway(tiny_model_dir, run_root, aider_writes_hello) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(sandbox=kind, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], ["aider"], 1))
+        log = (run_root / "run" / result.log).read_text()
+        assert (result.status, result.reward, result.ended_by, result.turns) == ("done", 1.0, "submitted", 1), log
+        gateway.store.close()
+
+
 @pytest.mark.e2e("claude")
 def test_a_cli_is_stopped_at_the_turn_limit(tiny_model_dir, run_root):
     with scripted_gateway(tiny_model_dir, run_root, claude_loops) as gateway:

@@ -73,3 +73,14 @@ def test_gemini_cli_calls_are_sorted_by_purpose():
     assert call_purpose(agent, json_answer) == CallPurpose("side", branch="side")
     assert call_purpose(agent, {"contents": [{"role": "user", "parts": [{"text": "summarise"}]}]}).kind == "side"
     assert call_purpose({"user-agent": "google-genai-sdk/1.30.0"}, {}).kind == "main"  # not Gemini CLI's
+
+
+def test_aider_side_calls_are_known_by_their_prompts():
+    def body(system: str) -> dict:
+        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "x"}]}
+
+    commit = body("You are an expert software engineer that generates concise, one-line Git commit messages based")
+    assert call_purpose({}, commit) == CallPurpose("side", branch="commit")
+    summary = body("*Briefly* summarize this partial conversation about programming.\\nInclude less detail")
+    assert call_purpose({}, summary) == CallPurpose("side", branch="summary")
+    assert call_purpose({}, body("Act as an expert software developer.")).kind == "main"
