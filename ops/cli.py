@@ -364,8 +364,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     learn.add_argument("--metrics-port", type=int, help="serve the learner's Prometheus metrics on this port")
     evaluate = commands.add_parser("eval", help="run agents on a dataset's tasks and report pass@k")
     add_rollout_flags(evaluate)
-    evaluate.add_argument("--scaffold", default="builtin", help="comma-separated: builtin, mini-swe-agent, "
-                          "claude-code, codex, opencode, cline, oracle, nop")
+    from arborl.scaffold_adapters.registry import ADAPTERS
+
+    evaluate.add_argument("--scaffold", default="builtin",
+                          help=f"comma-separated: builtin, {', '.join(ADAPTERS)}, oracle, nop")
     evaluate.add_argument("--k", type=int, default=1, help="rollouts per task and scaffold (pass@1 ... pass@k)")
     evaluate.add_argument("--prefix", default="eval", help="names this evaluation's groups, so a rerun resumes it")
     evaluate.add_argument("--report-dir", type=Path, help="where results.json and report.html go (default RUN/eval)")

@@ -12,7 +12,7 @@ class RolloutSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
 
     # Which agent runs each rollout: one scaffold, or a mixture {name: weight} sampled per rollout
-    # (names: builtin, mini-swe-agent, claude-code, codex, opencode, cline, oracle, nop).
+    # (names: builtin, oracle, nop, and every agent CLI in scaffold_adapters/registry.py).
     scaffolds: dict[str, float] = Field(default_factory=lambda: {"builtin": 1.0})
     group_size: int = 4  # G: rollouts of one task per group
     concurrency: int = 2  # rollouts running at once
