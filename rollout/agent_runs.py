@@ -65,6 +65,12 @@ def install_prefix(name: str) -> Path | None:
     return real.parent.parent if real.parent.name == "bin" else real.parent
 
 
+def min_memory_mb(name: str) -> int:
+    """The per-process memory limit a scaffold needs to start at all (its adapter's
+    ``min_memory_mb``: a runtime that reserves more address space than it uses); 0 for the others."""
+    return (get_adapter(name).min_memory_mb or 0) if name in ADAPTERS else 0
+
+
 @functools.cache
 def scaffold_version(name: str) -> str:
     """What identifies the scaffold's behaviour, for a plan's key: arborl's version and the

@@ -60,6 +60,7 @@ from .agent_runs import (
     cannot_run,
     check_scaffold,
     install_prefix,
+    min_memory_mb,
     run_scaffold,
     scaffold_version,
 )
@@ -457,7 +458,8 @@ class Orchestrator:
         expose = (*self.expose, prefix) if prefix is not None else self.expose
         limits = Limits(wall_s=self._agent_timeout(task) + task.verify_timeout_s + VERIFY_MARGIN_S,
                         command_s=max(settings.command_timeout_s, task.verify_timeout_s),
-                        memory_mb=settings.memory_mb, processes=settings.processes)
+                        # raised for a CLI that cannot start below its floor (OpenClaw's Node workers)
+                        memory_mb=max(settings.memory_mb, min_memory_mb(scaffold)), processes=settings.processes)
         try:
             sandbox = make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
                                    keep=settings.keep_workspaces, expose=expose, workspace_at=task.workdir or None)

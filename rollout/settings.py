@@ -21,7 +21,7 @@ class RolloutSettings(BaseModel):
     agent_timeout_s: float | None = None
     max_turns: int = 30  # model calls per rollout; the builtin agent stops itself, a CLI is stopped
     command_timeout_s: float = 60.0  # one command of the builtin agent
-    memory_mb: int = 4096  # RLIMIT_DATA per process in the sandbox
+    memory_mb: int = 4096  # RLIMIT_DATA per process in the sandbox (raised to a CLI's floor: OpenClaw 8192)
     processes: int = 512  # processes and threads of the whole sandbox
     infra_retries: int = 2  # new attempts after an infrastructure failure
     # The builtin agent's sampling.

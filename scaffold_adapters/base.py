@@ -104,6 +104,11 @@ class ScaffoldAdapter(ABC):
     # configuration it prints a session of its own).
     names_its_session: str | None = None
     dialect: Dialect
+    # The per-process memory limit (the sandbox's RLIMIT_DATA, MiB) below which the CLI cannot
+    # start: a runtime that reserves address space it never touches (each V8 isolate of a Node
+    # program with worker threads reserves hundreds of MiB) needs more than it uses. None: the
+    # rollout settings' limit is enough.
+    min_memory_mb: int | None = None
 
     @property
     def install_hint(self) -> str | None:

@@ -12,6 +12,7 @@ from .cline import ClineAdapter
 from .codex import CodexAdapter
 from .gemini_cli import GeminiCliAdapter
 from .mini_swe_agent import MiniSweAgentAdapter
+from .openclaw import OpenClawAdapter
 from .opencode import KiloCodeAdapter, OpenCodeAdapter
 from .qwen_code import QwenCodeAdapter
 
@@ -19,7 +20,7 @@ ADAPTERS: dict[str, ScaffoldAdapter] = {
     adapter.name: adapter
     for adapter in (
         ClaudeCodeAdapter(), CodexAdapter(), OpenCodeAdapter(), ClineAdapter(), MiniSweAgentAdapter(),
-        GeminiCliAdapter(), QwenCodeAdapter(), KiloCodeAdapter(), AiderAdapter(),
+        GeminiCliAdapter(), QwenCodeAdapter(), KiloCodeAdapter(), AiderAdapter(), OpenClawAdapter(),
     )
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -47,6 +48,7 @@ SCRIPTS = {
     "gemini-cli": rollouts.gemini_family_writes_hello,
     "qwen-code": rollouts.gemini_family_writes_hello,
     "aider": rollouts.aider_writes_hello,
+    "openclaw": rollouts.openclaw_writes_hello,
 }
 
 
@@ -95,7 +97,9 @@ def main() -> None:
     rows = []
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
-        rows.append(run_scaffold(name, args.rollouts, Path(tempfile.mkdtemp(prefix=f"arborl-compat-{name}-"))))
+        root = Path(tempfile.mkdtemp(prefix=f"arborl-compat-{name}-"))
+        os.chmod(root, 0o711)  # the local sandbox's uids must reach the workspaces inside
+        rows.append(run_scaffold(name, args.rollouts, root))
     print(f"\n### Scaffolds on the hello-file task ({args.rollouts} rollouts each, scripted policy, local sandbox)\n")
     print("| scaffold | version | dialect | solved | calls per rollout | prefix breaks per 100 calls | "
           "auxiliary calls per session | s per rollout |")

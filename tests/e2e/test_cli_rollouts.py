@@ -135,6 +135,28 @@ def test_opencode_family_rollout_in_a_sandbox(kind, scaffold, tiny_model_dir, ru
         gateway.store.close()
 
 
+def openclaw_writes_hello(prompt: str) -> str:
+    if "<tools>" not in prompt:
+        return "ok"
+    cwd = re.search(r"Working directory: (\S+)", prompt)
+    if prompt.count("<tool_response>") == 0 and cwd:
+        return HERMES.format_call("write", {"path": f"{cwd.group(1)}/hello.txt", "content": "hi\n"})
+    return "Done."
+
+
+@pytest.mark.e2e("openclaw")
+@pytest.mark.parametrize("kind", KINDS)
+def test_openclaw_rollout_in_a_sandbox(kind, tiny_model_dir, run_root):
+    # Its Node 24 and its package live under /opt/openclaw: the bwrap sandbox shows that prefix.
+    with scripted_gateway(tiny_model_dir, run_root, openclaw_writes_hello) as gateway:
+        orchestrator = Orchestrator(RunLedger(gateway.store), run_root / "run", gateway.url, "tiny",
+                                    settings=RolloutSettings(sandbox=kind, agent_timeout_s=120))
+        [result] = orchestrator.run(eval_plans([TASK], ["openclaw"], 1))
+        log = (run_root / "run" / result.log).read_text()
+        assert (result.status, result.reward, result.ended_by, result.turns) == ("done", 1.0, "submitted", 2), log
+        gateway.store.close()
+
+
 def aider_writes_hello(prompt: str) -> str:
     return "I will create it.\n\nhello.txt\n```\nhi\n```\n"  # aider's "whole" edit format, its default here
 

@@ -84,3 +84,10 @@ def test_aider_side_calls_are_known_by_their_prompts():
     summary = body("*Briefly* summarize this partial conversation about programming.\\nInclude less detail")
     assert call_purpose({}, summary) == CallPurpose("side", branch="summary")
     assert call_purpose({}, body("Act as an expert software developer.")).kind == "main"
+
+
+def test_a_cli_that_needs_more_address_space_gets_its_floor():
+    from arborl.rollout.agent_runs import min_memory_mb
+
+    assert min_memory_mb("openclaw") == 8192  # its Node worker threads reserve ~600 MiB each
+    assert min_memory_mb("claude-code") == 0 and min_memory_mb("builtin") == 0
