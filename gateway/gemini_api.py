@@ -272,13 +272,10 @@ async def generate_content(model: ModelName, body: GenerateContentRequest, reque
     gateway = request.app.state.gateway
     completion = await _completion_request(body, model, request)
     prepared = await gateway.completions.prepare(completion)
-    collected = await until_disconnected(request, _collect(gateway.completions.stream(prepared),
-                                                           _include_thoughts(body)))
-    if collected is None:
+    whole = await _whole_response(request, gateway.completions.stream(prepared), body, model)
+    if whole is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    parts, result = collected
-    return JSONResponse(_response(parts.content, result, model, _response_id(), final=True),
-                        headers={"x-arborl-session": completion.session.id})
+    return JSONResponse(whole, headers={"x-arborl-session": completion.session.id})
 
 
 @_post("streamGenerateContent")
@@ -291,11 +288,10 @@ async def stream_generate_content(model: ModelName, body: GenerateContentRequest
     stream = gateway.completions.stream(prepared)
     headers = {"x-arborl-session": completion.session.id}
     if request.query_params.get("alt") != "sse":
-        collected = await until_disconnected(request, _collect(stream, _include_thoughts(body)))
-        if collected is None:
+        whole = await _whole_response(request, stream, body, model)
+        if whole is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        parts, result = collected
-        return JSONResponse([_response(parts.content, result, model, _response_id(), final=True)], headers=headers)
+        return JSONResponse([whole], headers=headers)
     events = ending_with_error_event(
         _sse(stream, model, _include_thoughts(body), gateway.settings.stream_keepalive_s),
         lambda exc: sse_event(None, exc.google_body()))
@@ -374,6 +370,16 @@ def _response(parts: list[dict[str, Any]], result: CompletionResult | None, mode
         candidate["finishReason"] = _FINISH_REASONS.get(result.finish_reason, "STOP")
         out["usageMetadata"] = _usage(result)
     return out
+
+
+async def _whole_response(request: Request, stream: AsyncIterator, body: GenerateContentRequest,
+                          model: str) -> dict[str, Any] | None:
+    """The completion as one GenerateContentResponse; None if the client went away first."""
+    collected = await until_disconnected(request, _collect(stream, _include_thoughts(body)))
+    if collected is None:
+        return None
+    parts, result = collected
+    return _response(parts.content, result, model, _response_id(), final=True)
 
 
 async def _collect(stream: AsyncIterator, include_thoughts: bool) -> tuple[CandidateParts, CompletionResult]:
