@@ -52,8 +52,12 @@ def test_connect_asks_the_running_gateway_for_its_model(gateway, capsys, tmp_pat
 def test_connect_refuses_unknown_scaffolds(capsys):
     import pytest
 
-    with pytest.raises(SystemExit, match="known: claude-code"):
+    from arborl.scaffold_adapters.registry import ADAPTERS
+
+    with pytest.raises(SystemExit, match="unknown scaffold 'vim'; known: ") as refused:
         main(["connect", "vim", "--model", "m"])
+    known = str(refused.value).split("known: ", 1)[1].split(", ")
+    assert known == sorted(ADAPTERS)
 
 
 def test_connect_without_a_gateway_still_points_the_agent_at_arborl(capsys, caplog):

@@ -53,7 +53,9 @@ def test_registry_knows_mini_swe_agent_and_how_it_is_installed():
     assert isinstance(adapter, MiniSweAgentAdapter) and ADAPTERS["mini-swe-agent"] is adapter
     assert adapter.executable == "mini" and adapter.dialect == "chat"
     assert adapter.pypi_package == "mini-swe-agent" and adapter.npm_package is None
-    assert all(other.pypi_package is None for name, other in ADAPTERS.items() if name != "mini-swe-agent")
+    # No other scaffold installs the same distribution (aider is the other one from PyPI).
+    others = {other.pypi_package for name, other in ADAPTERS.items() if name != "mini-swe-agent"}
+    assert "mini-swe-agent" not in others and others - {None} == {"aider-chat"}
 
 
 def test_mini_makes_no_auxiliary_calls():
