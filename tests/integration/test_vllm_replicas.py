@@ -117,13 +117,16 @@ def test_a_version_is_published_into_both_replicas(gateway, servers, tmp_path):
         assert httpx.get(server.url + "/weight_info", timeout=5).json()["weight_version"] == "2"
 
 
+CALL_TOKENS = 1000  # each streamed call's length (ignore_eos): long enough to be cut mid-stream
+
+
 async def _stream(client: httpx.AsyncClient, session: str, i: int, received: Counter[str]) -> tuple[str, str]:
     """One streamed call: ("ok", body) if it was delivered whole, ("error", body) if it ended with
     an error event, ("refused", status) if it never started. ``received[session]`` counts the
     sampled tokens of the call as they arrive."""
     async with client.stream("POST", f"/s/{session}/v1/chat/completions", json={
             "model": "tiny64", "messages": [{"role": "user", "content": f"{session} call {i}: write a long story"}],
-            "max_tokens": FIRST_CALL_TOKENS, "stream": True, "temperature": 1.0, "ignore_eos": True}) as response:
+            "max_tokens": CALL_TOKENS, "stream": True, "temperature": 1.0, "ignore_eos": True}) as response:
         if response.status_code != 200:
             return "refused", str(response.status_code)
         received[session] = 0
@@ -138,9 +141,6 @@ async def _stream(client: httpx.AsyncClient, session: str, i: int, received: Cou
         return "error", events[-1]
     assert events[-1] == "[DONE]", events[-3:]
     return "ok", "\n".join(events)
-
-
-FIRST_CALL_TOKENS = 1000
 
 
 def test_killing_a_replica_mid_run_loses_no_delivered_call_and_it_comes_back_current(gateway, servers):
@@ -178,17 +178,19 @@ def test_killing_a_replica_mid_run_loses_no_delivered_call_and_it_comes_back_cur
         assert victim.pid is not None
         os.killpg(victim.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 120
-        while True:
-            drained()
-            streaming = [s for s in on_r1() if received[s] >= 3 and s not in first_done]
-            everything_routed_and_done = all(router.replica_for(s) for s in sessions) and all(
-                s in first_done for s in on_r1())
-            if streaming or everything_routed_and_done or time.monotonic() > deadline:
-                break
-            os.killpg(victim.pid, signal.SIGCONT)
-            time.sleep(0.02)
-            os.killpg(victim.pid, signal.SIGSTOP)
-        os.killpg(victim.pid, signal.SIGKILL)
+        try:
+            while True:
+                drained()
+                streaming = [s for s in on_r1() if received[s] >= 3 and s not in first_done]
+                everything_routed_and_done = all(router.replica_for(s) for s in sessions) and all(
+                    s in first_done for s in on_r1())
+                if streaming or everything_routed_and_done or time.monotonic() > deadline:
+                    break
+                os.killpg(victim.pid, signal.SIGCONT)
+                time.sleep(0.02)
+                os.killpg(victim.pid, signal.SIGSTOP)
+        finally:  # never leave r1 stopped, whatever failed
+            os.killpg(victim.pid, signal.SIGKILL)
         at_kill.update(on_r1=on_r1(), streaming=streaming, unfinished=[s for s in on_r1() if s not in first_done])
         killed.set()
 
