@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from arborl.rollout.results import RolloutResult
+from arborl.rollout.sandboxes import SANDBOX_KINDS
 
 from .config import ArborlConfig, load_config
 
@@ -57,7 +58,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or TOML configuration file (engine and rollout sections)")
     parser.add_argument("--model", help="the model to serve in this process (default SmolLM2-135M-Instruct)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (the model served in this process)")
-    parser.add_argument("--sandbox", choices=["local", "bwrap"], help="where agents run (default local)")
+    parser.add_argument("--sandbox", choices=list(SANDBOX_KINDS), help="where agents run (default local)")
+    parser.add_argument("--docker-image", help="the docker sandbox's image (bash, coreutils and the scaffolds)")
     parser.add_argument("--concurrency", type=int, help="rollouts at once")
     parser.add_argument("--max-turns", type=int, help="model calls per rollout")
     parser.add_argument("--agent-timeout", type=float, help="seconds per rollout's agent (at most the task's own)")
@@ -68,7 +70,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, scaffolds: dict[str, float], extra: dict[str, Any]) -> ArborlConfig:
-    rollout = {"scaffolds": scaffolds, "sandbox": args.sandbox, "concurrency": args.concurrency,
+    rollout = {"scaffolds": scaffolds, "sandbox": args.sandbox, "docker_image": args.docker_image,
+               "concurrency": args.concurrency,
                "max_turns": args.max_turns, "agent_timeout_s": args.agent_timeout,
                "keep_workspaces": args.keep_workspaces or None, **extra}
     overrides: dict[str, Any] = {"rollout": {k: v for k, v in rollout.items() if v is not None}}

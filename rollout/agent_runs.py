@@ -26,8 +26,8 @@ import functools
 import hashlib
 import importlib.metadata
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +39,7 @@ from arborl.scaffold_adapters.builtin import AgentError, BuiltinAgent
 from arborl.scaffold_adapters.registry import ADAPTERS, get_adapter
 
 from .results import AGENT_ERROR, NO_ACTION, STOPPED, SUBMITTED, TIME_LIMIT, TURN_LIMIT
-from .sandbox import SYSTEM_PATH, CommandResult, Sandbox
+from .sandboxes import SYSTEM_PATH, CommandResult, Sandbox, SandboxError, SandboxProcess
 from .settings import RolloutSettings
 from .tasks import Task
 from .verification import apply_in_sandbox
@@ -206,23 +206,27 @@ def _cli(name: str, task: Task, context: AgentContext) -> AgentOutcome:
     adapter = get_adapter(name)
     sandbox = context.sandbox
     setup = adapter.setup(context.target)
-    setup.write(sandbox.home)
-    sandbox.hand_over()
+    # The scaffold's configuration is written here and copied into the sandbox's home: the
+    # sandbox may be a container on another machine.
+    with tempfile.TemporaryDirectory(prefix="arborl-scaffold-home-") as staging:
+        setup.write(Path(staging))
+        try:
+            sandbox.copy_in(Path(staging), ".", into="home")
+        except (SandboxError, OSError) as exc:
+            return AgentOutcome(AGENT_ERROR, crashed=True, error=f"{name}'s configuration could not be written: {exc}")
     env = {**context.env, **setup.env}
     argv = adapter.command(task.instruction_in(sandbox.workspace_inside))
     context.log.write(f"$ {' '.join(argv[:1])} ... (in {sandbox.kind} sandbox {sandbox.id})\n")
     context.log.flush()
-    output_path = sandbox.dir / "agent-output.txt"
-    with open(output_path, "w+b") as output:
-        try:
-            process = sandbox.popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT)
-        except OSError as exc:
-            return AgentOutcome(AGENT_ERROR, crashed=True, error=f"{name} did not start: {exc}")
-        ended_by = _watch(process, context)
-        if process.poll() is None:
-            sandbox.kill_all()
-        output.seek(0)
-        text = output.read().decode(errors="replace")
+    try:
+        process = sandbox.start(argv, env=env)
+    except OSError as exc:
+        return AgentOutcome(AGENT_ERROR, crashed=True, error=f"{name} did not start: {exc}")
+    ended_by = _watch(process, context)
+    if process.poll() is None:
+        sandbox.kill_all()
+        process.wait()
+    text = process.output()
     context.log.write(text[-ANSWER_CHARS:] + "\n")
     code = process.returncode
     if ended_by is None:
@@ -234,7 +238,7 @@ def _cli(name: str, task: Task, context: AgentContext) -> AgentOutcome:
     return AgentOutcome(ended_by, answer=text[-ANSWER_CHARS:], crashed=crashed, error=error)
 
 
-def _watch(process: subprocess.Popen, context: AgentContext) -> str | None:
+def _watch(process: SandboxProcess, context: AgentContext) -> str | None:
     """Wait for the CLI; the reason it was stopped, or None when it exited by itself."""
     while process.poll() is None:
         if context.should_stop():
@@ -243,9 +247,6 @@ def _watch(process: subprocess.Popen, context: AgentContext) -> str | None:
             return TIME_LIMIT
         if context.calls_made() >= context.settings.max_turns:
             return TURN_LIMIT
-        try:
-            process.wait(timeout=POLL_S)
-        except subprocess.TimeoutExpired:
-            pass
+        process.wait(timeout=POLL_S)
     return None
 

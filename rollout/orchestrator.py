@@ -42,6 +42,7 @@ import json
 import logging
 import random
 import secrets
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -67,7 +68,7 @@ from .agent_runs import (
 from .gateway_sessions import RolloutSessions, StoreSessions
 from .metrics import RolloutMetrics
 from .results import STOPPED, RolloutResult, Status, Timings
-from .sandbox import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
+from .sandboxes import SYSTEM_PATH, Limits, Sandbox, SandboxError, make_sandbox
 from .settings import RolloutSettings
 from .store import RUNNING, RunLedger
 from .tasks import Task, TaskError, WorkspaceError
@@ -217,7 +218,8 @@ class Orchestrator:
             return
         try:
             sandbox = make_sandbox(self.settings.sandbox, self.run_dir / "sandboxes", name="preflight",
-                                   expose=self.expose)
+                                   expose=self.expose, image=self.settings.docker_image,
+                                   network=self.settings.docker_network)
         except SandboxError as exc:
             raise OrchestratorError(f"the {self.settings.sandbox} sandbox cannot run here: {exc}") from exc
         try:
@@ -460,17 +462,24 @@ class Orchestrator:
                         command_s=max(settings.command_timeout_s, task.verify_timeout_s),
                         # raised for a CLI that cannot start below its floor (OpenClaw's Node workers)
                         memory_mb=max(settings.memory_mb, min_memory_mb(scaffold)), processes=settings.processes)
-        try:
-            sandbox = make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
-                                   keep=settings.keep_workspaces, expose=expose, workspace_at=task.workdir or None)
-        except (SandboxError, OSError) as exc:
-            raise InfraFailure(f"the sandbox did not start: {exc}") from exc
-        try:
-            task.materialize(sandbox.workspace)
-        except (WorkspaceError, OSError) as exc:
-            self._close(sandbox)
-            raise InfraFailure(f"the workspace could not be made: {exc}") from exc
-        return sandbox
+        # The task's files are made on the host, in a staging folder of the orchestrator's own,
+        # and the sandbox seeds its workspace from it (a process sandbox on the same filesystem
+        # takes the folder as it is): nothing here touches the sandbox's paths, which may be on
+        # another machine (a container).
+        staging_root = self.run_dir / "staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging_root, prefix=f"{session}-") as staging:
+            try:
+                workspace = task.materialize(Path(staging) / "workspace")
+            except (WorkspaceError, OSError) as exc:
+                raise InfraFailure(f"the workspace could not be made: {exc}") from exc
+            try:
+                return make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
+                                    source=workspace, move_source=True, keep=settings.keep_workspaces, expose=expose,
+                                    workspace_at=task.workdir or None, image=settings.docker_image,
+                                    network=settings.docker_network)
+            except (SandboxError, OSError) as exc:
+                raise InfraFailure(f"the sandbox did not start: {exc}") from exc
 
     def _agent_timeout(self, task: Task) -> float:
         """The task's own agent timeout, or the run's if that is lower."""

@@ -3,9 +3,9 @@ config key under ``rollout:``)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from .sandboxes.base import SandboxKind
 
 
 class RolloutSettings(BaseModel):
@@ -16,7 +16,11 @@ class RolloutSettings(BaseModel):
     scaffolds: dict[str, float] = Field(default_factory=lambda: {"builtin": 1.0})
     group_size: int = 4  # G: rollouts of one task per group
     concurrency: int = 2  # rollouts running at once
-    sandbox: Literal["local", "bwrap"] = "local"
+    sandbox: SandboxKind = "local"
+    # The docker sandbox's container image (it must hold bash, coreutils and the scaffolds the
+    # run uses) and docker network ("host": the agent reaches the gateway as a local one does).
+    docker_image: str | None = None
+    docker_network: str = "host"
     # Limits per rollout. The task's own agent timeout applies unless this is lower.
     agent_timeout_s: float | None = None
     max_turns: int = 30  # model calls per rollout; the builtin agent stops itself, a CLI is stopped
@@ -56,3 +60,10 @@ class RolloutSettings(BaseModel):
         if value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @model_validator(mode="after")
+    def _docker_needs_an_image(self) -> RolloutSettings:
+        if self.sandbox == "docker" and not self.docker_image:
+            raise ValueError("rollout.sandbox docker needs rollout.docker_image: an image with bash, coreutils "
+                             "and the scaffolds the run uses")
+        return self

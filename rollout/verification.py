@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .sandbox import Sandbox, SandboxError
+from .sandboxes import Sandbox, SandboxError
 from .tasks import ARBORL_DIR, FolderOverlay, InlineFiles, Overlay, Patch, ShellScript, Task
 from .verifiers import BrokenVerifier, CommandOutput, Verdict, Verifier, VerifierError, verifier_for
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from arborl.rollout.sandbox import Limits, bwrap_unavailable_reason, make_sandbox
+from arborl.rollout.sandboxes import Limits, bwrap_unavailable_reason, make_sandbox
 
 HERE = Path(__file__).resolve().parent
 LIMITS = Limits(wall_s=60, command_s=30)

@@ -15,7 +15,7 @@ import pytest
 from agent_cli import scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.rollout.orchestrator import Orchestrator, eval_plans
-from arborl.rollout.sandbox import bwrap_unavailable_reason
+from arborl.rollout.sandboxes import bwrap_unavailable_reason
 from arborl.rollout.settings import RolloutSettings
 from arborl.rollout.store import RunLedger
 from arborl.rollout.tasks import InlineFiles, Task, VerifierSpec

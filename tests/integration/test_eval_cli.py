@@ -96,7 +96,7 @@ def fix_add_only(prompt: str) -> str:
 
 @pytest.mark.parametrize("kind", ["local", "bwrap"])
 def test_eval_against_a_running_gateway_grades_a_swebench_partial(kind, tiny_model_dir, run_root, capsys):
-    from arborl.rollout.sandbox import bwrap_unavailable_reason
+    from arborl.rollout.sandboxes import bwrap_unavailable_reason
 
     if kind == "bwrap" and bwrap_unavailable_reason():
         pytest.skip(bwrap_unavailable_reason())
@@ -221,7 +221,7 @@ def test_eval_reports_and_skips_malformed_tasks_unless_strict(run_root, capsys):
 
 @pytest.mark.parametrize("kind", ["local", "bwrap"])
 def test_a_harbor_task_that_works_in_app_runs_unmodified_in_both_sandboxes(kind, run_root, capsys):
-    from arborl.rollout.sandbox import bwrap_unavailable_reason
+    from arborl.rollout.sandboxes import bwrap_unavailable_reason
 
     if kind == "bwrap" and bwrap_unavailable_reason():
         pytest.skip(bwrap_unavailable_reason())
@@ -236,7 +236,7 @@ def test_a_harbor_task_that_works_in_app_runs_unmodified_in_both_sandboxes(kind,
 
 
 def test_resuming_reuses_only_results_of_the_same_plan(run_root, capsys):
-    from arborl.rollout.sandbox import bwrap_unavailable_reason
+    from arborl.rollout.sandboxes import bwrap_unavailable_reason
 
     dataset = harbor_tasks(run_root / "tasks")
     run = run_root / "run"

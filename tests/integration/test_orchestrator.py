@@ -20,7 +20,8 @@ from agent_cli import scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.rollout.orchestrator import GroupPlan, InfraFailure, Orchestrator, eval_plans, training_plans
 from arborl.rollout.results import RolloutResult
-from arborl.rollout.sandbox import UID_POOL_BASE, UID_POOL_SIZE, bwrap_unavailable_reason
+from arborl.rollout.sandboxes import bwrap_unavailable_reason
+from arborl.rollout.sandboxes.uid_pool import UID_POOL_BASE, UID_POOL_SIZE
 from arborl.rollout.settings import RolloutSettings
 from arborl.rollout.store import DONE, INFRA_FAILED, RunLedger
 from arborl.rollout.task_loaders import load_dataset

@@ -1,4 +1,4 @@
-"""Sandboxes with real processes: output, environment, limits, cleanup and (bwrap) isolation.
+"""Process sandboxes (local, bwrap), real processes: output, environment, limits, cleanup, isolation.
 
 Every test that could hurt the machine runs under small limits (64 processes, 512 MB, seconds
 of time). "Nothing left" is checked with a /proc scan written here, independently of the
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from arborl.rollout.sandbox import (
+from arborl.rollout.sandboxes import (
     SYSTEM_PATH,
     BwrapSandbox,
     Limits,
     LocalSandbox,
-    Sandbox,
+    ProcessSandbox,
     SandboxClosed,
     SandboxError,
     SandboxExpired,
@@ -39,7 +39,7 @@ KINDS = ["local", pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP_MISSING i
 needs_bwrap = pytest.mark.skipif(BWRAP_MISSING is not None, reason=str(BWRAP_MISSING))
 
 
-def leftovers(sandbox: Sandbox) -> list[int]:
+def leftovers(sandbox: ProcessSandbox) -> list[int]:
     """Live processes marked as the sandbox's (its environment mark, or its uid when it has one)."""
     mark = f"ARBORL_SANDBOX_ID={sandbox.id}".encode()
     found = []
@@ -60,7 +60,7 @@ def leftovers(sandbox: Sandbox) -> list[int]:
     return found
 
 
-def wait_reaped(sandbox: Sandbox, timeout_s: float = 5.0) -> None:
+def wait_reaped(sandbox: ProcessSandbox, timeout_s: float = 5.0) -> None:
     """Wait until no zombie of the sandbox's uid is left. Killed orphans count against its
     process limit until init reaps them, and this container's init reaps only every second or so
     (a real init, or bwrap's, does it at once)."""
@@ -100,7 +100,7 @@ def layout() -> Iterator[Path]:
 
 
 @pytest.fixture(params=KINDS)
-def sandbox(request, layout: Path) -> Iterator[Sandbox]:
+def sandbox(request, layout: Path) -> Iterator[ProcessSandbox]:
     with make_sandbox(request.param, layout / "sandboxes", name="test", limits=LIMITS) as box:
         yield box
     assert leftovers(box) == []
@@ -110,7 +110,7 @@ def sandbox(request, layout: Path) -> Iterator[Sandbox]:
 # -- commands ----------------------------------------------------------------------------------
 
 
-def test_run_returns_output_exit_codes_and_honours_cwd_and_stdin(sandbox: Sandbox):
+def test_run_returns_output_exit_codes_and_honours_cwd_and_stdin(sandbox: ProcessSandbox):
     result = sandbox.run("echo out; echo err >&2; exit 3")
     assert (result.exit_code, result.stdout, result.stderr, result.timed_out) == (3, "out\n", "err\n", False)
     assert result.seconds < 5
@@ -128,7 +128,7 @@ def test_run_returns_output_exit_codes_and_honours_cwd_and_stdin(sandbox: Sandbo
         sandbox.run("true", cwd="../elsewhere")
 
 
-def test_environment_is_fresh_and_leaks_nothing_from_the_parent(sandbox: Sandbox, monkeypatch):
+def test_environment_is_fresh_and_leaks_nothing_from_the_parent(sandbox: ProcessSandbox, monkeypatch):
     monkeypatch.setenv("ARBORL_ADMIN_TOKEN", "admin-secret-from-the-gateway")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-parent-secret")
     monkeypatch.setenv("ARBORL_RUN_DIR", "/somewhere/runs/default")
@@ -145,7 +145,7 @@ def test_environment_is_fresh_and_leaks_nothing_from_the_parent(sandbox: Sandbox
     assert (sandbox.home / "h").read_text() == "hi\n"
 
 
-def test_output_over_the_limit_keeps_head_and_tail(sandbox: Sandbox):
+def test_output_over_the_limit_keeps_head_and_tail(sandbox: ProcessSandbox):
     result = sandbox.run("echo FIRST; head -c 1000000 /dev/zero | tr '\\0' x; echo; echo LAST")
     assert result.ok
     assert len(result.stdout) < LIMITS.output_bytes + 200
@@ -153,7 +153,7 @@ def test_output_over_the_limit_keeps_head_and_tail(sandbox: Sandbox):
     assert "bytes omitted" in result.stdout
 
 
-def test_timeout_kills_the_whole_group_and_leaves_nothing(sandbox: Sandbox):
+def test_timeout_kills_the_whole_group_and_leaves_nothing(sandbox: ProcessSandbox):
     started = time.monotonic()
     result = sandbox.run("sleep 100 & sleep 100 & while :; do :; done", timeout_s=1)
     assert result.timed_out and result.exit_code is None
@@ -164,7 +164,7 @@ def test_timeout_kills_the_whole_group_and_leaves_nothing(sandbox: Sandbox):
     assert sandbox.run("echo again").stdout == "again\n"
 
 
-def test_background_jobs_do_not_hold_run_and_die_by_close_at_the_latest(sandbox: Sandbox):
+def test_background_jobs_do_not_hold_run_and_die_by_close_at_the_latest(sandbox: ProcessSandbox):
     result = sandbox.run("sleep 100 & echo started")  # the job holds stdout: run must not wait for it
     assert result.stdout == "started\n" and result.seconds < 2
     # local: it lives on, as in a terminal; bwrap: it ended with the command's pid namespace
@@ -204,7 +204,7 @@ while True:
 """
 
 
-def test_process_limit_holds_and_fork_bombs_leave_nothing(sandbox: Sandbox):
+def test_process_limit_holds_and_fork_bombs_leave_nothing(sandbox: ProcessSandbox):
     counted = sandbox.run(["python3", "-c", FORK_COUNTER], timeout_s=10)
     assert counted.ok, counted.stderr
     assert 0 < int(counted.stdout) < LIMITS.processes  # the limit stopped it, not the loop's end
@@ -222,7 +222,7 @@ def test_process_limit_holds_and_fork_bombs_leave_nothing(sandbox: Sandbox):
     assert leftovers(sandbox) == []
 
 
-def test_memory_hog_is_stopped_by_the_memory_limit(sandbox: Sandbox):
+def test_memory_hog_is_stopped_by_the_memory_limit(sandbox: ProcessSandbox):
     hog = sandbox.run(["python3", "-c", "x = bytearray(1024 * 1024 * 1024); print('allocated')"])
     assert hog.exit_code not in (0, None) and "MemoryError" in hog.stderr and "allocated" not in hog.stdout
     fits = sandbox.run(["python3", "-c", "x = bytearray(100 * 1024 * 1024); print('allocated')"])
@@ -264,7 +264,7 @@ def test_bwrap_daemon_ends_with_its_pid_namespace(layout: Path):
         assert leftovers(sandbox) == []
 
 
-def test_popen_is_tracked_and_killed_with_everything_it_started(sandbox: Sandbox):
+def test_popen_is_tracked_and_killed_with_everything_it_started(sandbox: ProcessSandbox):
     log = sandbox.dir / "scaffold.log"
     with log.open("wb") as out:
         proc = sandbox.popen(["bash", "-c", "setsid sleep 300 & echo up; exec sleep 301"], stdout=out)
@@ -296,7 +296,7 @@ def test_wall_limit_kills_long_running_processes_and_ends_the_sandbox(layout: Pa
 # -- files ---------------------------------------------------------------------------------------
 
 
-def test_source_is_copied_and_host_files_are_handed_over(sandbox: Sandbox, layout: Path, tmp_path: Path):
+def test_source_is_copied_and_host_files_are_handed_over(sandbox: ProcessSandbox, layout: Path, tmp_path: Path):
     source = tmp_path / "repo"
     (source / "pkg").mkdir(parents=True)
     (source / "pkg/mod.py").write_text("X = 1\n")
@@ -307,7 +307,7 @@ def test_source_is_copied_and_host_files_are_handed_over(sandbox: Sandbox, layou
     assert (source / "pkg/mod.py").read_text() == "X = 1\n"  # the source itself is untouched
 
 
-def test_copy_in_writes_as_the_sandbox_and_refuses_to_escape(sandbox: Sandbox, layout: Path, tmp_path: Path):
+def test_copy_in_writes_as_the_sandbox_and_refuses_to_escape(sandbox: ProcessSandbox, layout: Path, tmp_path: Path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     (hidden / "test_x.py").write_text("def test_x(): pass\n")
@@ -408,7 +408,7 @@ def test_local_refuses_a_root_its_uid_cannot_reach(tmp_path: Path):
 
 def test_bad_arguments_are_clear_errors(layout: Path):
     with pytest.raises(SandboxError, match="unknown sandbox kind"):
-        make_sandbox("docker", layout, name="x", limits=LIMITS)  # type: ignore[arg-type]
+        make_sandbox("vm", layout, name="x", limits=LIMITS)  # type: ignore[arg-type] (docker is a kind now)
     with pytest.raises(ValueError):
         Limits(processes=0)
     with pytest.raises(SandboxError):
