@@ -41,3 +41,21 @@ def test_transformers_loads_a_model_class_when_run_from_the_checkout():
         " num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))\n"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_product_folder_is_a_package_the_wheel_carries():
+    """A subpackage missing from pyproject.toml works in the editable checkout and is absent
+    from a built wheel (learner/backends/ was, until this test)."""
+    import tomllib
+
+    tool = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for init in CHECKOUT.rglob("__init__.py"):
+        folder = init.parent.relative_to(CHECKOUT)
+        if folder.parts and (folder.parts[0] in ("tests", "build") or folder.parts[0].startswith(".")) \
+                or "builtin_tasks" in folder.parts:
+            continue
+        found.add(".".join(("arborl", *folder.parts)))
+    assert found == set(tool["packages"])
+    for package in found - {"arborl"}:
+        assert tool["package-dir"][package] == "/".join(package.split(".")[1:])
