@@ -11,7 +11,7 @@ embedded engine. A publisher is what the learner loop calls after each committed
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,17 +52,30 @@ def publish_to_gateway(gateway_url: str, admin_token: str, checkpoint: Path, ver
 
 
 class GatewayPublisher:
-    def __init__(self, gateway_url: str, admin_token: str, *, timeout_s: float = 300.0):
-        self.url, self.token, self.timeout_s = gateway_url.rstrip("/"), admin_token, timeout_s
+    """Publish through the admin route of one gateway or several (several gateways of a run each
+    serve every version: each is told in turn, and the version served is the lowest of theirs).
+    Gateways that share engine servers each reload them: correct, and the reload costs that
+    many times over."""
+
+    def __init__(self, gateway_urls: str | Sequence[str], admin_token: str, *, timeout_s: float = 300.0):
+        urls = [gateway_urls] if isinstance(gateway_urls, str) else list(gateway_urls)
+        self.urls = [url.rstrip("/") for url in urls]
+        if not self.urls:
+            raise ValueError("GatewayPublisher needs at least one gateway URL")
+        self.token, self.timeout_s = admin_token, timeout_s
 
     def publish(self, weights: Weights, checkpoint: Path, version: int) -> None:
-        publish_to_gateway(self.url, self.token, checkpoint, version, timeout_s=self.timeout_s)
+        for url in self.urls:
+            publish_to_gateway(url, self.token, checkpoint, version, timeout_s=self.timeout_s)
 
     def served_version(self) -> int:
-        response = httpx.get(self.url + "/admin/policy", headers={"authorization": f"Bearer {self.token}"},
-                             timeout=self.timeout_s)
-        response.raise_for_status()
-        return int(response.json()["version"])
+        versions = []
+        for url in self.urls:
+            response = httpx.get(url + "/admin/policy", headers={"authorization": f"Bearer {self.token}"},
+                                 timeout=self.timeout_s)
+            response.raise_for_status()
+            versions.append(int(response.json()["version"]))
+        return min(versions)
 
 
 class InProcessPublisher:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SERVE_DEFAULTS, UP_DEFAULTS, ArborlConfig, ConfigError, load_config
+from .deploy_command import add_deploy_flags, deploy_command
 from .ops_command import add_ops_flags, ops_command
 from .rollout_commands import add_rollout_flags, eval_command, rollout_command
 from .store_command import add_store_flags, store_command
@@ -226,12 +227,12 @@ def train(args: argparse.Namespace) -> None:
         token = args.admin_token or os.environ.get("ARBORL_ADMIN_TOKEN") or config.gateway.admin_token
         if not token:
             raise SystemExit("arborl: publishing to --gateway needs --admin-token (or ARBORL_ADMIN_TOKEN)")
-        publisher = GatewayPublisher(args.gateway, token)
+        publisher = GatewayPublisher([url for url in args.gateway.split(",") if url.strip()], token)
     metrics = LearnerMetrics()
     if args.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
     try:
         teachers = {domain: resolve_model(model) for domain, model in config.learner.teachers.items()}
         learner = Learner(ledger, run_dir, config.learner, base_model=base, publisher=publisher, resume=args.resume,
@@ -346,7 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     learn = commands.add_parser("train", help="the learner: train on a run's complete groups and publish")
     run_dir_flag(learn)
     store_flag(learn)  # a folder here is the older spelling of --run-dir
-    learn.add_argument("--gateway", help="gateway root URL to publish each new version to (admin route)")
+    learn.add_argument("--gateway", help="gateway root URL to publish each new version to (admin route); several, "
+                                         "comma-separated: every gateway of the run")
     learn.add_argument("--admin-token", help="the gateway's admin token (or ARBORL_ADMIN_TOKEN)")
     learn.add_argument("--resume", action="store_true", help="continue from the run's last committed step")
     learn.add_argument("--config", help="YAML or TOML configuration file (its learner section)")
@@ -362,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     learn.add_argument("--max-steps", type=int, help="stop after this many committed steps")
     learn.add_argument("--idle-exit", type=float, help="stop when no group completes for this many seconds")
     learn.add_argument("--metrics-port", type=int, help="serve the learner's Prometheus metrics on this port")
+    learn.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address the metrics port binds (default 127.0.0.1; 0.0.0.0 in a cluster pod)")
     evaluate = commands.add_parser("eval", help="run agents on a dataset's tasks and report pass@k")
     add_rollout_flags(evaluate)
     from arborl.scaffold_adapters.registry import ADAPTERS
@@ -391,6 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     store_flag(report)
     report.add_argument("run", type=Path, nargs="?", help=argparse.SUPPRESS)  # the older spelling: arborl report RUN
     add_store_flags(commands.add_parser("store", help="copy a run's store into another database"))
+    add_deploy_flags(commands.add_parser("deploy", help="write a cluster deployment: Kubernetes manifests"))
     return parser.parse_args(argv)
 
 
@@ -427,6 +432,8 @@ def _run_command(args: argparse.Namespace) -> None:
         ops_command(args)
     elif args.command == "store":
         store_command(args)
+    elif args.command == "deploy":
+        deploy_command(args)
     elif args.command == "report":
         from .run_report import write_run_report
 

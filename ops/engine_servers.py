@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -85,6 +86,45 @@ class EngineServer:
             process.wait(10)
 
 
+@dataclass(frozen=True)
+class ServerCommand:
+    """How one engine server is started: the arguments after its python, the environment it
+    needs, and the path that answers 200 once it is ready. Pure, so the Kubernetes manifests
+    (ops/kubernetes.py) start a pod's server exactly as ``arborl serve --launch`` starts a child."""
+
+    args: list[str]
+    env: dict[str, str]
+    ready_path: str
+
+
+def vllm_command(model_dir: Path, port: int, *, host: str = "127.0.0.1", max_num_seqs: int = 16,
+                 dtype: str = "auto", max_model_len: int | None = None, gpu_memory_fraction: float | None = None,
+                 devices: str | None = None, extra_args: Sequence[str] = (),
+                 cpu_kv_cache_gib: int = 1) -> ServerCommand:
+    args = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", model_dir.name, "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
+            "--host", host, "--port", str(port),
+            "--logprobs-mode", "processed_logprobs", "--enable-prompt-tokens-details",
+            *(("--max-model-len", str(max_model_len)) if max_model_len else ()),
+            *(("--gpu-memory-utilization", str(gpu_memory_fraction)) if gpu_memory_fraction else ()),
+            *extra_args]
+    env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib),
+           **({"CUDA_VISIBLE_DEVICES": devices} if devices else {})}
+    return ServerCommand(args, env, "/v1/models")
+
+
+def sglang_command(model_dir: Path, port: int, *, host: str = "127.0.0.1", max_num_seqs: int = 16,
+                   dtype: str = "auto", max_model_len: int | None = None, gpu_memory_fraction: float | None = None,
+                   devices: str | None = None, extra_args: Sequence[str] = ()) -> ServerCommand:
+    args = ["-m", "sglang.launch_server", "--model-path", str(model_dir),
+            "--served-model-name", model_dir.name, "--dtype", dtype,
+            "--max-running-requests", str(max_num_seqs), "--host", host, "--port", str(port),
+            *(("--context-length", str(max_model_len)) if max_model_len else ()),
+            *(("--mem-fraction-static", str(gpu_memory_fraction)) if gpu_memory_fraction else ()),
+            *extra_args]
+    return ServerCommand(args, {"CUDA_VISIBLE_DEVICES": devices} if devices else {}, "/health")
+
+
 class VllmServer(EngineServer):
     """A vLLM server (``vllm.entrypoints.openai.api_server``) serving ``model_dir``."""
 
@@ -93,16 +133,10 @@ class VllmServer(EngineServer):
     def __init__(self, python: str, model_dir: Path, port: int, log: Path, *, max_num_seqs: int = 16,
                  dtype: str = "auto", max_model_len: int | None = None, gpu_memory_fraction: float | None = None,
                  devices: str | None = None, extra_args: Sequence[str] = (), cpu_kv_cache_gib: int = 1):
-        command = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", model_dir.name, "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
-                   "--host", "127.0.0.1", "--port", str(port),
-                   "--logprobs-mode", "processed_logprobs", "--enable-prompt-tokens-details",
-                   *(("--max-model-len", str(max_model_len)) if max_model_len else ()),
-                   *(("--gpu-memory-utilization", str(gpu_memory_fraction)) if gpu_memory_fraction else ()),
-                   *extra_args]
-        env = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(cpu_kv_cache_gib),
-               **({"CUDA_VISIBLE_DEVICES": devices} if devices else {})}
-        super().__init__(python, command, env, port, log, "/v1/models")
+        command = vllm_command(model_dir, port, max_num_seqs=max_num_seqs, dtype=dtype, max_model_len=max_model_len,
+                               gpu_memory_fraction=gpu_memory_fraction, devices=devices, extra_args=extra_args,
+                               cpu_kv_cache_gib=cpu_kv_cache_gib)
+        super().__init__(python, command.args, command.env, port, log, command.ready_path)
 
 
 class SglangServer(EngineServer):
@@ -113,14 +147,9 @@ class SglangServer(EngineServer):
     def __init__(self, python: str, model_dir: Path, port: int, log: Path, *, max_num_seqs: int = 16,
                  dtype: str = "auto", max_model_len: int | None = None, gpu_memory_fraction: float | None = None,
                  devices: str | None = None, extra_args: Sequence[str] = ()):
-        command = ["-m", "sglang.launch_server", "--model-path", str(model_dir),
-                   "--served-model-name", model_dir.name, "--dtype", dtype,
-                   "--max-running-requests", str(max_num_seqs), "--host", "127.0.0.1", "--port", str(port),
-                   *(("--context-length", str(max_model_len)) if max_model_len else ()),
-                   *(("--mem-fraction-static", str(gpu_memory_fraction)) if gpu_memory_fraction else ()),
-                   *extra_args]
-        super().__init__(python, command, {**({"CUDA_VISIBLE_DEVICES": devices} if devices else {})}, port, log,
-                         "/health")
+        command = sglang_command(model_dir, port, max_num_seqs=max_num_seqs, dtype=dtype, max_model_len=max_model_len,
+                                 gpu_memory_fraction=gpu_memory_fraction, devices=devices, extra_args=extra_args)
+        super().__init__(python, command.args, command.env, port, log, command.ready_path)
 
 
 SERVERS: dict[str, type[VllmServer] | type[SglangServer]] = {"vllm": VllmServer, "sglang": SglangServer}

@@ -65,6 +65,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-timeout", type=float, help="seconds per rollout's agent (at most the task's own)")
     parser.add_argument("--keep-workspaces", action="store_true", help="keep each rollout's sandbox folder")
     parser.add_argument("--metrics-port", type=int, help="serve the rollouts' Prometheus metrics on this port")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address the metrics port binds (default 127.0.0.1; 0.0.0.0 in a cluster pod)")
     parser.add_argument("--strict", action="store_true", help="stop at a malformed task (default: report it, skip "
                                                               "it, run the others)")
 
@@ -314,7 +316,7 @@ class ProgressLine:
 
 
 def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[RolloutResult, bool], None],
-                  metrics_port: int | None):
+                  metrics_port: int | None, metrics_host: str = "127.0.0.1"):
     import logging
 
     from arborl.rollout.metrics import RolloutMetrics
@@ -326,7 +328,7 @@ def _orchestrator(config: ArborlConfig, session: Session, on_result: Callable[[R
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
     orchestrator = Orchestrator(session.ledger, config.run_dir, session.url, session.model, settings=config.rollout,
                                 on_result=on_result, metrics=metrics, policy_version=session.policy_version,
                                 sessions=session.sessions)
@@ -350,7 +352,7 @@ def eval_command(args: argparse.Namespace) -> None:
     interrupted = False
     with _session(config, args.gateway, needs_model=uses_model(scaffolds), port=args.port,
                   admin_token=args.admin_token) as session:
-        orchestrator = _orchestrator(config, session, progress, args.metrics_port)
+        orchestrator = _orchestrator(config, session, progress, args.metrics_port, args.metrics_host)
         try:
             orchestrator.preflight(tasks)
             orchestrator.run(plans)
@@ -449,7 +451,7 @@ def rollout_command(args: argparse.Namespace) -> None:
     needs_gateway = uses_model(scaffolds) or config.rollout.synchronous
     with _session(config, args.gateway, needs_model=needs_gateway, port=args.port,
                   admin_token=args.admin_token) as session:
-        orchestrator = _orchestrator(config, session, progress, args.metrics_port)
+        orchestrator = _orchestrator(config, session, progress, args.metrics_port, args.metrics_host)
         try:
             orchestrator.preflight(tasks)
             plans = training_plans(tasks, config.rollout, prefix=args.prefix)

@@ -154,3 +154,30 @@ def test_arborl_ops_cli(live, capsys, monkeypatch):
         main(["ops", "set", "momentum=1", "--gateway", live.url])
     with pytest.raises(SystemExit, match="404"):
         main(["ops", "rollback", "9", "--gateway", live.url])
+
+
+def test_a_learner_publishes_every_version_to_every_gateway_of_the_run(tiny_model_dir, tiny_model, tmp_path):
+    """Several gateways serve one run (a cluster's StatefulSet): `arborl train --gateway A,B`
+    tells each of every version; the version served is the lowest of theirs."""
+    first, second = serve_live(tiny_model_dir, tmp_path / "a", admin_token=ADMIN), serve_live(
+        tiny_model_dir, tmp_path / "b", admin_token=ADMIN)
+    a, b = next(first), next(second)
+    try:
+        publisher = GatewayPublisher([a.url, b.url + "/"], ADMIN)
+        ledger = RunLedger(a.store)
+        learner = Learner(ledger, a.run_dir, LearnerSettings(lr=1e-3), base_model=tiny_model_dir,
+                          publisher=publisher, device="cpu")
+        record_group(ledger, tiny_model, "task-0", random.Random(0), version=learner.version)
+        assert learner.train_once() is not None
+        checkpoint = Path(ledger.steps()[0].checkpoint)
+        for live in (a, b):
+            assert live.engine.stats().policy_version == 1
+            assert served_equals_checkpoint(live, checkpoint)
+        assert publisher.served_version() == 1
+        GatewayPublisher(a.url, ADMIN).publish(lambda: {}, checkpoint, 2)  # only one of them moves on
+        assert publisher.served_version() == 1 and GatewayPublisher(a.url, ADMIN).served_version() == 2
+    finally:
+        for server in (first, second):
+            server.close()
+    with pytest.raises(ValueError, match="at least one"):
+        GatewayPublisher([], ADMIN)
