@@ -332,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--dataset", help="the rollout workers' tasks (default builtin)")
     up.add_argument("--heldout-every", type=int, help="a held-out evaluation every N steps (0: never)")
     up.add_argument("--max-seconds", type=float, help="stop after this long (default: until Ctrl-C)")
+    up.add_argument("--ray", metavar="ADDRESS", help="place every part on the Ray cluster at ADDRESS (auto: this "
+                                                    "node's); up.ray_parts says where each goes")
+    up.add_argument("--ray-node-ip", help="this machine's address in the Ray cluster (default: Ray's guess)")
     _serve_flags(commands.add_parser("serve", help="run the gateway with an engine"))
     trie = commands.add_parser("trie", help="inspect recorded prefix trees").add_subparsers(dest="trie_command",
                                                                                                required=True)
@@ -415,7 +418,8 @@ def _run_command(args: argparse.Namespace) -> None:
         from .up import run_up
 
         overrides = _overrides(args)
-        up_flags = {"dataset": args.dataset, "heldout_every": args.heldout_every}
+        up_flags = {"dataset": args.dataset, "heldout_every": args.heldout_every, "ray_address": args.ray,
+                    "ray_node_ip": args.ray_node_ip}
         overrides["up"] = {k: v for k, v in up_flags.items() if v is not None}
         run_up(load_config(args.config, overrides, defaults=UP_DEFAULTS), max_seconds=args.max_seconds)
     elif args.command == "serve":

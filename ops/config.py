@@ -161,6 +161,18 @@ class StoreConfig(BaseModel):
         return url
 
 
+class RayPartSettings(BaseModel):
+    """Where ``arborl up --ray`` places one part (ops/ray_placement.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = 0.0  # what the part's actor reserves (the part's own process uses what it uses)
+    num_gpus: float = 0.0
+    # A custom resource of the node it should run on (``ray start --resources '{"gpu-node": 1}'``):
+    # while a live node has it, the part goes there; when none does (that node died), anywhere.
+    prefer: str | None = None
+
+
 class UpSettings(BaseModel):
     """What ``arborl up`` runs besides the gateway."""
 
@@ -180,6 +192,12 @@ class UpSettings(BaseModel):
     learner_metrics_port: int = 8001
     rollout_metrics_port: int = 8002
     max_restarts: int = 5  # per child; beyond it `arborl up` stops
+    # ``arborl up --ray ADDRESS``: each part a Ray actor on the cluster at ADDRESS ("auto": the
+    # local node's cluster), placed per part; ray_node_ip is this driver's own address there.
+    ray_address: str | None = None
+    ray_node_ip: str | None = None
+    ray_parts: dict[Literal["gateway", "rollouts", "learner", "heldout"], RayPartSettings] = Field(
+        default_factory=dict)
 
 
 # What `arborl up` starts from, under any config file, env var or flag: sized so the default

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import yaml
@@ -72,6 +73,14 @@ class Child:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
     def stop(self, sig: int = signal.SIGINT, grace_s: float = STOP_GRACE_S) -> None:
         """Ask the child to stop (``sig``), wait, then kill its whole process group."""
         if self.process is None or self.process.poll() is not None:
@@ -90,6 +99,27 @@ class Child:
         self.process.wait()
 
 
+class Part(Protocol):
+    """What the supervisor starts, watches and stops: a ``Child`` here, a ``RayPart`` on Ray."""
+
+    name: str
+    log_path: Path
+    restarts: int
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, sig: int = signal.SIGINT, grace_s: float = STOP_GRACE_S) -> None: ...
+
+
 class Supervisor:
     def __init__(self, config: ArborlConfig, *, python: str = sys.executable):
         self.config = config
@@ -105,8 +135,8 @@ class Supervisor:
         dumped = config.model_dump(mode="json")
         dumped["store"]["url"] = ""
         self.config_path.write_text(yaml.safe_dump(dumped, sort_keys=False))
-        self.children: dict[str, Child] = {}
-        self.heldout: Child | None = None
+        self.children: dict[str, Part] = {}
+        self.heldout: Part | None = None
         self.heldout_versions: list[int] = []
         self.events: list[str] = []  # what the live view shows under the table
 
@@ -130,13 +160,17 @@ class Supervisor:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    def _child(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Part:
+        """One part, as a child process of this machine (``RaySupervisor``: a Ray actor's)."""
+        return Child(name, argv, env, log_path)
+
     def _command(self, *args: str) -> list[str]:
         return [self.python, "-m", "arborl.ops.cli", *args]
 
-    def plan(self) -> list[Child]:
+    def plan(self) -> list[Part]:
         up, logs, run = self.config.up, self.run_dir / "logs", str(self.run_dir)
-        children = [Child("gateway", self._command("serve", "--config", str(self.config_path)), self._env(),
-                          logs / "gateway.log")]
+        children = [self._child("gateway", self._command("serve", "--config", str(self.config_path)), self._env(),
+                                logs / "gateway.log")]
         if up.rollouts:
             argv = self._command(
                 "rollout", "--config", str(self.config_path), "--gateway", self.url, "--run-dir", run,
@@ -145,9 +179,9 @@ class Supervisor:
             )
             if up.train_difficulty:
                 argv += ["--difficulty", ",".join(up.train_difficulty)]
-            children.append(Child("rollouts", argv, self._env(), logs / "rollouts.log"))
+            children.append(self._child("rollouts", argv, self._env(), logs / "rollouts.log"))
         if up.learner:
-            children.append(Child("learner", self._command(
+            children.append(self._child("learner", self._command(
                 "train", "--config", str(self.config_path), "--run-dir", run, "--gateway", self.url, "--resume",
                 "--metrics-port", str(up.learner_metrics_port),
             ), self._env(), logs / "learner.log"))
@@ -165,15 +199,14 @@ class Supervisor:
     def write_state(self) -> None:
         """RUN/up.json: the supervisor's and children's pids and the gateway URL, for operators."""
         state = {"supervisor": os.getpid(), "url": self.url,
-                 "children": {name: child.process.pid for name, child in self.children.items() if child.process}}
+                 "children": {name: child.pid for name, child in self.children.items() if child.pid is not None}}
         (self.run_dir / "up.json").write_text(json.dumps(state))
 
-    def wait_for_gateway(self, child: Child, timeout_s: float = 600.0) -> None:
-        assert child.process is not None  # called after child.start()
+    def wait_for_gateway(self, child: Part, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not child.running:
-                raise SupervisorError(f"the gateway exited ({child.process.returncode}); see {child.log_path}")
+                raise SupervisorError(f"the gateway exited ({child.returncode}); see {child.log_path}")
             if self.gateway_healthy():
                 return
             time.sleep(0.25)
@@ -190,7 +223,7 @@ class Supervisor:
         for child in self.children.values():
             if child.running:
                 continue
-            code = child.process.returncode if child.process else None
+            code = child.returncode
             if child.restarts >= self.config.up.max_restarts:
                 raise SupervisorError(f"{child.name} exited {code} after {child.restarts} restarts; "
                                       f"see {child.log_path}")
@@ -224,7 +257,7 @@ class Supervisor:
         if up.heldout_limit:
             argv += ["--limit", str(up.heldout_limit)]
         # a one-off job: not in self.children, so never restarted
-        self.heldout = Child(f"heldout-v{version}", argv, self._env(), self.run_dir / "logs" / "heldout.log")
+        self.heldout = self._child(f"heldout-v{version}", argv, self._env(), self.run_dir / "logs" / "heldout.log")
         self.heldout.start()
         self.events.append(f"held-out evaluation of version {version} started")
 
@@ -264,7 +297,13 @@ def run_up(config: ArborlConfig, *, max_seconds: float | None = None, refresh_s:
     from .live_view import LiveView
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the view polls /metrics every second
-    supervisor = Supervisor(config)
+    supervisor: Supervisor
+    if config.up.ray_address:
+        from .ray_placement import RaySupervisor
+
+        supervisor = RaySupervisor(config)
+    else:
+        supervisor = Supervisor(config)
     print(f"arborl up: run folder {config.run_dir}; logs in {config.run_dir / 'logs'}", flush=True)
     view = LiveView(supervisor)
     started = time.monotonic()
