@@ -43,7 +43,10 @@ from .config import ArborlConfig, RayPartSettings
 from .up import STOP_GRACE_S, Part, Supervisor
 
 NODE_IP = "{node_ip}"  # in a part's argv: replaced by its node's address (the gateway binds to it)
-CALL_TIMEOUT_S = 10.0  # a health call to a part's actor: beyond it the part is taken as down
+CALL_TIMEOUT_S = 10.0  # a health call to a part's actor
+# A part whose actor is gone (its node died) is down at once; one whose health calls only time
+# out (a loaded node) is down after this many in a row: a restart kills what may be a busy part.
+TIMEOUTS_BEFORE_DOWN = 3
 # A part with a preferred node asks for this much of the node's custom resource (so any number
 # of parts fit on it), and waits this long there before it goes anywhere instead: a node whose
 # death Ray has not yet noticed still looks alive.
@@ -118,6 +121,7 @@ class RayPart:
         self.node_ip: str | None = None
         self._pid: int | None = None
         self._returncode: int | None = None
+        self._timeouts = 0
 
     def start(self) -> None:
         """Place the part: on a live node with its preferred resource if there is one (if it
@@ -145,7 +149,7 @@ class RayPart:
             self.node_ip, self._pid = ray.get(self.actor.where.remote(), timeout=timeout_s)
         except GetTimeoutError as exc:
             raise PlacementTimeout(f"{self.name} was not placed within {timeout_s:g} s") from exc
-        self._returncode = None
+        self._returncode, self._timeouts = None, 0
 
     @property
     def running(self) -> bool:
@@ -156,9 +160,13 @@ class RayPart:
 
         try:
             self._returncode = ray.get(self.actor.poll.remote(), timeout=CALL_TIMEOUT_S)
-        except (RayError, GetTimeoutError):  # its node died or is cut off: down
+        except GetTimeoutError:
+            self._timeouts += 1
+            return self._timeouts < TIMEOUTS_BEFORE_DOWN
+        except RayError:  # the actor is gone: its node died (ActorDiedError) or is cut off
             self._returncode = None
             return False
+        self._timeouts = 0
         return self._returncode is None
 
     @property

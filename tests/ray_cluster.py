@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import free_port
@@ -31,8 +32,9 @@ def _start_node(args: list[str], temp_dir: str, log: Path) -> subprocess.Popen:
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=RAY_ENV, start_new_session=True)
 
 
-def raylet_of(ip: str) -> int | None:
-    """The pid of the raylet of the node at ``ip``."""
+def raylet_of(ip: str, temp_dir: str) -> int | None:
+    """The pid of the raylet of the node at ``ip`` in the cluster whose files are in ``temp_dir``
+    (another cluster on this machine may use the same address)."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -40,7 +42,8 @@ def raylet_of(ip: str) -> int | None:
             argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"/raylet") and f"--node_ip_address={ip}".encode() in argv:
+        if (argv and argv[0].endswith(b"/raylet") and f"--node_ip_address={ip}".encode() in argv
+                and f"--temp_dir={temp_dir}".encode() in argv):
             return int(name)
     return None
 
@@ -52,14 +55,23 @@ def _alive_nodes(address: str) -> int:
     return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else 0
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # the head's, 127.0.0.2:PORT
+    temp_dir: str  # its session files
+
+    def raylet(self, ip: str) -> int | None:
+        return raylet_of(ip, self.temp_dir)
+
+
 @contextlib.contextmanager
-def two_node_cluster(log: Path) -> Iterator[str | None]:
-    """The head's address (``127.0.0.2:PORT``) while the cluster runs, or None if it did not
-    come up; everything of it is killed on exit."""
+def two_node_cluster(log: Path) -> Iterator[RayCluster | None]:
+    """The cluster while it runs, or None if it did not come up; everything of it is killed on
+    exit."""
     # a short temp dir: Ray's unix sockets live there and their paths have a length limit
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     nodes: list[subprocess.Popen] = []
-    address: str | None = None
+    cluster: RayCluster | None = None
     try:
         for _attempt in range(2):
             port = free_port()
@@ -81,12 +93,12 @@ def two_node_cluster(log: Path) -> Iterator[str | None]:
             while time.monotonic() < deadline and _alive_nodes(f"{HEAD_IP}:{port}") < 2:
                 time.sleep(2)
             if _alive_nodes(f"{HEAD_IP}:{port}") == 2:
-                address = f"{HEAD_IP}:{port}"
+                cluster = RayCluster(f"{HEAD_IP}:{port}", temp_dir)
                 break
             for node in nodes:
                 os.killpg(node.pid, signal.SIGKILL)
             nodes.clear()
-        yield address
+        yield cluster
     finally:
         for node in nodes:
             try:

@@ -186,6 +186,7 @@ class ProcessSandbox(ABC):
         self.id = new_sandbox_id(name)
         self._marker = f"{MARKER_VAR}={self.id}".encode()
         self._lock = threading.Lock()
+        self._kill_lock = threading.Lock()  # one kill_all sweep at a time
         self._processes: list[subprocess.Popen] = []
         self._closed = False
         self._expired = False
@@ -403,7 +404,15 @@ class ProcessSandbox(ABC):
 
     def kill_all(self) -> None:
         """Kill every process of the sandbox: SIGTERM, up to ``kill_grace_s`` for them to exit,
-        then SIGKILL until a /proc scan finds none. Raises SandboxError if one survives."""
+        then SIGKILL until a /proc scan finds none. Raises SandboxError if one survives.
+
+        One sweep at a time (the wall-limit watchdog's and ``close``'s can meet): the helper that
+        sends ``kill -1`` runs as the sandbox's uid, so a sweep beside another would find the
+        other's helper in every scan and take it for a survivor."""
+        with self._kill_lock:
+            self._kill_all()
+
+    def _kill_all(self) -> None:
         with self._lock:
             tracked = list(self._processes)
         if any(proc.poll() is None for proc in tracked) or self.processes():

@@ -65,10 +65,10 @@ def main() -> None:
     top = Path(tempfile.mkdtemp(prefix="arborl-bench-ray-"))
     top.chmod(0o711)
     results = {}
-    with two_node_cluster(top / "ray.log") as address:
-        if address is None:
+    with two_node_cluster(top / "ray.log") as cluster:
+        if cluster is None:
             sys.exit(f"the Ray cluster did not come up: {(top / 'ray.log').read_text()[-2000:]}")
-        for mode, extra in (("plain", []), ("ray", ["--ray", address, "--ray-node-ip", HEAD_IP])):
+        for mode, extra in (("plain", []), ("ray", ["--ray", cluster.address, "--ray-node-ip", HEAD_IP])):
             root = top / mode
             root.mkdir()
             root.chmod(0o711)

@@ -21,18 +21,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ray_cluster import HEAD_IP, SECOND_IP, raylet_of, two_node_cluster
+from ray_cluster import HEAD_IP, RAY_ENV, SECOND_IP, RayCluster, two_node_cluster
 from up_runs import child_pid, kill_everything, last_step, query, up_config, wait_for
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 @pytest.fixture
-def two_nodes(tmp_path: Path) -> Iterator[str]:
-    with two_node_cluster(tmp_path / "ray.log") as address:
-        if address is None:
+def two_nodes(tmp_path: Path) -> Iterator[RayCluster]:
+    with two_node_cluster(tmp_path / "ray.log") as cluster:
+        if cluster is None:
             pytest.skip(f"a two-node Ray cluster did not come up here: {(tmp_path / 'ray.log').read_text()[-1500:]}")
-        yield address
+        yield cluster
 
 
 def placement(run: Path) -> dict[str, str]:
@@ -53,20 +53,20 @@ def since_placed_on(run: Path, ip: str) -> str:
     return text.rsplit(mark, 1)[1] if mark in text else ""
 
 
-def test_arborl_up_on_two_ray_nodes_survives_the_learners_node(two_nodes: str, run_root: Path, tmp_path: Path):
+def test_arborl_up_on_two_ray_nodes_survives_the_learners_node(two_nodes: RayCluster, run_root: Path, tmp_path: Path):
     config = up_config(run_root, up={"heldout_every": 0, "ray_parts": {
         "gateway": {"prefer": "node1"}, "rollouts": {"prefer": "node1"}, "learner": {"prefer": "node2"}}})
     run = run_root / "run"
     log = run_root / "up.log"
     up = subprocess.Popen([sys.executable, "-m", "arborl.ops.cli", "up", "--config", str(config), "--ray",
-                           two_nodes, "--ray-node-ip", HEAD_IP], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                          start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                           two_nodes.address, "--ray-node-ip", HEAD_IP], stdout=open(log, "ab"),
+                          stderr=subprocess.STDOUT, start_new_session=True, env=RAY_ENV)
     try:
         wait_for(lambda: last_step(run) >= 2, "two training steps", log, timeout_s=600)
         assert placement(run) == {"rollouts": HEAD_IP, "learner": SECOND_IP}
         assert json.loads((run / "up.json").read_text())["url"].startswith(f"http://{HEAD_IP}:")
 
-        raylet = raylet_of(SECOND_IP)
+        raylet = two_nodes.raylet(SECOND_IP)
         old_learner = child_pid(run, "learner")
         assert raylet is not None
         killed_at = time.monotonic()

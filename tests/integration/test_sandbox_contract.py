@@ -224,7 +224,8 @@ def test_close_is_final_and_idempotent(kind: str, root: Path):
 
 
 def test_the_wall_limit_kills_everything_and_ends_the_sandbox(kind: str, root: Path):
-    with open_sandbox(kind, root, limits=Limits(wall_s=1.5, command_s=30, memory_mb=512, processes=64)) as box:
+    # 3 s: long enough that making the sandbox and starting a process never take it all on a busy machine
+    with open_sandbox(kind, root, limits=Limits(wall_s=3.0, command_s=30, memory_mb=512, processes=64)) as box:
         process = box.start(["sleep", "300"])
         result = box.run("sleep 30")
         assert result.timed_out and result.exit_code is None
