@@ -31,7 +31,8 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol, Self
@@ -151,6 +152,41 @@ class OutputFile:
             return self._last
         self._last = capture.text()
         return self._last
+
+
+class PopenHandle:
+    """The protocol's ``SandboxProcess`` over a host Popen whose output goes to a file: what the
+    process sandboxes (the command itself) and docker (its ``docker exec`` client) hand out.
+    ``stop`` is the kind's way of killing it and what it started; the handle then reaps it."""
+
+    def __init__(self, proc: subprocess.Popen, output: OutputFile, stop: Callable[[subprocess.Popen], None]):
+        self._proc = proc
+        self._output = output
+        self._stop = stop
+
+    @property
+    def returncode(self) -> int | None:
+        code = self._proc.returncode
+        return None if code is None else exit_code_of(code)
+
+    def poll(self) -> int | None:
+        self._proc.poll()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._stop(self._proc)
+            self._proc.wait()
+
+    def output(self) -> str:
+        return self._output.text()
 
 
 def relative_path(path: str) -> PurePosixPath:

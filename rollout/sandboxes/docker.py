@@ -52,6 +52,7 @@ from .base import (
     Limits,
     OutputCapture,
     OutputFile,
+    PopenHandle,
     SandboxClosed,
     SandboxError,
     SandboxExpired,
@@ -235,7 +236,7 @@ class DockerSandbox:
                           timeout_s=self.limits.command_s if timeout_s is None else timeout_s)
 
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              cwd: str | None = None) -> DockerProcess:
+              cwd: str | None = None) -> PopenHandle:
         self._check_open()
         with self._lock:
             self._started += 1
@@ -248,7 +249,7 @@ class DockerSandbox:
                                     stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
         finally:
             os.close(fd)
-        return DockerProcess(proc, self, output_path)
+        return PopenHandle(proc, OutputFile(output_path, self.limits.output_bytes), self._stop_started)
 
     def copy_in(self, src: Path, dest: str, *, into: Area = "workspace") -> None:
         folder = self._workspace_at if into == "workspace" else DOCKER_HOME
@@ -260,6 +261,12 @@ class DockerSandbox:
     def _run_inside(self, argv: list[str], stdin: IO[bytes] | None, stdout_to: IO[bytes] | None) -> CommandResult:
         """archive.py's way in: ``argv`` as the sandbox's user, within ``Limits.command_s``."""
         return self._exec(argv, env=None, cwd=".", stdin=stdin, timeout_s=self.limits.command_s, stdout_to=stdout_to)
+
+    def _stop_started(self, client: subprocess.Popen) -> None:
+        """A started process's ``kill``: every process of the sandbox's user goes (``docker
+        exec`` gives no handle on the one inside), then its client."""
+        self.kill_all()
+        client.kill()
 
     def kill_all(self) -> None:
         """``kill -KILL -1`` as the user, inside: every process of the sandbox's user at once."""
@@ -367,38 +374,6 @@ class DockerSandbox:
             self._expired and proc.returncode != 0)
         return CommandResult(exit_code=None if killed else proc.returncode, stdout=captures["stdout"].text(),
                              stderr=captures["stderr"].text(), timed_out=killed, seconds=elapsed)
-
-
-class DockerProcess:
-    """A ``docker exec`` client running a started process: the protocol's ``SandboxProcess``."""
-
-    def __init__(self, proc: subprocess.Popen, sandbox: DockerSandbox, output_path: Path):
-        self._proc = proc
-        self._sandbox = sandbox
-        self._output = OutputFile(output_path, sandbox.limits.output_bytes)
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.returncode
-
-    def poll(self) -> int | None:
-        return self._proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            return self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        """Every process of the sandbox's user goes (see the module docstring), then the client."""
-        if self._proc.poll() is None:
-            self._sandbox.kill_all()
-            self._proc.kill()
-            self._proc.wait()
-
-    def output(self) -> str:
-        return self._output.text()
 
 
 def _pump(stream: io.BufferedReader, capture: OutputCapture) -> None:

@@ -85,6 +85,7 @@ from .base import (
     Limits,
     OutputCapture,
     OutputFile,
+    PopenHandle,
     SandboxClosed,
     SandboxError,
     SandboxExpired,
@@ -353,7 +354,7 @@ class ProcessSandbox(ABC):
         return proc
 
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              cwd: str | None = None) -> ProcessHandle:
+              cwd: str | None = None) -> PopenHandle:
         """``popen`` with its output (stdout and stderr together) kept in a file of the scratch
         folder, behind the protocol's ``SandboxProcess``."""
         self._check_open()
@@ -366,7 +367,9 @@ class ProcessSandbox(ABC):
             proc = self.popen(argv, env=env, cwd=cwd, stdout=fd, stderr=subprocess.STDOUT)
         finally:
             os.close(fd)  # the child has its own copy
-        return ProcessHandle(proc, self, output_path)
+        # its process group (under ``bwrap``, its pid namespace: all it started)
+        return PopenHandle(proc, OutputFile(output_path, self.limits.output_bytes),
+                           lambda popen: self._stop_command(popen, signal.SIGKILL))
 
     def copy_in(self, src: Path, dest: str, *, into: Area = "workspace") -> None:
         """Copy a host file or folder to ``dest`` under the workspace or the home (a folder's
@@ -686,44 +689,6 @@ class ProcessSandbox(ABC):
                     stream.close()
         stdout = captures[proc.stdout].text() if proc.stdout is not None else ""
         return stdout, captures[proc.stderr].text(), killed
-
-
-class ProcessHandle:
-    """A process ``ProcessSandbox.start`` made: the protocol's ``SandboxProcess`` over a Popen."""
-
-    def __init__(self, proc: subprocess.Popen, sandbox: ProcessSandbox, output_path: Path):
-        self._proc = proc
-        self._sandbox = sandbox
-        self._output = OutputFile(output_path, sandbox.limits.output_bytes)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        code = self._proc.returncode
-        return None if code is None else exit_code_of(code)
-
-    def poll(self) -> int | None:
-        self._proc.poll()
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        try:
-            self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        return self.returncode
-
-    def kill(self) -> None:
-        """SIGKILL its process group (under ``bwrap``, its pid namespace: all it started)."""
-        if self._proc.poll() is None:
-            self._sandbox._stop_command(self._proc, signal.SIGKILL)
-            self._proc.wait()
-
-    def output(self) -> str:
-        return self._output.text()
 
 
 class LocalSandbox(ProcessSandbox):
