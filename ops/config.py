@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -236,6 +236,17 @@ class ArborlConfig(BaseSettings):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     up: UpSettings = Field(default_factory=UpSettings)
 
+    @model_validator(mode="after")
+    def _fsdp_ranks_are_one_ray_placement(self) -> ArborlConfig:
+        """Under ``arborl up --ray`` the fsdp ranks are children of the learner's command, on the
+        node its actor was placed: the actor reserves a GPU for each rank or none (CPU ranks)."""
+        placed = self.up.ray_parts.get("learner")
+        learner = self.learner
+        if placed and placed.num_gpus and learner.backend == "fsdp" and placed.num_gpus != learner.nproc:
+            raise ValueError(f"learner.nproc is {learner.nproc} (one GPU per fsdp rank, all on the learner's node): "
+                             f"up.ray_parts.learner.num_gpus must be {learner.nproc}, or 0 for ranks on the CPU")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -366,8 +377,8 @@ def _describe(error: ErrorDetails, environ: Mapping[str, str]) -> str:
     else:
         problem = error["msg"]
     variables = _setting_variables(loc, environ)
-    return ".".join(str(part) for part in loc) + ": " + problem + (f", from {' and '.join(variables)}" if variables
-                                                                   else "")
+    where = ".".join(str(part) for part in loc)  # empty for a check across sections: its words name them
+    return (f"{where}: " if where else "") + problem + (f", from {' and '.join(variables)}" if variables else "")
 
 
 def load_config(

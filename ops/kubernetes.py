@@ -10,7 +10,10 @@ gateways and engine servers load; DESIGN section 11):
 - engine servers (``engine.kind`` vllm or sglang): StatefulSet and headless Service
   ``arborl-engine``; the server command ``arborl serve --launch`` runs (ops/engine_servers.py).
 - rollout workers: StatefulSet ``arborl-rollout``; ``arborl rollout``, one stream of groups per pod
-  (``--prefix train-<pod>``), its sandboxes on the pod's own disk.
+  (``--prefix train-<pod>``), its sandboxes on the pod's own disk, or (``rollout.sandbox: k8s``)
+  each sandbox a pod of its own: then the workers' ServiceAccount may make, exec into and delete
+  pods (a Role in the sandboxes' namespace, nothing cluster-wide), and a NetworkPolicy lets the
+  sandbox pods reach the gateways and DNS, nothing else (agents that need more: edit it).
 - the learner: StatefulSet ``arborl-learner`` of one pod (fsdp ranks are its children);
   ``arborl train --resume``, publishing every version to every gateway.
 - monitoring: ConfigMaps with a Prometheus scrape configuration (pod discovery) and arborl's alert
@@ -24,7 +27,8 @@ Secrets (the store URL, the admin token, API keys) go into a Secret and reach th
 ``ARBORL_*`` variables; the configuration in the ConfigMap holds none. Every pod of arborl's own
 image runs as root: the rollout sandboxes lease a uid per sandbox (rollout/sandboxes/uid_pool.py),
 which needs the default capabilities (SETUID, SETGID, KILL, CHOWN); a ``bwrap`` sandbox needs
-its namespaces, so its worker pods are privileged. A ``docker`` sandbox needs a docker engine,
+its namespaces, so its worker pods are privileged; with ``k8s`` sandboxes the workers run
+nothing themselves and get no extra privilege. A ``docker`` sandbox needs a docker engine,
 which a pod does not have: refused.
 
 The manifests are validated offline against Kubernetes' own schemas in the test suite
@@ -53,6 +57,7 @@ GATEWAY_PORT = 8000
 ENGINE_PORT = 8100
 LEARNER_METRICS_PORT = 8001
 ROLLOUT_METRICS_PORT = 8002
+SANDBOX_ACCOUNT = "arborl-rollout"  # the rollout workers' ServiceAccount when sandboxes are pods
 MONITORING = Path(__file__).resolve().parent / "monitoring"
 # Configuration keys that are secrets: they go to the Secret, as the variables load_config reads.
 SECRET_KEYS = (("store", "url"), ("gateway", "admin_token"), ("gateway", "api_keys"), ("gateway", "admin_keys"),
@@ -108,6 +113,8 @@ def manifests(config: ArborlConfig, layout: ClusterLayout) -> dict[str, list[dic
     if server_engine:
         files["engine"] = _engines(config, layout)
     files["gateway"] = _gateways(config, layout)
+    if config.rollout.sandbox == "k8s":
+        files["sandboxes"] = _sandbox_access(config, layout)
     files["rollout"] = _rollout_workers(config, layout)
     files["learner"] = _learner(config, layout)
     files["monitoring"] = _monitoring(layout)
@@ -139,7 +146,7 @@ def _check(config: ArborlConfig, layout: ClusterLayout) -> None:
                           "postgresql://USER:PASSWORD@HOST:PORT/DB; SQLite cannot be shared by pods")
     if config.rollout.sandbox == "docker":
         raise DeployError("rollout.sandbox docker needs a docker engine, which a pod does not have: use local "
-                          "or bwrap in the rollout pods")
+                          "bwrap or k8s in the rollout pods")
     engine = config.engine
     if isinstance(engine, ServerEngineConfig) and engine.launch:
         raise DeployError("engine.launch starts the engine servers as children of one gateway; on a cluster they "
@@ -334,17 +341,53 @@ def _rollout_workers(config: ArborlConfig, layout: ClusterLayout) -> list[dict[s
             "--metrics-port", str(ROLLOUT_METRICS_PORT), "--metrics-host", "0.0.0.0"]
     if up.train_difficulty:
         args += ["--difficulty", ",".join(up.train_difficulty)]
-    security: dict[str, Any] = {"runAsUser": 0}
-    if config.rollout.sandbox == "bwrap":
-        security["privileged"] = True  # bubblewrap makes mount, pid and ipc namespaces
+    pod_sandboxes = config.rollout.sandbox == "k8s"
+    extra: dict[str, Any] = {}
+    if not pod_sandboxes:  # sandboxes here: a uid leased per sandbox needs root's capabilities
+        extra["securityContext"] = {"runAsUser": 0, **({"privileged": True} if config.rollout.sandbox == "bwrap"
+                                                       else {})}  # bubblewrap makes its namespaces
     container = _arborl_container(
         "rollout", args, port=ROLLOUT_METRICS_PORT, layout=layout,
-        resources=_resources(0, layout.worker_cpu, layout.worker_memory), securityContext=security)
+        resources=_resources(0, layout.worker_cpu, layout.worker_memory), **extra)
     container["volumeMounts"].append({"name": "scratch", "mountPath": SCRATCH})
-    return [_service("arborl-rollout", "rollout", layout, ROLLOUT_METRICS_PORT, headless=True),
-            _stateful_set("arborl-rollout", "rollout", layout, replicas=layout.workers, service="arborl-rollout",
-                          containers=[container], volumes=_volumes({"name": "scratch", "emptyDir": {}}),
-                          metrics_port=ROLLOUT_METRICS_PORT, grace_s=120)]
+    if pod_sandboxes:  # the owner of its sandbox pods: they are deleted with it (rollout/sandboxes/k8s.py)
+        container["env"] += [{"name": "ARBORL_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                             {"name": "ARBORL_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}]
+    workers = _stateful_set("arborl-rollout", "rollout", layout, replicas=layout.workers, service="arborl-rollout",
+                            containers=[container], volumes=_volumes({"name": "scratch", "emptyDir": {}}),
+                            metrics_port=ROLLOUT_METRICS_PORT, grace_s=120)
+    if pod_sandboxes:
+        workers["spec"]["template"]["spec"]["serviceAccountName"] = SANDBOX_ACCOUNT
+    return [_service("arborl-rollout", "rollout", layout, ROLLOUT_METRICS_PORT, headless=True), workers]
+
+
+def _sandbox_access(config: ArborlConfig, layout: ClusterLayout) -> list[dict[str, Any]]:
+    """What ``k8s`` sandboxes need: the workers' ServiceAccount, a Role to make, watch, exec into
+    and delete pods in the sandboxes' namespace, its binding, and the sandboxes' NetworkPolicy."""
+    namespace = config.rollout.k8s.namespace or layout.namespace
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(SANDBOX_ACCOUNT, "rollout", layout)}
+    def in_sandbox_namespace(component: str) -> dict[str, Any]:
+        return {**_meta("arborl-sandboxes", component, layout), "namespace": namespace}
+
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": in_sandbox_namespace("rollout"),
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "list", "watch", "delete"]},
+                      {"apiGroups": [""], "resources": ["pods/exec"], "verbs": ["create", "get"]}]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": in_sandbox_namespace("rollout"),
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "arborl-sandboxes"},
+               "subjects": [{"kind": "ServiceAccount", "name": SANDBOX_ACCOUNT, "namespace": layout.namespace}]}
+    gateways = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": layout.namespace}},
+                "podSelector": {"matchLabels": _labels("gateway")}}
+    dns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": in_sandbox_namespace("sandbox"),
+              "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": PART_OF,
+                                                       "app.kubernetes.io/component": "sandbox"}},
+                       "policyTypes": ["Ingress", "Egress"], "ingress": [],
+                       "egress": [{"to": [gateways], "ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]},
+                                  {"to": [dns], "ports": [{"protocol": "UDP", "port": 53},
+                                                          {"protocol": "TCP", "port": 53}]}]}}
+    return [account, role, binding, policy]
 
 
 def _learner(config: ArborlConfig, layout: ClusterLayout) -> list[dict[str, Any]]:

@@ -22,6 +22,13 @@ learner cut off from Ray but still running may commit the step it was in before 
 ledger's commit refuses a group that is not pending, so if the new learner started that step too,
 its commit fails, and it is restarted from the newer step.
 
+The learner's fsdp ranks are one placement: children of the learner's command on its actor's
+node, so they are placed, lose their node and are placed again together (the learner restarts
+them all and resumes from its last checkpoint). ``up.ray_parts.learner.num_gpus`` reserves a GPU
+per rank or none (ranks on the CPU); another count is refused when the configuration loads.
+Ranks spread over several nodes (a placement group of one bundle per rank, torch's rendezvous
+across them) are not built.
+
 A gateway placed again on another node has a new address: the supervisor restarts the rollout
 workers and the learner with it. Every node must have arborl at the driver's python path
 (``sys.executable``; one image everywhere) and reach the run folder at the same path (one machine,

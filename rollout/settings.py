@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .sandboxes.base import SandboxKind
+from .sandboxes.k8s_pod import PodOptions
 
 
 class RolloutSettings(BaseModel):
@@ -21,6 +22,8 @@ class RolloutSettings(BaseModel):
     # run uses) and docker network ("host": the agent reaches the gateway as a local one does).
     docker_image: str | None = None
     docker_network: str = "host"
+    # The k8s sandbox's pods (image required; namespace, runtime class, cpu, node selector).
+    k8s: PodOptions = Field(default_factory=PodOptions)
     # Limits per rollout. The task's own agent timeout applies unless this is lower.
     agent_timeout_s: float | None = None
     max_turns: int = 30  # model calls per rollout; the builtin agent stops itself, a CLI is stopped
@@ -62,8 +65,11 @@ class RolloutSettings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _docker_needs_an_image(self) -> RolloutSettings:
+    def _containers_need_an_image(self) -> RolloutSettings:
         if self.sandbox == "docker" and not self.docker_image:
             raise ValueError("rollout.sandbox docker needs rollout.docker_image: an image with bash, coreutils "
                              "and the scaffolds the run uses")
+        if self.sandbox == "k8s" and not self.k8s.image:
+            raise ValueError("rollout.sandbox k8s needs rollout.k8s.image: an image with bash, coreutils and the "
+                             "scaffolds the run uses")
         return self

@@ -5,6 +5,7 @@
 | ``local`` | process.py | processes on this machine, as a leased uid, under rlimits |
 | ``bwrap`` | bwrap.py | the same, each command inside bubblewrap namespaces |
 | ``docker`` | docker.py | a container per sandbox, through the docker CLI |
+| ``k8s`` | k8s.py (k8s_pod.py) | a pod per sandbox, through the Kubernetes API |
 
 Callers hold a ``Sandbox`` (the protocol) and never ask which kind it is.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from .base import (
     DEFAULT_LIMITS,
@@ -30,9 +31,19 @@ from .base import (
 )
 from .bwrap import BwrapSandbox, bwrap_unavailable_reason
 from .docker import DockerSandbox, docker_unavailable_reason
+from .k8s_pod import PodOptions
 from .process import LocalSandbox, ProcessSandbox
 
 SANDBOX_KINDS: tuple[str, ...] = get_args(SandboxKind)
+
+
+def k8s_unavailable_reason() -> str | None:
+    """None when kubectl's configuration reaches a Kubernetes cluster from here, else why not."""
+    try:
+        from .k8s import cluster_unavailable_reason
+    except ImportError as exc:
+        return f"the kubernetes client is not installed: {exc}"
+    return cluster_unavailable_reason()
 
 
 def make_sandbox(
@@ -48,6 +59,8 @@ def make_sandbox(
     workspace_at: str | None = None,
     image: str | None = None,
     network: str = "host",
+    pod: PodOptions | None = None,
+    configuration: Any = None,
 ) -> Sandbox:
     """A fresh sandbox of ``kind``, its workspace seeded with a copy of the host folder ``source``
     (``move_source``: the caller gives the folder up, and a process sandbox on its filesystem
@@ -59,7 +72,9 @@ def make_sandbox(
     sandbox cannot move it: its ``workspace_inside`` is the host folder, and a task's text that
     names ``workspace_at`` must be rewritten to that (``Task.instruction_in``). ``image`` and
     ``network``: the container image and docker network of a ``docker`` sandbox (which sees no
-    host path: ``expose`` does not apply; the image holds the toolchain)."""
+    host path: ``expose`` does not apply; the image holds the toolchain). ``pod``: a ``k8s``
+    sandbox's pod (``rollout.k8s``); ``configuration``: its Kubernetes client's (default: as
+    kubectl finds the cluster)."""
     if kind == "local":
         return LocalSandbox(root, name=name, limits=limits, source=source, keep=keep, move_source=move_source)
     if kind == "bwrap":
@@ -68,6 +83,11 @@ def make_sandbox(
     if kind == "docker":
         return DockerSandbox(root, name=name, image=image or "", limits=limits, source=source, keep=keep,
                              workspace_at=workspace_at, network=network)
+    if kind == "k8s":
+        from .k8s import K8sSandbox  # the kubernetes client loads only for the kind that needs it
+
+        return K8sSandbox(root, name=name, options=pod or PodOptions(), limits=limits, source=source, keep=keep,
+                          workspace_at=workspace_at, configuration=configuration)
     raise SandboxError(f"unknown sandbox kind {kind!r}; known: {', '.join(SANDBOX_KINDS)}")
 
 
@@ -78,6 +98,7 @@ __all__ = [
     "CommandResult",
     "DockerSandbox",
     "Limits",
+    "PodOptions",
     "LocalSandbox",
     "ProcessSandbox",
     "Sandbox",
@@ -89,5 +110,6 @@ __all__ = [
     "SandboxUnavailable",
     "bwrap_unavailable_reason",
     "docker_unavailable_reason",
+    "k8s_unavailable_reason",
     "make_sandbox",
 ]

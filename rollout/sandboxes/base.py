@@ -5,7 +5,7 @@ scaffold's configuration goes) and a private tmp, plus the processes that run th
 ``Limits``. The orchestrator, the agent runner and the verifier speak only this protocol: they
 never touch a host path of a sandbox, so a sandbox can be a process tree on this machine
 (``local``, ``bwrap``: sandboxes/process.py, sandboxes/bwrap.py) or a container elsewhere
-(``docker``: sandboxes/docker.py).
+(``docker``: sandboxes/docker.py; ``k8s``: a pod, sandboxes/k8s.py).
 
 The contract every kind keeps (tests/integration/test_sandbox_contract.py checks it against
 each kind that runs on the machine):
@@ -32,12 +32,14 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Protocol, Self
 
-SandboxKind = Literal["local", "bwrap", "docker"]
+SandboxKind = Literal["local", "bwrap", "docker", "k8s"]
 # Which of a sandbox's folders ``copy_in`` writes into.
 Area = Literal["workspace", "home"]
 
@@ -189,12 +191,93 @@ class PopenHandle:
         return self._output.text()
 
 
+class WallClock:
+    """A sandbox's wall-clock limit: ``Limits.wall_s`` from ``start`` (called once the sandbox is
+    ready: seeding a large workspace is not the agent's time), when a watchdog calls the kind's
+    ``kill_all`` and every later call raises SandboxExpired. ``passed``: the watchdog has fired
+    (a command that ended then was killed by it, not by its own timeout)."""
+
+    def __init__(self, sandbox_id: str, wall_s: float):
+        self.sandbox_id = sandbox_id
+        self.wall_s = wall_s
+        self.deadline = time.monotonic() + wall_s
+        self.passed = False
+        self._timer: threading.Timer | None = None
+
+    def start(self, on_expiry: Callable[[], None]) -> None:
+        self.deadline = time.monotonic() + self.wall_s
+        self._timer = threading.Timer(self.wall_s, self._fire, args=(on_expiry,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self, on_expiry: Callable[[], None]) -> None:
+        self.passed = True
+        try:
+            on_expiry()
+        except (SandboxError, OSError, subprocess.TimeoutExpired):
+            pass  # close() ends what is left, and reports
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @property
+    def expired(self) -> bool:
+        return self.passed or time.monotonic() >= self.deadline
+
+    @property
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+class WallClocked:
+    """The protocol's ``expired`` and ``seconds_left`` and the closed/expired check before each
+    call, for a kind that keeps a ``WallClock`` in ``_clock`` and sets ``_closed`` on close."""
+
+    _clock: WallClock
+    _closed: bool
+
+    @property
+    def expired(self) -> bool:
+        return self._clock.expired
+
+    @property
+    def seconds_left(self) -> float:
+        return self._clock.seconds_left
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxClosed(f"sandbox {self._clock.sandbox_id} is closed")
+        if self._clock.expired:
+            raise SandboxExpired(f"sandbox {self._clock.sandbox_id} ran past its wall-clock limit of "
+                                 f"{self._clock.wall_s} s")
+
+
+def command_argv(command: str | Sequence[str]) -> list[str]:
+    """``run``'s command as an argv: a string through ``bash -c``, a sequence as it is."""
+    argv = ["bash", "-c", command] if isinstance(command, str) else list(command)
+    if not argv:
+        raise SandboxError("empty command")
+    return argv
+
+
 def relative_path(path: str) -> PurePosixPath:
     """A path inside the workspace (or home): relative, without '..' ("" and "." mean the folder itself)."""
     pure = PurePosixPath(path)
     if pure.is_absolute() or ".." in pure.parts:
         raise SandboxError(f"path {path!r} must be relative to the workspace and stay inside it")
     return pure
+
+
+def checked_workspace_at(path: str, *, home: str) -> str:
+    """Where a container's workspace appears (docker, k8s): an absolute, normalised folder of
+    its own below / (not /tmp, the home or a system folder)."""
+    pure = PurePosixPath(path)
+    if not pure.is_absolute() or ".." in pure.parts or str(pure) != path or len(pure.parts) < 2 or path in (
+            "/tmp", home, "/proc", "/dev", "/sys", "/etc", "/usr"):
+        raise SandboxError(f"a container's workspace cannot be placed at {path!r}: it must be an absolute folder "
+                           "of its own")
+    return path
 
 
 def new_sandbox_id(name: str) -> str:

@@ -53,11 +53,13 @@ from .base import (
     OutputCapture,
     OutputFile,
     PopenHandle,
-    SandboxClosed,
     SandboxError,
-    SandboxExpired,
     SandboxKind,
     SandboxUnavailable,
+    WallClock,
+    WallClocked,
+    checked_workspace_at,
+    command_argv,
     new_sandbox_id,
     relative_path,
     sandbox_environment,
@@ -138,7 +140,7 @@ class ContainerSpec:
         return args + list(argv)
 
 
-class DockerSandbox:
+class DockerSandbox(WallClocked):
     """One container per sandbox (see the module docstring)."""
 
     kind: SandboxKind = "docker"
@@ -165,15 +167,15 @@ class DockerSandbox:
         self.keep = keep
         self.docker = docker
         self.id = new_sandbox_id(name)
+        workspace = checked_workspace_at(workspace_at or DOCKER_WORKSPACE, home=DOCKER_HOME)
         self.spec = ContainerSpec(container=f"arborl-{self.id}", sandbox_id=self.id, image=image, limits=limits,
-                                  workspace_at=_checked_inside(workspace_at or DOCKER_WORKSPACE), user=user,
-                                  network=network)
+                                  workspace_at=workspace, user=user, network=network)
         self.container = self.spec.container
         self.user = user
         self._workspace_at = self.spec.workspace_at
         self._closed = False
         self._removed = False
-        self._expired = False
+        self._clock = WallClock(self.id, limits.wall_s)
         self._lock = threading.Lock()
         # host-side scratch: the started processes' output files, the archives of copy_in/out
         self.dir = Path(root).absolute() / self.id
@@ -194,10 +196,7 @@ class DockerSandbox:
         except BaseException:
             self._remove()
             raise
-        self._deadline = time.monotonic() + limits.wall_s
-        self._watchdog = threading.Timer(limits.wall_s, self._on_wall_limit)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self._clock.start(self.kill_all)
 
     # -- the protocol ----------------------------------------------------------------------------
 
@@ -208,14 +207,6 @@ class DockerSandbox:
     @property
     def home_inside(self) -> str:
         return DOCKER_HOME
-
-    @property
-    def expired(self) -> bool:
-        return self._expired or time.monotonic() >= self._deadline
-
-    @property
-    def seconds_left(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         return sandbox_environment(self.id, home=DOCKER_HOME, tmp="/tmp", extra=extra)
@@ -229,10 +220,8 @@ class DockerSandbox:
         cwd: str | None = None,
         stdin: str | bytes | None = None,
     ) -> CommandResult:
-        argv = ["bash", "-c", command] if isinstance(command, str) else list(command)
-        if not argv:
-            raise SandboxError("empty command")
-        return self._exec(argv, env=env, cwd=cwd or ".", stdin=stdin.encode() if isinstance(stdin, str) else stdin,
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        return self._exec(command_argv(command), env=env, cwd=cwd or ".", stdin=data,
                           timeout_s=self.limits.command_s if timeout_s is None else timeout_s)
 
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -284,7 +273,7 @@ class DockerSandbox:
             if self._closed:
                 return
             self._closed = True
-        self._watchdog.cancel()
+        self._clock.stop()
         self._remove()
 
     def __enter__(self) -> Self:
@@ -322,19 +311,6 @@ class DockerSandbox:
         if result.returncode != 0:
             raise SandboxError(f"docker could not {what}: {result.stderr.strip()[-500:]}")
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosed(f"sandbox {self.id} is closed")
-        if self.expired:
-            raise SandboxExpired(f"sandbox {self.id} ran past its wall-clock limit of {self.limits.wall_s} s")
-
-    def _on_wall_limit(self) -> None:
-        self._expired = True
-        try:
-            self.kill_all()
-        except (SandboxError, OSError, subprocess.TimeoutExpired):
-            pass  # close() removes the container anyway
-
     def _exec(self, argv: list[str], *, env: Mapping[str, str] | None, cwd: str, stdin: bytes | IO | None,
               timeout_s: float, stdout_to: IO[bytes] | None = None) -> CommandResult:
         self._check_open()
@@ -371,7 +347,7 @@ class DockerSandbox:
             pump.join(timeout=5)
         elapsed = time.monotonic() - started
         killed = host_killed or (proc.returncode in TIMEOUT_EXIT_CODES and elapsed >= limit) or (
-            self._expired and proc.returncode != 0)
+            self._clock.passed and proc.returncode != 0)
         return CommandResult(exit_code=None if killed else proc.returncode, stdout=captures["stdout"].text(),
                              stderr=captures["stderr"].text(), timed_out=killed, seconds=elapsed)
 
@@ -380,12 +356,3 @@ def _pump(stream: io.BufferedReader, capture: OutputCapture) -> None:
     while chunk := stream.read1(65536):
         capture.add(chunk)
     stream.close()
-
-
-def _checked_inside(path: str) -> str:
-    """Where the workspace appears in the container: an absolute, normalised folder below /."""
-    pure = PurePosixPath(path)
-    if not pure.is_absolute() or ".." in pure.parts or str(pure) != path or len(pure.parts) < 2 or path in (
-            "/tmp", DOCKER_HOME, "/proc", "/dev", "/sys", "/etc", "/usr"):
-        raise SandboxError(f"a docker workspace cannot be placed at {path!r}: it must be an absolute folder of its own")
-    return path

@@ -86,11 +86,12 @@ from .base import (
     OutputCapture,
     OutputFile,
     PopenHandle,
-    SandboxClosed,
     SandboxError,
-    SandboxExpired,
     SandboxKind,
     SandboxUnavailable,
+    WallClock,
+    WallClocked,
+    command_argv,
     exit_code_of,
     new_sandbox_id,
     relative_path,
@@ -162,7 +163,7 @@ def remove_tree(path: Path) -> None:
 
 
 
-class ProcessSandbox(ABC):
+class ProcessSandbox(WallClocked, ABC):
     """A workspace, a private HOME, and processes on this machine that run there under ``limits``
     (the ``Sandbox`` protocol, plus host paths for callers on this machine).
 
@@ -190,10 +191,9 @@ class ProcessSandbox(ABC):
         self._kill_lock = threading.Lock()  # one kill_all sweep at a time
         self._processes: list[subprocess.Popen] = []
         self._closed = False
-        self._expired = False
         self._handed_over = False
         self._started = 0  # processes ``start`` has made (names their output files)
-        self._deadline = time.monotonic() + limits.wall_s
+        self._clock = WallClock(self.id, limits.wall_s)
         self._lease: UidLease | None = None
         if source is not None and not Path(source).is_dir():
             raise SandboxError(f"source {source} is not a folder")
@@ -234,10 +234,7 @@ class ProcessSandbox(ABC):
             self._release()
             raise
         # the wall clock starts once the workspace is ready: copying a large source is not the agent's time
-        self._deadline = time.monotonic() + limits.wall_s
-        self._watchdog = threading.Timer(limits.wall_s, self._on_wall_limit)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self._clock.start(self.kill_all)
 
     def _seed(self, source: Path | None, move: bool) -> None:
         """The workspace: empty, a copy of ``source``, or ``source`` itself renamed into place
@@ -288,14 +285,6 @@ class ProcessSandbox(ABC):
     def switches_uid(self) -> bool:
         """True when commands run as a uid of their own (arborl is root)."""
         return self._lease is not None
-
-    @property
-    def expired(self) -> bool:
-        return self._expired or time.monotonic() >= self._deadline
-
-    @property
-    def seconds_left(self) -> float:
-        return max(0.0, self._deadline - time.monotonic())
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The complete environment of a sandboxed process: a minimal base, then ``extra``."""
@@ -448,7 +437,7 @@ class ProcessSandbox(ABC):
             if self._closed:
                 return
             self._closed = True
-        self._watchdog.cancel()
+        self._clock.stop()
         try:
             self.kill_all()
         finally:
@@ -474,19 +463,6 @@ class ProcessSandbox(ABC):
     def _release(self) -> None:
         if self._lease is not None:
             self._lease.release()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SandboxClosed(f"sandbox {self.id} is closed")
-        if self.expired:
-            raise SandboxExpired(f"sandbox {self.id} ran past its wall-clock limit of {self.limits.wall_s} s")
-
-    def _on_wall_limit(self) -> None:
-        self._expired = True
-        try:
-            self.kill_all()
-        except SandboxError:
-            pass  # close() tries again and reports
 
     def _signal_everything(self, sig: int, tracked: Iterable[subprocess.Popen]) -> None:
         for proc in tracked:
@@ -557,12 +533,10 @@ class ProcessSandbox(ABC):
         (``copy_out``'s archive: bytes, and not bounded by ``output_bytes``)."""
         self._check_open()
         self._hand_over_once()
-        argv = ["bash", "-c", command] if isinstance(command, str) else list(command)
-        if not argv:
-            raise SandboxError("empty command")
+        argv = command_argv(command)
         limit = self.limits.command_s if timeout_s is None else timeout_s
         started = time.monotonic()
-        deadline = min(started + limit, self._deadline)
+        deadline = min(started + limit, self._clock.deadline)
         host_argv, host_cwd = self._wrap(argv, relative_path(cwd or "."))
         data = stdin.encode() if isinstance(stdin, str) else stdin
         if data is None:
@@ -595,7 +569,7 @@ class ProcessSandbox(ABC):
                 if proc in self._processes:
                     self._processes.remove(proc)
         # killed by the wall-limit watchdog (or a kill_all from another thread) before its own deadline
-        killed = killed or (proc.returncode < 0 and (self._expired or self._closed))
+        killed = killed or (proc.returncode < 0 and (self._clock.passed or self._closed))
         return CommandResult(
             exit_code=None if killed else exit_code_of(proc.returncode),
             stdout=stdout,

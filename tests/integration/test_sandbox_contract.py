@@ -21,18 +21,23 @@ import pytest
 from arborl.rollout.sandboxes import (
     SANDBOX_KINDS,
     Limits,
+    PodOptions,
     Sandbox,
     SandboxClosed,
     SandboxError,
     SandboxExpired,
     bwrap_unavailable_reason,
     docker_unavailable_reason,
+    k8s_unavailable_reason,
     make_sandbox,
 )
 
 LIMITS = Limits(wall_s=60, command_s=10, memory_mb=512, processes=64, output_bytes=4_000, kill_grace_s=0.3)
 DOCKER_IMAGE = os.environ.get("ARBORL_TEST_DOCKER_IMAGE", "debian:stable-slim")
-UNAVAILABLE = {"local": None, "bwrap": bwrap_unavailable_reason(), "docker": docker_unavailable_reason()}
+# the k8s kind runs where kubectl's configuration reaches a cluster (pods in ARBORL_TEST_K8S_NAMESPACE)
+POD = PodOptions(image=DOCKER_IMAGE, namespace=os.environ.get("ARBORL_TEST_K8S_NAMESPACE", "default"))
+UNAVAILABLE = {"local": None, "bwrap": bwrap_unavailable_reason(), "docker": docker_unavailable_reason(),
+               "k8s": k8s_unavailable_reason()}
 KINDS = [pytest.param(kind, marks=pytest.mark.skipif(UNAVAILABLE[kind] is not None, reason=str(UNAVAILABLE[kind])))
          for kind in SANDBOX_KINDS]
 
@@ -49,7 +54,8 @@ def root() -> Iterator[Path]:
 
 
 def open_sandbox(kind: str, root: Path, **options) -> Sandbox:
-    return make_sandbox(kind, root / "sandboxes", name="contract", image=DOCKER_IMAGE, **{"limits": LIMITS, **options})
+    return make_sandbox(kind, root / "sandboxes", name="contract", image=DOCKER_IMAGE, pod=POD,
+                        **{"limits": LIMITS, **options})
 
 
 @pytest.fixture(params=KINDS)
@@ -64,7 +70,7 @@ def sandbox(kind: str, root: Path) -> Iterator[Sandbox]:
 
 
 def test_every_kind_is_known_and_an_unknown_one_is_refused(root: Path):
-    assert set(SANDBOX_KINDS) == {"local", "bwrap", "docker"}
+    assert set(SANDBOX_KINDS) == {"local", "bwrap", "docker", "k8s"}
     with pytest.raises(SandboxError, match="unknown sandbox kind 'vm'"):
         make_sandbox("vm", root, name="x")  # type: ignore[arg-type]
 

@@ -215,3 +215,14 @@ def test_a_short_key_from_the_environment_is_refused_and_not_echoed():
     with pytest.raises(ConfigError, match=r"gateway\.admin_token.*16.*ARBORL_GATEWAY__ADMIN_TOKEN") as caught:
         load_config(environ={"ARBORL_GATEWAY__ADMIN_TOKEN": "hunter2"})
     assert "hunter2" not in str(caught.value)
+
+
+def test_fsdp_ranks_under_ray_reserve_a_gpu_each_or_none():
+    def config(num_gpus: float):
+        return load_config(None, {"learner": {"backend": "fsdp", "nproc": 2},
+                                  "up": {"ray_parts": {"learner": {"num_gpus": num_gpus}}}})
+
+    with pytest.raises(ConfigError, match=r"^learner.nproc is 2 .*up.ray_parts.learner.num_gpus must be 2"):
+        config(1)
+    assert config(2).up.ray_parts["learner"].num_gpus == 2
+    assert config(0).learner.nproc == 2  # ranks on the CPU: the actor reserves no GPU

@@ -17,6 +17,8 @@ from arborl.ops.cli import main
 from arborl.ops.config import load_config
 from arborl.ops.engine_servers import vllm_command
 from arborl.ops.kubernetes import ClusterLayout, DeployError, all_objects, manifests, write_manifests
+from arborl.rollout.sandboxes import Limits
+from arborl.rollout.sandboxes.k8s_pod import PodSpec
 
 STORE = "postgresql://arborl:pw@db.example:5432/arborl"
 VERSIONS = ("1.37.0", "1.30.0")  # the newest schemas the validator ships, and an older cluster's
@@ -38,7 +40,14 @@ def large(tmp_path: Path):
                                  storage_class="nfs", namespace="rl")
 
 
-CASES = {"one machine": lambda tmp: one_machine(), "4 gateways, 2 engines, 8 workers": large}
+def pod_sandboxes(tmp_path: Path):
+    config = load_config(None, {"store": {"url": STORE}, "rollout": {
+        "sandbox": "k8s", "k8s": {"image": "ghcr.io/example/arborl-sandbox:1", "runtime_class": "gvisor"}}})
+    return config, ClusterLayout(workers=2)
+
+
+CASES = {"one machine": lambda tmp: one_machine(), "4 gateways, 2 engines, 8 workers": large,
+         "sandboxes as pods": pod_sandboxes}
 
 
 @pytest.fixture(params=list(CASES))
@@ -105,6 +114,32 @@ def test_every_reference_resolves(deployment):
         assert matching, f"Service {name} selects no pod"
         ports = {p["name"] for t in matching for c in t["spec"]["containers"] for p in c["ports"]}
         assert {port["targetPort"] for port in service["spec"]["ports"]} <= ports
+
+
+def test_pod_sandboxes_get_exactly_the_access_they_use_and_a_closed_network(tmp_path):
+    config, layout = pod_sandboxes(tmp_path)
+    files = manifests(config, layout)
+    worker = _by_kind(files, "StatefulSet")["arborl-rollout"]["spec"]["template"]["spec"]
+    [account] = _by_kind(files, "ServiceAccount").values()
+    assert worker["serviceAccountName"] == account["metadata"]["name"]
+    assert "securityContext" not in worker["containers"][0]  # no root, no privilege: it runs no sandbox itself
+    [container] = worker["containers"]
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]}
+    assert env["ARBORL_POD_NAME"] == "metadata.name" and env["ARBORL_POD_UID"] == "metadata.uid"
+    [role], [binding] = _by_kind(files, "Role").values(), _by_kind(files, "RoleBinding").values()
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": layout.namespace}]
+    grants = {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert {("pods", "create"), ("pods", "get"), ("pods", "delete"), ("pods/exec", "create")} <= grants
+    assert not any(resource in ("secrets", "*") for resource, _ in grants)
+    # the policy selects the very pods the sandbox makes, and lets them reach only the gateways and DNS
+    [policy] = _by_kind(files, "NetworkPolicy").values()
+    pod = PodSpec(pod="arborl-x", sandbox_id="x", namespace=layout.namespace, options=config.rollout.k8s,
+                  limits=Limits()).manifest()
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["ingress"] == [] and len(policy["spec"]["egress"]) == 2
+    assert pod["spec"]["runtimeClassName"] == "gvisor"
 
 
 def test_the_counts_and_addresses_are_the_layouts(tmp_path):

@@ -1,0 +1,159 @@
+"""The ``k8s`` sandbox against a recorded Kubernetes API conversation (tests/k8s_api_replay.py):
+the real kubernetes client and websocket exec protocol on loopback, every request checked
+against the recording, and the pod it asks for validated against the Kubernetes schema.
+
+No cluster runs here: what a kubelet does with the pod (limits, the exec'd processes) is the
+contract suite's to check where a cluster answers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("kubernetes", reason="the k8s sandbox needs the kubernetes client (the test extra has it)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from k8s_api_replay import ApiReplay  # noqa: E402
+from kubernetes import client  # noqa: E402
+
+from arborl.rollout.sandboxes import Limits, PodOptions, SandboxError, SandboxUnavailable, make_sandbox  # noqa: E402
+from arborl.rollout.sandboxes.k8s_pod import PodSpec, exit_code_of_status, pod_name  # noqa: E402
+from arborl.rollout.settings import RolloutSettings  # noqa: E402
+
+LIMITS = Limits(wall_s=3600, command_s=600, kill_grace_s=1)
+OPTIONS = PodOptions(image="ghcr.io/example/arborl-sandbox:1", namespace="arborl-test")
+SECRET = {"OPENAI_API_KEY": "sk-test-secret", "OPENAI_BASE_URL": "http://arborl-gateway:8000/v1"}
+
+
+@pytest.fixture
+def replay(request):
+    server = ApiReplay.named(request.param)
+    yield server
+    server.close()
+
+
+def sandbox_on(replay: ApiReplay, tmp_path, **options):
+    return make_sandbox("k8s", tmp_path / "scratch", name="contract", limits=LIMITS,
+                        pod=OPTIONS.model_copy(update=options), configuration=client.Configuration(host=replay.url))
+
+
+def assert_as_recorded(replay: ApiReplay) -> None:
+    assert replay.mismatches == []
+    assert replay.finished, f"{len(replay.exchanges) - replay.position} recorded requests were never made"
+
+
+@pytest.mark.parametrize("replay", ["lifecycle"], indirect=True)
+def test_a_pod_sandbox_runs_its_life_through_the_api(replay, tmp_path):
+    source = tmp_path / "task"
+    source.mkdir()
+    (source / "hello.txt").write_text("hello\n")
+    sandbox = make_sandbox("k8s", tmp_path / "scratch", name="contract", limits=LIMITS, source=source, pod=OPTIONS,
+                           configuration=client.Configuration(host=replay.url))
+    assert sandbox.kind == "k8s" and sandbox.workspace_inside == "/workspace" and sandbox.home_inside == "/home/agent"
+
+    failed = sandbox.run("cat hello.txt; echo oops >&2; exit 3", env=SECRET)
+    assert (failed.exit_code, failed.stdout, failed.stderr, failed.timed_out) == (3, "hello\n", "oops\n", False)
+
+    piped = sandbox.run(["tr", "a-z", "A-Z"], stdin="line\n", cwd="sub")
+    assert piped.ok and piped.stdout == "LINE\n"
+
+    slow = sandbox.run("sleep 30", timeout_s=0.5)
+    assert slow.exit_code is None and slow.timed_out
+
+    sandbox.copy_out("out", tmp_path / "out")
+    assert (tmp_path / "out" / "result.txt").read_text() == "42\n"
+    assert (tmp_path / "out" / "logs" / "run.log").read_text() == "ok\n"
+    with pytest.raises(SandboxError, match="refused"):  # a link out of the destination
+        sandbox.copy_out("out", tmp_path / "out2")
+    assert not (tmp_path / "out2" / "leak").exists()
+
+    process = sandbox.start(["bash", "-c", "echo started; sleep 1; echo done"])
+    assert process.wait(timeout=30) == 0 and process.poll() == 0
+    assert process.output() == "started\ndone\n"
+
+    sandbox.kill_all()  # nothing left to kill: kill's own exit code 1 is no error
+    sandbox.close()
+    sandbox.close()  # idempotent: no second DELETE
+    assert_as_recorded(replay)
+    # no variable's value is ever in a request line (the API server's audit log): only on stdin
+    assert "sk-test-secret" not in json.dumps(replay.requests)
+    assert not (tmp_path / "scratch" / sandbox.id).exists()
+
+
+@pytest.mark.parametrize("replay", ["created"], indirect=True)
+def test_the_pod_asked_for_is_a_valid_locked_down_pod(replay, tmp_path):
+    sandbox_on(replay, tmp_path).close()
+    assert_as_recorded(replay)
+    [pod] = replay.pod_bodies
+    for version in ("1.37.0", "1.30.0"):
+        kubernetes_validate.validate(pod, version, strict=True)
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False and spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+    [container] = spec["containers"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["resources"]["limits"] == {"cpu": "1", "memory": f"{LIMITS.memory_mb}Mi"}
+    assert spec["activeDeadlineSeconds"] > LIMITS.wall_s  # the kubelet ends a pod nobody deleted
+
+
+@pytest.mark.parametrize("replay", ["image_pull_failure"], indirect=True)
+def test_an_image_that_does_not_pull_is_an_unavailable_sandbox_and_its_pod_goes(replay, tmp_path):
+    with pytest.raises(SandboxUnavailable, match="ErrImagePull.*not found"):
+        sandbox_on(replay, tmp_path)
+    assert_as_recorded(replay)  # the DELETE was made
+
+
+@pytest.mark.parametrize("replay", ["forbidden"], indirect=True)
+def test_a_namespace_the_worker_may_not_use_says_so(replay, tmp_path):
+    with pytest.raises(SandboxUnavailable, match="403 pods is forbidden"):
+        sandbox_on(replay, tmp_path)
+    assert_as_recorded(replay)
+
+
+@pytest.mark.parametrize("replay", ["exec_fails"], indirect=True)
+def test_an_exec_that_fails_in_the_kubelet_is_an_error_not_an_exit_code(replay, tmp_path):
+    sandbox = sandbox_on(replay, tmp_path)
+    with pytest.raises(SandboxError, match="container is not created or running"):
+        sandbox.run("true")
+    sandbox.close()
+    assert_as_recorded(replay)
+
+
+def test_the_preamble_quotes_every_value_and_reads_exactly_the_stdin_given():
+    spec = PodSpec(pod="arborl-x", sandbox_id="x", namespace="ns", options=OPTIONS, limits=LIMITS)
+    preamble = spec.preamble({"A": "it's $HOME; rm -rf /", "B": "two\nlines"}, cwd="a b", stdin_bytes=12)
+    assert int(preamble[:8]) == len(preamble) - 8
+    line = preamble[8:].decode()
+    assert line == ("cd -- '/workspace/a b' && head -c 12 | "
+                    "env -i 'A=it'\"'\"'s $HOME; rm -rf /' 'B=two\nlines' \"$@\"")
+    assert spec.preamble({}, cwd=".")[8:].decode().endswith('"$@" </dev/null')
+    with pytest.raises(SandboxError):
+        spec.preamble({}, cwd="../out")
+    assert spec.exec_command(["ls"], timeout_s=None)[-1] == "ls"
+
+
+def test_exit_codes_come_from_the_exec_status():
+    assert exit_code_of_status(b'{"metadata":{},"status":"Success"}') == 0
+    nonzero = {"status": "Failure", "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode",
+                                                                                          "message": "137"}]}}
+    assert exit_code_of_status(json.dumps(nonzero)) == 137
+    with pytest.raises(SandboxError, match="without a status"):
+        exit_code_of_status(b"")
+    with pytest.raises(SandboxError, match="unreadable"):
+        exit_code_of_status(b"{")
+
+
+def test_pod_names_are_dns_labels_that_keep_the_random_suffix():
+    long = pod_name("A_very_long.session-name" * 4 + "-0123abcd")
+    assert len(long) <= 63 and long.endswith("-0123abcd") and long == long.lower()
+    assert pod_name("train.t1-g0-r2-89abcdef") == "arborl-train-t1-g0-r2-89abcdef"
+
+
+def test_a_k8s_sandbox_needs_an_image():
+    with pytest.raises(ValueError, match="rollout.k8s.image"):
+        RolloutSettings(sandbox="k8s")
+    settings = RolloutSettings(sandbox="k8s", k8s={"image": "img:1", "runtime_class": "gvisor"})
+    assert settings.k8s.runtime_class == "gvisor"
