@@ -157,3 +157,79 @@ def test_a_k8s_sandbox_needs_an_image():
         RolloutSettings(sandbox="k8s")
     settings = RolloutSettings(sandbox="k8s", k8s={"image": "img:1", "runtime_class": "gvisor"})
     assert settings.k8s.runtime_class == "gvisor"
+
+
+# -- the pod's half, for real: the launcher and the preamble run by this machine's sh, as the
+# -- pod's would run them (an exec is ``sh -c LAUNCHER`` with the preamble first on its stdin)
+
+
+def run_as_the_pod_would(spec: PodSpec, argv, stdin: bytes, *, timeout_s=None, close_stdin=True):
+    import subprocess
+
+    proc = subprocess.Popen(spec.exec_command(argv, timeout_s=timeout_s), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(stdin)
+    proc.stdin.flush()
+    if close_stdin:
+        proc.stdin.close()
+    out, err = proc.stdout.read(), proc.stderr.read()  # to their end: the command exited (stdin open or not)
+    proc.wait(timeout=20)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def test_the_launcher_sets_exactly_the_environment_and_reads_exactly_the_stdin(tmp_path):
+    from arborl.rollout.sandboxes.base import SYSTEM_PATH
+
+    (tmp_path / "sub").mkdir()
+    spec = PodSpec(pod="arborl-x", sandbox_id="x", namespace="ns", options=OPTIONS, limits=LIMITS,
+                   workspace_at=str(tmp_path))
+    env = {"PATH": SYSTEM_PATH, "A": "it's $HOME; `touch pwned`", "B": "two\nlines"}
+    data = b"fed to the command\n"
+    stdin = spec.preamble(env, cwd="sub", stdin_bytes=len(data)) + data + b"not the command's"
+    code, out, _ = run_as_the_pod_would(
+        spec, ["bash", "-c", 'printf "%s|" "$A" "$B" "$PWD"; echo; cat; compgen -e | tr "\\n" " "'],
+        stdin, timeout_s=10)
+    assert code == 0
+    assert out.startswith(f"it's $HOME; `touch pwned`|two\nlines|{tmp_path}/sub|\nfed to the command\n")
+    assert out.rsplit("\n", 1)[-1].split() == ["A", "B", "PATH", "PWD", "SHLVL"]  # nothing of ours leaks in
+    assert not (tmp_path / "sub" / "pwned").exists()
+
+
+def test_a_command_without_stdin_ends_though_the_exec_keeps_its_stdin_open(tmp_path):
+    spec = PodSpec(pod="arborl-x", sandbox_id="x", namespace="ns", options=OPTIONS, limits=LIMITS,
+                   workspace_at=str(tmp_path))
+    code, out, _ = run_as_the_pod_would(spec, ["bash", "-c", "cat; echo read-nothing"],
+                                        spec.preamble({"PATH": "/usr/bin:/bin"}), close_stdin=False)
+    assert (code, out) == (0, "read-nothing\n")
+
+
+def test_a_command_past_its_timeout_is_stopped_inside(tmp_path):
+    spec = PodSpec(pod="arborl-x", sandbox_id="x", namespace="ns", options=OPTIONS,
+                   limits=Limits(wall_s=60, command_s=10, kill_grace_s=0.2), workspace_at=str(tmp_path))
+    code, _, _ = run_as_the_pod_would(spec, ["sleep", "30"], spec.preamble({"PATH": "/usr/bin:/bin"}), timeout_s=0.3)
+    assert code == 124
+
+
+def test_an_archive_sent_through_the_preamble_unpacks_as_copy_in_sends_it(tmp_path):
+    import io
+    import tarfile
+
+    from arborl.rollout.sandboxes.archive import UNPACK_SCRIPT
+
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    spec = PodSpec(pod="arborl-x", sandbox_id="x", namespace="ns", options=OPTIONS, limits=LIMITS,
+                   workspace_at=str(workspace))
+    source = tmp_path / "source"
+    (source / "pkg").mkdir(parents=True)
+    (source / "pkg" / "mod.py").write_text("x = 1\n")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        tar.add(source, arcname=".")
+    data = archive.getvalue()
+    code, _, err = run_as_the_pod_would(
+        spec, ["bash", "-c", UNPACK_SCRIPT, "copy_in", f"{workspace}/into"],
+        spec.preamble({"PATH": "/usr/bin:/bin"}, stdin_bytes=len(data)) + data, timeout_s=10, close_stdin=False)
+    assert code == 0, err
+    assert (workspace / "into" / "pkg" / "mod.py").read_text() == "x = 1\n"
