@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 from ray_cluster import HEAD_IP, RAY_ENV, SECOND_IP, RayCluster, two_node_cluster
 from up_runs import child_pid, kill_everything, last_step, query, up_config, wait_for
+
+from arborl.ops.cli import main
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -53,7 +56,8 @@ def since_placed_on(run: Path, ip: str) -> str:
     return text.rsplit(mark, 1)[1] if mark in text else ""
 
 
-def test_arborl_up_on_two_ray_nodes_survives_the_learners_node(two_nodes: RayCluster, run_root: Path, tmp_path: Path):
+def test_arborl_up_on_two_ray_nodes_survives_the_learners_node(two_nodes: RayCluster, run_root: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]):
     config = up_config(run_root, up={"heldout_every": 0, "ray_parts": {
         "gateway": {"prefer": "node1"}, "rollouts": {"prefer": "node1"}, "learner": {"prefer": "node2"}}})
     run = run_root / "run"
@@ -82,6 +86,10 @@ def test_arborl_up_on_two_ray_nodes_survives_the_learners_node(two_nodes: RayClu
         wait_for(lambda: "committed version" in since_placed_on(run, HEAD_IP), "a step by the learner on its new node",
                  log, timeout_s=600)
         assert "resumed at step" in since_placed_on(run, HEAD_IP)
+        # operating the run works as on one machine: the gateway found from up.json, on its node's address
+        main(["ops", "status", "--run-dir", str(run)])
+        status = capsys.readouterr().out
+        assert "training_paused: False" in status and "served_version: " in status
         print(f"\nnode death -> learner placed again: {placed_s:.1f} s; -> its first committed step: "
               f"{time.monotonic() - killed_at:.1f} s")
         up.send_signal(signal.SIGINT)
@@ -99,3 +107,7 @@ def test_arborl_up_on_two_ray_nodes_survives_the_learners_node(two_nodes: RayClu
     assert [s for (s,) in query(run, "SELECT step FROM train_steps ORDER BY step")] == list(range(1, steps + 1))
     rollouts_log = (run / "logs" / "rollouts.log").read_text()[-3000:]
     assert not query(run, "SELECT session_id FROM rollouts WHERE status = 'running'"), rollouts_log
+    # the live view's lines (not a terminal here) read the run as on one machine
+    assert re.search(r"^step \d+ v\d+ \(serving v0\) \| rollouts \d+ done", log.read_text(), re.MULTILINE)
+    main(["report", str(run)])  # the run's report reads the store as on one machine
+    assert f"{steps} (last step {steps})" in (run / "report.html").read_text()
