@@ -60,6 +60,7 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (the model served in this process)")
     parser.add_argument("--sandbox", choices=list(SANDBOX_KINDS), help="where agents run (default local)")
     parser.add_argument("--docker-image", help="the docker sandbox's image (bash, coreutils and the scaffolds)")
+    parser.add_argument("--docker-cli", help="the docker sandbox's client: docker (default) or podman")
     parser.add_argument("--k8s-image", help="the k8s sandbox's pod image (bash, coreutils and the scaffolds)")
     parser.add_argument("--concurrency", type=int, help="rollouts at once")
     parser.add_argument("--max-turns", type=int, help="model calls per rollout")
@@ -73,7 +74,8 @@ def add_rollout_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, scaffolds: dict[str, float], extra: dict[str, Any]) -> ArborlConfig:
-    rollout = {"scaffolds": scaffolds, "sandbox": args.sandbox, "docker_image": args.docker_image,
+    rollout = {"scaffolds": scaffolds, "sandbox": args.sandbox,
+               "docker_image": args.docker_image, "docker_cli": args.docker_cli,
                "k8s": {"image": args.k8s_image} if args.k8s_image else None,
                "concurrency": args.concurrency,
                "max_turns": args.max_turns, "agent_timeout_s": args.agent_timeout,

@@ -219,7 +219,8 @@ class Orchestrator:
         try:
             sandbox = make_sandbox(self.settings.sandbox, self.run_dir / "sandboxes", name="preflight",
                                    expose=self.expose, image=self.settings.docker_image,
-                                   network=self.settings.docker_network, pod=self.settings.k8s)
+                                   network=self.settings.docker_network, docker_cli=self.settings.docker_cli,
+                                   pod=self.settings.k8s)
         except SandboxError as exc:
             raise OrchestratorError(f"the {self.settings.sandbox} sandbox cannot run here: {exc}") from exc
         try:
@@ -477,7 +478,8 @@ class Orchestrator:
                 return make_sandbox(settings.sandbox, self.run_dir / "sandboxes", name=session, limits=limits,
                                     source=workspace, move_source=True, keep=settings.keep_workspaces, expose=expose,
                                     workspace_at=task.workdir or None, image=settings.docker_image,
-                                    network=settings.docker_network, pod=settings.k8s)
+                                    network=settings.docker_network, docker_cli=settings.docker_cli,
+                                    pod=settings.k8s)
             except (SandboxError, OSError) as exc:
                 raise InfraFailure(f"the sandbox did not start: {exc}") from exc
 

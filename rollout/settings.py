@@ -22,6 +22,7 @@ class RolloutSettings(BaseModel):
     # run uses) and docker network ("host": the agent reaches the gateway as a local one does).
     docker_image: str | None = None
     docker_network: str = "host"
+    docker_cli: str = "docker"  # the client that runs them: docker, or podman (the same command lines)
     # The k8s sandbox's pods (image required; namespace, runtime class, cpu, node selector).
     k8s: PodOptions = Field(default_factory=PodOptions)
     # Limits per rollout. The task's own agent timeout applies unless this is lower.

@@ -59,6 +59,7 @@ def make_sandbox(
     workspace_at: str | None = None,
     image: str | None = None,
     network: str = "host",
+    docker_cli: str = "docker",
     pod: PodOptions | None = None,
     configuration: Any = None,
 ) -> Sandbox:
@@ -72,7 +73,8 @@ def make_sandbox(
     sandbox cannot move it: its ``workspace_inside`` is the host folder, and a task's text that
     names ``workspace_at`` must be rewritten to that (``Task.instruction_in``). ``image`` and
     ``network``: the container image and docker network of a ``docker`` sandbox (which sees no
-    host path: ``expose`` does not apply; the image holds the toolchain). ``pod``: a ``k8s``
+    host path: ``expose`` does not apply; the image holds the toolchain), driven by ``docker_cli``
+    (docker, or podman: the same command lines). ``pod``: a ``k8s``
     sandbox's pod (``rollout.k8s``); ``configuration``: its Kubernetes client's (default: as
     kubectl finds the cluster)."""
     if kind == "local":
@@ -82,7 +84,7 @@ def make_sandbox(
                             expose=expose, workspace_at=workspace_at)
     if kind == "docker":
         return DockerSandbox(root, name=name, image=image or "", limits=limits, source=source, keep=keep,
-                             workspace_at=workspace_at, network=network)
+                             workspace_at=workspace_at, network=network, docker=docker_cli)
     if kind == "k8s":
         from .k8s import K8sSandbox  # the kubernetes client loads only for the kind that needs it
 

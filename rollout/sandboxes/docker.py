@@ -25,9 +25,10 @@ unpacked and packed by the sandbox's user (archive.py), as in the process sandbo
 
 The image must hold bash, coreutils (``timeout``, ``tar``) and the scaffold the rollout runs.
 
-Never run on this machine (no docker engine): the command lines are unit-tested
-(tests/unit/test_docker_sandbox.py) and the contract suite runs against it where
-``docker_unavailable_reason()`` is None.
+The client is ``docker`` or anything that takes its command lines (``rollout.docker_cli``:
+podman). Tested on real containers with podman (and runc) here, where Docker's own engine does
+not run: the contract suite and tests/integration/test_docker_limits.py, through
+tests/podman_docker; the command lines are unit-tested (tests/unit/test_docker_sandbox.py).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class ContainerSpec:
             "--cap-drop", "ALL", "--cap-add", "CHOWN",
             "--security-opt", "no-new-privileges",
             "--tmpfs", f"/tmp:rw,nosuid,size={memory},mode=1777",
+            # the workspace and home as the container's own volumes: made by the engine, so an
+            # image whose / is not writable (Fedora's is 0555) still has them; gone with it
+            "--volume", self.workspace_at, "--volume", DOCKER_HOME,
             "--workdir", "/",
             "--entrypoint", "sleep",
             self.image, "infinity",
@@ -122,7 +126,8 @@ class ContainerSpec:
     def setup_script(self) -> str:
         """Run as root in the new container: the workspace and home, owned by the user."""
         folders = f"{self.workspace_at} {DOCKER_HOME}"
-        return f"mkdir -p {folders} && chown {self.user} {folders} && chmod 0700 {folders}"
+        # chmod first: once the folders are the user's, root without CAP_FOWNER may not change them
+        return f"mkdir -p {folders} && chmod 0700 {folders} && chown {self.user} {folders}"
 
     def exec_argv(self, argv: Sequence[str], env: Mapping[str, str], *, cwd: str = ".", interactive: bool = False,
                   timeout_s: float | None = None) -> list[str]:
@@ -188,11 +193,8 @@ class DockerSandbox(WallClocked):
             self._docker(self.spec.create_argv(), what="create the container")
             self._docker(["exec", "--user", "0", self.container, "sh", "-c", self.spec.setup_script()],
                          what="prepare the container")
-            if source is not None:
-                self._docker(["cp", f"{Path(source).absolute()}/.", f"{self.container}:{self._workspace_at}"],
-                             what="copy the workspace in")
-                self._docker(["exec", "--user", "0", self.container, "chown", "-R", self.user, self._workspace_at],
-                             what="hand the workspace over")
+            if source is not None:  # unpacked by the user, as every copy_in (root may not enter its folder)
+                self.copy_in(Path(source), ".")
         except BaseException:
             self._remove()
             raise
@@ -234,7 +236,7 @@ class DockerSandbox(WallClocked):
         fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             proc = subprocess.Popen([self.docker, *self.spec.exec_argv(list(argv), full_env, cwd=cwd or ".")],
-                                    env=self._client_env(full_env), stdin=subprocess.DEVNULL, stdout=fd,
+                                    env=self._client_env(full_env), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=fd,
                                     stderr=subprocess.STDOUT, close_fds=True, start_new_session=True)
         finally:
             os.close(fd)
@@ -263,7 +265,7 @@ class DockerSandbox(WallClocked):
             if self._removed:
                 return
         probe = subprocess.run([self.docker, "exec", "--user", self.user, self.container, "kill", "-KILL", "-1"],
-                               env=self._client_env({}), capture_output=True, timeout=60, check=False)
+                               env=self._client_env({}), cwd=self.dir, capture_output=True, timeout=60, check=False)
         # kill -1 reports failure when there was nothing to kill; a missing container is an error
         if probe.returncode != 0 and b"No such container" in probe.stderr:
             raise SandboxError(f"sandbox {self.id}: its container is gone")
@@ -291,23 +293,28 @@ class DockerSandbox(WallClocked):
         """The container goes (``keep``: it is stopped and stays, for a look afterwards)."""
         with self._lock:
             self._removed = True
-        verb = ["kill", self.container] if self.keep else ["rm", "--force", self.container]
-        subprocess.run([self.docker, *verb], env=self._client_env({}), capture_output=True, timeout=120,
-                       check=False)
+        verb = ["kill", self.container] if self.keep else ["rm", "--force", "--volumes", self.container]
+        subprocess.run([self.docker, *verb], env=self._client_env({}), cwd=self.dir, capture_output=True,
+                       timeout=120, check=False)
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    # Every client call runs in the sandbox's scratch folder: podman's conmon leaves a file named
+    # "oom" in its working folder when the container's cgroup kills for memory.
 
     def _client_env(self, env: Mapping[str, str]) -> dict[str, str]:
         """The docker client's environment: the sandbox's variables (sent by name) and what the
         client itself needs to find its engine, never the rest of the caller's."""
         own = {name: value for name, value in os.environ.items()
                if name.startswith("DOCKER_") or name in ("XDG_RUNTIME_DIR",)}
-        own.setdefault("DOCKER_CONFIG", str(Path.home() / ".docker"))
+        config = Path.home() / ".docker"  # HOME is the sandbox's here: the client's own config, by its path
+        if config.is_dir():
+            own.setdefault("DOCKER_CONFIG", str(config))
         return {**env, **own, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
     def _docker(self, args: list[str], *, what: str) -> None:
-        result = subprocess.run([self.docker, *args], env=self._client_env({}), capture_output=True, text=True,
-                                timeout=600, check=False)
+        result = subprocess.run([self.docker, *args], env=self._client_env({}), cwd=self.dir, capture_output=True,
+                                text=True, timeout=600, check=False)
         if result.returncode != 0:
             raise SandboxError(f"docker could not {what}: {result.stderr.strip()[-500:]}")
 
@@ -319,7 +326,7 @@ class DockerSandbox(WallClocked):
         full_env = self.env(env)
         args = self.spec.exec_argv(argv, full_env, cwd=cwd, interactive=stdin is not None, timeout_s=limit)
         proc = subprocess.Popen(
-            [self.docker, *args], env=self._client_env(full_env),
+            [self.docker, *args], env=self._client_env(full_env), cwd=self.dir,
             stdin=subprocess.DEVNULL if stdin is None else (subprocess.PIPE if isinstance(stdin, bytes) else stdin),
             stdout=subprocess.PIPE if stdout_to is None else stdout_to, stderr=subprocess.PIPE,
             close_fds=True, start_new_session=True)

@@ -20,7 +20,7 @@ from agent_cli import scripted_gateway
 from arborl.gateway.tool_parsers import get_parser
 from arborl.rollout.orchestrator import GroupPlan, InfraFailure, Orchestrator, eval_plans, training_plans
 from arborl.rollout.results import RolloutResult
-from arborl.rollout.sandboxes import bwrap_unavailable_reason
+from arborl.rollout.sandboxes import bwrap_unavailable_reason, docker_unavailable_reason
 from arborl.rollout.sandboxes.uid_pool import UID_POOL_BASE, UID_POOL_SIZE
 from arborl.rollout.settings import RolloutSettings
 from arborl.rollout.store import DONE, INFRA_FAILED, RunLedger
@@ -31,6 +31,16 @@ from task_fixtures import write_app_task
 HERMES = get_parser("hermes")
 BWRAP_MISSING = bwrap_unavailable_reason()
 KINDS = ["local", pytest.param("bwrap", marks=pytest.mark.skipif(BWRAP_MISSING is not None, reason=str(BWRAP_MISSING)))]
+# containers too where an engine answers (.ci/run: podman, tests/podman_docker): the same rollouts
+DOCKER = {"docker_image": os.environ.get("ARBORL_TEST_DOCKER_IMAGE", "debian:stable-slim"),
+          "docker_cli": os.environ.get("ARBORL_TEST_DOCKER_CLI", "docker")}
+DOCKER_MISSING = docker_unavailable_reason(DOCKER["docker_cli"])
+WITH_DOCKER = [*KINDS, pytest.param("docker", marks=pytest.mark.skipif(DOCKER_MISSING is not None,
+                                                                       reason=str(DOCKER_MISSING)))]
+
+
+def kind_settings(kind: str) -> dict[str, str]:
+    return {"sandbox": kind, **(DOCKER if kind == "docker" else {})}
 HUMANEVAL = {task.id: task for task in load_dataset("humaneval")}
 BUILTIN = load_dataset("builtin")
 
@@ -81,10 +91,11 @@ def orchestrated(model_dir: Path, root: Path, script: Callable[[str], str], **se
 # -- the verifiers discriminate, through the orchestrator --------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", WITH_DOCKER)
 def test_oracle_scores_all_and_nop_nothing_on_a_sample(kind, tiny_model_dir, run_root):
     tasks = [BUILTIN[0], BUILTIN[len(BUILTIN) // 2], BUILTIN[-1], HUMANEVAL["HumanEval/0"], HUMANEVAL["HumanEval/163"]]
-    with orchestrated(tiny_model_dir, run_root, lambda prompt: "", sandbox=kind, concurrency=2) as orchestrator:
+    settings = {"concurrency": 2, **kind_settings(kind)}
+    with orchestrated(tiny_model_dir, run_root, lambda prompt: "", **settings) as orchestrator:
         orchestrator.preflight(tasks)
         results = orchestrator.run(eval_plans(tasks, ["oracle", "nop"], 1))
         assert {(r.task_id, r.scaffold): r.reward for r in results} == {
@@ -122,10 +133,11 @@ def solve_humaneval(task: Task) -> Callable[[str], str]:
     return script
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", WITH_DOCKER)
 def test_builtin_agent_solves_through_the_gateway_and_is_recorded(kind, tiny_model_dir, run_root):
     task = HUMANEVAL["HumanEval/2"]
-    with orchestrated(tiny_model_dir, run_root, solve_humaneval(task), sandbox=kind, group_size=2) as orchestrator:
+    settings = {"group_size": 2, **kind_settings(kind)}
+    with orchestrated(tiny_model_dir, run_root, solve_humaneval(task), **settings) as orchestrator:
         [plan] = list(training_plans([task], orchestrator.settings, rounds=1))
         results = orchestrator.run([plan])
         ledger = orchestrator.ledger

@@ -2,8 +2,10 @@
 
 Written only against the protocol: no host path of a sandbox is read or written, so the same
 cases hold for a process sandbox and a container. ``local`` and ``bwrap`` run on this machine;
-``docker`` runs where a docker engine answers (image: ``ARBORL_TEST_DOCKER_IMAGE``, default
-debian:stable-slim, which must be present: nothing is pulled here). What only a process sandbox
+``docker`` runs where a container engine answers its client (``ARBORL_TEST_DOCKER_CLI``, default
+docker; .ci/run gives podman through tests/podman_docker) with ``ARBORL_TEST_DOCKER_IMAGE``
+(default debian:stable-slim; it must be present: nothing is pulled here); ``k8s`` where kubectl's
+configuration reaches a cluster. What only a process sandbox
 promises (uids, rlimits, /proc scans) is tested in test_sandbox.py.
 """
 
@@ -34,9 +36,11 @@ from arborl.rollout.sandboxes import (
 
 LIMITS = Limits(wall_s=60, command_s=10, memory_mb=512, processes=64, output_bytes=4_000, kill_grace_s=0.3)
 DOCKER_IMAGE = os.environ.get("ARBORL_TEST_DOCKER_IMAGE", "debian:stable-slim")
+# the docker kind's client: docker, or podman through tests/podman_docker (what .ci/run sets up)
+DOCKER_CLI = os.environ.get("ARBORL_TEST_DOCKER_CLI", "docker")
 # the k8s kind runs where kubectl's configuration reaches a cluster (pods in ARBORL_TEST_K8S_NAMESPACE)
 POD = PodOptions(image=DOCKER_IMAGE, namespace=os.environ.get("ARBORL_TEST_K8S_NAMESPACE", "default"))
-UNAVAILABLE = {"local": None, "bwrap": bwrap_unavailable_reason(), "docker": docker_unavailable_reason(),
+UNAVAILABLE = {"local": None, "bwrap": bwrap_unavailable_reason(), "docker": docker_unavailable_reason(DOCKER_CLI),
                "k8s": k8s_unavailable_reason()}
 KINDS = [pytest.param(kind, marks=pytest.mark.skipif(UNAVAILABLE[kind] is not None, reason=str(UNAVAILABLE[kind])))
          for kind in SANDBOX_KINDS]
@@ -54,7 +58,7 @@ def root() -> Iterator[Path]:
 
 
 def open_sandbox(kind: str, root: Path, **options) -> Sandbox:
-    return make_sandbox(kind, root / "sandboxes", name="contract", image=DOCKER_IMAGE, pod=POD,
+    return make_sandbox(kind, root / "sandboxes", name="contract", image=DOCKER_IMAGE, docker_cli=DOCKER_CLI, pod=POD,
                         **{"limits": LIMITS, **options})
 
 
