@@ -9,7 +9,8 @@ otherwise with a 400 Status, noting the difference in ``mismatches``: a test pas
 client made exactly the recorded requests, all of them.
 
 Values only known at run time are placeholders in the recording: ``{pod}``, ``{sandbox_id}`` (the
-sandbox's random id; learnt from the first pod created) and ``{namespace}``. A tar archive on
+sandbox's random id; learnt from the first pod created) and ``{namespace}``; ``{any}`` as one value
+of a query matches whatever the client sent there. A tar archive on
 stdin or stdout is recorded by its members ({name: text}), since an archive's bytes carry times.
 
 It is a replay, not a Kubernetes: nothing runs, and a request off the record gets no answer.
@@ -31,6 +32,7 @@ from arborl.rollout.sandboxes.k8s_pod import LAUNCHER
 
 CONVERSATION = Path(__file__).parent / "integration" / "k8s_pod_sandbox_conversation.json"
 V5 = "v5.channel.k8s.io"
+ANY = "{any}"  # a recorded query value that stands for whatever the client sent (a time left, say)
 
 
 def tar_of(members: dict[str, Any]) -> bytes:
@@ -145,8 +147,9 @@ class ApiReplay:
             if expected[key] != seen[key]:
                 return f"{key} {seen[key]!r}, recorded {expected[key]!r}"
         for name, values in expected.get("query", {}).items():
-            if seen["query"].get(name) != values:
-                return f"query {name}={seen['query'].get(name)!r}, recorded {values!r}"
+            got = seen["query"].get(name) or []
+            if len(got) != len(values) or any(v not in (g, ANY) for g, v in zip(got, values, strict=True)):
+                return f"query {name}={got!r}, recorded {values!r}"
         return None
 
     def _refuse(self, problem: str) -> web.Response:

@@ -18,7 +18,14 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 from k8s_api_replay import ApiReplay  # noqa: E402
 from kubernetes import client  # noqa: E402
 
-from arborl.rollout.sandboxes import Limits, PodOptions, SandboxError, SandboxUnavailable, make_sandbox  # noqa: E402
+from arborl.rollout.sandboxes import (  # noqa: E402
+    Limits,
+    PodOptions,
+    SandboxError,
+    SandboxExpired,
+    SandboxUnavailable,
+    make_sandbox,
+)
 from arborl.rollout.sandboxes.k8s_pod import PodSpec, exit_code_of_status, pod_name  # noqa: E402
 from arborl.rollout.settings import RolloutSettings  # noqa: E402
 
@@ -233,3 +240,16 @@ def test_an_archive_sent_through_the_preamble_unpacks_as_copy_in_sends_it(tmp_pa
         spec.preamble({"PATH": "/usr/bin:/bin"}, stdin_bytes=len(data)) + data, timeout_s=10, close_stdin=False)
     assert code == 0, err
     assert (workspace / "into" / "pkg" / "mod.py").read_text() == "x = 1\n"
+
+
+@pytest.mark.parametrize("replay", ["wall_limit"], indirect=True)
+def test_the_wall_limit_kills_what_runs_and_ends_the_sandbox(replay, tmp_path):
+    sandbox = make_sandbox("k8s", tmp_path / "scratch", name="contract",
+                           limits=Limits(wall_s=1, command_s=600, kill_grace_s=1), pod=OPTIONS,
+                           configuration=client.Configuration(host=replay.url))
+    result = sandbox.run("sleep 30")  # its exec ends with 137 once the watchdog's kill_all ran
+    assert result.exit_code is None and result.timed_out and sandbox.expired
+    with pytest.raises(SandboxExpired):
+        sandbox.run("true")
+    sandbox.close()
+    assert_as_recorded(replay)
