@@ -44,6 +44,7 @@ def test_hot_swap_under_load(admin_gateway, tmp_path: Path):
     checkpoints = _checkpoints(admin_gateway.engine, tmp_path, 5)
     failures: list[BaseException] = []
     published = asyncio.Event()
+    serving = asyncio.Event()  # a token of version 0 was streamed: the swaps come after it, however slow the machine
 
     async def client(index: int) -> int:
         api = openai.AsyncOpenAI(base_url=admin_gateway.url + f"/s/load-{index}/v1", api_key="k", max_retries=0)
@@ -53,8 +54,9 @@ def test_hot_swap_under_load(admin_gateway, tmp_path: Path):
                 stream = await api.chat.completions.create(
                     model="tiny", messages=[{"role": "user", "content": f"count {index}"}], max_tokens=24,
                     stream=True, extra_body={"ignore_eos": True})
-                async for _ in stream:
-                    pass
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        serving.set()
                 served += 1
             except Exception as exc:  # noqa: BLE001 - every failure is collected and reported
                 failures.append(exc)
@@ -65,6 +67,7 @@ def test_hot_swap_under_load(admin_gateway, tmp_path: Path):
         answers = []
         async with httpx.AsyncClient(base_url=admin_gateway.url, timeout=60,
                                      headers={"authorization": f"Bearer {ADMIN}"}) as http:
+            await serving.wait()
             for version, path in enumerate(checkpoints, start=1):
                 await asyncio.sleep(0.3)
                 response = await http.post("/admin/weights", json={"path": str(path), "version": version})
