@@ -7,6 +7,8 @@
 | ``docker`` | docker.py | a container per sandbox, through the docker CLI |
 | ``k8s`` | k8s.py (k8s_pod.py) | a pod per sandbox, through the Kubernetes API |
 
+The container kinds share container.py (run, the environment, copies in and out over one exec).
+
 Callers hold a ``Sandbox`` (the protocol) and never ask which kind it is.
 """
 

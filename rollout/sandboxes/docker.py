@@ -43,12 +43,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Self
+from typing import IO
 
-from . import archive
 from .base import (
     DEFAULT_LIMITS,
-    Area,
     CommandResult,
     Limits,
     OutputCapture,
@@ -58,16 +56,14 @@ from .base import (
     SandboxKind,
     SandboxUnavailable,
     WallClock,
-    WallClocked,
     checked_workspace_at,
-    command_argv,
     new_sandbox_id,
     relative_path,
-    sandbox_environment,
 )
+from .container import CONTAINER_HOME, ContainerSandbox
 
 DOCKER_WORKSPACE = "/workspace"
-DOCKER_HOME = "/home/agent"
+DOCKER_HOME = CONTAINER_HOME
 DEFAULT_USER = "1000:1000"
 LABEL = "arborl.sandbox"
 # How much longer than a command's own timeout the host waits for ``docker exec`` to return
@@ -145,7 +141,7 @@ class ContainerSpec:
         return args + list(argv)
 
 
-class DockerSandbox(WallClocked):
+class DockerSandbox(ContainerSandbox):
     """One container per sandbox (see the module docstring)."""
 
     kind: SandboxKind = "docker"
@@ -206,26 +202,6 @@ class DockerSandbox(WallClocked):
     def workspace_inside(self) -> str:
         return self._workspace_at
 
-    @property
-    def home_inside(self) -> str:
-        return DOCKER_HOME
-
-    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return sandbox_environment(self.id, home=DOCKER_HOME, tmp="/tmp", extra=extra)
-
-    def run(
-        self,
-        command: str | Sequence[str],
-        *,
-        timeout_s: float | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: str | bytes | None = None,
-    ) -> CommandResult:
-        data = stdin.encode() if isinstance(stdin, str) else stdin
-        return self._exec(command_argv(command), env=env, cwd=cwd or ".", stdin=data,
-                          timeout_s=self.limits.command_s if timeout_s is None else timeout_s)
-
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: str | None = None) -> PopenHandle:
         self._check_open()
@@ -241,17 +217,6 @@ class DockerSandbox(WallClocked):
         finally:
             os.close(fd)
         return PopenHandle(proc, OutputFile(output_path, self.limits.output_bytes), self._stop_started)
-
-    def copy_in(self, src: Path, dest: str, *, into: Area = "workspace") -> None:
-        folder = self._workspace_at if into == "workspace" else DOCKER_HOME
-        archive.copy_in(self._run_inside, self.dir, src, dest, folder)
-
-    def copy_out(self, src: str, dest: Path) -> None:
-        archive.copy_out(self._run_inside, self.dir, src, self._workspace_at, dest)
-
-    def _run_inside(self, argv: list[str], stdin: IO[bytes] | None, stdout_to: IO[bytes] | None) -> CommandResult:
-        """archive.py's way in: ``argv`` as the sandbox's user, within ``Limits.command_s``."""
-        return self._exec(argv, env=None, cwd=".", stdin=stdin, timeout_s=self.limits.command_s, stdout_to=stdout_to)
 
     def _stop_started(self, client: subprocess.Popen) -> None:
         """A started process's ``kill``: every process of the sandbox's user goes (``docker
@@ -277,12 +242,6 @@ class DockerSandbox(WallClocked):
             self._closed = True
         self._clock.stop()
         self._remove()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"DockerSandbox({self.id!r}, image={self.spec.image!r})"
@@ -318,7 +277,7 @@ class DockerSandbox(WallClocked):
         if result.returncode != 0:
             raise SandboxError(f"docker could not {what}: {result.stderr.strip()[-500:]}")
 
-    def _exec(self, argv: list[str], *, env: Mapping[str, str] | None, cwd: str, stdin: bytes | IO | None,
+    def _exec(self, argv: list[str], *, env: Mapping[str, str] | None, cwd: str, stdin: bytes | IO[bytes] | None,
               timeout_s: float, stdout_to: IO[bytes] | None = None) -> CommandResult:
         self._check_open()
         started = time.monotonic()

@@ -39,12 +39,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any
 
-from . import archive
 from .base import (
     DEFAULT_LIMITS,
-    Area,
     CommandResult,
     Limits,
     OutputCapture,
@@ -53,12 +51,11 @@ from .base import (
     SandboxKind,
     SandboxUnavailable,
     WallClock,
-    WallClocked,
     checked_workspace_at,
     command_argv,
     new_sandbox_id,
-    sandbox_environment,
 )
+from .container import ContainerSandbox
 from .docker import TIMEOUT_EXIT_CODES
 from .k8s_pod import CONTAINER, POD_HOME, POD_WORKSPACE, PodOptions, PodSpec, exit_code_of_status, pod_name
 
@@ -221,7 +218,7 @@ class K8sProcess:
         return self._output.text()
 
 
-class K8sSandbox(WallClocked):
+class K8sSandbox(ContainerSandbox):
     """One pod per sandbox (see the module docstring)."""
 
     kind: SandboxKind = "k8s"
@@ -278,26 +275,6 @@ class K8sSandbox(WallClocked):
     def workspace_inside(self) -> str:
         return self.spec.workspace_at
 
-    @property
-    def home_inside(self) -> str:
-        return POD_HOME
-
-    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return sandbox_environment(self.id, home=POD_HOME, tmp="/tmp", extra=extra)
-
-    def run(
-        self,
-        command: str | Sequence[str],
-        *,
-        timeout_s: float | None = None,
-        env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        stdin: str | bytes | None = None,
-    ) -> CommandResult:
-        data = stdin.encode() if isinstance(stdin, str) else stdin
-        return self._exec(command_argv(command), env=env, cwd=cwd or ".", stdin=data,
-                          timeout_s=self.limits.command_s if timeout_s is None else timeout_s)
-
     def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               cwd: str | None = None) -> K8sProcess:
         self._check_open()
@@ -309,13 +286,6 @@ class K8sSandbox(WallClocked):
         stream = self._open(self.spec.exec_command(list(argv), timeout_s=None),
                             [self.spec.preamble(self.env(env), cwd=cwd or ".")])
         return K8sProcess(self, stream, output_path)
-
-    def copy_in(self, src: Path, dest: str, *, into: Area = "workspace") -> None:
-        folder = self.spec.workspace_at if into == "workspace" else POD_HOME
-        archive.copy_in(self._run_inside, self.dir, src, dest, folder)
-
-    def copy_out(self, src: str, dest: Path) -> None:
-        archive.copy_out(self._run_inside, self.dir, src, self.spec.workspace_at, dest)
 
     def kill_all(self) -> None:
         """``kill -KILL -1`` as the pod's user, by an exec: every process but the container's init."""
@@ -336,12 +306,6 @@ class K8sSandbox(WallClocked):
             self._closed = True
         self._clock.stop()
         self._remove()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"K8sSandbox({self.id!r}, pod={self.namespace}/{self.pod})"
@@ -388,10 +352,6 @@ class K8sSandbox(WallClocked):
         except ApiException as exc:
             raise SandboxError(f"sandbox {self.id}: the exec could not start: {_api_reason(exc)}") from exc
         return ExecStream(ws, stdin)
-
-    def _run_inside(self, argv: list[str], stdin: IO[bytes] | None, stdout_to: IO[bytes] | None) -> CommandResult:
-        """archive.py's way in: ``argv`` as the sandbox's user, within ``Limits.command_s``."""
-        return self._exec(argv, env=None, cwd=".", stdin=stdin, timeout_s=self.limits.command_s, stdout_to=stdout_to)
 
     def _exec(self, argv: list[str], *, env: Mapping[str, str] | None, cwd: str, stdin: bytes | IO[bytes] | None,
               timeout_s: float, stdout_to: IO[bytes] | None = None) -> CommandResult:

@@ -25,9 +25,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .base import Limits, SandboxError, relative_path
+from .container import CONTAINER_HOME
 
 POD_WORKSPACE = "/workspace"
-POD_HOME = "/home/agent"
+POD_HOME = CONTAINER_HOME
 CONTAINER = "sandbox"
 LABEL = "arborl.io/sandbox"  # every sandbox pod carries it (its value: the sandbox's id)
 # A sandbox pod outlives its wall limit by this much at most: the kubelet ends it even when the
