@@ -150,6 +150,16 @@ def _blocks_tree_attention(module, query, key, value, attention_mask, scaling=No
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
+_FUNCTIONS = {SDPA: _sdpa_tree_attention, BLOCKS: _blocks_tree_attention, FLEX: _flex_tree_attention}
+
+
+def tree_attention_function(name: str):
+    """The implementation ``name`` as a plain function, for models outside transformers (the
+    megatron backend): ``f(None, query, key, value, None, scaling=s, tree=TreeMask)`` with query
+    [1, heads, N, dim] and key/value [1, kv_heads, N, dim] returns ([1, N, heads, dim], None)."""
+    return _FUNCTIONS[name]
+
+
 _registered = False
 
 
@@ -161,11 +171,7 @@ def register_tree_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    for name, function in (
-        (SDPA, _sdpa_tree_attention),
-        (BLOCKS, _blocks_tree_attention),
-        (FLEX, _flex_tree_attention),
-    ):
+    for name, function in _FUNCTIONS.items():
         AttentionInterface.register(name, function)
         # The tree mask replaces the model's causal mask; skip building that.
         AttentionMaskInterface.register(name, lambda *args, **kwargs: None)

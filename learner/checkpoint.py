@@ -4,7 +4,8 @@
         config.json, model.safetensors, generation_config.json   (save_pretrained: loads in
         tokenizer files                                            transformers, SGLang, arborl)
         training_state.pt   optimiser, LR schedule, step, version, RNG (the torch backend;
-                            the fsdp backend writes its sharded state beside it, see its module)
+                            the fsdp and megatron backends write their sharded state beside
+                            it, see their modules)
 
 A checkpoint is written under a ``.partial`` name and renamed when complete, so a folder with the
 final name is always whole. Whether it counts is decided by the run ledger: only a checkpoint
@@ -35,7 +36,7 @@ def save_checkpoint(folder: Path, backend: TrainingBackend, *, tokenizer_dir: Pa
     renames it), and every rank writes its part in between (``TrainingBackend.save``).
     """
     partial = folder.with_name(folder.name + ".partial")
-    leader = backend.dp_rank == 0
+    leader = backend.rank == 0
     if leader:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

@@ -15,9 +15,12 @@ class LearnerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, not a default
 
     # The training backend (learner.backends): torch, one process; fsdp, torch FSDP2 over nproc
-    # data-parallel ranks (gloo on the CPU, NCCL on GPUs, one GPU per rank).
-    backend: Literal["torch", "fsdp"] = "torch"
+    # data-parallel ranks; megatron, megatron-core with nproc = tensor_parallel x data-parallel
+    # ranks (gloo on the CPU, NCCL on GPUs, one GPU per rank).
+    backend: Literal["torch", "fsdp", "megatron"] = "torch"
     nproc: int = 1
+    tensor_parallel: int = 1  # megatron only: ranks that split each weight (divides nproc)
+    pipeline_parallel: int = 1  # megatron only; > 1 is refused (not built)
     collective_timeout_s: float = 1800.0  # how long a rank waits for the others in one collective
 
     # The optimiser: AdamW with gradient clipping, linear warm-up, then constant or cosine decay.

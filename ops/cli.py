@@ -210,7 +210,8 @@ def train(args: argparse.Namespace) -> None:
 
     overrides: dict[str, Any] = {"learner": {k: v for k, v in {
         "lr": args.lr, "groups_per_step": args.groups_per_step, "max_staleness": args.max_staleness,
-        "mcla_passes": args.mcla_passes, "backend": args.backend, "nproc": args.nproc}.items() if v is not None}}
+        "mcla_passes": args.mcla_passes, "backend": args.backend, "nproc": args.nproc,
+        "tensor_parallel": args.tensor_parallel}.items() if v is not None}}
     store_url, run_dir = _store_and_run_dir(args)
     if store_url:
         overrides["store"] = {"url": store_url}
@@ -361,9 +362,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     learn.add_argument("--groups-per-step", type=int)
     learn.add_argument("--max-staleness", type=int)
     learn.add_argument("--mcla-passes", type=int)
-    learn.add_argument("--backend", choices=["torch", "fsdp"],
-                       help="training backend: torch (one process) or fsdp (FSDP2 over --nproc ranks)")
-    learn.add_argument("--nproc", type=int, help="data-parallel ranks of the fsdp backend (one GPU each on GPUs)")
+    learn.add_argument("--backend", choices=["torch", "fsdp", "megatron"],
+                       help="training backend: torch (one process), fsdp (FSDP2 over --nproc ranks) or megatron "
+                            "(megatron-core over --nproc ranks)")
+    learn.add_argument("--nproc", type=int, help="ranks of the fsdp or megatron backend (one GPU each on GPUs)")
+    learn.add_argument("--tensor-parallel", type=int,
+                       help="megatron: ranks that split each weight (divides --nproc; the rest are data-parallel)")
     learn.add_argument("--max-steps", type=int, help="stop after this many committed steps")
     learn.add_argument("--idle-exit", type=float, help="stop when no group completes for this many seconds")
     learn.add_argument("--metrics-port", type=int, help="serve the learner's Prometheus metrics on this port")

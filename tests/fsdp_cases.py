@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from arborl.kernels.tree_attention import BLOCKS, SDPA
 from arborl.learner.packing import CallSpan
 from arborl.learner.settings import LearnerSettings
 from arborl.learner.train_step import RolloutSample, StepConfig
@@ -32,15 +33,43 @@ class Case:
     config: StepConfig
     teacher: bool = False  # a distillation teacher for the rollouts' domain
     reference: bool = False  # a reference policy (config.kl_coef > 0)
+    family: str = "llama"  # or "qwen2" (biases on q, k and v)
 
 
-def tiny_model(seed: int, *, tied: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
+HUGE = 1e9  # the clip bound: the gradient left after the step is the loss's own
+
+CASES = [
+    Case("untied-blocks-turn-gspo", tied=False, seed=0,
+         config=StepConfig(attention=BLOCKS, token_budget=48, max_grad_norm=HUGE)),
+    Case("tied-sdpa-token-ppo-mcla-rescaled", tied=True, seed=1,
+         config=StepConfig(attention=SDPA, loss="token_ppo", mcla_passes=2, entropy_mu=0.1, difficulty_lambda=0.5,
+                           token_budget=40, max_grad_norm=HUGE)),
+    Case("tied-blocks-kl-and-distillation", tied=True, seed=2, teacher=True, reference=True,
+         config=StepConfig(attention=BLOCKS, kl_coef=0.1, token_budget=64, max_grad_norm=HUGE)),
+    Case("untied-per-call-sequence", tied=False, seed=3,
+         config=StepConfig(attention=BLOCKS, layout="per_call", max_grad_norm=HUGE)),
+    Case("tied-sequence-gspo", tied=True, seed=4,
+         config=StepConfig(attention=SDPA, loss="sequence_gspo", eps_low=0.2, eps_high=0.2, max_grad_norm=HUGE)),
+]
+METRICS = ("loss", "grad_norm", "clip_frac", "entropy", "tokens", "completion_tokens", "micro_batches",
+           "mismatch_abs", "mismatch_kl", "icepop_zeroed_frac", "kl_ref", "lr")
+
+
+def tiny_model(seed: int, *, tied: bool, family: str = "llama"):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
-    return LlamaForCausalLM(config).double().train()
+    qwen2 = family == "qwen2"
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if qwen2 else (LlamaConfig, LlamaForCausalLM)
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = model_class(config).double().train()
+    if family == "qwen2":  # random biases, so a mapping that dropped or misplaced one would show
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("_proj.bias"):
+                    parameter.normal_(0, 0.1)
+    return model
 
 
 @torch.no_grad()

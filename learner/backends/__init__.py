@@ -1,7 +1,8 @@
 """Training backends: what holds the policy's weights and runs its forwards, backwards and steps.
 
-    torch  one process, one device (learner.backends.torch_backend)
-    fsdp   torch FSDP2 across data-parallel ranks (learner.backends.fsdp_backend)
+    torch     one process, one device (learner.backends.torch_backend)
+    fsdp      torch FSDP2 across data-parallel ranks (learner.backends.fsdp_backend)
+    megatron  megatron-core's GPTModel, tensor x data parallel (learner.backends.megatron_backend)
 
 ``learner.train_step`` speaks only to the seam (``learner.backends.base``); ``learner.trainer``
 opens a backend (and its ranks) from a :class:`BackendSpec`.

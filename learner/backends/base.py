@@ -1,7 +1,8 @@
 """The training-backend seam: what a training step needs from whatever holds the weights.
 
     train_step  --score / backward / clip / step-->  TrainingBackend  (torch: one process;
-                                                                       fsdp: one rank of many)
+                                                                       fsdp, megatron: one rank
+                                                                       of many)
     teachers, the reference policy  --score-->  Scorer
 
 A backend is one data-parallel rank's view of the model being trained. The step plans the same
@@ -57,7 +58,8 @@ class TrainingBackend(Scorer, Protocol):
     """One data-parallel rank of the policy being trained (see the module docstring)."""
 
     name: str
-    dp_rank: int
+    rank: int  # the process's rank in the whole group: rank 0 writes what is written once
+    dp_rank: int  # its data-parallel rank (tensor-parallel peers share one) and their number
     dp_size: int
     attentions: frozenset[str]  # the tree attention implementations it runs (kernels.tree_attention)
 

@@ -91,6 +91,7 @@ class FsdpBackend:
         if not dist.is_initialized():
             raise RuntimeError("the fsdp backend runs inside a torch.distributed process group")
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.rank = self.dp_rank  # every rank is a data-parallel one
         self.device, self.hf = device, model
         for layer in decoder_layers(model):
             fully_shard(layer)

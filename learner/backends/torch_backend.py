@@ -29,7 +29,7 @@ TRAINING_STATE = "training_state.pt"
 
 class TorchBackend:
     name = "torch"
-    dp_rank, dp_size = 0, 1
+    rank, dp_rank, dp_size = 0, 0, 1
     attentions = frozenset({BLOCKS, SDPA, FLEX})
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,

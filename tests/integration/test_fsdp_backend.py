@@ -20,34 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fsdp_cases import Case, random_rollouts, run_cases, tiny_model
+from fsdp_cases import CASES, METRICS, Case, random_rollouts, run_cases, tiny_model
 
-from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA
+from arborl.kernels.tree_attention import FLEX
 from arborl.learner.backends import BackendSpec
 from arborl.learner.backends.base import BackendRefused
 from arborl.learner.backends.optimizer import build_optimizer
 from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.settings import LearnerSettings
-from arborl.learner.train_step import StepConfig, assign_to_ranks, plan_micro_batches, train_step
+from arborl.learner.train_step import assign_to_ranks, plan_micro_batches, train_step
 from arborl.learner.trainer import check_spec
-
-HUGE = 1e9  # the clip bound: the gradient left after the step is the loss's own
-
-CASES = [
-    Case("untied-blocks-turn-gspo", tied=False, seed=0,
-         config=StepConfig(attention=BLOCKS, token_budget=48, max_grad_norm=HUGE)),
-    Case("tied-sdpa-token-ppo-mcla-rescaled", tied=True, seed=1,
-         config=StepConfig(attention=SDPA, loss="token_ppo", mcla_passes=2, entropy_mu=0.1, difficulty_lambda=0.5,
-                           token_budget=40, max_grad_norm=HUGE)),
-    Case("tied-blocks-kl-and-distillation", tied=True, seed=2, teacher=True, reference=True,
-         config=StepConfig(attention=BLOCKS, kl_coef=0.1, token_budget=64, max_grad_norm=HUGE)),
-    Case("untied-per-call-sequence", tied=False, seed=3,
-         config=StepConfig(attention=BLOCKS, layout="per_call", max_grad_norm=HUGE)),
-    Case("tied-sequence-gspo", tied=True, seed=4,
-         config=StepConfig(attention=SDPA, loss="sequence_gspo", eps_low=0.2, eps_high=0.2, max_grad_norm=HUGE)),
-]
-METRICS = ("loss", "grad_norm", "clip_frac", "entropy", "tokens", "completion_tokens", "micro_batches",
-           "mismatch_abs", "mismatch_kl", "icepop_zeroed_frac", "kl_ref", "lr")
 
 
 def _address() -> str:
