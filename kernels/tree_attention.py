@@ -2,7 +2,7 @@
 
 Query q may attend to key k iff ``k <= q <= end[k]``: k is q itself or one of its ancestors,
 because in DFS pre-order an ancestor comes first and its subtree (which holds q) ends at
-``end[k]``. Three implementations, registered with transformers' ``AttentionInterface`` so a
+``end[k]``. Four implementations, registered with transformers' ``AttentionInterface`` so a
 Llama / Qwen-family model trains on packed tries with its own modelling code:
 
 - ``arborl_tree_sdpa``: the dense [N, N] boolean mask through ``scaled_dot_product_attention``;
@@ -15,6 +15,9 @@ Llama / Qwen-family model trains on packed tries with its own modelling code:
 - ``arborl_tree_flex``: FlexAttention with the mask as a ``mask_mod`` and a block mask (O(N)
   metadata); on CUDA it trains long packs. PyTorch has no FlexAttention backward on the CPU,
   so there it serves forward-only passes (logp_old, MCLA).
+- ``arborl_tree_varlen``: the trie as variable-length causal attention over path segments
+  (``kernels.tree_varlen``): flash-attn's varlen kernel on CUDA in half precision, per-segment
+  SDPA elsewhere.
 
 Call the model with ``position_ids`` = depths and ``tree=TreeMask(end)`` as a keyword argument;
 transformers hands keyword arguments through to the attention function.
@@ -28,9 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .tree_varlen import PathSegments, path_segments, varlen_tree_attention
+
 SDPA = "arborl_tree_sdpa"
 FLEX = "arborl_tree_flex"
 BLOCKS = "arborl_tree_blocks"
+VARLEN = "arborl_tree_varlen"
 
 # Queries per block of ``arborl_tree_blocks``. Smaller blocks select fewer keys (closer to the
 # exact per-path work) but make more, smaller SDPA calls. On 2 CPU threads, an 8k-token pack (a
@@ -92,6 +98,7 @@ class TreeMask:
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _block: Any = field(default=None, repr=False)
     _query_blocks: QueryBlocks | None = field(default=None, repr=False)
+    _path_segments: PathSegments | None = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:
@@ -102,6 +109,11 @@ class TreeMask:
         if self._query_blocks is None:
             self._query_blocks = query_blocks(self.end, self.block_size)
         return self._query_blocks
+
+    def path_segments(self) -> PathSegments:
+        if self._path_segments is None:
+            self._path_segments = path_segments(self.end)
+        return self._path_segments
 
     def block_mask(self):
         if self._block is None:
@@ -150,7 +162,8 @@ def _blocks_tree_attention(module, query, key, value, attention_mask, scaling=No
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
-_FUNCTIONS = {SDPA: _sdpa_tree_attention, BLOCKS: _blocks_tree_attention, FLEX: _flex_tree_attention}
+_FUNCTIONS = {SDPA: _sdpa_tree_attention, BLOCKS: _blocks_tree_attention, FLEX: _flex_tree_attention,
+              VARLEN: varlen_tree_attention}
 
 
 def tree_attention_function(name: str):
@@ -164,7 +177,7 @@ _registered = False
 
 
 def register_tree_attention() -> None:
-    """Make the ``attn_implementation``s SDPA, BLOCKS and FLEX available (idempotent)."""
+    """Make the ``attn_implementation``s SDPA, BLOCKS, FLEX and VARLEN available (idempotent)."""
     global _registered
     if _registered:
         return

@@ -46,7 +46,7 @@ class LearnerSettings(BaseModel):
     difficulty_lambda: float = 0.0
     entropy_mu: float = 0.0
     token_budget: int = 8192
-    # kernels.tree_attention: arborl_tree_blocks | arborl_tree_sdpa | arborl_tree_flex
+    # kernels.tree_attention: arborl_tree_blocks | arborl_tree_sdpa | arborl_tree_flex | arborl_tree_varlen
     attention: str = "arborl_tree_blocks"
     kl_coef: float = 0.0  # > 0 loads a frozen copy of the starting weights as the reference policy
     opd_lambda: float = 1.0

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from arborl.kernels.tree_attention import BLOCKS, SDPA
+from arborl.kernels.tree_attention import BLOCKS, SDPA, VARLEN
 from arborl.learner.packing import PackedBatch
 from arborl.learner.settings import LearnerSettings
 from arborl.learner.tree_forward import packed_logprobs_and_entropy, tree_attention
@@ -85,7 +85,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 class FsdpBackend:
     name = "fsdp"
     # FlexAttention's compiled kernels are not exercised under FSDP here: refused, not assumed.
-    attentions = frozenset({BLOCKS, SDPA})
+    attentions = frozenset({BLOCKS, SDPA, VARLEN})
 
     def __init__(self, model: torch.nn.Module, settings: LearnerSettings, *, device: torch.device):
         if not dist.is_initialized():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA
+from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA, VARLEN
 from arborl.learner.packing import PackedBatch
 from arborl.learner.settings import LearnerSettings
 from arborl.learner.tree_forward import packed_logprobs_and_entropy, tree_attention
@@ -30,7 +30,7 @@ TRAINING_STATE = "training_state.pt"
 class TorchBackend:
     name = "torch"
     rank, dp_rank, dp_size = 0, 0, 1
-    attentions = frozenset({BLOCKS, SDPA, FLEX})
+    attentions = frozenset({BLOCKS, SDPA, FLEX, VARLEN})
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  scheduler: torch.optim.lr_scheduler.LambdaLR | None = None):

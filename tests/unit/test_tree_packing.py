@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from arborl.kernels import tree_attention
-from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA, tree_mask
+from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA, VARLEN, tree_mask
 from arborl.learner.packing import CallSpan, pack, packing_stats, split_by_budget
 from arborl.learner.tree_forward import packed_token_logprobs
 from arborl.rollout.trie import Trie
@@ -221,7 +221,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(tree_attention, "BLOCK_SIZE", 8)
 
 
-@pytest.mark.parametrize("attention", [SDPA, BLOCKS])
+@pytest.mark.parametrize("attention", [SDPA, BLOCKS, VARLEN])
 @pytest.mark.parametrize("seed", range(4))
 def test_packed_loss_and_gradients_equal_separate_calls(seed: int, attention: str, small_blocks):
     _assert_packed_matches_separate(seed, attention, "cpu")
@@ -266,6 +266,6 @@ def test_flex_attention_gives_the_same_loss_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention", [SDPA, BLOCKS, FLEX])
+@pytest.mark.parametrize("attention", [SDPA, BLOCKS, FLEX, VARLEN])
 def test_packed_gradients_equal_separate_calls_on_cuda(attention: str, small_blocks):
     _assert_packed_matches_separate(3, attention, "cuda")
