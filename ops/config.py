@@ -238,13 +238,15 @@ class ArborlConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _fsdp_ranks_are_one_ray_placement(self) -> ArborlConfig:
-        """Under ``arborl up --ray`` the fsdp ranks are children of the learner's command, on the
-        node its actor was placed: the actor reserves a GPU for each rank or none (CPU ranks)."""
+        """Under ``arborl up --ray`` the fsdp or megatron ranks are children of the learner's
+        command, on the node its actor was placed: the actor reserves a GPU for each rank or none
+        (CPU ranks)."""
         placed = self.up.ray_parts.get("learner")
         learner = self.learner
-        if placed and placed.num_gpus and learner.backend == "fsdp" and placed.num_gpus != learner.nproc:
-            raise ValueError(f"learner.nproc is {learner.nproc} (one GPU per fsdp rank, all on the learner's node): "
-                             f"up.ray_parts.learner.num_gpus must be {learner.nproc}, or 0 for ranks on the CPU")
+        if placed and placed.num_gpus and learner.backend != "torch" and placed.num_gpus != learner.nproc:
+            raise ValueError(f"learner.nproc is {learner.nproc} (one GPU per {learner.backend} rank, all on the "
+                             f"learner's node): up.ray_parts.learner.num_gpus must be {learner.nproc}, or 0 for "
+                             "ranks on the CPU")
         return self
 
     @classmethod

@@ -151,9 +151,9 @@ def _check(config: ArborlConfig, layout: ClusterLayout) -> None:
     if isinstance(engine, ServerEngineConfig) and engine.launch:
         raise DeployError("engine.launch starts the engine servers as children of one gateway; on a cluster they "
                           "are pods of their own: set engine.launch false")
-    if config.learner.backend == "fsdp" and layout.learner_gpus not in (0, config.learner.nproc):
-        raise DeployError(f"learner.nproc is {config.learner.nproc} (one GPU per fsdp rank): --learner-gpus must "
-                          f"be {config.learner.nproc}, or 0 for ranks on the CPU")
+    if config.learner.backend != "torch" and layout.learner_gpus not in (0, config.learner.nproc):
+        raise DeployError(f"learner.nproc is {config.learner.nproc} (one GPU per {config.learner.backend} rank): "
+                          f"--learner-gpus must be {config.learner.nproc}, or 0 for ranks on the CPU")
 
 
 # -- the pieces --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Gradient-equivalence cases for the fsdp backend, run on N gloo ranks (tests/integration/test_fsdp_backend.py).
+"""Gradient-equivalence cases for the fsdp backend, run on N gloo ranks (tests/integration/test_fsdp_backend.py);
+the megatron suite (``megatron_cases``) runs the same cases and holds its results to the same check.
 
 Each case: a tiny random Llama in float64 (tied embeddings or not), agent-shaped rollouts in
 shared tries, a step config (loss, attention, MCLA, rescaling, KL and distillation). Every rank
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from arborl.kernels.tree_attention import BLOCKS, SDPA
+from arborl.kernels.tree_attention import BLOCKS, SDPA, VARLEN
 from arborl.learner.packing import CallSpan
 from arborl.learner.settings import LearnerSettings
 from arborl.learner.train_step import RolloutSample, StepConfig
@@ -46,8 +47,8 @@ CASES = [
                            token_budget=40, max_grad_norm=HUGE)),
     Case("tied-blocks-kl-and-distillation", tied=True, seed=2, teacher=True, reference=True,
          config=StepConfig(attention=BLOCKS, kl_coef=0.1, token_budget=64, max_grad_norm=HUGE)),
-    Case("untied-per-call-sequence", tied=False, seed=3,
-         config=StepConfig(attention=BLOCKS, layout="per_call", max_grad_norm=HUGE)),
+    Case("untied-per-call-varlen-sequence", tied=False, seed=3,
+         config=StepConfig(attention=VARLEN, layout="per_call", max_grad_norm=HUGE)),
     Case("tied-sequence-gspo", tied=True, seed=4,
          config=StepConfig(attention=SDPA, loss="sequence_gspo", eps_low=0.2, eps_high=0.2, max_grad_norm=HUGE)),
 ]
@@ -133,3 +134,44 @@ def run_cases(rank: int, world: int, address: str, folder: Path, device: str = "
     if rank == 0:
         torch.save(results, folder / "results.pt")
     dist.destroy_process_group()
+
+
+def _close(ours: float, theirs: float) -> bool:
+    return abs(ours - theirs) <= 1e-9 * abs(theirs) + 1e-15
+
+
+def torch_reference_step(folder: Path, case: Case, samples) -> tuple[dict, torch.nn.Module]:
+    """The case's step on the single-process torch backend: its metrics and the model it left."""
+    from arborl.learner.backends.hf_model import load_causal_lm, load_frozen
+    from arborl.learner.backends.optimizer import build_optimizer
+    from arborl.learner.backends.torch_backend import TorchBackend
+    from arborl.learner.train_step import train_step
+
+    model = load_causal_lm(folder / case.name, dtype=torch.float64)
+    teachers = {"math": TorchBackend(load_frozen(folder / "teacher", dtype=torch.float64))} if case.teacher else {}
+    reference = TorchBackend(load_frozen(folder / case.name, dtype=torch.float64)) if case.reference else None
+    backend = TorchBackend(model, *build_optimizer(model.parameters(), LearnerSettings(lr=1e-3)))
+    return train_step(backend, samples, case.config, teachers=teachers, reference=reference), model
+
+
+def assert_matches_torch(run: tuple[dict, dict], name: str) -> None:
+    """A backend's results for case ``name`` (metrics, every gradient and the weights after the
+    step, Hugging Face names) equal the torch backend's to 1e-9 relative."""
+    cases, results = run
+    case, samples = cases[name]
+    ours = results[name]
+    theirs, model = torch_reference_step(results["folder"], case, samples)
+    assert theirs["skipped"] == 0 and ours["metrics"]["skipped"] == 0
+    for key in METRICS:
+        if key in theirs:
+            assert key in ours["metrics"], key
+            assert _close(ours["metrics"][key], theirs[key]), (key, ours["metrics"][key], theirs[key])
+    assert theirs["grad_norm"] > 0
+    for parameter_name, parameter in model.named_parameters():
+        grad, expected = ours["grads"][parameter_name], parameter.grad
+        assert expected is not None and expected.norm() > 0, parameter_name
+        assert (grad - expected).norm() <= 1e-9 * expected.norm(), (parameter_name, (grad - expected).norm())
+    state = model.state_dict()
+    assert ours["weights"].keys() >= {n for n, _ in model.named_parameters()}
+    for parameter_name, weight in ours["weights"].items():  # after the same AdamW step
+        torch.testing.assert_close(weight.cpu(), state[parameter_name], rtol=1e-9, atol=1e-12)

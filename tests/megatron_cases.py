@@ -44,8 +44,9 @@ def float64_hf_rms_norm() -> Iterator[None]:
             norm.forward = original
 
 
-def run_cases(rank: int, world: int, tensor_parallel: int, address: str, folder: Path) -> None:
-    """One rank: every case in ``folder/cases.pt``; rank 0 writes ``folder/results.pt``."""
+def run_cases(rank: int, world: int, tensor_parallel: int, address: str, folder: Path, device: str = "cpu") -> None:
+    """One rank: every case in ``folder/cases.pt``; rank 0 writes ``folder/results.pt`` (on the CPU:
+    gloo; ``device="cuda"``: NCCL, rank r on cuda:r)."""
     import torch.distributed as dist
 
     from arborl.learner.backends.hf_model import load_frozen
@@ -57,20 +58,25 @@ def run_cases(rank: int, world: int, tensor_parallel: int, address: str, folder:
     from arborl.learner.train_step import train_step
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=timedelta(minutes=5))
+    where = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(where)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", init_method=address, rank=rank,
+                            world_size=world, timeout=timedelta(minutes=5))
     settings = LearnerSettings(lr=1e-3, backend="megatron", nproc=world, tensor_parallel=tensor_parallel)
     cases = torch.load(folder / "cases.pt", weights_only=False)
     results: dict = {}
     with float64_hf_rms_norm():
         for case, samples in cases:
             weights = folder / case.name
-            backend = MegatronBackend.open(weights, settings, dtype=torch.float64)
-            teachers = ({"math": TorchBackend(load_frozen(folder / "teacher", dtype=torch.float64))}
+            backend = MegatronBackend.open(weights, settings, dtype=torch.float64, device=where)
+            teachers = ({"math": TorchBackend(load_frozen(folder / "teacher", dtype=torch.float64, device=where))}
                         if case.teacher else {})
-            reference = TorchBackend(load_frozen(weights, dtype=torch.float64)) if case.reference else None
+            reference = (TorchBackend(load_frozen(weights, dtype=torch.float64, device=where))
+                         if case.reference else None)
             metrics = train_step(backend, samples, case.config, teachers=teachers, reference=reference)
             # The gradients the step left (clip bound huge: the loss's own), every rank's shards.
-            local = {name: p.grad.detach().clone() for name, p in backend.model.named_parameters()}
+            local = {name: p.grad.detach().cpu() for name, p in backend.model.named_parameters()}
             everyone: list = [None] * world
             dist.all_gather_object(everyone, (backend.tp_rank, backend.dp_rank, local))
             after = backend.full_state_dict()
@@ -86,7 +92,7 @@ def run_cases(rank: int, world: int, tensor_parallel: int, address: str, folder:
         written = {i: {k: v.clone() for k, v in state.items()}
                    for i, state in backend.optimizer.state_dict()["state"].items()}
         backend.close()
-        reopened = MegatronBackend.open(checkpoint, settings, dtype=torch.float64)
+        reopened = MegatronBackend.open(checkpoint, settings, dtype=torch.float64, device=where)
         resumed = reopened.load_training_state(checkpoint)
         restored = reopened.optimizer.state_dict()["state"]
         same_optimizer = written.keys() == restored.keys() and all(

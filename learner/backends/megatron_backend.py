@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from arborl.kernels.tree_attention import BLOCKS, SDPA
+from arborl.kernels.tree_attention import BLOCKS, SDPA, VARLEN
 from arborl.learner.packing import PackedBatch
 from arborl.learner.settings import LearnerSettings
 
@@ -76,7 +76,7 @@ def _join_model_parallel(tensor_parallel: int, timeout_s: float) -> None:
 class MegatronBackend:
     name = "megatron"
     # FlexAttention under megatron's layers is not exercised here: refused, not assumed.
-    attentions = frozenset({BLOCKS, SDPA})
+    attentions = frozenset({BLOCKS, SDPA, VARLEN})
 
     def __init__(self, model: Any, hf_config: Any, settings: LearnerSettings, *, source: Path):
         from megatron.core import parallel_state
@@ -135,7 +135,7 @@ class MegatronBackend:
                                                vocab_size=self.hf_config.vocab_size)
 
     def forward_is_deterministic(self) -> bool:
-        return True  # dropout is configured off (megatron_model.transformer_config), no router noise
+        return True  # no dropout (a model that asks for it is refused: megatron_model.refuse_unsupported), no MoE
 
     @contextmanager
     def attention(self, name: str) -> Iterator[None]:
@@ -206,7 +206,8 @@ class MegatronBackend:
     # -- checkpoints -------------------------------------------------------------------------
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective over the TP group of DP rank 0: the Hugging Face weights on global rank 0."""
+        """Collective over the TP group of DP rank 0: the Hugging Face weights on global rank 0
+        (a tied model's ``lm_head.weight`` is its ``embed_tokens`` tensor, as in its state_dict)."""
         local = {name: p.detach().cpu() for name, p in self.model.named_parameters()}
         if self.dp_rank != 0:
             return {}
@@ -215,7 +216,12 @@ class MegatronBackend:
             shards = [local]
         else:
             dist.gather_object(local, shards, group=self.tp_group, group_dst=0)
-        return to_hf(self.hf_config, shards) if self.rank == 0 and shards is not None else {}
+        if self.rank != 0 or shards is None:
+            return {}
+        weights = to_hf(self.hf_config, shards)
+        if self.hf_config.tie_word_embeddings:  # as a tied model's state_dict() names it
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        return weights
 
     def save(self, folder: Path, *, step: int, version: int) -> None:
         full = self.full_state_dict()
@@ -236,6 +242,8 @@ class MegatronBackend:
         self.hf_config.save_pretrained(folder)
         if (self.source / "generation_config.json").is_file():
             shutil.copy2(self.source / "generation_config.json", folder / "generation_config.json")
+        if self.hf_config.tie_word_embeddings:  # one tensor under one name in the file, as save_pretrained writes it
+            weights = {name: tensor for name, tensor in weights.items() if name != "lm_head.weight"}
         save_torch_state_dict(weights, folder, metadata={"format": "pt"})
 
     def load_training_state(self, folder: Path) -> dict[str, Any]:

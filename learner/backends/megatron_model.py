@@ -60,6 +60,10 @@ def refuse_unsupported(hf_config: Any, *, tensor_parallel: int) -> None:
         raise BackendRefused(f"the megatron backend maps SiLU-gated MLPs; this model uses {hf_config.hidden_act!r}")
     if getattr(hf_config, "mlp_bias", False) or (family == "llama" and getattr(hf_config, "attention_bias", False)):
         raise BackendRefused("the megatron backend maps Llama models without attention or MLP biases")
+    dropout = {key: value for key, value in vars(hf_config).items()
+               if "dropout" in key and isinstance(value, (int, float)) and value > 0}
+    if dropout:  # megatron's layers are built without it: training with it would need it mapped
+        raise BackendRefused(f"the megatron backend trains without dropout; this model's config asks for {dropout}")
     if any(kind != "full_attention" for kind in getattr(hf_config, "layer_types", None) or ()):
         raise BackendRefused("the megatron backend runs full attention in every layer (no sliding window)")
     for what, count in (("num_attention_heads", hf_config.num_attention_heads),

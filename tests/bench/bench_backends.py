@@ -1,4 +1,6 @@
-"""Training backends on this machine: the torch backend (1 process) against fsdp (2 gloo ranks).
+"""Training backends on this machine: the torch backend (1 process) against fsdp (2 gloo ranks) and
+megatron (1 rank: the same packed micro-batches as torch; and 2 data-parallel gloo ranks: the
+default model's 3 KV heads do not split over 2 tensor-parallel ranks).
 
 The default model (SmolLM2-135M, float32), one turn-level GSPO step over the agent-shaped group
 of ``bench_learner`` (4 rollouts sharing a 512-token prompt, 3 turns of 64 completion and 96
@@ -15,6 +17,7 @@ sharding, so the RSS peak is not where FSDP saves).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -60,21 +63,29 @@ def run_rank(rank: int, world: int, kind: str, address: str, steps: int, out: st
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     folder = resolve_model(DEFAULT_MODEL)
     settings = LearnerSettings(lr=1e-6)
-    if kind == "fsdp":
+    if kind in ("fsdp", "megatron"):
         import torch.distributed as dist
-
-        from arborl.learner.backends.fsdp_backend import FsdpBackend
 
         dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world,
                                 timeout=timedelta(minutes=10))
+    if kind == "fsdp":
+        from arborl.learner.backends.fsdp_backend import FsdpBackend
+
         backend = FsdpBackend.open(folder, settings)
         parameters, optimizer = list(backend.root.parameters()), backend.optimizer
+    elif kind == "megatron":
+        from arborl.learner.backends.megatron_backend import MegatronBackend
+
+        backend = MegatronBackend.open(folder, LearnerSettings(lr=1e-6, backend="megatron", nproc=world))
+        parameters, optimizer = list(backend.model.parameters()), backend.optimizer
     else:
         from arborl.learner.backends.torch_backend import TorchBackend
 
         backend = TorchBackend.open(folder, settings)
         parameters, optimizer = list(backend.model.parameters()), backend.optimizer
-    group = agent_group(backend.hf.config.vocab_size if kind == "fsdp" else backend.model.config.vocab_size)
+    from transformers import AutoConfig
+
+    group = agent_group(AutoConfig.from_pretrained(folder).vocab_size)
     config = StepConfig(token_budget=1024)
     seconds, tokens, micro = [], 0.0, 0.0
     for step in range(steps + 1):
@@ -88,8 +99,9 @@ def run_rank(rank: int, world: int, kind: str, address: str, steps: int, out: st
     result = {"rank": rank, "step_seconds": statistics.median(seconds), "tokens": tokens, "micro_batches": micro,
               "held_mib": _held_bytes(parameters, optimizer) / 2**20,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    Path(f"{out}.{kind}.{rank}.json").write_text(json.dumps(result))
-    if kind == "fsdp":
+    Path(f"{out}.{kind}.{world}.{rank}.json").write_text(json.dumps(result))
+    backend.close()
+    if kind in ("fsdp", "megatron"):
         torch.distributed.destroy_process_group()
 
 
@@ -107,21 +119,27 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = str(args.out.with_suffix(""))
     rows = []
-    for kind, world in (("torch", 1), ("fsdp", 2)):
+    kinds = [("torch", 1), ("fsdp", 2)]
+    if importlib.util.find_spec("megatron") is not None:
+        kinds += [("megatron", 1), ("megatron", 2)]
+    else:
+        print("megatron-core is not installed: its rows are left out (pip install 'arborl[megatron]')")
+    for kind, world in kinds:
         print(f"{kind}: {world} process(es)", flush=True)
         mp.start_processes(run_rank, args=(world, kind, _address(), args.steps, scratch), nprocs=world,
                            start_method="spawn")
         for rank in range(world):
-            path = Path(f"{scratch}.{kind}.{rank}.json")
+            path = Path(f"{scratch}.{kind}.{world}.{rank}.json")
             rows.append({"backend": kind, "ranks": world, **json.loads(path.read_text())})
             path.unlink()
     base = rows[0]["step_seconds"]
-    print(f"\n{'backend':<8} {'rank':>4} {'step s':>8} {'vs torch':>9} {'tokens/s':>9} {'micro':>6} "
+    print(f"\n{'backend':<8} {'ranks':>5} {'rank':>4} {'step s':>8} {'vs torch':>9} {'tokens/s':>9} {'micro':>6} "
           f"{'held MiB':>9} {'peak RSS MiB':>13}")
     for row in rows:
         row["speed_vs_torch"] = base / row["step_seconds"]
         row["tokens_per_second"] = row["tokens"] / row["step_seconds"]
-        print(f"{row['backend']:<8} {row['rank']:>4} {row['step_seconds']:>8.2f} {row['speed_vs_torch']:>8.2f}x "
+        print(f"{row['backend']:<8} {row['ranks']:>5} {row['rank']:>4} {row['step_seconds']:>8.2f} "
+              f"{row['speed_vs_torch']:>8.2f}x "
               f"{row['tokens_per_second']:>9.0f} {row['micro_batches']:>6.0f} {row['held_mib']:>9.0f} "
               f"{row['peak_rss_mib']:>13.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

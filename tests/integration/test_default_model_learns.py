@@ -4,11 +4,14 @@ The reward is 1 when the answer is exactly the word "No" to "Is the sky green? A
 word: yes or no." SmolLM2-135M-Instruct starts well below 0.5 (it mostly rambles or says yes).
 Each step samples a group of answers from the current weights (recording their sampling
 logprobs), rewards them and takes one turn-level GSPO step; the mean reward must pass 0.9
-within the step budget. On the torch backend (one process) and on the fsdp backend (2 gloo
-ranks started by arborl, sampling from the weights gathered after each step, as serving would).
+within the step budget. On the torch backend (one process) and on the fsdp and megatron backends
+(2 gloo ranks started by arborl, sampling from the weights gathered after each step, as serving
+would).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -47,7 +50,11 @@ def _sample(model, tokenizer, prompt: list[int]) -> list[tuple[list[int], torch.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "fsdp"])
+@pytest.mark.parametrize("backend", [
+    "torch", "fsdp",
+    pytest.param("megatron", marks=pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                                                      reason="no megatron-core")),
+])
 def test_default_model_learns_a_verifiable_toy_task(backend: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,8 +66,9 @@ def test_default_model_learns_a_verifiable_toy_task(backend: str):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if backend == "torch":
         trainer = Trainer(TorchBackend(model, torch.optim.AdamW(model.parameters(), lr=2e-5)))
-    else:  # the same AdamW (torch's default weight decay), on 2 ranks; ``model`` only samples
-        settings = LearnerSettings(backend="fsdp", nproc=2, lr=2e-5, weight_decay=0.01)
+    else:  # the same AdamW (torch's default weight decay), on 2 ranks; ``model`` only samples.
+        # (megatron: data parallel 2; the default model's 3 KV heads do not split over 2 TP ranks)
+        settings = LearnerSettings(backend=backend, nproc=2, lr=2e-5, weight_decay=0.01)
         trainer = open_trainer(BackendSpec(weights=folder, settings=settings))
     try:
         rewards = _learn(model, tokenizer, trainer, publish=backend != "torch")

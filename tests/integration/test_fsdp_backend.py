@@ -20,15 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fsdp_cases import CASES, METRICS, Case, random_rollouts, run_cases, tiny_model
+from fsdp_cases import CASES, assert_matches_torch, random_rollouts, run_cases, tiny_model
 
 from arborl.kernels.tree_attention import FLEX
 from arborl.learner.backends import BackendSpec
 from arborl.learner.backends.base import BackendRefused
-from arborl.learner.backends.optimizer import build_optimizer
-from arborl.learner.backends.torch_backend import TorchBackend
 from arborl.learner.settings import LearnerSettings
-from arborl.learner.train_step import assign_to_ranks, plan_micro_batches, train_step
+from arborl.learner.train_step import assign_to_ranks, plan_micro_batches
 from arborl.learner.trainer import check_spec
 
 
@@ -36,10 +34,6 @@ def _address() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def _close(ours: float, theirs: float) -> bool:
-    return abs(ours - theirs) <= 1e-9 * abs(theirs) + 1e-15
 
 
 def _run_fsdp(folder: Path, *, device: str, ranks: int) -> tuple[dict, dict]:
@@ -66,48 +60,17 @@ def fsdp_cuda_results(tmp_path_factory) -> tuple[dict, dict]:
     return _run_fsdp(tmp_path_factory.mktemp("fsdp-cuda"), device="cuda", ranks=min(2, torch.cuda.device_count()))
 
 
-def _torch_step(folder: Path, case: Case, samples) -> tuple[dict, torch.nn.Module]:
-    from arborl.learner.backends.hf_model import load_causal_lm, load_frozen
-
-    model = load_causal_lm(folder / case.name, dtype=torch.float64)
-    teachers = {"math": TorchBackend(load_frozen(folder / "teacher", dtype=torch.float64))} if case.teacher else {}
-    reference = TorchBackend(load_frozen(folder / case.name, dtype=torch.float64)) if case.reference else None
-    backend = TorchBackend(model, *build_optimizer(model.parameters(), LearnerSettings(lr=1e-3)))
-    return train_step(backend, samples, case.config, teachers=teachers, reference=reference), model
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [case.name for case in CASES])
 def test_two_fsdp_ranks_give_the_gradients_of_one_torch_process(fsdp_results, name: str):
-    _assert_matches_torch(fsdp_results, name)
+    assert_matches_torch(fsdp_results, name)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", [case.name for case in CASES])
 def test_fsdp_on_cuda_gives_the_gradients_of_one_torch_process(fsdp_cuda_results, name: str):
     """NCCL, one rank per GPU (1 or 2), float64, against the torch backend on the CPU."""
-    _assert_matches_torch(fsdp_cuda_results, name)
-
-
-def _assert_matches_torch(fsdp_results, name: str) -> None:
-    cases, results = fsdp_results
-    case, samples = cases[name]
-    ours = results[name]
-    theirs, model = _torch_step(results["folder"], case, samples)
-    assert theirs["skipped"] == 0 and ours["metrics"]["skipped"] == 0
-    for key in METRICS:
-        if key in theirs:
-            assert key in ours["metrics"], key
-            assert _close(ours["metrics"][key], theirs[key]), (key, ours["metrics"][key], theirs[key])
-    assert theirs["grad_norm"] > 0
-    for parameter_name, parameter in model.named_parameters():
-        grad, expected = ours["grads"][parameter_name], parameter.grad
-        assert expected is not None and expected.norm() > 0, parameter_name
-        assert (grad - expected).norm() <= 1e-9 * expected.norm(), (parameter_name, (grad - expected).norm())
-    state = model.state_dict()
-    assert ours["weights"].keys() >= {n for n, _ in model.named_parameters()}
-    for parameter_name, weight in ours["weights"].items():  # after the same AdamW step
-        torch.testing.assert_close(weight.cpu(), state[parameter_name], rtol=1e-9, atol=1e-12)
+    assert_matches_torch(fsdp_cuda_results, name)
 
 
 def test_the_cases_spread_micro_batches_over_both_ranks_and_leave_one_idle_sometimes():

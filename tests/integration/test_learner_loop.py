@@ -7,12 +7,14 @@
   is not finite commits and publishes nothing, and its groups are dropped (``non_finite``);
 - ``arborl train`` killed with SIGKILL in the middle of steps and resumed twice ends with the
   same weights, bit for bit, as an uninterrupted run on a copy of the same store, and the ledger
-  shows every group trained by exactly one step; on the fsdp backend (2 ranks) the same when one
-  follower rank is killed mid-step and then the leader while it writes a checkpoint.
+  shows every group trained by exactly one step; on the fsdp backend (2 ranks) and the megatron
+  backend (tensor parallel 2) the same when one follower rank is killed mid-step and then the
+  leader while it writes a checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import shutil
@@ -235,10 +237,15 @@ def _finish(process: subprocess.Popen) -> str:
     return output
 
 
-BACKENDS = {"torch": (), "fsdp": ("--backend", "fsdp", "--nproc", "2")}
+BACKENDS = {"torch": (), "fsdp": ("--backend", "fsdp", "--nproc", "2"),
+            "megatron": ("--backend", "megatron", "--nproc", "2", "--tensor-parallel", "2")}
+_MEGATRON = importlib.util.find_spec("megatron") is not None
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("fsdp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", [
+    "torch", pytest.param("fsdp", marks=pytest.mark.slow),
+    pytest.param("megatron", marks=[pytest.mark.slow, pytest.mark.skipif(not _MEGATRON, reason="no megatron-core")]),
+])
 def test_kill_9_and_resume_trains_every_group_exactly_once(backend, tiny_model, tiny_model_dir: Path, tmp_path: Path):
     run, reference = tmp_path / "run", tmp_path / "reference"
     ledger = RunLedger(SqliteTrajectoryStore(run / "store.sqlite"))

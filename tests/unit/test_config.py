@@ -217,9 +217,10 @@ def test_a_short_key_from_the_environment_is_refused_and_not_echoed():
     assert "hunter2" not in str(caught.value)
 
 
-def test_fsdp_ranks_under_ray_reserve_a_gpu_each_or_none():
+@pytest.mark.parametrize("backend", ["fsdp", "megatron"])
+def test_learner_ranks_under_ray_reserve_a_gpu_each_or_none(backend: str):
     def config(num_gpus: float):
-        return load_config(None, {"learner": {"backend": "fsdp", "nproc": 2},
+        return load_config(None, {"learner": {"backend": backend, "nproc": 2},
                                   "up": {"ray_parts": {"learner": {"num_gpus": num_gpus}}}})
 
     with pytest.raises(ConfigError, match=r"^learner.nproc is 2 .*up.ray_parts.learner.num_gpus must be 2"):

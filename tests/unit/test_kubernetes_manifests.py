@@ -197,9 +197,10 @@ def test_what_cannot_run_on_a_cluster_is_refused_with_the_fix():
                                                                           "docker_image": "img"}}), layout)
     with pytest.raises(DeployError, match="engine.launch"):
         manifests(load_config(None, {"store": {"url": STORE}, "engine": {"kind": "vllm", "launch": True}}), layout)
-    with pytest.raises(DeployError, match="learner-gpus must be 2"):
-        manifests(load_config(None, {"store": {"url": STORE}, "learner": {"backend": "fsdp", "nproc": 2}}),
-                  ClusterLayout(learner_gpus=1))
+    for backend in ("fsdp", "megatron"):
+        with pytest.raises(DeployError, match="learner-gpus must be 2"):
+            manifests(load_config(None, {"store": {"url": STORE}, "learner": {"backend": backend, "nproc": 2}}),
+                      ClusterLayout(learner_gpus=1))
     with pytest.raises(DeployError, match="at least 1"):
         ClusterLayout(workers=0)
 
