@@ -91,6 +91,12 @@ def check_spec(spec: BackendSpec) -> None:
             raise BackendRefused("learner.pipeline_parallel > 1 is not built: pipeline stages need the loss "
                                  "inside megatron's pipeline schedule")
     refuse_unknown_attention(s.backend, _backend_class(s.backend).attentions, s.attention)
+    if s.backend == "megatron":  # the model must map onto megatron's layers at this TP size
+        from transformers import AutoConfig
+
+        from .backends.megatron_model import refuse_unsupported
+
+        refuse_unsupported(AutoConfig.from_pretrained(spec.weights), tensor_parallel=s.tensor_parallel)
     if spec.device == "cuda" and s.nproc > torch.cuda.device_count():
         raise BackendRefused(f"learner.nproc={s.nproc} ranks need as many GPUs; this machine has "
                              f"{torch.cuda.device_count()}")

@@ -147,6 +147,7 @@ def _megatron(tensor_parallel: int = 1, **settings) -> LearnerSettings:
     (_megatron(2, nproc=3), "must divide learner.nproc=3"),
     (_megatron(1, nproc=2, pipeline_parallel=2), "pipeline_parallel > 1 is not built"),
     (_megatron(1, nproc=2, attention=FLEX), "does not run attention"),
+    (_megatron(4, nproc=4), r"does not divide the model's num_key_value_heads \(2\)"),  # before any rank starts
     (LearnerSettings(backend="fsdp", nproc=2, tensor_parallel=2), "are megatron settings"),
     (LearnerSettings(backend="torch", pipeline_parallel=2), "are megatron settings"),
 ])
