@@ -108,7 +108,7 @@ def transformer_config(hf_config: Any, *, tensor_parallel: int, dtype: torch.dty
 
 def build_gpt_model(hf_config: Any, *, tensor_parallel: int, dtype: torch.dtype, device: torch.device):
     """An uninitialised GPTModel of ``hf_config``'s shape with tree core attention, this rank's
-    tensor-parallel shards only (``megatron_weights.load_hf_weights`` fills it)."""
+    tensor-parallel shards only (``MegatronBackend.open`` fills it from ``megatron_weights.to_megatron``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
