@@ -27,6 +27,7 @@ leaf (a DFS run goes on into a node's first child and ends at a leaf).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 
 import torch
@@ -49,6 +50,15 @@ class PathSegments:
     @property
     def max_keys(self) -> int:
         return max(b - a for a, b in pairwise(self.key_starts))
+
+    @cached_property
+    def masks(self) -> list[torch.Tensor]:
+        """Per segment, [queries, keys] bool: query i sees keys 0 .. ancestors + i (the SDPA path's;
+        built once per batch, shared by every layer)."""
+        device = self.keys.device
+        return [torch.arange(ke - ks, device=device)[None, :] <= before + torch.arange(qe - qs, device=device)[:, None]
+                for (qs, qe), (ks, ke), before in zip(pairwise(self.query_starts), pairwise(self.key_starts),
+                                                      self.ancestors, strict=True)]
 
 
 def path_segments(end: torch.Tensor) -> PathSegments:
@@ -94,11 +104,9 @@ def varlen_tree_attention(module, query, key, value, attention_mask, scaling=Non
     keys = segments.keys.to(query.device)
     gathered_k, gathered_v = key.index_select(2, keys), value.index_select(2, keys)
     out = []
-    bounds = zip(pairwise(segments.query_starts), pairwise(segments.key_starts), segments.ancestors, strict=True)
-    for (qs, qe), (ks, ke), before in bounds:
-        rows = torch.arange(qe - qs, device=query.device)[:, None]
-        cols = torch.arange(ke - ks, device=query.device)[None, :]
+    bounds = zip(pairwise(segments.query_starts), pairwise(segments.key_starts), segments.masks, strict=True)
+    for (qs, qe), (ks, ke), mask in bounds:
         out.append(F.scaled_dot_product_attention(
-            query[:, :, qs:qe], gathered_k[:, :, ks:ke], gathered_v[:, :, ks:ke], attn_mask=cols <= before + rows,
+            query[:, :, qs:qe], gathered_k[:, :, ks:ke], gathered_v[:, :, ks:ke], attn_mask=mask.to(query.device),
             dropout_p=dropout, scale=scaling, enable_gqa=True))
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None

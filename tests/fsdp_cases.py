@@ -11,6 +11,8 @@ The clip bound is huge, so the gradient left after the step is the loss's own.
 from __future__ import annotations
 
 import random
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -101,6 +103,41 @@ def random_rollouts(model, seed: int, *, groups: int = 2, rollouts: int = 3) -> 
     return samples
 
 
+def run_on_ranks(target: Callable[..., None], cases: list[Case], folder: Path, *, ranks: int, device: str,
+                 extra: tuple = ()) -> tuple[dict, dict]:
+    """Write each case's model and rollouts (and the teacher) into ``folder``, run
+    ``target(rank, ranks, address, folder, device, *extra)`` on ``ranks`` spawned processes, and
+    return the cases by name with what rank 0 wrote (``folder/results.pt``)."""
+    written = []
+    for case in cases:
+        model = tiny_model(case.seed, tied=case.tied, family=case.family)
+        model.save_pretrained(folder / case.name)
+        written.append((case, random_rollouts(model, case.seed)))
+    tiny_model(99, tied=True).save_pretrained(folder / "teacher")
+    torch.save(written, folder / "cases.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    import torch.multiprocessing as mp
+
+    mp.start_processes(target, args=(ranks, address, folder, device, *extra), nprocs=ranks, start_method="spawn")
+    results = torch.load(folder / "results.pt", weights_only=False)
+    return {case.name: (case, samples) for case, samples in written}, results | {"folder": folder}
+
+
+def join_group(rank: int, world: int, address: str, device: str) -> torch.device:
+    """This rank in the test's process group (gloo on the CPU; NCCL and cuda:rank on GPUs); its device."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    where = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(where)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", init_method=address, rank=rank,
+                            world_size=world, timeout=timedelta(minutes=5))
+    return where
+
+
 def run_cases(rank: int, world: int, address: str, folder: Path, device: str = "cpu") -> None:
     """One rank: every case in ``folder/cases.pt``, fsdp ``train_step``; rank 0 writes the results
     (on the CPU: gloo; ``device="cuda"``: NCCL, rank r on cuda:r)."""
@@ -111,12 +148,7 @@ def run_cases(rank: int, world: int, address: str, folder: Path, device: str = "
     from arborl.learner.backends.torch_backend import TorchBackend
     from arborl.learner.train_step import train_step
 
-    torch.set_num_threads(1)
-    where = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(where)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", init_method=address, rank=rank,
-                            world_size=world, timeout=timedelta(minutes=5))
+    where = join_group(rank, world, address, device)
     cases = torch.load(folder / "cases.pt", weights_only=False)
     results = {}
     for case, samples in cases:

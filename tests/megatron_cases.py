@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import torch
+from fsdp_cases import join_group
 
 
 @contextmanager
@@ -44,7 +44,7 @@ def float64_hf_rms_norm() -> Iterator[None]:
             norm.forward = original
 
 
-def run_cases(rank: int, world: int, tensor_parallel: int, address: str, folder: Path, device: str = "cpu") -> None:
+def run_cases(rank: int, world: int, address: str, folder: Path, device: str, tensor_parallel: int) -> None:
     """One rank: every case in ``folder/cases.pt``; rank 0 writes ``folder/results.pt`` (on the CPU:
     gloo; ``device="cuda"``: NCCL, rank r on cuda:r)."""
     import torch.distributed as dist
@@ -57,12 +57,7 @@ def run_cases(rank: int, world: int, tensor_parallel: int, address: str, folder:
     from arborl.learner.settings import LearnerSettings
     from arborl.learner.train_step import train_step
 
-    torch.set_num_threads(1)
-    where = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(where)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", init_method=address, rank=rank,
-                            world_size=world, timeout=timedelta(minutes=5))
+    where = join_group(rank, world, address, device)
     settings = LearnerSettings(lr=1e-3, backend="megatron", nproc=world, tensor_parallel=tensor_parallel)
     cases = torch.load(folder / "cases.pt", weights_only=False)
     results: dict = {}

@@ -50,7 +50,7 @@ from arborl.learner.tree_forward import packed_logprobs_and_entropy, tree_attent
 
 from .base import BackendRefused
 from .hf_model import forward_is_deterministic, load_causal_lm
-from .optimizer import build_optimizer, set_base_lr
+from .optimizer import OptimizerSteps, build_optimizer
 
 SHARDS = "fsdp_shards"
 STATE = "fsdp_state.pt"
@@ -82,7 +82,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-class FsdpBackend:
+class FsdpBackend(OptimizerSteps):
     name = "fsdp"
     # FlexAttention's compiled kernels are not exercised under FSDP here: refused, not assumed.
     attentions = frozenset({BLOCKS, SDPA, VARLEN})
@@ -156,9 +156,6 @@ class FsdpBackend:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def clip_grad_norm(self, max_norm: float) -> float:
         parameters = [p for p in self.root.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None],
@@ -167,17 +164,6 @@ class FsdpBackend:
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
         return float(norm)
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def set_base_lr(self, lr: float) -> None:
-        set_base_lr(self.optimizer, self.scheduler, lr)
 
     # -- checkpoints -------------------------------------------------------------------------
 

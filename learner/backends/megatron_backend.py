@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from arborl.learner.settings import LearnerSettings
 from .base import BackendRefused
 from .megatron_model import build_gpt_model, packed_logprobs_and_entropy
 from .megatron_weights import hf_tensor_reader, is_replicated, to_hf, to_megatron
-from .optimizer import build_optimizer, set_base_lr
+from .optimizer import OptimizerSteps, build_optimizer
 
 STATE = "megatron_state"
 
@@ -73,7 +72,7 @@ def _join_model_parallel(tensor_parallel: int, timeout_s: float) -> None:
                                              distributed_timeout_minutes=max(1, round(timeout_s / 60)))
 
 
-class MegatronBackend:
+class MegatronBackend(OptimizerSteps):
     name = "megatron"
     # FlexAttention under megatron's layers is not exercised here: refused, not assumed.
     attentions = frozenset({BLOCKS, SDPA, VARLEN})
@@ -90,7 +89,6 @@ class MegatronBackend:
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), settings)
-        self._attention = SDPA
 
     @classmethod
     def open(cls, folder: Path, settings: LearnerSettings, *, device: torch.device | str = "cpu",
@@ -137,13 +135,8 @@ class MegatronBackend:
     def forward_is_deterministic(self) -> bool:
         return True  # no dropout (a model that asks for it is refused: megatron_model.refuse_unsupported), no MoE
 
-    @contextmanager
-    def attention(self, name: str) -> Iterator[None]:
-        previous, self._attention = self._attention, name  # the attention travels with each batch's mask
-        try:
-            yield
-        finally:
-            self._attention = previous
+    def attention(self, name: str) -> AbstractContextManager[None]:
+        return nullcontext()  # nothing to switch: the attention travels with each batch's mask
 
     def idle_pass(self, *, grad: bool) -> None:
         pass  # nothing to join: see the module docstring
@@ -163,9 +156,6 @@ class MegatronBackend:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _sum_gradients_over_data_parallel(self) -> None:
         if self.dp_size == 1:
@@ -192,31 +182,19 @@ class MegatronBackend:
         torch.nn.utils.clip_grads_with_norm_([p for _, p in with_grad], max_norm, norm)
         return float(norm)
 
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def set_base_lr(self, lr: float) -> None:
-        set_base_lr(self.optimizer, self.scheduler, lr)
-
     # -- checkpoints -------------------------------------------------------------------------
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective over the TP group of DP rank 0: the Hugging Face weights on global rank 0
         (a tied model's ``lm_head.weight`` is its ``embed_tokens`` tensor, as in its state_dict)."""
-        local = {name: p.detach().cpu() for name, p in self.model.named_parameters()}
-        if self.dp_rank != 0:
+        if self.dp_rank != 0:  # the other data-parallel copies hold the same weights
             return {}
-        shards: list[Any] | None = [None] * self.tp_size if self.tp_rank == 0 else None
-        if self.tp_size == 1:
-            shards = [local]
-        else:
-            dist.gather_object(local, shards, group=self.tp_group, group_dst=0)
-        if self.rank != 0 or shards is None:
+        local = {name: p.detach().cpu() for name, p in self.model.named_parameters()}
+        shards: list[Any] = [local]
+        if self.tp_size > 1:
+            shards = [None] * self.tp_size
+            dist.gather_object(local, shards if self.tp_rank == 0 else None, group=self.tp_group, group_dst=0)
+        if self.rank != 0:  # DP rank 0's TP rank 0 is global rank 0 (TP ranks are adjacent)
             return {}
         weights = to_hf(self.hf_config, shards)
         if self.hf_config.tie_word_embeddings:  # as a tied model's state_dict() names it

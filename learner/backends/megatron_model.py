@@ -137,7 +137,6 @@ class TreeCoreAttention(torch.nn.Module):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection: Any = None):
         super().__init__()
-        self.config = config
         self.scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

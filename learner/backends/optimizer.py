@@ -37,6 +37,29 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], settings: LearnerS
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class OptimizerSteps:
+    """The update calls of a backend that owns ``self.optimizer`` and ``self.scheduler`` (from
+    :func:`build_optimizer`): what the fsdp and megatron backends share."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self) -> None:
+        """One optimizer step and one step of the learning-rate schedule."""
+        self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_base_lr(self, lr: float) -> None:
+        set_base_lr(self.optimizer, self.scheduler, lr)
+
+
 def set_base_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
     """Replace the schedule's base rate, keeping its position (an operator's ``lr=`` override)."""
     scheduler.base_lrs = [lr for _ in scheduler.base_lrs]

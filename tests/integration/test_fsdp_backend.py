@@ -13,14 +13,12 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from fsdp_cases import CASES, assert_matches_torch, random_rollouts, run_cases, tiny_model
+from fsdp_cases import CASES, assert_matches_torch, random_rollouts, run_cases, run_on_ranks, tiny_model
 
 from arborl.kernels.tree_attention import FLEX
 from arborl.learner.backends import BackendSpec
@@ -30,24 +28,9 @@ from arborl.learner.train_step import assign_to_ranks, plan_micro_batches
 from arborl.learner.trainer import check_spec
 
 
-def _address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def _run_fsdp(folder: Path, *, device: str, ranks: int) -> tuple[dict, dict]:
     """The cases (and their rollouts), and what ``ranks`` fsdp ranks made of each."""
-    cases = []
-    for case in CASES:
-        model = tiny_model(case.seed, tied=case.tied)
-        model.save_pretrained(folder / case.name)
-        cases.append((case, random_rollouts(model, case.seed)))
-    tiny_model(99, tied=True).save_pretrained(folder / "teacher")
-    torch.save(cases, folder / "cases.pt")
-    mp.start_processes(run_cases, args=(ranks, _address(), folder, device), nprocs=ranks, start_method="spawn")
-    results = torch.load(folder / "results.pt", weights_only=False)
-    return {case.name: (case, samples) for case, samples in cases}, results | {"folder": folder}
+    return run_on_ranks(run_cases, CASES, folder, ranks=ranks, device=device)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from fsdp_cases import CASES as FSDP_CASES
-from fsdp_cases import HUGE, Case, assert_matches_torch, random_rollouts, tiny_model
+from fsdp_cases import HUGE, Case, assert_matches_torch, run_on_ranks
 
 from arborl.kernels.tree_attention import BLOCKS, FLEX, SDPA, VARLEN
 from arborl.learner.backends import BackendSpec
@@ -47,25 +45,9 @@ CASES = [*FSDP_CASES,
 LAYOUTS = {"tp2": (2, 2), "dp2": (2, 1), "tp2-dp2": (4, 2)}
 
 
-def _address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def _run_megatron(folder: Path, *, ranks: int, tensor_parallel: int, device: str) -> tuple[dict, dict]:
     """The cases (and their rollouts), and what the megatron ranks made of each."""
-    cases = []
-    for case in CASES:
-        model = tiny_model(case.seed, tied=case.tied, family=case.family)
-        model.save_pretrained(folder / case.name)
-        cases.append((case, random_rollouts(model, case.seed)))
-    tiny_model(99, tied=True).save_pretrained(folder / "teacher")
-    torch.save(cases, folder / "cases.pt")
-    mp.start_processes(run_cases, args=(ranks, tensor_parallel, _address(), folder, device), nprocs=ranks,
-                       start_method="spawn")
-    results = torch.load(folder / "results.pt", weights_only=False)
-    return {case.name: (case, samples) for case, samples in cases}, results | {"folder": folder}
+    return run_on_ranks(run_cases, CASES, folder, ranks=ranks, device=device, extra=(tensor_parallel,))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
